@@ -1,0 +1,48 @@
+"""ASR service: one model instance per process, served by gunicorn behind nginx.
+
+``create_app`` is the factory gunicorn calls in each worker (``app:create_app()``); tests call it
+with their own settings.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+
+from flask import Flask, g, request
+
+from app.config import Settings, load_settings
+
+
+def create_app(settings: Settings | None = None, *, load_in_background: bool = True) -> Flask:
+    from app import api, errors, probes
+    from app.instance import ModelInstance
+
+    settings = settings or load_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    app = Flask(__name__)
+    # werkzeug refuses larger bodies with 413 before reading them; nginx enforces the same bound.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    app.json.sort_keys = False
+
+    inst = ModelInstance(settings)
+    app.extensions["asr_instance"] = inst
+    errors.init_app(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(probes.bp)
+
+    @app.before_request
+    def _request_id():
+        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+
+    @app.after_request
+    def _echo_request_id(response):
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        response.headers["X-ASR-Instance"] = inst.id
+        return response
+
+    if load_in_background:
+        inst.start_loading()
+    else:
+        inst.load_now()
+    return app

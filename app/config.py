@@ -1,0 +1,224 @@
+"""One source of truth for configuration: defaults, then a TOML file, then ``ASR_*`` environment
+variables, then explicit overrides (command-line flags or a test's mapping).
+
+Both the operator CLI and every instance read settings through ``load_settings``; ``asrctl`` writes
+the resolved settings into the run directory so that each instance sees exactly what the operator
+asked for, plus the few per-instance values (port, instance id, pinning) supervisord passes in the
+environment.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "ASR_"
+CONFIG_ENV = "ASR_CONFIG"
+
+# Worst-case bytes per second of audio an upload may carry: uncompressed 48 kHz stereo 16-bit WAV.
+_WORST_CASE_BYTES_PER_SECOND = 48_000 * 2 * 2
+
+
+@dataclass
+class Settings:
+    # What serves: engine and model.
+    engine: str = "ctranslate2"          # "ctranslate2" (faster-whisper) | "transformers"
+    model: str = "embedded"              # "embedded", a model directory, or a cached hub id
+    device: str = "auto"                 # "auto" | "cpu" | "cuda"
+    compute_type: str = "auto"           # auto: int8 on CPU, float16 on GPU
+    beam_size: int = 5                   # same decoding for both engines
+    language: str = ""                   # default language; "" = detect where the model can
+
+    # How many instances and where they listen.
+    instances: int = 2
+    host: str = "0.0.0.0"                # nginx, the only public entry
+    port: int = 7860
+    base_port: int = 9000                # instances listen on 127.0.0.1:base_port..base_port+N-1
+    run_dir: str = "run"
+
+    # Placement: which GPU or CPU cores an instance gets.
+    gpu_map: str = ""                    # e.g. "0,0,1": instance i -> GPU gpu_map[i]; "" = most free memory
+    cpu_threads: int = 0                 # threads per instance on CPU; 0 = its share of the cores
+
+    # Limits that size every timeout and buffer in the chain.
+    max_audio_seconds: float = 600.0
+    max_upload_mb: float = 0.0           # 0 = derived from max_audio_seconds (uncompressed 48 kHz stereo)
+    slowest_realtime_factor: float = 0.5 # worst inference seconds per audio second on this hardware
+    max_queue: int = 8                   # requests an instance holds (running + waiting) before 503
+    retry_after_seconds: int = 2
+
+    # nginx balancing.
+    weights: str = ""                    # e.g. "2,1": per-instance upstream weight; "" = all 1
+    max_fails: int = 3
+    fail_timeout_seconds: int = 10
+    upstream_keepalive: int = 32
+    nginx_user: str = ""                 # workers' user when nginx runs as root; "" = the run dir's owner
+
+    # Per-instance values, set by supervisord in each program's environment.
+    instance_id: str = ""
+    instance_host: str = "127.0.0.1"     # loopback: nginx is the public entry (a pod binds 0.0.0.0)
+    instance_port: int = 0
+    cpu_cores: str = ""                  # e.g. "0-3" or "0,2"; "" = no pinning
+
+    # Cache for converted models (the transformers engine's copy of the embedded model).
+    model_cache: str = field(default_factory=lambda: str(Path.home() / ".cache" / "asr-service"))
+
+    # -- Derived values: every timeout in the chain is sized from the longest allowed inference. --
+
+    @property
+    def max_upload_bytes(self) -> int:
+        if self.max_upload_mb > 0:
+            return int(self.max_upload_mb * 1024 * 1024)
+        return int(self.max_audio_seconds * _WORST_CASE_BYTES_PER_SECOND) + 1024 * 1024
+
+    @property
+    def max_inference_seconds(self) -> int:
+        """The longest one request may take inside the engine, start-up of decoding included."""
+        return math.ceil(self.max_audio_seconds * self.slowest_realtime_factor) + 30
+
+    @property
+    def request_timeout_seconds(self) -> int:
+        """How long a request may wait in an instance: a full queue ahead of it, then its own run.
+
+        Requests beyond ``max_queue`` are refused at once, so this bound is never reached by a healthy
+        instance; it exists so a stuck one cannot hold nginx's connection forever.
+        """
+        return self.max_inference_seconds * 2
+
+    @property
+    def graceful_timeout_seconds(self) -> int:
+        """gunicorn's graceful stop: long enough for the request in flight to finish."""
+        return self.max_inference_seconds + 10
+
+    @property
+    def stop_wait_seconds(self) -> int:
+        """supervisord's stopwaitsecs: longer than gunicorn's graceful stop, so it never SIGKILLs early."""
+        return self.graceful_timeout_seconds + 10
+
+    @property
+    def gunicorn_threads(self) -> int:
+        """Threads to accept connections: the queue bound plus room for probes and refusals."""
+        return self.max_queue + 4
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir).resolve()
+
+    def ports(self) -> list[int]:
+        return [self.base_port + i for i in range(self.instances)]
+
+    def weight_list(self) -> list[int]:
+        return _per_instance(self.weights, self.instances, default=1, name="weights")
+
+    def gpu_list(self) -> list[int] | None:
+        if not self.gpu_map:
+            return None
+        return _per_instance(self.gpu_map, self.instances, default=None, name="gpu_map")
+
+    def to_toml(self) -> str:
+        """The settings as a TOML file (only stored fields, not per-instance ones)."""
+        lines = ["# Written by asrctl: the resolved settings every instance of this run directory reads."]
+        for f in fields(self):
+            if f.name in _PER_INSTANCE:
+                continue
+            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+        return "\n".join(lines) + "\n"
+
+
+_PER_INSTANCE = {"instance_id", "instance_host", "instance_port", "cpu_cores"}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+def load_settings(
+    config_file: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Defaults < config file (argument or ``$ASR_CONFIG``) < ``ASR_*`` env < overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or env.get(CONFIG_ENV)
+    if path:
+        values.update(_read_toml(Path(path)))
+    types = {f.name: f.type for f in fields(Settings)}
+    for name in types:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = raw
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = set(values) - set(types)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    settings = Settings(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    if s.engine not in ("ctranslate2", "transformers"):
+        raise ConfigError(f"engine must be 'ctranslate2' or 'transformers', not {s.engine!r}")
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, not {s.device!r}")
+    if s.instances < 1:
+        raise ConfigError("instances must be at least 1")
+    if not 1 <= s.beam_size <= 10:
+        raise ConfigError("beam_size must be between 1 and 10")
+    if s.max_audio_seconds <= 0 or s.max_queue < 1:
+        raise ConfigError("max_audio_seconds and max_queue must be positive")
+    if any(w < 1 for w in s.weight_list()):
+        raise ConfigError("weights must be at least 1")
+    s.gpu_list()  # raises on a malformed map
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    new = dataclasses.replace(settings, **changes)
+    validate(new)
+    return new
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    return data
+
+
+def _coerce(name: str, value: Any, type_name: str) -> Any:
+    try:
+        if type_name == "int":
+            return int(value)
+        if type_name == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}: {value!r} is not a valid {type_name}") from None
+
+
+def _per_instance(spec: str, n: int, default, name: str) -> list:
+    if not spec:
+        return [default] * n
+    try:
+        items = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated integers, not {spec!r}") from None
+    if any(x < 0 for x in items):
+        raise ConfigError(f"{name} must not hold negative values")
+    # Fewer entries than instances: the list repeats, so "1" means every instance gets 1.
+    return [items[i % len(items)] for i in range(n)]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)

@@ -1,0 +1,292 @@
+"""``asrctl``: bring the service up and down, show its state, render and reload its configuration.
+
+Settings come from one place (``app.config``): defaults < ``--config`` file (or the run directory's
+own ``asr.toml`` from an earlier ``up``) < ``ASR_*`` environment < flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from app.config import ConfigError, Settings, load_settings
+from app.control import nginx
+from app.control.paths import RunPaths
+from app.control.placement import detect_gpus
+from app.control.render import InstanceSpec, plan_instances, render_all
+from app.control.supervisor import SupervisorClient, SupervisorError, start_supervisord
+from app.engines.models import display_name, resolve_model
+
+# Flags that map one-to-one onto settings.
+SETTING_FLAGS = {
+    "instances": int, "port": int, "base_port": int, "host": str, "engine": str, "model": str,
+    "device": str, "compute_type": str, "beam_size": int, "max_audio_seconds": float, "max_queue": int,
+    "weights": str, "gpu_map": str, "cpu_threads": int,
+}
+
+
+class CommandError(RuntimeError):
+    """A failure to report in one line, with a non-zero exit."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CommandError, ConfigError, SupervisorError, nginx.NginxConfigError) as e:
+        print(f"asrctl {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+def cmd_up(args) -> int:
+    settings = _settings(args)
+    instances = _render(settings)
+    # The transformers engine's copy of the embedded model is converted once here, not by N
+    # instances racing at start.
+    resolve_model(settings.engine, settings.model, settings.model_cache)
+    paths = RunPaths.at(settings.run_dir)
+    client = SupervisorClient(paths.socket)
+    if client.running():
+        changes = client.apply_config()
+        nginx.reload(paths, client)
+        _say(args, f"updated running service: {_describe_changes(changes)}")
+    else:
+        client = start_supervisord(paths)
+    _wait_ready(client, instances, args.timeout)
+    _wait_public(settings, args.timeout)
+    if not args.quiet:
+        _print_summary(settings, instances)
+    return 0
+
+
+def cmd_down(args) -> int:
+    settings = _settings(args, from_run_dir=True)
+    paths = RunPaths.at(settings.run_dir)
+    client = SupervisorClient(paths.socket)
+    if not client.running():
+        _say(args, f"not running (no supervisord on {paths.socket})")
+        return 0
+    # nginx first, gracefully: it stops accepting and lets requests in flight finish; then the
+    # instances, each finishing its own request; then supervisord itself.
+    processes = client.processes()
+    if "nginx" in processes:
+        client.stop("nginx")
+    for name in processes:
+        if name != "nginx":
+            client.stop(name)
+    client.shutdown()
+    _say(args, f"stopped {len(processes) - 1} instance(s) and nginx")
+    return 0
+
+
+def cmd_status(args) -> int:
+    settings = _settings(args, from_run_dir=True)
+    client = SupervisorClient(RunPaths.at(settings.run_dir).socket)
+    if not client.running():
+        if args.json:
+            print(json.dumps({"running": False, "instances": []}))
+        else:
+            print("not running")
+        return 3
+    rows = instance_status(client)
+    if args.json:
+        print(json.dumps({"running": True, "public": f"http://{_public_host(settings)}:{settings.port}",
+                          "instances": rows}, indent=2))
+    else:
+        print(f"{'NAME':<12} {'PORT':>5}  {'DEVICE':<10} {'STATE':<9} {'READY':<5} {'PID':>7} {'UPTIME':>8}")
+        for r in rows:
+            print(f"{r['name']:<12} {r['port'] or '-':>5}  {r['device'] or '-':<10} {r['state']:<9} "
+                  f"{'yes' if r['ready'] else 'no':<5} {r['pid'] or '-':>7} {_duration(r['uptime_seconds']):>8}")
+    return 0 if all(r["ready"] for r in rows if r["port"]) else 2
+
+
+def cmd_render(args) -> int:
+    settings = _settings(args)
+    _render(settings)
+    _say(args, f"rendered configuration into {RunPaths.at(settings.run_dir).root}")
+    return 0
+
+
+def cmd_reload(args) -> int:
+    settings = _settings(args, from_run_dir=True)
+    instances = _render(settings)
+    paths = RunPaths.at(settings.run_dir)
+    client = SupervisorClient(paths.socket)
+    if not client.running():
+        raise CommandError(f"not running (no supervisord on {paths.socket}); use asrctl up")
+    changes = client.apply_config()
+    nginx.reload(paths, client)
+    _wait_ready(client, instances, args.timeout)
+    _say(args, f"reloaded: {_describe_changes(changes)}")
+    return 0
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+def instance_status(client: SupervisorClient) -> list[dict]:
+    """Per program: supervisord's view plus, for model instances, the instance's own /health and /ready."""
+    rows = []
+    now = time.time()
+    for name, p in sorted(client.processes().items()):
+        port = int(name.rsplit("-", 1)[1]) if name.startswith("asr-") else None
+        health = _get_json(port, "/health") if port and p["statename"] == "RUNNING" else None
+        ready = _get_status(port, "/ready") == 200 if health else (p["statename"] == "RUNNING" and not port)
+        rows.append({
+            "name": name,
+            "port": port,
+            "device": _device(health) if health else None,
+            "state": p["statename"],
+            "instance_state": health.get("state") if health else None,
+            "ready": ready,
+            "pid": p["pid"] or None,
+            "uptime_seconds": round(now - p["start"]) if p["statename"] == "RUNNING" else 0,
+        })
+    return rows
+
+
+def _device(health: dict) -> str:
+    if health["device"] == "cpu" and health.get("cpu_cores"):
+        return f"cpu:{health['cpu_cores']}"
+    return health["device"]
+
+
+def _settings(args, from_run_dir: bool = False) -> Settings:
+    overrides = {name: getattr(args, name, None) for name in SETTING_FLAGS}
+    overrides["run_dir"] = args.run_dir
+    run_dir = args.run_dir or os.environ.get("ASR_RUN_DIR") or Settings.run_dir
+    config = args.config
+    previous = RunPaths.at(run_dir).config
+    if config is None and previous.exists() and (from_run_dir or os.environ.get("ASR_CONFIG") is None):
+        config = previous  # the run directory remembers what it was brought up with
+    return load_settings(config, overrides=overrides)
+
+
+def _render(settings: Settings) -> list[InstanceSpec]:
+    instances = plan_instances(settings, detect_gpus())
+    paths = render_all(settings, instances)
+    nginx.check_config(paths)
+    return instances
+
+
+def _wait_ready(client: SupervisorClient, instances: list[InstanceSpec], timeout: float) -> None:
+    """Until every instance answers /ready 200; fail fast on a program that cannot stay up."""
+    deadline = time.monotonic() + timeout
+    pending = {i.name: i for i in instances}
+    while pending:
+        for name, instance in list(pending.items()):
+            state = client.process(name)["statename"]
+            if state in ("FATAL", "EXITED", "STOPPED"):
+                raise CommandError(f"{name} is {state}; last log lines:\n{_log_tail(client, name)}")
+            if state == "RUNNING":
+                ready = _get_json(instance.port, "/ready")
+                if ready and ready.get("ready"):
+                    del pending[name]
+                elif ready and ready.get("state") == "failed":
+                    raise CommandError(f"{name} failed to load its model: {ready['error']['message']}")
+        if pending and time.monotonic() > deadline:
+            raise CommandError(f"not ready after {timeout:g} s: {', '.join(pending)}")
+        if pending:
+            time.sleep(0.25)
+
+
+def _wait_public(settings: Settings, timeout: float) -> None:
+    url = f"http://{_public_host(settings)}:{settings.port}/ready"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise CommandError(f"nginx does not answer on {url}")
+        time.sleep(0.2)
+
+
+def _public_host(settings: Settings) -> str:
+    return "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+
+
+def _get_json(port: int | None, path: str) -> dict | None:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}{path}", timeout=2).json()
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def _get_status(port: int, path: str) -> int | None:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code
+    except requests.RequestException:
+        return None
+
+
+def _log_tail(client: SupervisorClient, name: str, length: int = 3000) -> str:
+    try:
+        text, _offset, _overflow = client.api.tailProcessStdoutLog(name, 0, length)
+        return text.strip()
+    except Exception as e:  # noqa: BLE001 - the log is a courtesy; the failure itself is the message
+        return f"(log unavailable: {e})"
+
+
+def _print_summary(settings: Settings, instances: list[InstanceSpec]) -> None:
+    host = _public_host(settings)
+    print(f"ASR service ready: {len(instances)} instance(s) of {display_name(settings.model)} "
+          f"({settings.engine}) behind nginx on http://{host}:{settings.port}")
+    for i in instances:
+        print(f"  {i.name}  127.0.0.1:{i.port}  {i.placement.describe()}  weight={i.weight}")
+    sample = Path(__file__).resolve().parents[2] / "tests" / "data" / "jfk.flac"
+    print("Try it:")
+    print(f"  curl -F audio=@{os.path.relpath(sample)} http://{host}:{settings.port}/asr")
+    print(f"Status: asrctl status --run-dir {settings.run_dir}   Stop: asrctl down --run-dir {settings.run_dir}")
+
+
+def _describe_changes(changes: dict[str, list[str]]) -> str:
+    parts = [f"{k} {', '.join(v)}" for k, v in changes.items() if v]
+    return "; ".join(parts) or "no program changed"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _say(args, message: str) -> None:
+    if not args.quiet:
+        print(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asrctl", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help: str, settings: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(func=func)
+        p.add_argument("--run-dir", dest="run_dir", help="where configs, sockets, pids and logs live (default: run)")
+        p.add_argument("--config", help="TOML settings file")
+        p.add_argument("--quiet", "-q", action="store_true")
+        if settings:
+            for flag, kind in SETTING_FLAGS.items():
+                p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind)
+        return p
+
+    for p in (command("up", cmd_up, "render configs, start supervisord, instances and nginx; wait until ready", True),
+              command("reload", cmd_reload, "re-render, apply program changes, test and reload nginx", True)):
+        p.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
+    command("render", cmd_render, "write every configuration file, start nothing", True)
+    command("down", cmd_down, "stop nginx, then the instances (gracefully), then supervisord")
+    status = command("status", cmd_status, "state of each program and instance")
+    status.add_argument("--json", action="store_true")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

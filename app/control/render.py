@@ -1,0 +1,138 @@
+"""Render every configuration file an operator sees from the templates in ``deploy/``."""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from app.config import Settings
+from app.control.paths import RunPaths
+from app.control.placement import (
+    GpuInfo, Placement, available_cores, format_cores, plan_placement, resolve_device,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY_DIR = REPO_ROOT / "deploy"
+PROGRAM_PREFIX = "asr-"
+NGINX_PROGRAM = "nginx"
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    name: str
+    port: int
+    weight: int
+    placement: Placement
+
+    def environment(self, paths: RunPaths) -> dict[str, str]:
+        """What supervisord (or a pod spec) sets for this instance on top of the shared settings."""
+        env = {
+            "ASR_CONFIG": str(paths.config),
+            "ASR_INSTANCE_ID": self.name,
+            "ASR_INSTANCE_PORT": str(self.port),
+            "ASR_DEVICE": self.placement.device,
+        }
+        if self.placement.device == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = str(self.placement.gpu)
+        else:
+            # No GPU for a CPU instance, its own cores, and math libraries sized to them.
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            env["ASR_CPU_CORES"] = format_cores(self.placement.cpu_cores)
+            env["OMP_NUM_THREADS"] = str(self.placement.threads)
+        return env
+
+
+def instance_name(port: int) -> str:
+    return f"{PROGRAM_PREFIX}{port}"
+
+
+def plan_instances(settings: Settings, gpus: list[GpuInfo], cores: list[int] | None = None) -> list[InstanceSpec]:
+    device = resolve_device(settings.device, gpus)
+    placements = plan_placement(settings.instances, device, gpus, cores or available_cores(),
+                                gpu_map=settings.gpu_list(), cpu_threads=settings.cpu_threads)
+    return [
+        InstanceSpec(instance_name(port), port, weight, placement)
+        for port, weight, placement in zip(settings.ports(), settings.weight_list(), placements)
+    ]
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(DEPLOY_DIR)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _nginx_user(settings: Settings, paths: RunPaths) -> str:
+    """Workers' user when nginx's master runs as root: the run directory's owner unless configured."""
+    if os.geteuid() != 0:
+        return ""
+    return settings.nginx_user or pwd.getpwuid(paths.root.stat().st_uid).pw_name
+
+
+def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list[InstanceSpec] | None = None) -> RunPaths:
+    """Write the settings, supervisord's configuration and programs, and nginx's configuration.
+
+    ``upstream`` (default: all instances) is who nginx sends traffic to; a draining instance keeps its
+    program but leaves the upstream.
+    """
+    paths = RunPaths.at(settings.run_dir)
+    paths.make_dirs()
+    env = _environment()
+    upstream = instances if upstream is None else upstream
+    context = {
+        "settings": settings,
+        "paths": paths,
+        "bin_dir": Path(sys.executable).parent,
+        "repo_root": REPO_ROOT,
+        "nginx_bin": nginx_binary(),
+    }
+    _write(paths.config, settings.to_toml())
+    _write(paths.supervisor_conf, env.get_template("supervisor/supervisord.conf.j2").render(context))
+    wanted = {paths.program_file(NGINX_PROGRAM)}
+    _write(paths.program_file(NGINX_PROGRAM), env.get_template("supervisor/nginx.conf.j2").render(context))
+    for instance in instances:
+        path = paths.program_file(instance.name)
+        wanted.add(path)
+        _write(path, env.get_template("supervisor/instance.conf.j2").render(context, instance=instance))
+    for stale in set(paths.programs.glob("*.conf")) - wanted:
+        stale.unlink()
+    render_nginx(settings, upstream, paths, env)
+    return paths
+
+
+def render_nginx(settings: Settings, upstream: list[InstanceSpec], paths: RunPaths | None = None,
+                 env: jinja2.Environment | None = None) -> Path:
+    paths = paths or RunPaths.at(settings.run_dir)
+    env = env or _environment()
+    user = _nginx_user(settings, paths)
+    text = env.get_template("nginx/nginx.conf.j2").render(
+        settings=settings, paths=paths, upstream=upstream, nginx_user=user,
+        next_upstream_tries=max(1, min(len(upstream), 3)),
+    )
+    _write(paths.nginx_conf, text)
+    if user:  # workers write request bodies to the temp paths
+        uid, gid = pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid
+        for d in [paths.nginx_temp, *paths.nginx_temp.iterdir()]:
+            os.chown(d, uid, gid)
+    return paths.nginx_conf
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace atomically: supervisord or nginx never read a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,19 @@
+"""Engines: the one interface (``base``) and the implementations chosen by configuration."""
+from __future__ import annotations
+
+from app.engines.base import DecodeOptions, Engine, Segment, Transcript
+
+__all__ = ["DecodeOptions", "Engine", "Segment", "Transcript", "load_engine"]
+
+
+def load_engine(engine: str, model: str, device: str, compute_type: str = "auto", cpu_threads: int = 0) -> Engine:
+    """Load a model in this process. ``model`` is already resolved to a directory or cached id."""
+    if engine == "ctranslate2":
+        from app.engines.ctranslate2_engine import CTranslate2Engine
+
+        return CTranslate2Engine.load(model, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+    if engine == "transformers":
+        from app.engines.transformers_engine import TransformersEngine
+
+        return TransformersEngine.load(model, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+    raise ValueError(f"unknown engine {engine!r}")

@@ -1,0 +1,60 @@
+"""The one small interface every engine implements, and the values that cross it.
+
+The API layer never imports an engine module directly: it gets an ``Engine`` from
+``app.engines.load_engine`` and speaks only in these types, so engines stay swappable
+by configuration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+SAMPLE_RATE = 16_000  # every engine receives 16 kHz mono float32 in [-1, 1]
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Decoding settings, explicit so that both engines decode the same way.
+
+    ``language=None`` means: detect where the model is multilingual, else the model's own.
+    """
+
+    language: str | None = None
+    task: str = "transcribe"
+    beam_size: int = 5
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class Transcript:
+    text: str
+    language: str
+    duration: float
+    segments: list[Segment] = field(default_factory=list)
+    language_probability: float | None = None
+
+
+class Engine(Protocol):
+    """A loaded model instance. ``transcribe`` is called from one inference thread at a time."""
+
+    name: str            # "ctranslate2" | "transformers"
+    model_name: str      # what the operator configured, for responses and metrics
+    device: str          # "cpu" | "cuda"
+    compute_type: str    # e.g. "int8", "float16", "float32"
+    multilingual: bool
+    languages: frozenset[str]  # language codes the model accepts
+
+    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript: ...
+
+    def transcribe_batch(
+        self, audios: Sequence[np.ndarray], options: Sequence[DecodeOptions]
+    ) -> list[Transcript]: ...

@@ -1,0 +1,64 @@
+"""Liveness, readiness and the drain switch.
+
+``/health`` answers while the process lives; ``/ready`` only once the model is loaded and the
+instance is not draining, which is what nginx, supervisord's operator and Kubernetes probes watch.
+``/admin/*`` is reachable on the instance's loopback port only: nginx never proxies it.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Blueprint, jsonify
+
+from app.api import instance
+
+bp = Blueprint("probes", __name__)
+
+
+@bp.get("/health")
+def health():
+    inst = instance()
+    return jsonify(
+        status="ok",
+        instance=inst.id,
+        port=inst.port,
+        device=inst.device,
+        cpu_cores=inst.settings.cpu_cores or None,
+        pid=os.getpid(),
+        state=inst.state,
+        uptime_seconds=round(time.time() - inst.started_at, 1),
+        engine=inst.settings.engine,
+        model=inst.model_name,
+        model_load_seconds=inst.load_seconds and round(inst.load_seconds, 2),
+        queue={"in_flight": inst.queue.in_flight, "waiting": inst.queue.waiting,
+               "max": inst.queue.max_pending},
+    )
+
+
+@bp.get("/ready")
+def ready():
+    inst = instance()
+    if inst.ready:
+        return jsonify(ready=True, instance=inst.id, state=inst.state)
+    response = jsonify(
+        ready=False, instance=inst.id, state=inst.state,
+        error={"code": "not_ready", "message": inst.error or f"instance is {inst.state}"},
+    )
+    response.status_code = 503
+    response.headers["Retry-After"] = str(inst.settings.retry_after_seconds)
+    return response
+
+
+@bp.post("/admin/drain")
+def drain():
+    inst = instance()
+    inst.drain()
+    return jsonify(state=inst.state, in_flight=inst.queue.pending)
+
+
+@bp.post("/admin/undrain")
+def undrain():
+    inst = instance()
+    inst.undrain()
+    return jsonify(state=inst.state)
