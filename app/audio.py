@@ -77,6 +77,8 @@ def _read_with_pyav(data: bytes, max_seconds: float) -> tuple[int, int, np.ndarr
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except (av.error.FFmpegError, ValueError, UnicodeDecodeError):
+        if looks_like_audio(data):
+            raise ApiError(422, "undecodable_audio", "the audio file is damaged and cannot be decoded") from None
         raise ApiError(415, "unsupported_media_type", "the upload is not audio in a format we can read") from None
     with container:
         streams = container.streams.audio
@@ -101,6 +103,18 @@ def _read_with_pyav(data: bytes, max_seconds: float) -> tuple[int, int, np.ndarr
             raise ApiError(422, "undecodable_audio", f"the audio data is damaged: {e}") from None
     samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     return rate, channels, samples[:, None]
+
+
+def looks_like_audio(data: bytes) -> bool:
+    """Whether the bytes start like an audio container: tells damaged audio (422) from non-audio (415)."""
+    head = data[:12]
+    return (
+        (head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE")
+        or head[:4] in (b"fLaC", b"OggS", b"FORM", b"\x1aE\xdf\xa3", b"caff")
+        or head[:3] == b"ID3"
+        or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)  # MPEG audio frame sync
+        or head[4:8] == b"ftyp"                                            # MP4 / M4A
+    )
 
 
 def _finish(samples: np.ndarray, rate: int, source_rate: int, channels: int, max_seconds: float) -> DecodedAudio:

@@ -1,0 +1,143 @@
+"""Shared test helpers: the real speech clips, text normalisation and WER, audio encoding, a service runner."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import jiwer
+import numpy as np
+import requests
+import soundfile
+import soxr
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_AUDIO = Path(os.environ.get("ASR_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
+BIN = Path(sys.executable).parent
+JFK_REFERENCE = "And so, my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+
+
+def manifest(language: str | None = None, set_name: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in (SHARED_AUDIO / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows
+            if (language is None or r["language"] == language) and (set_name is None or r.get("set") == set_name)]
+
+
+def english_set_a() -> list[dict]:
+    return manifest(language="en", set_name="A")
+
+
+def clip_bytes(row: dict) -> bytes:
+    return (SHARED_AUDIO / row["file"]).read_bytes()
+
+
+_NUMBERS = {str(i): w for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split())}
+
+
+def normalize(text: str) -> str:
+    """Lower case, no punctuation, digits 0-10 spelled out: what WER should compare."""
+    text = text.lower().replace("-", " ")
+    text = re.sub(r"[^\w\s']", " ", text)
+    words = [_NUMBERS.get(w, w) for w in text.split()]
+    return " ".join(words)
+
+
+def wer(references: list[str], hypotheses: list[str]) -> float:
+    return jiwer.wer([normalize(r) for r in references], [normalize(h) for h in hypotheses])
+
+
+def read_16k_mono(path: Path) -> np.ndarray:
+    samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    mono = samples.mean(axis=1)
+    return soxr.resample(mono, rate, 16000, quality="HQ").astype(np.float32) if rate != 16000 else mono
+
+
+def encode(samples: np.ndarray, rate: int, container: str, codec: str) -> bytes:
+    """Encode (frames, channels) float32 audio in memory with FFmpeg through PyAV."""
+    if samples.ndim == 1:
+        samples = samples[:, None]
+    layout = "mono" if samples.shape[1] == 1 else "stereo"
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples.T), format="fltp", layout=layout)
+        frame.rate = rate
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
+    buf = io.BytesIO()
+    soundfile.write(buf, samples, rate, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def free_ports(count: int) -> list[int]:
+    """Free loopback ports, consecutive so they can serve as base_port..base_port+N-1."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count > 65000:
+            continue
+        if all(_port_free(base + i) for i in range(count)):
+            return [base + i for i in range(count)]
+    raise RuntimeError("no free port range")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@dataclass
+class Service:
+    """A service brought up with the real asrctl: supervisord, gunicorn instances, nginx."""
+
+    run_dir: Path
+    port: int
+    instance_ports: list[int]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def asrctl(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        return run_asrctl(*args, "--run-dir", str(self.run_dir), check=check, timeout=timeout)
+
+    def transcribe(self, data: bytes, field: str = "audio", filename: str = "clip.wav", **params) -> requests.Response:
+        return requests.post(f"{self.url}/asr", files={field: (filename, data)}, data=params, timeout=120)
+
+    def instance_ready(self, port: int) -> int:
+        return requests.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code
+
+
+def run_asrctl(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "asrctl"), *args], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"asrctl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def bring_up(tmp: Path, instances: int, *flags: str, env: dict | None = None) -> Service:
+    ports = free_ports(instances + 1)
+    run_dir = tmp / "run"
+    run_asrctl("up", "--run-dir", str(run_dir), "--instances", str(instances), "--host", "127.0.0.1",
+               "--port", str(ports[0]), "--base-port", str(ports[1]), *flags, env=env)
+    return Service(run_dir, ports[0], ports[1:])

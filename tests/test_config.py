@@ -1,0 +1,57 @@
+"""Settings: one source (defaults < file < env < overrides) and timeouts that nest correctly."""
+import pytest
+
+from app.config import ConfigError, Settings, load_settings
+
+
+def test_precedence_file_then_env_then_overrides(tmp_path):
+    config = tmp_path / "asr.toml"
+    config.write_text('engine = "transformers"\ninstances = 3\nport = 8000\nbeam_size = 2\n')
+    env = {"ASR_CONFIG": str(config), "ASR_INSTANCES": "4", "ASR_PORT": "8100"}
+    s = load_settings(env=env, overrides={"port": 8200, "model": None})
+    assert s.engine == "transformers"      # from the file
+    assert s.beam_size == 2                 # from the file
+    assert s.instances == 4                 # env beats file
+    assert s.port == 8200                   # override beats env
+    assert s.model == "embedded"            # None override leaves the default
+
+
+def test_written_settings_read_back_identically(tmp_path):
+    s = load_settings(env={}, overrides={"engine": "transformers", "max_audio_seconds": 120.5, "weights": "2,1",
+                                         "run_dir": str(tmp_path / 'run "quoted"')})
+    path = tmp_path / "asr.toml"
+    path.write_text(s.to_toml())
+    again = load_settings(path, env={})
+    assert again == s
+
+
+def test_timeouts_nest_from_the_longest_inference():
+    s = Settings(max_audio_seconds=600, slowest_realtime_factor=0.5)
+    assert s.max_inference_seconds >= 300
+    assert s.stop_wait_seconds > s.graceful_timeout_seconds > s.max_inference_seconds
+    assert s.request_timeout_seconds >= s.max_inference_seconds
+    # The upload limit follows the audio limit unless set explicitly.
+    assert s.max_upload_bytes > 600 * 48_000 * 2 * 2
+    assert Settings(max_upload_mb=1).max_upload_bytes == 1024 * 1024
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"engine": "onnx"}, "engine"),
+    ({"device": "tpu"}, "device"),
+    ({"instances": 0}, "instances"),
+    ({"beam_size": 50}, "beam_size"),
+    ({"weights": "2,x"}, "weights"),
+    ({"weights": "0"}, "weights"),
+    ({"instances": "many"}, "instances"),
+    ({"colour": "blue"}, "colour"),
+])
+def test_bad_settings_are_refused_by_name(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        load_settings(env={}, overrides=overrides)
+
+
+def test_per_instance_lists_repeat_to_the_instance_count():
+    s = Settings(instances=4, weights="2,1", gpu_map="1")
+    assert s.weight_list() == [2, 1, 2, 1]
+    assert s.gpu_list() == [1, 1, 1, 1]
+    assert s.ports() == [s.base_port + i for i in range(4)]

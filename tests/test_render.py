@@ -1,0 +1,73 @@
+"""Rendered configurations are accepted by the real nginx and supervisord."""
+import re
+
+import pytest
+from supervisor.options import ServerOptions
+
+from app.config import load_settings
+from app.control import nginx
+from app.control.placement import GpuInfo
+from app.control.render import plan_instances, render_all
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings(env={}, overrides={
+        "run_dir": str(tmp_path / "run"), "instances": 3, "weights": "2,1,1", "base_port": 19100,
+        "port": 17860, "host": "127.0.0.1", "max_audio_seconds": 120,
+    })
+
+
+def test_nginx_accepts_the_rendered_config(settings):
+    paths = render_all(settings, plan_instances(settings, gpus=[]))
+    nginx.check_config(paths)  # raises with nginx's message if refused
+    text = paths.nginx_conf.read_text()
+    servers = re.findall(r"server 127\.0\.0\.1:(\d+) weight=(\d+) max_fails=3 fail_timeout=10s;", text)
+    assert servers == [("19100", "2"), ("19101", "1"), ("19102", "1")]
+    assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in text
+    assert "proxy_next_upstream_tries 3;" in text
+    assert f"client_max_body_size {settings.max_upload_bytes};" in text
+    assert f"proxy_read_timeout {settings.request_timeout_seconds}s;" in text
+    assert "listen 127.0.0.1:17860;" in text
+    assert f"pid {paths.nginx_pid};" in text
+
+
+def test_nginx_check_refuses_a_broken_config(settings):
+    paths = render_all(settings, plan_instances(settings, gpus=[]))
+    paths.nginx_conf.write_text(paths.nginx_conf.read_text().replace("keepalive 32;", "keepalive;"))
+    with pytest.raises(nginx.NginxConfigError, match="keepalive"):
+        nginx.check_config(paths)
+
+
+def test_supervisord_accepts_the_rendered_config(settings):
+    paths = render_all(settings, plan_instances(settings, gpus=[]))
+    options = ServerOptions()
+    options.realize(args=["-c", str(paths.supervisor_conf)])  # supervisord's own parser; exits on error
+    programs = {g.name: g.process_configs[0] for g in options.process_group_configs}
+    assert set(programs) == {"asr-19100", "asr-19101", "asr-19102", "nginx"}
+    first = programs["asr-19100"]
+    assert first.environment["ASR_INSTANCE_PORT"] == "19100"
+    assert first.environment["ASR_CONFIG"] == str(paths.config)
+    assert first.environment["CUDA_VISIBLE_DEVICES"] == ""
+    assert first.stopsignal == 15 and first.stopwaitsecs == settings.stop_wait_seconds
+    assert first.stopwaitsecs > settings.graceful_timeout_seconds > settings.max_inference_seconds
+    assert first.autorestart and first.stdout_logfile_backups == 5
+    assert options.server_configs[0]["chmod"] == 0o700
+    assert programs["nginx"].priority > first.priority
+
+
+def test_gpu_instances_get_their_own_visible_device(settings):
+    gpus = [GpuInfo(0, "H100", 80_000, 20_000), GpuInfo(1, "H100", 80_000, 60_000)]
+    instances = plan_instances(settings, gpus)
+    paths = render_all(settings, instances)
+    env = instances[0].environment(paths)
+    assert env["ASR_DEVICE"] == "cuda" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert "ASR_CPU_CORES" not in env
+
+
+def test_rerender_with_fewer_instances_removes_their_programs(settings):
+    render_all(settings, plan_instances(settings, gpus=[]))
+    smaller = load_settings(env={}, overrides={**vars(settings), "instances": 1})
+    paths = render_all(smaller, plan_instances(smaller, gpus=[]))
+    assert sorted(p.name for p in paths.programs.glob("*.conf")) == ["asr-19100.conf", "nginx.conf"]
+    assert "19101" not in paths.nginx_conf.read_text()
