@@ -14,7 +14,7 @@ from app.config import Settings, load_settings
 
 
 def create_app(settings: Settings | None = None, *, load_in_background: bool = True) -> Flask:
-    from app import api, errors, probes
+    from app import api, errors, metrics, probes
     from app.instance import ModelInstance
 
     settings = settings or load_settings()
@@ -28,6 +28,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
     inst = ModelInstance(settings)
     app.extensions["asr_instance"] = inst
     errors.init_app(app)
+    metrics.init_app(app, inst)
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)
 

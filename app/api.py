@@ -6,7 +6,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Blueprint, current_app, g, request
 
-from app import formats
+from app import formats, metrics
 from app.audio import decode_audio
 from app.engines.base import DecodeOptions
 from app.errors import ApiError
@@ -43,6 +43,7 @@ def asr():
         transcript = result_within(future, inst.settings.request_timeout_seconds)
     except FutureTimeout:
         raise ApiError(504, "inference_timeout", "transcription did not finish in time") from None
+    metrics.count_audio(current_app, transcript.duration)
     return formats.render(transcript, output, {
         "model": inst.model_name,
         "engine": inst.settings.engine,

@@ -177,3 +177,23 @@ def test_drain_switch_controls_readiness(service):
     assert ready.status_code == 503 and ready.json()["state"] == "draining" and "Retry-After" in ready.headers
     assert requests.post(f"http://127.0.0.1:{port}/admin/undrain", timeout=5).json()["state"] == "ready"
     assert service.instance_ready(port) == 200
+
+
+def test_metrics_count_requests_audio_and_queue(service, set_a_through_nginx):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = collections.Counter()
+    for port in service.instance_ports:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "asr_requests_total" and sample.labels == {"route": "/asr", "status": "200"}:
+                    totals["ok"] += sample.value
+                elif sample.name in ("asr_audio_seconds_total", "asr_instance_ready", "asr_queue_depth",
+                                     "asr_model_load_seconds", "asr_requests_in_flight"):
+                    totals[sample.name] += sample.value
+    rows, _ = set_a_through_nginx
+    assert totals["ok"] >= len(rows)
+    assert totals["asr_audio_seconds_total"] >= sum(r["duration_s"] for r in rows) - 0.1
+    assert totals["asr_instance_ready"] == 2 and totals["asr_queue_depth"] == 0
+    assert totals["asr_requests_in_flight"] == 0 and totals["asr_model_load_seconds"] > 0

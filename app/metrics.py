@@ -1,0 +1,103 @@
+"""Prometheus metrics for one instance, at ``GET /metrics``.
+
+Each app gets its own registry (not the process-global default), so an app built by a test counts
+alone. An instance is exactly one gunicorn worker (one model per process), so values live in this
+process and no multiprocess mode is needed. Live values (queue depth, readiness, GPU) are read when
+scraped rather than tracked on every change.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+
+
+class InstanceCollector:
+    """Scrape-time gauges from the instance's state and, on a GPU instance, NVML."""
+
+    def __init__(self, instance):
+        self.instance = instance
+        self._gpu = _GpuReader() if instance.device == "cuda" else None
+
+    def collect(self):
+        inst = self.instance
+        yield GaugeMetricFamily("asr_queue_depth", "Requests in the instance's queue, waiting or running",
+                                value=inst.queue.pending)
+        yield GaugeMetricFamily("asr_queue_waiting", "Requests waiting for the model", value=inst.queue.waiting)
+        yield GaugeMetricFamily("asr_queue_capacity", "Requests the queue holds before refusing with 503",
+                                value=inst.queue.max_pending)
+        yield GaugeMetricFamily("asr_instance_ready", "1 when the model is loaded and not draining",
+                                value=1 if inst.ready else 0)
+        yield GaugeMetricFamily("asr_model_load_seconds", "Seconds the model took to load and warm up",
+                                value=inst.load_seconds or 0)
+        if self._gpu:
+            yield from self._gpu.collect()
+
+
+class _GpuReader:
+    """The instance's own GPU (the first of CUDA_VISIBLE_DEVICES), through NVML."""
+
+    def __init__(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+            self._handle = (pynvml.nvmlDeviceGetHandleByUUID(visible) if visible.startswith(("GPU-", "MIG-"))
+                            else pynvml.nvmlDeviceGetHandleByIndex(int(visible)))
+            self._nvml = pynvml
+        except Exception:  # noqa: BLE001 - no driver, no GPU metrics; the instance still serves
+            self._nvml = None
+
+    def collect(self):
+        if not self._nvml:
+            return
+        util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
+        mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+        yield GaugeMetricFamily("asr_gpu_utilization_percent", "GPU busy percentage", value=util.gpu)
+        yield GaugeMetricFamily("asr_gpu_memory_used_bytes", "GPU memory in use", value=mem.used)
+        yield GaugeMetricFamily("asr_gpu_memory_total_bytes", "GPU memory in all", value=mem.total)
+
+
+def init_app(app: Flask, instance) -> None:
+    registry = CollectorRegistry()
+    requests_total = Counter("asr_requests", "HTTP requests by route and status", ["route", "status"],
+                             registry=registry)
+    latency = Histogram("asr_request_duration_seconds", "Request latency by route", ["route"],
+                        buckets=LATENCY_BUCKETS, registry=registry)
+    in_flight = Gauge("asr_requests_in_flight", "Transcription requests being handled (upload to answer)",
+                      registry=registry)
+    audio_seconds = Counter("asr_audio_seconds", "Seconds of audio transcribed", registry=registry)
+    registry.register(InstanceCollector(instance))
+    app.extensions["asr_metrics"] = {"audio_seconds": audio_seconds}
+
+    @app.before_request
+    def _start():
+        g.metrics_start = time.monotonic()
+        if request.endpoint == "api.asr":
+            in_flight.inc()
+
+    @app.after_request
+    def _record(response):
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        requests_total.labels(route, str(response.status_code)).inc()
+        latency.labels(route).observe(time.monotonic() - g.metrics_start)
+        return response
+
+    @app.teardown_request
+    def _done(_exc):
+        if request.endpoint == "api.asr":
+            in_flight.dec()
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+def count_audio(app: Flask, seconds: float) -> None:
+    app.extensions["asr_metrics"]["audio_seconds"].inc(seconds)
