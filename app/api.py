@@ -26,6 +26,11 @@ def instance() -> ModelInstance:
 @bp.post("/asr")
 def asr():
     inst = instance()
+    with inst.track_request():
+        return _transcribe(inst)
+
+
+def _transcribe(inst: ModelInstance):
     started = time.monotonic()
     output = _param("output", "json")
     if output not in formats.OUTPUTS:

@@ -58,6 +58,17 @@ class Settings:
     upstream_keepalive: int = 32
     nginx_user: str = ""                 # workers' user when nginx runs as root; "" = the run dir's owner
 
+    # Elastic pool: asrctl scale / autoscale (app/control/policy.py documents each rule).
+    autoscale: bool = False              # run `asrctl autoscale` as a supervisord program
+    min_instances: int = 1
+    max_instances: int = 4
+    target_in_flight: float = 2.0        # requests (running + waiting) per instance the pool aims for
+    upscale_delay_seconds: float = 30.0
+    downscale_delay_seconds: float = 300.0
+    cooldown_seconds: float = 60.0
+    autoscale_interval_seconds: float = 10.0
+    drain_timeout_seconds: float = 0.0   # 0 = request_timeout_seconds: the longest a request may take
+
     # Per-instance values, set by supervisord in each program's environment.
     instance_id: str = ""
     instance_host: str = "127.0.0.1"     # loopback: nginx is the public entry (a pod binds 0.0.0.0)
@@ -103,6 +114,10 @@ class Settings:
     def gunicorn_threads(self) -> int:
         """Threads to accept connections: the queue bound plus room for probes and refusals."""
         return self.max_queue + 4
+
+    @property
+    def drain_seconds(self) -> float:
+        return self.drain_timeout_seconds or self.request_timeout_seconds
 
     @property
     def run_path(self) -> Path:
@@ -170,6 +185,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("instances must be at least 1")
     if not 1 <= s.beam_size <= 10:
         raise ConfigError("beam_size must be between 1 and 10")
+    if not 1 <= s.min_instances <= s.max_instances:
+        raise ConfigError("min_instances must be at least 1 and at most max_instances")
     if s.max_audio_seconds <= 0 or s.max_queue < 1:
         raise ConfigError("max_audio_seconds and max_queue must be positive")
     if any(w < 1 for w in s.weight_list()):
@@ -196,6 +213,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _coerce(name: str, value: Any, type_name: str) -> Any:
     try:
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
         if type_name == "int":
             return int(value)
         if type_name == "float":
@@ -219,6 +244,8 @@ def _per_instance(spec: str, n: int, default, name: str) -> list:
 
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(v)

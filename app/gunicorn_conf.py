@@ -29,3 +29,25 @@ keepalive = 75
 accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}i)s'
 errorlog = "-"
+
+# supervisord is the control interface. gunicorn >= 25.1 would otherwise open one control socket at
+# the same path ($HOME/.gunicorn/gunicorn.ctl) for every instance on the host.
+control_socket_disable = True
+
+
+def post_fork(server, worker):
+    """The worker dies with its master.
+
+    If the master is killed (kill -9, OOM killer), an orphaned gthread worker would shut down
+    gracefully for up to graceful_timeout while holding the port, so supervisord's replacement could
+    not bind. With PR_SET_PDEATHSIG the kernel kills the worker at once; nginx retries its requests on
+    another instance.
+    """
+    import ctypes
+    import os
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != worker.ppid:  # the master died before prctl took effect
+        os._exit(1)

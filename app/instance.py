@@ -5,6 +5,7 @@ The model loads in a background thread after gunicorn forks the worker, so the H
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -37,6 +38,8 @@ class ModelInstance:
         self.error: str | None = None
         self.started_at = time.time()
         self.load_seconds: float | None = None
+        self.requests_in_flight = 0  # /asr requests between arrival and answer, decode included
+        self._count_lock = threading.Lock()
 
     @property
     def ready(self) -> bool:
@@ -47,6 +50,17 @@ class ModelInstance:
 
     def load_now(self) -> None:
         self._load()
+
+    @contextlib.contextmanager
+    def track_request(self):
+        """Count a request in flight: a drain waits for this to reach zero before the stop."""
+        with self._count_lock:
+            self.requests_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                self.requests_in_flight -= 1
 
     def drain(self) -> None:
         if self.state == READY:

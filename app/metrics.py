@@ -11,7 +11,7 @@ import os
 import time
 
 from flask import Flask, Response, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
@@ -26,6 +26,8 @@ class InstanceCollector:
 
     def collect(self):
         inst = self.instance
+        yield GaugeMetricFamily("asr_requests_in_flight", "Transcription requests being handled (upload to answer)",
+                                value=inst.requests_in_flight)
         yield GaugeMetricFamily("asr_queue_depth", "Requests in the instance's queue, waiting or running",
                                 value=inst.queue.pending)
         yield GaugeMetricFamily("asr_queue_waiting", "Requests waiting for the model", value=inst.queue.waiting)
@@ -70,8 +72,6 @@ def init_app(app: Flask, instance) -> None:
                              registry=registry)
     latency = Histogram("asr_request_duration_seconds", "Request latency by route", ["route"],
                         buckets=LATENCY_BUCKETS, registry=registry)
-    in_flight = Gauge("asr_requests_in_flight", "Transcription requests being handled (upload to answer)",
-                      registry=registry)
     audio_seconds = Counter("asr_audio_seconds", "Seconds of audio transcribed", registry=registry)
     registry.register(InstanceCollector(instance))
     app.extensions["asr_metrics"] = {"audio_seconds": audio_seconds}
@@ -79,8 +79,6 @@ def init_app(app: Flask, instance) -> None:
     @app.before_request
     def _start():
         g.metrics_start = time.monotonic()
-        if request.endpoint == "api.asr":
-            in_flight.inc()
 
     @app.after_request
     def _record(response):
@@ -88,11 +86,6 @@ def init_app(app: Flask, instance) -> None:
         requests_total.labels(route, str(response.status_code)).inc()
         latency.labels(route).observe(time.monotonic() - g.metrics_start)
         return response
-
-    @app.teardown_request
-    def _done(_exc):
-        if request.endpoint == "api.asr":
-            in_flight.dec()
 
     @app.get("/metrics")
     def metrics():

@@ -31,7 +31,8 @@ def health():
         engine=inst.settings.engine,
         model=inst.model_name,
         model_load_seconds=inst.load_seconds and round(inst.load_seconds, 2),
-        queue={"in_flight": inst.queue.in_flight, "waiting": inst.queue.waiting,
+        requests_in_flight=inst.requests_in_flight,
+        queue={"running": inst.queue.in_flight, "waiting": inst.queue.waiting,
                "max": inst.queue.max_pending},
     )
 
@@ -54,7 +55,7 @@ def ready():
 def drain():
     inst = instance()
     inst.drain()
-    return jsonify(state=inst.state, in_flight=inst.queue.pending)
+    return jsonify(state=inst.state, requests_in_flight=inst.requests_in_flight)
 
 
 @bp.post("/admin/undrain")

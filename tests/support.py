@@ -141,3 +141,72 @@ def bring_up(tmp: Path, instances: int, *flags: str, env: dict | None = None) ->
     run_asrctl("up", "--run-dir", str(run_dir), "--instances", str(instances), "--host", "127.0.0.1",
                "--port", str(ports[0]), "--base-port", str(ports[1]), *flags, env=env)
     return Service(run_dir, ports[0], ports[1:])
+
+
+class SteadyLoad:
+    """Clients sending real clips to the service in a loop, bounded in count and time (loopback only).
+
+    Each result is (HTTP status or the exception's name, instance that served it, seconds).
+    """
+
+    def __init__(self, url: str, clips: list[bytes], concurrency: int, max_requests: int = 2000,
+                 max_seconds: float = 240):
+        import threading
+        self.url, self.clips, self.concurrency = url, clips, concurrency
+        self.max_requests, self.max_seconds = max_requests, max_seconds
+        self.results: list[tuple[object, str | None, float]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(concurrency)]
+
+    def __enter__(self):
+        import time
+        self._deadline = time.monotonic() + self.max_seconds
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.max_seconds)
+
+    def _client(self, index: int) -> None:
+        import time
+        session = requests.Session()
+        n = index
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            with self._lock:
+                if len(self.results) >= self.max_requests:
+                    return
+            clip = self.clips[n % len(self.clips)]
+            n += 1
+            started = time.monotonic()
+            try:
+                r = session.post(f"{self.url}/asr", files={"audio": ("clip.wav", clip)}, timeout=120)
+                instance = r.json().get("instance") if r.status_code == 200 else None
+                result = (r.status_code, instance, time.monotonic() - started)
+            except requests.RequestException as e:
+                result = (type(e).__name__, None, time.monotonic() - started)
+            with self._lock:
+                self.results.append(result)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.results)
+
+    def wait_for(self, more: int, timeout: float = 60) -> None:
+        """Block until ``more`` further requests have completed (so a phase really ran under load)."""
+        import time
+        target, deadline = self.count() + more, time.monotonic() + timeout
+        while self.count() < target and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def failures(self) -> list:
+        return [r for r in self.results if r[0] != 200]
+
+    def served_by(self) -> set[str]:
+        return {r[1] for r in self.results if r[1]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -16,9 +17,11 @@ import requests
 
 from app.config import ConfigError, Settings, load_settings
 from app.control import nginx
+from app.control.actuator import ActuationError, Actuator, get_json, least_loaded, wait_ready
 from app.control.paths import RunPaths
 from app.control.placement import detect_gpus
-from app.control.render import InstanceSpec, plan_instances, render_all
+from app.control.pool import Pool
+from app.control.render import AUTOSCALER_PROGRAM, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all
 from app.control.supervisor import SupervisorClient, SupervisorError, start_supervisord
 from app.engines.models import display_name, resolve_model
 
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CommandError, ConfigError, SupervisorError, nginx.NginxConfigError) as e:
+    except (CommandError, ConfigError, SupervisorError, ActuationError, nginx.NginxConfigError) as e:
         print(f"asrctl {args.command}: {e}", file=sys.stderr)
         return 1
 
@@ -47,22 +50,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_up(args) -> int:
     settings = _settings(args)
-    instances = _render(settings)
     # The transformers engine's copy of the embedded model is converted once here, not by N
     # instances racing at start.
     resolve_model(settings.engine, settings.model, settings.model_cache)
     paths = RunPaths.at(settings.run_dir)
     client = SupervisorClient(paths.socket)
+    gpus = detect_gpus()
     if client.running():
-        changes = client.apply_config()
-        nginx.reload(paths, client)
-        _say(args, f"updated running service: {_describe_changes(changes)}")
+        pool = Pool.load(paths) or Pool(plan_instances(settings, gpus))
+        actuator = Actuator(settings, client, gpus, log=lambda m: _say(args, m))
+        _say(args, f"updated running service: {_describe_changes(actuator.publish(pool))}")
+        if args.instances is not None:
+            actuator.scale_to(pool, args.instances)
     else:
+        pool = Pool(plan_instances(settings, gpus))
+        _render(settings, pool)
         client = start_supervisord(paths)
-    _wait_ready(client, instances, args.timeout)
+    wait_ready(client, pool.instances, args.timeout)
     _wait_public(settings, args.timeout)
     if not args.quiet:
-        _print_summary(settings, instances)
+        _print_summary(settings, pool.instances)
     return 0
 
 
@@ -76,13 +83,14 @@ def cmd_down(args) -> int:
     # nginx first, gracefully: it stops accepting and lets requests in flight finish; then the
     # instances, each finishing its own request; then supervisord itself.
     processes = client.processes()
-    if "nginx" in processes:
-        client.stop("nginx")
-    for name in processes:
-        if name != "nginx":
+    for name in (AUTOSCALER_PROGRAM, NGINX_PROGRAM):  # nothing may add work while instances stop
+        if name in processes:
             client.stop(name)
+    instances = [name for name in processes if name not in (AUTOSCALER_PROGRAM, NGINX_PROGRAM)]
+    for name in instances:
+        client.stop(name)
     client.shutdown()
-    _say(args, f"stopped {len(processes) - 1} instance(s) and nginx")
+    _say(args, f"stopped {len(instances)} instance(s) and nginx")
     return 0
 
 
@@ -109,22 +117,46 @@ def cmd_status(args) -> int:
 
 def cmd_render(args) -> int:
     settings = _settings(args)
-    _render(settings)
-    _say(args, f"rendered configuration into {RunPaths.at(settings.run_dir).root}")
+    paths = RunPaths.at(settings.run_dir)
+    _render(settings, Pool.load(paths) or Pool(plan_instances(settings, detect_gpus())))
+    _say(args, f"rendered configuration into {paths.root}")
     return 0
 
 
 def cmd_reload(args) -> int:
     settings = _settings(args, from_run_dir=True)
-    instances = _render(settings)
-    paths = RunPaths.at(settings.run_dir)
-    client = SupervisorClient(paths.socket)
-    if not client.running():
-        raise CommandError(f"not running (no supervisord on {paths.socket}); use asrctl up")
-    changes = client.apply_config()
-    nginx.reload(paths, client)
-    _wait_ready(client, instances, args.timeout)
+    client, pool, actuator = _running(settings, args)
+    changes = actuator.publish(pool)
+    wait_ready(client, pool.instances, args.timeout)
     _say(args, f"reloaded: {_describe_changes(changes)}")
+    return 0
+
+
+def cmd_scale(args) -> int:
+    settings = _settings(args, from_run_dir=True)
+    _client, pool, actuator = _running(settings, args)
+    current = len(pool.instances)
+    target = current + int(args.count) if args.count[0] in "+-" else int(args.count)
+    if not settings.min_instances <= target <= settings.max_instances:
+        raise CommandError(f"{target} instances is outside min_instances={settings.min_instances}.."
+                           f"max_instances={settings.max_instances}")
+    actuator.scale_to(pool, target)
+    _say(args, f"{current} -> {len(pool.instances)} instances: {', '.join(i.name for i in pool.instances)}")
+    return 0
+
+
+def cmd_autoscale(args) -> int:
+    from app.control.autoscaler import Autoscaler
+
+    settings = _settings(args, from_run_dir=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    _client, pool, actuator = _running(settings, args)
+    actuator.log = logging.getLogger("asr.autoscale").info
+    autoscaler = Autoscaler(settings, actuator)
+    if args.once:
+        autoscaler.tick(pool, dry_run=args.dry_run)
+    else:
+        autoscaler.run(pool, dry_run=args.dry_run)
     return 0
 
 
@@ -136,7 +168,7 @@ def instance_status(client: SupervisorClient) -> list[dict]:
     now = time.time()
     for name, p in sorted(client.processes().items()):
         port = int(name.rsplit("-", 1)[1]) if name.startswith("asr-") else None
-        health = _get_json(port, "/health") if port and p["statename"] == "RUNNING" else None
+        health = get_json(port, "/health") if port and p["statename"] == "RUNNING" else None
         ready = _get_status(port, "/ready") == 200 if health else (p["statename"] == "RUNNING" and not port)
         rows.append({
             "name": name,
@@ -168,32 +200,19 @@ def _settings(args, from_run_dir: bool = False) -> Settings:
     return load_settings(config, overrides=overrides)
 
 
-def _render(settings: Settings) -> list[InstanceSpec]:
-    instances = plan_instances(settings, detect_gpus())
-    paths = render_all(settings, instances)
+def _render(settings: Settings, pool: Pool) -> None:
+    paths = render_all(settings, pool.instances, pool.upstream)
     nginx.check_config(paths)
-    return instances
+    pool.save(paths)
 
 
-def _wait_ready(client: SupervisorClient, instances: list[InstanceSpec], timeout: float) -> None:
-    """Until every instance answers /ready 200; fail fast on a program that cannot stay up."""
-    deadline = time.monotonic() + timeout
-    pending = {i.name: i for i in instances}
-    while pending:
-        for name, instance in list(pending.items()):
-            state = client.process(name)["statename"]
-            if state in ("FATAL", "EXITED", "STOPPED"):
-                raise CommandError(f"{name} is {state}; last log lines:\n{_log_tail(client, name)}")
-            if state == "RUNNING":
-                ready = _get_json(instance.port, "/ready")
-                if ready and ready.get("ready"):
-                    del pending[name]
-                elif ready and ready.get("state") == "failed":
-                    raise CommandError(f"{name} failed to load its model: {ready['error']['message']}")
-        if pending and time.monotonic() > deadline:
-            raise CommandError(f"not ready after {timeout:g} s: {', '.join(pending)}")
-        if pending:
-            time.sleep(0.25)
+def _running(settings: Settings, args) -> tuple[SupervisorClient, Pool, Actuator]:
+    paths = RunPaths.at(settings.run_dir)
+    client = SupervisorClient(paths.socket)
+    pool = Pool.load(paths)
+    if not client.running() or pool is None:
+        raise CommandError(f"not running (no supervisord on {paths.socket}); use asrctl up")
+    return client, pool, Actuator(settings, client, detect_gpus(), log=lambda m: _say(args, m))
 
 
 def _wait_public(settings: Settings, timeout: float) -> None:
@@ -214,26 +233,11 @@ def _public_host(settings: Settings) -> str:
     return "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
 
 
-def _get_json(port: int | None, path: str) -> dict | None:
-    try:
-        return requests.get(f"http://127.0.0.1:{port}{path}", timeout=2).json()
-    except (requests.RequestException, ValueError):
-        return None
-
-
 def _get_status(port: int, path: str) -> int | None:
     try:
         return requests.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code
     except requests.RequestException:
         return None
-
-
-def _log_tail(client: SupervisorClient, name: str, length: int = 3000) -> str:
-    try:
-        text, _offset, _overflow = client.api.tailProcessStdoutLog(name, 0, length)
-        return text.strip()
-    except Exception as e:  # noqa: BLE001 - the log is a courtesy; the failure itself is the message
-        return f"(log unavailable: {e})"
 
 
 def _print_summary(settings: Settings, instances: list[InstanceSpec]) -> None:
@@ -282,6 +286,11 @@ def _parser() -> argparse.ArgumentParser:
               command("reload", cmd_reload, "re-render, apply program changes, test and reload nginx", True)):
         p.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
     command("render", cmd_render, "write every configuration file, start nothing", True)
+    scale = command("scale", cmd_scale, "grow or shrink the pool: N, +1 or -1 (drains before it stops)")
+    scale.add_argument("count", help="the number of instances, or +K / -K")
+    autoscale = command("autoscale", cmd_autoscale, "run the scaling policy loop (or one tick)")
+    autoscale.add_argument("--once", action="store_true", help="one decision, then exit")
+    autoscale.add_argument("--dry-run", action="store_true", help="log decisions, change nothing")
     command("down", cmd_down, "stop nginx, then the instances (gracefully), then supervisord")
     status = command("status", cmd_status, "state of each program and instance")
     status.add_argument("--json", action="store_true")

@@ -129,3 +129,55 @@ def parse_cores(spec: str) -> list[int]:
         lo, _, hi = part.partition("-")
         cores.extend(range(int(lo), int(hi or lo) + 1))
     return cores
+
+
+def core_usage(existing: list[Placement], cores: list[int]) -> dict[int, int]:
+    usage = {c: 0 for c in cores}
+    for p in existing:
+        for c in p.cpu_cores:
+            if c in usage:
+                usage[c] += 1
+    return usage
+
+
+def free_core_sets(existing: list[Placement], cores: list[int], threads: int) -> int:
+    """How many more instances of ``threads`` cores fit on cores no instance uses yet."""
+    idle = sum(1 for n in core_usage(existing, cores).values() if n == 0)
+    return idle // max(1, threads)
+
+
+def place_one(existing: list[Placement], device: str, gpus: list[GpuInfo], cores: list[int],
+              threads: int, gpu: int | None = None, instance_memory_mb: int = 2048) -> Placement:
+    """Where one more instance goes, next to those already placed.
+
+    GPU: the one asked for, else the most free memory counting instances placed here. CPU: the
+    ``threads`` least-used cores (idle ones first), so a pool grows onto free cores and only shares a
+    core when the operator asks for more instances than there are free core sets.
+    """
+    if device == "cuda":
+        if gpu is not None:
+            return Placement("cuda", gpu=gpu)
+        free = {g.index: g.memory_free_mb for g in gpus}
+        for p in existing:
+            if p.gpu in free:
+                free[p.gpu] -= instance_memory_mb
+        if not free:
+            raise ConfigError("no GPU to place an instance on")
+        return Placement("cuda", gpu=max(free, key=lambda i: (free[i], -i)))
+    usage = core_usage(existing, cores)
+    chosen = sorted(cores, key=lambda c: (usage[c], c))[:max(1, threads)]
+    return Placement("cpu", cpu_cores=tuple(sorted(chosen)))
+
+
+def capacity_weights(placements: list[Placement], gpus: list[GpuInfo]) -> list[int]:
+    """nginx weights in 1..10 that follow each instance's capacity.
+
+    A GPU instance weighs by its card's memory (a proxy for its class: an 80 GB card next to a 24 GB
+    one gets about three times the traffic), a CPU instance by the cores it is pinned to.
+    """
+    memory = {g.index: g.memory_total_mb for g in gpus}
+    raw = [float(memory.get(p.gpu, 1)) if p.device == "cuda" else float(p.threads) for p in placements]
+    if len(set(raw)) <= 1:
+        return [1] * len(raw)
+    top = max(raw)
+    return [max(1, min(10, round(10 * r / top))) for r in raw]

@@ -20,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy"
 PROGRAM_PREFIX = "asr-"
 NGINX_PROGRAM = "nginx"
+AUTOSCALER_PROGRAM = "autoscaler"
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
     _write(paths.supervisor_conf, env.get_template("supervisor/supervisord.conf.j2").render(context))
     wanted = {paths.program_file(NGINX_PROGRAM)}
     _write(paths.program_file(NGINX_PROGRAM), env.get_template("supervisor/nginx.conf.j2").render(context))
+    if settings.autoscale:
+        wanted.add(paths.program_file(AUTOSCALER_PROGRAM))
+        _write(paths.program_file(AUTOSCALER_PROGRAM),
+               env.get_template("supervisor/autoscaler.conf.j2").render(context))
     for instance in instances:
         path = paths.program_file(instance.name)
         wanted.add(path)

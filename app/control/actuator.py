@@ -1,0 +1,164 @@
+"""Carry out pool changes on the running service, in the order that loses no request.
+
+Scale up: add the program (supervisord ``reloadConfig`` + ``addProcessGroup``: no other program
+restarts), wait for its ``/ready``, and only then put it in nginx's upstream and reload nginx.
+Scale down: take it out of the upstream and reload nginx first, tell the instance it is draining,
+wait (bounded) until it has no request in flight, then stop it gracefully and remove its program.
+The decisions come from elsewhere (``asrctl scale`` or ``app.control.policy``); this only acts.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import requests
+
+from app.config import Settings
+from app.control import nginx
+from app.control.paths import RunPaths
+from app.control.placement import GpuInfo, available_cores, capacity_weights, place_one
+from app.control.pool import Pool
+from app.control.render import InstanceSpec, render_all
+from app.control.supervisor import SupervisorClient
+
+
+class ActuationError(RuntimeError):
+    pass
+
+
+class Actuator:
+    def __init__(self, settings: Settings, client: SupervisorClient, gpus: list[GpuInfo],
+                 log: Callable[[str], None] = print):
+        self.settings = settings
+        self.client = client
+        self.gpus = gpus
+        self.paths = RunPaths.at(settings.run_dir)
+        self.log = log
+
+    # -- whole-pool operations --
+
+    def publish(self, pool: Pool) -> dict[str, list[str]]:
+        """Render every file for this pool, apply program changes, test and reload nginx, remember it."""
+        self._reweigh(pool)
+        render_all(self.settings, pool.instances, pool.upstream)
+        changes = self.client.apply_config()
+        nginx.reload(self.paths, self.client)
+        pool.save(self.paths)
+        return changes
+
+    def scale_to(self, pool: Pool, count: int) -> None:
+        while len(pool.instances) < count:
+            self.scale_up(pool)
+        while len(pool.instances) > count:
+            self.scale_down(pool, least_loaded(pool))
+
+    # -- one instance at a time --
+
+    def scale_up(self, pool: Pool, gpu: int | None = None) -> InstanceSpec:
+        device = pool.instances[0].placement.device if pool.instances else "cpu"
+        threads = self.settings.cpu_threads or min((i.placement.threads for i in pool.instances), default=1)
+        placement = place_one([i.placement for i in pool.instances], device, self.gpus, available_cores(),
+                              threads, gpu=gpu)
+        spec = pool.add(pool.next_port(self.settings.base_port), 1, placement)
+        pool.starting.add(spec.name)
+        self.log(f"scale up: starting {spec.name} on {placement.describe()}")
+        self._reweigh(pool)
+        render_all(self.settings, pool.instances, pool.upstream)
+        self.client.apply_config()
+        pool.save(self.paths)
+        wait_ready(self.client, [spec], self.settings.request_timeout_seconds)
+        pool.starting.discard(spec.name)
+        self.publish(pool)
+        self.log(f"scale up: {spec.name} ready and in nginx's upstream ({len(pool.instances)} instances)")
+        return spec
+
+    def scale_down(self, pool: Pool, name: str) -> None:
+        if len(pool.instances) <= 1:
+            raise ActuationError("refusing to remove the last instance")
+        spec = pool.get(name)
+        pool.draining.add(name)
+        self.publish(pool)  # out of nginx first: no new request reaches it
+        self.log(f"scale down: {name} out of nginx's upstream, draining")
+        _post(spec.port, "/admin/drain")
+        left = wait_drained(spec.port, self.settings.drain_seconds)
+        if left:
+            self.log(f"scale down: {name} still had {left} request(s) after {self.settings.drain_seconds:g} s; "
+                     "stopping gracefully anyway (gunicorn finishes them within its graceful timeout)")
+        pool.remove(name)
+        self.publish(pool)  # its program file is gone: supervisord stops it gracefully and removes it
+        self.log(f"scale down: {name} stopped and removed ({len(pool.instances)} instances)")
+
+    def _reweigh(self, pool: Pool) -> None:
+        if self.settings.weights:  # the operator's weights, by position, repeating
+            pool.with_weights(_repeat(self.settings.weight_list(), len(pool.instances)))
+        else:
+            pool.with_weights(capacity_weights([i.placement for i in pool.instances], self.gpus))
+
+
+def least_loaded(pool: Pool) -> str:
+    """The instance to drain: not ready first, then fewest requests in flight, then the newest."""
+    def key(spec: InstanceSpec):
+        health = get_json(spec.port, "/health")
+        if not health:
+            return (0, 0, -spec.port)
+        ready = health.get("state") == "ready"
+        return (1 if ready else 0, health.get("requests_in_flight", 0), -spec.port)
+    return min(pool.instances, key=key).name
+
+
+def wait_ready(client: SupervisorClient, instances: list[InstanceSpec], timeout: float) -> None:
+    """Until every instance answers /ready 200; fail fast on a program that cannot stay up."""
+    deadline = time.monotonic() + timeout
+    pending = {i.name: i for i in instances}
+    while pending:
+        for name, instance in list(pending.items()):
+            state = client.process(name)["statename"]
+            if state in ("FATAL", "EXITED", "STOPPED"):
+                raise ActuationError(f"{name} is {state}; last log lines:\n{log_tail(client, name)}")
+            if state == "RUNNING":
+                ready = get_json(instance.port, "/ready")
+                if ready and ready.get("ready"):
+                    del pending[name]
+                elif ready and ready.get("state") == "failed":
+                    raise ActuationError(f"{name} failed to load its model: {ready['error']['message']}")
+        if pending and time.monotonic() > deadline:
+            raise ActuationError(f"not ready after {timeout:g} s: {', '.join(pending)}")
+        if pending:
+            time.sleep(0.25)
+
+
+def wait_drained(port: int, timeout: float) -> int:
+    """Wait until the instance holds no request; return how many it still held at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = get_json(port, "/health")
+        left = health.get("requests_in_flight", 0) if health else 0
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def get_json(port: int | None, path: str) -> dict | None:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}{path}", timeout=2).json()
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def _post(port: int, path: str) -> None:
+    try:
+        requests.post(f"http://127.0.0.1:{port}{path}", timeout=2)
+    except requests.RequestException:
+        pass  # an instance that is already gone has nothing to drain
+
+
+def log_tail(client: SupervisorClient, name: str, length: int = 3000) -> str:
+    try:
+        text, _offset, _overflow = client.api.tailProcessStdoutLog(name, 0, length)
+        return text.strip()
+    except Exception as e:  # noqa: BLE001 - the log is a courtesy; the failure itself is the message
+        return f"(log unavailable: {e})"
+
+
+def _repeat(items: list[int], n: int) -> list[int]:
+    return [items[i % len(items)] for i in range(n)]

@@ -1,0 +1,124 @@
+"""The autoscaling loop: observe the pool, ask the pure policy, act through the actuator.
+
+Runs as ``asrctl autoscale`` (in a terminal, from cron with ``--once``, or as a supervisord program
+when ``autoscale = true``). The policy's counter and the time of the last change are kept in
+``run/autoscale.json`` so that ``--once`` runs continue where the last one stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import psutil
+
+from app.config import Settings
+from app.control.actuator import Actuator, get_json
+from app.control.placement import GpuInfo, available_cores, core_usage, detect_gpus, free_core_sets
+from app.control.policy import (
+    Decision, GpuLoad, HostLoad, InstanceLoad, PolicyState, ScalingConfig, ScalingContext, decide,
+)
+from app.control.pool import Pool
+
+log = logging.getLogger("asr.autoscale")
+
+
+def scaling_config(settings: Settings) -> ScalingConfig:
+    return ScalingConfig(
+        min_instances=settings.min_instances,
+        max_instances=settings.max_instances,
+        target_in_flight_per_instance=settings.target_in_flight,
+        upscale_delay_s=settings.upscale_delay_seconds,
+        downscale_delay_s=settings.downscale_delay_seconds,
+        cooldown_s=settings.cooldown_seconds,
+        loop_interval_s=settings.autoscale_interval_seconds,
+    )
+
+
+def observe(pool: Pool, settings: Settings, gpus: list[GpuInfo], now: float,
+            last_change_at: float | None) -> ScalingContext:
+    """A snapshot of load from each instance's /health, NVML and the host's CPU."""
+    loads = []
+    for spec in pool.instances:
+        health = get_json(spec.port, "/health") or {}
+        queue = health.get("queue", {})
+        ready = health.get("state") == "ready" and spec.name not in pool.starting | pool.draining
+        loads.append(InstanceLoad(spec.name, in_flight=queue.get("running", 0),
+                                  queue_depth=queue.get("waiting", 0), ready=ready, gpu=spec.placement.gpu))
+    threads = settings.cpu_threads or min((i.placement.threads for i in pool.instances), default=1)
+    placements = [i.placement for i in pool.instances]
+    cores = available_cores()
+    host = HostLoad(cpu_pct=idle_core_busy_pct(placements, cores),
+                    free_core_sets=free_core_sets(placements, cores, threads))
+    gpu_loads = tuple(GpuLoad(g.index, g.utilization_pct, g.memory_free_mb, g.memory_total_mb) for g in gpus)
+    return ScalingContext(tuple(loads), gpu_loads, host, now, last_change_at)
+
+
+def idle_core_busy_pct(placements, cores: list[int]) -> float:
+    """How busy the cores no instance is pinned to are: where a new CPU instance would run.
+
+    The host-wide average would also count the instances' own saturated cores, which is the very
+    load a new instance relieves; what matters is whether the free cores are taken by something else.
+    """
+    per_core = psutil.cpu_percent(interval=None, percpu=True)
+    usage = core_usage(placements, cores)
+    free = [per_core[c] for c in cores if usage[c] == 0 and c < len(per_core)]
+    return sum(free) / len(free) if free else sum(per_core) / max(1, len(per_core))
+
+
+class Autoscaler:
+    def __init__(self, settings: Settings, actuator: Actuator):
+        self.settings = settings
+        self.actuator = actuator
+        self.config = scaling_config(settings)
+        self.state_file = actuator.paths.root / "autoscale.json"
+
+    def tick(self, pool: Pool, dry_run: bool = False) -> Decision:
+        saved = self._load()
+        now = time.time()
+        gpus = detect_gpus()
+        ctx = observe(pool, self.settings, gpus, now, saved.get("last_change_at"))
+        decision, state = decide(ctx, self.config, PolicyState(saved.get("consecutive", 0)))
+        current = len(pool.instances)
+        log.info("%s: %d -> %d: %s", "dry run" if dry_run else "decision", current, decision.desired, decision.reason)
+        if not dry_run:
+            if decision.desired != current:
+                self.actuator.gpus = gpus
+                for gpu in decision.placement:
+                    self.actuator.scale_up(pool, gpu=gpu)
+                for name in decision.remove:
+                    self.actuator.scale_down(pool, name)
+                saved["last_change_at"] = time.time()
+            saved["consecutive"] = state.consecutive
+            self._save(saved)
+        return decision
+
+    def run(self, pool: Pool, dry_run: bool = False) -> None:
+        """Tick until SIGTERM/SIGINT; a change in progress (a drain) completes before the loop exits."""
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        psutil.cpu_percent(interval=None, percpu=True)  # prime: the first reading compares against this one
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                self.tick(pool, dry_run)
+            except Exception:  # noqa: BLE001 - one failed tick must not end the loop; it is logged
+                log.exception("autoscale tick failed")
+                pool = Pool.load(self.actuator.paths) or pool
+            stop.wait(max(0.0, self.config.loop_interval_s - (time.monotonic() - started)))
+        log.info("autoscaler stopped")
+
+    def _load(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _save(self, data: dict) -> None:
+        tmp = self.state_file.with_name("autoscale.json.tmp")
+        tmp.write_text(json.dumps(data) + "\n")
+        os.replace(tmp, self.state_file)

@@ -1,0 +1,79 @@
+"""The pool of instances a run directory holds, and which of them nginx sends traffic to.
+
+Kept in ``run/pool.json`` because the pool changes after ``asrctl up``: scaling adds instances on the
+next free port and drains the least loaded, so ports need not stay contiguous, and a draining instance
+still has its program while it is already out of nginx's upstream.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from app.control.paths import RunPaths
+from app.control.placement import Placement
+from app.control.render import InstanceSpec, instance_name
+
+
+@dataclass
+class Pool:
+    instances: list[InstanceSpec]
+    draining: set[str] = field(default_factory=set)   # leaving: out of nginx, finishing its requests
+    starting: set[str] = field(default_factory=set)   # joining: in supervisord, not in nginx until ready
+
+    @property
+    def upstream(self) -> list[InstanceSpec]:
+        return [i for i in self.instances if i.name not in self.draining | self.starting]
+
+    def get(self, name: str) -> InstanceSpec:
+        return next(i for i in self.instances if i.name == name)
+
+    def next_port(self, base_port: int) -> int:
+        used = {i.port for i in self.instances}
+        port = base_port
+        while port in used:
+            port += 1
+        return port
+
+    def add(self, port: int, weight: int, placement: Placement) -> InstanceSpec:
+        spec = InstanceSpec(instance_name(port), port, weight, placement)
+        self.instances.append(spec)
+        return spec
+
+    def remove(self, name: str) -> None:
+        self.instances = [i for i in self.instances if i.name != name]
+        self.draining.discard(name)
+        self.starting.discard(name)
+
+    def with_weights(self, weights: list[int]) -> None:
+        self.instances = [InstanceSpec(i.name, i.port, w, i.placement) for i, w in zip(self.instances, weights)]
+
+    # -- persistence --
+
+    @classmethod
+    def load(cls, paths: RunPaths) -> "Pool | None":
+        path = paths.root / "pool.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        instances = [
+            InstanceSpec(i["name"], i["port"], i["weight"],
+                         Placement(i["device"], i.get("gpu"), tuple(i.get("cpu_cores", ()))))
+            for i in data["instances"]
+        ]
+        return cls(instances, set(data.get("draining", ())), set(data.get("starting", ())))
+
+    def save(self, paths: RunPaths) -> None:
+        data = {
+            "instances": [
+                {"name": i.name, "port": i.port, "weight": i.weight, "device": i.placement.device,
+                 "gpu": i.placement.gpu, "cpu_cores": list(i.placement.cpu_cores)}
+                for i in self.instances
+            ],
+            "draining": sorted(self.draining),
+            "starting": sorted(self.starting),
+        }
+        path = paths.root / "pool.json"
+        tmp = path.with_name("pool.json.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
