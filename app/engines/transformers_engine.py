@@ -1,0 +1,235 @@
+"""The Hugging Face transformers (PyTorch) engine.
+
+Whisper checkpoints decode through ``WhisperForConditionalGeneration.generate()`` so
+that timestamps, long-form audio and batching come from the reference implementation;
+any other speech model goes through the ASR pipeline and yields text only. Decoding
+settings are always passed explicitly: the ASR pipeline defaults to 5 beams while
+``generate()`` defaults to greedy, and the two engines must decode alike.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript
+
+WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's encoder sees 30 s at a time
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_UNDETERMINED = "und"  # ISO 639-2 code for a language the model cannot report
+
+
+def _resolve_compute_type(compute_type: str, device: str) -> str:
+    if compute_type == "auto":
+        return "float16" if device == "cuda" else "float32"
+    if compute_type not in _TORCH_DTYPES:
+        raise ValueError(f"compute_type {compute_type!r}: the transformers engine runs {sorted(_TORCH_DTYPES)}")
+    return compute_type
+
+
+class TransformersEngine:
+    """A transformers model behind the ``Engine`` protocol; build it with ``load``."""
+
+    name = "transformers"
+
+    def __init__(self, model_name: str, device: str, compute_type: str, runner: _WhisperRunner | _PipelineRunner):
+        self.model_name = model_name
+        self.device = device
+        self.compute_type = compute_type
+        self._runner = runner
+        self.multilingual = runner.multilingual
+        self.languages = runner.languages
+
+    @classmethod
+    def load(
+        cls, model: str, device: str = "cpu", compute_type: str = "auto", cpu_threads: int = 0
+    ) -> TransformersEngine:
+        """Load a local model directory or an already cached hub id, never touching the network."""
+        from transformers import AutoConfig
+
+        if cpu_threads > 0:
+            torch.set_num_threads(cpu_threads)
+        device_type = torch.device(device).type
+        compute_type = _resolve_compute_type(compute_type, device_type)
+        dtype = _TORCH_DTYPES[compute_type]
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+        if config.model_type == "whisper":
+            runner = _WhisperRunner(model, device, dtype)
+        else:
+            runner = _PipelineRunner(model, device, dtype)
+        return cls(model, device_type, compute_type, runner)
+
+    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
+        return self.transcribe_batch([audio], [options])[0]
+
+    def transcribe_batch(
+        self, audios: Sequence[np.ndarray], options: Sequence[DecodeOptions]
+    ) -> list[Transcript]:
+        if len(audios) != len(options):
+            raise ValueError(f"{len(audios)} audios but {len(options)} decode options")
+        for option in options:
+            self._check_options(option)
+        return self._runner.transcribe_batch(list(audios), list(options))
+
+    def _check_options(self, options: DecodeOptions) -> None:
+        if options.language is not None and options.language not in self.languages:
+            raise ValueError(f"language {options.language!r} is not supported by {self.model_name}")
+        if options.task not in ("transcribe", "translate"):
+            raise ValueError(f"unknown task {options.task!r}")
+        if options.task == "translate" and not self.multilingual:
+            raise ValueError(f"{self.model_name} is not multilingual and cannot translate")
+        if options.beam_size < 1:
+            raise ValueError("beam_size must be at least 1")
+
+
+class _WhisperRunner:
+    """Whisper through generate(): timestamps on, so every transcript has segments."""
+
+    def __init__(self, model: str, device: str, dtype: torch.dtype):
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        self.processor = WhisperProcessor.from_pretrained(model, local_files_only=True)
+        self.model = WhisperForConditionalGeneration.from_pretrained(
+            model, dtype=dtype, local_files_only=True
+        ).to(device).eval()
+        generation = self.model.generation_config
+        self.lang_to_id: dict[str, int] = dict(getattr(generation, "lang_to_id", None) or {})
+        self.multilingual = bool(getattr(generation, "is_multilingual", False) and self.lang_to_id)
+        self.languages = (
+            frozenset(token[2:-2] for token in self.lang_to_id) if self.multilingual else frozenset({"en"})
+        )
+
+    def transcribe_batch(self, audios: list[np.ndarray], options: list[DecodeOptions]) -> list[Transcript]:
+        """One generate() call per group of clips that fit one window and share decoding settings."""
+        results: list[Transcript | None] = [None] * len(audios)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (audio, option) in enumerate(zip(audios, options)):
+            if len(audio) <= WINDOW_SAMPLES:
+                groups[(option.task, option.beam_size, option.temperature)].append(i)
+            else:
+                results[i] = self._decode([audio], [option], long_form=True)[0]
+        for indices in groups.values():
+            transcripts = self._decode([audios[i] for i in indices], [options[i] for i in indices], long_form=False)
+            for i, transcript in zip(indices, transcripts):
+                results[i] = transcript
+        return results
+
+    def _decode(self, audios: list[np.ndarray], options: list[DecodeOptions], long_form: bool) -> list[Transcript]:
+        """Decode clips that share task, beam size and temperature; languages may differ."""
+        features = self.processor.feature_extractor(
+            [np.asarray(audio, dtype=np.float32) for audio in audios],
+            sampling_rate=SAMPLE_RATE,
+            return_tensors="pt",
+            return_attention_mask=True,
+            # long-form: keep every frame; short: pad to the 30 s window the encoder expects
+            truncation=not long_form,
+            padding="longest" if long_form else "max_length",
+        )
+        input_features = features.input_features.to(self.model.device, self.model.dtype)
+        attention_mask = features.attention_mask.to(self.model.device)
+        languages = self._languages(input_features, options)
+        first = options[0]
+        steering = {}
+        if self.multilingual:  # generate() rejects language/task for English-only models
+            steering = {"language": [code for code, _ in languages], "task": first.task}
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_features,
+                attention_mask=attention_mask,
+                num_beams=first.beam_size,
+                do_sample=first.temperature > 0,
+                temperature=first.temperature,
+                return_timestamps=True,
+                return_segments=True,
+                **steering,
+            )
+        return [
+            self._transcript(segments, len(audio) / SAMPLE_RATE, language, probability)
+            for segments, audio, (language, probability) in zip(output["segments"], audios, languages)
+        ]
+
+    def _languages(
+        self, input_features: torch.Tensor, options: list[DecodeOptions]
+    ) -> list[tuple[str, float | None]]:
+        """The requested language, else the one detected on the first window, with its probability."""
+        if not self.multilingual:
+            return [("en", None)] * len(options)
+        detected = iter(self._detect([i for i, o in enumerate(options) if o.language is None], input_features))
+        return [(o.language, None) if o.language is not None else next(detected) for o in options]
+
+    def _detect(self, indices: list[int], input_features: torch.Tensor) -> list[tuple[str, float]]:
+        if not indices:
+            return []
+        window = input_features[indices, :, : self.processor.feature_extractor.nb_max_frames]
+        start = torch.full(
+            (len(indices), 1), self.model.generation_config.decoder_start_token_id, device=self.model.device
+        )
+        tokens = list(self.lang_to_id)
+        with torch.inference_mode():
+            logits = self.model(input_features=window, decoder_input_ids=start).logits[:, -1]
+        probabilities = logits[:, [self.lang_to_id[t] for t in tokens]].float().softmax(dim=-1)
+        best = probabilities.max(dim=-1)
+        return [(tokens[i][2:-2], p) for i, p in zip(best.indices.tolist(), best.values.tolist())]
+
+    def _transcript(
+        self, segments: list[dict], duration: float, language: str, probability: float | None
+    ) -> Transcript:
+        """Segment times are clipped to the audio: a window padded to 30 s can end past it."""
+        tokenizer = self.processor.tokenizer
+        texts = [tokenizer.decode(s["tokens"], skip_special_tokens=True) for s in segments]
+        parts = [
+            Segment(
+                start=min(float(s["start"]), duration),
+                end=min(float(s["end"]), duration),
+                text=text.strip(),
+            )
+            for s, text in zip(segments, texts)
+            if text.strip()
+        ]
+        return Transcript(
+            text="".join(texts).strip(),
+            language=language,
+            duration=duration,
+            segments=parts,
+            language_probability=probability,
+        )
+
+
+class _PipelineRunner:
+    """Any other transformers speech model (CTC or seq2seq): text only, one segment per clip.
+
+    Such models cannot be steered to a language, so they accept none and report "und".
+    """
+
+    multilingual = False
+    languages: frozenset[str] = frozenset()
+
+    def __init__(self, model: str, device: str, dtype: torch.dtype):
+        from transformers import pipeline
+
+        self.pipeline = pipeline(
+            "automatic-speech-recognition", model=model, device=device, dtype=dtype, local_files_only=True
+        )
+
+    def transcribe_batch(self, audios: list[np.ndarray], options: list[DecodeOptions]) -> list[Transcript]:
+        return [self._transcribe(audio, option) for audio, option in zip(audios, options)]
+
+    def _transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
+        kwargs = {}
+        if self.pipeline.type == "seq2seq":  # CTC decoding is a per-frame argmax: nothing to set
+            decoding = {"num_beams": options.beam_size, "do_sample": options.temperature > 0}
+            if options.temperature > 0:
+                decoding["temperature"] = options.temperature
+            kwargs["generate_kwargs"] = decoding
+        samples = np.asarray(audio, dtype=np.float32)
+        with torch.inference_mode():
+            text = self.pipeline({"raw": samples, "sampling_rate": SAMPLE_RATE}, **kwargs)["text"].strip()
+        duration = len(samples) / SAMPLE_RATE
+        return Transcript(
+            text=text,
+            language=_UNDETERMINED,
+            duration=duration,
+            segments=[Segment(0.0, duration, text)] if text else [],
+        )
