@@ -5,7 +5,6 @@ with their own settings.
 """
 from __future__ import annotations
 
-import logging
 import uuid
 
 from flask import Flask, g, request
@@ -14,11 +13,11 @@ from app.config import Settings, load_settings
 
 
 def create_app(settings: Settings | None = None, *, load_in_background: bool = True) -> Flask:
-    from app import api, errors, metrics, probes
+    from app import api, errors, logs, metrics, probes
     from app.instance import ModelInstance
 
     settings = settings or load_settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()
 
     app = Flask(__name__)
     # werkzeug refuses larger bodies with 413 before reading them; nginx enforces the same bound.
@@ -29,6 +28,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
     app.extensions["asr_instance"] = inst
     errors.init_app(app)
     metrics.init_app(app, inst)
+    logs.init_app(app, inst)
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)
 

@@ -39,6 +39,7 @@ def _transcribe(inst: ModelInstance):
     _require_ready(inst)
     language = _language(inst)
     audio = decode_audio(data, inst.settings.max_audio_seconds)
+    g.audio_seconds = round(audio.duration, 3)
     options = DecodeOptions(language=language, beam_size=inst.settings.beam_size)
     try:
         future = inst.queue.submit(audio.samples, options)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -57,6 +58,11 @@ class Settings:
     fail_timeout_seconds: int = 10
     upstream_keepalive: int = 32
     nginx_user: str = ""                 # workers' user when nginx runs as root; "" = the run dir's owner
+
+    # Edge security at nginx (the instances listen on loopback only).
+    api_keys_file: str = ""              # one key per line; when set, requests need "Bearer <key>"
+    rate_limit_per_second: float = 0.0   # per client address; 0 = no limit
+    rate_limit_burst: int = 20
 
     # Elastic pool: asrctl scale / autoscale (app/control/policy.py documents each rule).
     autoscale: bool = False              # run `asrctl autoscale` as a supervisord program
@@ -126,6 +132,21 @@ class Settings:
     def ports(self) -> list[int]:
         return [self.base_port + i for i in range(self.instances)]
 
+    def api_keys(self) -> list[str]:
+        """Keys from ``api_keys_file`` (blank lines and # comments skipped); checked, since each goes
+        into nginx's configuration."""
+        if not self.api_keys_file:
+            return []
+        try:
+            lines = Path(self.api_keys_file).read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"api_keys_file: {e}") from None
+        keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        bad = [k for k in keys if not _API_KEY.fullmatch(k)]
+        if bad or not keys:
+            raise ConfigError("api_keys_file: each key must be 16-256 characters of A-Z a-z 0-9 . _ ~ + / = -")
+        return keys
+
     def weight_list(self) -> list[int]:
         return _per_instance(self.weights, self.instances, default=1, name="weights")
 
@@ -144,6 +165,7 @@ class Settings:
         return "\n".join(lines) + "\n"
 
 
+_API_KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
 _PER_INSTANCE = {"instance_id", "instance_host", "instance_port", "cpu_cores"}
 
 

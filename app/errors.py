@@ -1,7 +1,7 @@
 """JSON errors: every failure a client can cause is an ``ApiError`` with a stable code."""
 from __future__ import annotations
 
-from flask import Flask, jsonify
+from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 
@@ -13,6 +13,7 @@ class ApiError(Exception):
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    g.error_code = code  # for the request's log line
     response = jsonify(error={"code": code, "message": message})
     response.status_code = status
     response.headers.update(headers or {})

@@ -26,8 +26,9 @@ graceful_timeout = _settings.graceful_timeout_seconds
 # gunicorn is closing.
 keepalive = 75
 
-accesslog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}i)s'
+# No gunicorn access log: the app writes one JSON line per request (app/logs.py) with what gunicorn
+# cannot know (instance, audio seconds, error code). gunicorn's own messages go to stderr.
+accesslog = None
 errorlog = "-"
 
 # supervisord is the control interface. gunicorn >= 25.1 would otherwise open one control socket at

@@ -4,7 +4,7 @@ import re
 import pytest
 from supervisor.options import ServerOptions
 
-from app.config import load_settings
+from app.config import ConfigError, load_settings
 from app.control import nginx
 from app.control.placement import GpuInfo
 from app.control.render import plan_instances, render_all
@@ -22,7 +22,7 @@ def test_nginx_accepts_the_rendered_config(settings):
     paths = render_all(settings, plan_instances(settings, gpus=[]))
     nginx.check_config(paths)  # raises with nginx's message if refused
     text = paths.nginx_conf.read_text()
-    servers = re.findall(r"server 127\.0\.0\.1:(\d+) weight=(\d+) max_fails=3 fail_timeout=10s;", text)
+    servers = re.findall(r"server 127\.0\.0\.1:(\d+) weight=(\d+) max_conns=8 max_fails=3 fail_timeout=10s;", text)
     assert servers == [("19100", "2"), ("19101", "1"), ("19102", "1")]
     assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in text
     assert "proxy_next_upstream_tries 3;" in text
@@ -30,6 +30,24 @@ def test_nginx_accepts_the_rendered_config(settings):
     assert f"proxy_read_timeout {settings.request_timeout_seconds}s;" in text
     assert "listen 127.0.0.1:17860;" in text
     assert f"pid {paths.nginx_pid};" in text
+    assert "zone asr_instances" in text           # max_conns and failures shared by all workers
+    assert "Bearer" not in text and "limit_req " not in text  # both off unless configured
+    assert paths.nginx_conf.stat().st_mode & 0o077 == 0      # may hold API keys: owner only
+
+
+def test_api_keys_and_rate_limit_render_and_pass_nginx_t(tmp_path, settings):
+    keys = tmp_path / "keys"
+    keys.write_text("# operators' keys\nk3y-0123456789abcdef\n\nsecond.key_0123456789/+=\n")
+    keyed = load_settings(env={}, overrides={**vars(settings), "api_keys_file": str(keys),
+                                             "rate_limit_per_second": 5, "rate_limit_burst": 7})
+    paths = render_all(keyed, plan_instances(keyed, gpus=[]))
+    nginx.check_config(paths)
+    text = paths.nginx_conf.read_text()
+    assert '"Bearer k3y-0123456789abcdef" 1;' in text and '"Bearer second.key_0123456789/+=" 1;' in text
+    assert "rate=300r/m" in text and "burst=7 nodelay" in text
+    keys.write_text('bad key"; return 200;\n')
+    with pytest.raises(ConfigError, match="api_keys_file"):
+        load_settings(env={}, overrides={**vars(settings), "api_keys_file": str(keys)}).api_keys()
 
 
 def test_nginx_check_refuses_a_broken_config(settings):

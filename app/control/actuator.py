@@ -75,18 +75,38 @@ class Actuator:
     def scale_down(self, pool: Pool, name: str) -> None:
         if len(pool.instances) <= 1:
             raise ActuationError("refusing to remove the last instance")
-        spec = pool.get(name)
-        pool.draining.add(name)
-        self.publish(pool)  # out of nginx first: no new request reaches it
-        self.log(f"scale down: {name} out of nginx's upstream, draining")
-        _post(spec.port, "/admin/drain")
-        left = wait_drained(spec.port, self.settings.drain_seconds)
-        if left:
-            self.log(f"scale down: {name} still had {left} request(s) after {self.settings.drain_seconds:g} s; "
-                     "stopping gracefully anyway (gunicorn finishes them within its graceful timeout)")
+        self._leave_upstream(pool, pool.get(name))
         pool.remove(name)
         self.publish(pool)  # its program file is gone: supervisord stops it gracefully and removes it
         self.log(f"scale down: {name} stopped and removed ({len(pool.instances)} instances)")
+
+    def restart(self, pool: Pool, name: str) -> None:
+        """Restart one instance without losing a request: out of nginx, drain, stop, start, ready, back in.
+
+        The new process reads the run directory's asr.toml afresh; program changes are ``reload``'s job.
+        """
+        spec = pool.get(name)
+        self._leave_upstream(pool, spec)
+        self.client.stop(name)
+        pool.draining.discard(name)
+        pool.starting.add(name)
+        pool.save(self.paths)
+        self.client.start(name)
+        wait_ready(self.client, [spec], self.settings.request_timeout_seconds)
+        pool.starting.discard(name)
+        self.publish(pool)
+        self.log(f"restart: {name} ready and back in nginx's upstream")
+
+    def _leave_upstream(self, pool: Pool, spec: InstanceSpec) -> None:
+        """Out of nginx first, so no new request reaches it; then wait (bounded) for its requests."""
+        pool.draining.add(spec.name)
+        self.publish(pool)
+        self.log(f"{spec.name}: out of nginx's upstream, draining")
+        _post(spec.port, "/admin/drain")
+        left = wait_drained(spec.port, self.settings.drain_seconds)
+        if left:
+            self.log(f"{spec.name}: still had {left} request(s) after {self.settings.drain_seconds:g} s; "
+                     "stopping gracefully anyway (gunicorn finishes them within its graceful timeout)")
 
     def _reweigh(self, pool: Pool) -> None:
         if self.settings.weights:  # the operator's weights, by position, repeating

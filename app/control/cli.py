@@ -145,6 +145,24 @@ def cmd_scale(args) -> int:
     return 0
 
 
+def cmd_restart(args) -> int:
+    settings = _settings(args, from_run_dir=True)
+    client, pool, actuator = _running(settings, args)
+    if len(pool.instances) < 2 and args.rolling:
+        _say(args, "one instance: a rolling restart cannot keep serving; restarting it anyway")
+    if args.rolling:
+        for spec in list(pool.instances):
+            actuator.restart(pool, spec.name)
+    else:  # all at once: nginx answers 503 with Retry-After until one is ready again
+        for spec in pool.instances:
+            client.stop(spec.name)
+        for spec in pool.instances:
+            client.start(spec.name)
+        wait_ready(client, pool.instances, args.timeout)
+    _say(args, f"restarted {len(pool.instances)} instance(s){' one at a time' if args.rolling else ''}")
+    return 0
+
+
 def cmd_autoscale(args) -> int:
     from app.control.autoscaler import Autoscaler
 
@@ -286,6 +304,9 @@ def _parser() -> argparse.ArgumentParser:
               command("reload", cmd_reload, "re-render, apply program changes, test and reload nginx", True)):
         p.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
     command("render", cmd_render, "write every configuration file, start nothing", True)
+    restart = command("restart", cmd_restart, "restart the instances; --rolling: one at a time, drained first")
+    restart.add_argument("--rolling", action="store_true", help="keep serving: drain, restart, rejoin each in turn")
+    restart.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
     scale = command("scale", cmd_scale, "grow or shrink the pool: N, +1 or -1 (drains before it stops)")
     scale.add_argument("count", help="the number of instances, or +K / -K")
     autoscale = command("autoscale", cmd_autoscale, "run the scaling policy loop (or one tick)")

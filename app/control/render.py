@@ -124,7 +124,7 @@ def render_nginx(settings: Settings, upstream: list[InstanceSpec], paths: RunPat
     env = env or _environment()
     user = _nginx_user(settings, paths)
     text = env.get_template("nginx/nginx.conf.j2").render(
-        settings=settings, paths=paths, upstream=upstream, nginx_user=user,
+        settings=settings, paths=paths, upstream=upstream, nginx_user=user, api_keys=settings.api_keys(),
         next_upstream_tries=max(1, min(len(upstream), 3)),
     )
     _write(paths.nginx_conf, text)
@@ -139,5 +139,9 @@ def _write(path: Path, text: str) -> None:
     """Replace atomically: supervisord or nginx never read a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    # 0600 from the first byte: nginx.conf may hold API keys; everything here is read by the
+    # operator's user (supervisord, nginx's master) only.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
