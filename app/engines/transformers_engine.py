@@ -8,6 +8,8 @@ settings are always passed explicitly: the ASR pipeline defaults to 5 beams whil
 """
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 from typing import Sequence
 
@@ -84,6 +86,18 @@ class TransformersEngine:
             raise ValueError("beam_size must be at least 1")
 
 
+def token_budget(seconds: float) -> int:
+    """Most tokens a window of this length can need: about 12 per second of audio (fast speech is
+    about 6, timestamps add 2 per segment) plus the prompt.
+
+    Without it, silence or noise makes Whisper repeat a phrase ("Thank you for watching.") until the
+    448-token context is full, and beam search on a CPU then holds the instance for minutes.
+    faster-whisper stops such windows with its no-speech check; transformers' short-form generate()
+    does not.
+    """
+    return min(440, 16 + math.ceil(12 * seconds))
+
+
 class _WhisperRunner:
     """Whisper through generate(): timestamps on, so every transcript has segments."""
 
@@ -134,6 +148,7 @@ class _WhisperRunner:
         steering = {}
         if self.multilingual:  # generate() rejects language/task for English-only models
             steering = {"language": [code for code, _ in languages], "task": first.task}
+        budget = {} if long_form else {"max_new_tokens": token_budget(max(len(a) for a in audios) / SAMPLE_RATE)}
         with torch.inference_mode():
             output = self.model.generate(
                 input_features,
@@ -143,6 +158,7 @@ class _WhisperRunner:
                 temperature=first.temperature,
                 return_timestamps=True,
                 return_segments=True,
+                **budget,
                 **steering,
             )
         return [
