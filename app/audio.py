@@ -85,6 +85,8 @@ def _read_with_pyav(data: bytes, max_seconds: float) -> tuple[int, int, np.ndarr
         if not streams:
             raise ApiError(415, "unsupported_media_type", "the upload has no audio stream")
         stream = streams[0]
+        if stream.codec_context is None:  # FFmpeg has no decoder for it (e.g. a bogus WAV format tag)
+            raise ApiError(415, "unsupported_media_type", "the audio codec is not one we can decode")
         rate, channels = stream.rate or 0, stream.channels or 0
         _check_format(rate, channels, 0.0, max_seconds)
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)

@@ -145,6 +145,17 @@ def cmd_scale(args) -> int:
     return 0
 
 
+def cmd_systemd_unit(args) -> int:
+    """Print the systemd unit that runs this service under supervisord (install it as root)."""
+    import getpass
+
+    from app.control.systemd import render_unit
+
+    settings = _settings(args)
+    print(render_unit(settings, args.user or getpass.getuser(), Path(__file__).resolve().parents[2]), end="")
+    return 0
+
+
 def cmd_restart(args) -> int:
     settings = _settings(args, from_run_dir=True)
     client, pool, actuator = _running(settings, args)
@@ -304,6 +315,8 @@ def _parser() -> argparse.ArgumentParser:
               command("reload", cmd_reload, "re-render, apply program changes, test and reload nginx", True)):
         p.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
     command("render", cmd_render, "write every configuration file, start nothing", True)
+    unit = command("systemd-unit", cmd_systemd_unit, "print a hardened systemd unit for this service", True)
+    unit.add_argument("--user", help="the dedicated account that runs it (default: you)")
     restart = command("restart", cmd_restart, "restart the instances; --rolling: one at a time, drained first")
     restart.add_argument("--rolling", action="store_true", help="keep serving: drain, restart, rejoin each in turn")
     restart.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")

@@ -1,0 +1,101 @@
+"""A systemd unit for the whole service: supervisord (and under it every instance and nginx), sandboxed.
+
+``render_unit`` is pure: it reads the settings and names, and renders ``deploy/systemd/asr-service.service.j2``.
+Every timeout in the unit is derived from the same settings as supervisord's and gunicorn's, so they nest:
+systemd's TimeoutStopSec > supervisord's stopwaitsecs (per group) > gunicorn's graceful_timeout.
+"""
+from __future__ import annotations
+
+import grp
+import pwd
+from pathlib import Path
+
+import jinja2
+
+from app.config import Settings
+
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
+TEMPLATE = "systemd/asr-service.service.j2"
+
+# systemd waits this much beyond supervisord's own worst case before it SIGKILLs what is left.
+STOP_MARGIN_SECONDS = 30
+# `asrctl reload --timeout`: the longest it waits for new instances' /ready (a model load).
+RELOAD_TIMEOUT_SECONDS = 600
+# PrivateTmp= gives the service its own /tmp and /var/tmp: a run directory there would be invisible.
+_PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
+
+
+def stop_groups(settings: Settings) -> int:
+    """Process groups supervisord may hold: every instance the pool can grow to, nginx, the autoscaler.
+
+    On shutdown supervisord stops one group at a time (highest priority first) and waits up to that
+    group's stopwaitsecs before moving on, so the worst case is the sum over the groups.
+    """
+    return max(settings.instances, settings.max_instances) + 1 + (1 if settings.autoscale else 0)
+
+
+def timeout_stop_seconds(settings: Settings) -> int:
+    return stop_groups(settings) * settings.stop_wait_seconds + STOP_MARGIN_SECONDS
+
+
+def render_unit(settings: Settings, user: str, checkout: str | Path, *, group: str | None = None,
+                bin_dir: str | Path | None = None) -> str:
+    """The unit file's text.
+
+    ``user`` runs the service (a dedicated account; it must own the run directory). ``group`` defaults
+    to the user's primary group (or a group of the same name when the user does not exist here).
+    ``checkout`` is the repository the service runs from; ``bin_dir`` defaults to its ``.venv/bin``
+    (where scripts/setup.sh installs asrctl, supervisord and gunicorn). A relative ``run_dir`` is taken
+    relative to the checkout, the unit's working directory.
+    """
+    checkout = Path(checkout).resolve()
+    bin_dir = Path(bin_dir) if bin_dir else checkout / ".venv" / "bin"
+    run_dir = _absolute(settings.run_dir, checkout)
+    model_cache = _absolute(str(Path(settings.model_cache).expanduser()), checkout)
+    for name, path in (("run_dir", run_dir), ("model_cache", model_cache)):
+        if any(path == t or t in path.parents for t in _PRIVATE_TMP):
+            raise ValueError(f"{name} {path} is under {path.parts[1]}, which the unit's PrivateTmp=yes hides "
+                             f"from the service; choose a directory elsewhere (e.g. /srv/asr or /var/lib/asr)")
+    for name, value in (("user", user), ("group", group or "")):
+        if any(c.isspace() for c in value):
+            raise ValueError(f"{name} {value!r} holds white space")
+    context = {
+        "settings": settings,
+        "user": user,
+        "group": group or _primary_group(user),
+        "checkout": checkout,
+        "bin_dir": bin_dir,
+        "run_dir": run_dir,
+        "model_cache": model_cache,
+        "max_instances": max(settings.instances, settings.max_instances),
+        "stop_groups": stop_groups(settings),
+        "stop_margin": STOP_MARGIN_SECONDS,
+        "timeout_stop": timeout_stop_seconds(settings),
+        "reload_timeout": RELOAD_TIMEOUT_SECONDS,
+        "timeout_start": RELOAD_TIMEOUT_SECONDS + 60,
+        "needs_bind_capability": settings.port < 1024,
+        "private_devices": settings.device == "cpu",
+    }
+    return _environment().get_template(TEMPLATE).render(context)
+
+
+def _absolute(path: str, base: Path) -> Path:
+    p = Path(path)
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def _primary_group(user: str) -> str:
+    try:
+        return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    except KeyError:  # rendered for a host where the account is yet to be created
+        return user
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(DEPLOY_DIR)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
