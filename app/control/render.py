@@ -66,7 +66,8 @@ def nginx_binary() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def _environment() -> jinja2.Environment:
+def template_environment() -> jinja2.Environment:
+    """The one jinja2 setup for every template under deploy/: unknown variables are errors."""
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(DEPLOY_DIR)),
         undefined=jinja2.StrictUndefined,
@@ -91,7 +92,7 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
     """
     paths = RunPaths.at(settings.run_dir)
     paths.make_dirs()
-    env = _environment()
+    env = template_environment()
     upstream = instances if upstream is None else upstream
     context = {
         "settings": settings,
@@ -121,7 +122,7 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
 def render_nginx(settings: Settings, upstream: list[InstanceSpec], paths: RunPaths | None = None,
                  env: jinja2.Environment | None = None) -> Path:
     paths = paths or RunPaths.at(settings.run_dir)
-    env = env or _environment()
+    env = env or template_environment()
     user = _nginx_user(settings, paths)
     text = env.get_template("nginx/nginx.conf.j2").render(
         settings=settings, paths=paths, upstream=upstream, nginx_user=user, api_keys=settings.api_keys(),

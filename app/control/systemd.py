@@ -10,11 +10,8 @@ import grp
 import pwd
 from pathlib import Path
 
-import jinja2
-
 from app.config import Settings
-
-DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
+from app.control.render import template_environment
 TEMPLATE = "systemd/asr-service.service.j2"
 
 # systemd waits this much beyond supervisord's own worst case before it SIGKILLs what is left.
@@ -76,7 +73,7 @@ def render_unit(settings: Settings, user: str, checkout: str | Path, *, group: s
         "needs_bind_capability": settings.port < 1024,
         "private_devices": settings.device == "cpu",
     }
-    return _environment().get_template(TEMPLATE).render(context)
+    return template_environment().get_template(TEMPLATE).render(context)
 
 
 def _absolute(path: str, base: Path) -> Path:
@@ -91,11 +88,3 @@ def _primary_group(user: str) -> str:
         return user
 
 
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(DEPLOY_DIR)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
