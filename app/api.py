@@ -50,7 +50,7 @@ def _transcribe(inst: ModelInstance):
     except FutureTimeout:
         raise ApiError(504, "inference_timeout", "transcription did not finish in time") from None
     metrics.count_audio(current_app, transcript.duration)
-    return formats.render(transcript, output, {
+    response = formats.render(transcript, output, {
         "model": inst.model_name,
         "engine": inst.settings.engine,
         "instance": inst.id,
@@ -58,6 +58,10 @@ def _transcribe(inst: ModelInstance):
         "processing_time": round(time.monotonic() - started, 4),
         "request_id": g.request_id,
     })
+    # Where the time went (standard Server-Timing, milliseconds): waiting for the model, and the model.
+    response.headers["Server-Timing"] = (f"queue;dur={future.queue_seconds * 1000:.2f}, "
+                                         f"inference;dur={future.inference_seconds * 1000:.2f}")
+    return response
 
 
 def read_upload() -> bytes:

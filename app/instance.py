@@ -32,7 +32,8 @@ class ModelInstance:
         self.port = settings.instance_port
         self.device = "cuda" if settings.device == "cuda" else "cpu"
         self.model_name = display_name(settings.model)
-        self.queue = InferenceQueue(settings.max_queue)
+        self.queue = InferenceQueue(settings.max_queue, max_batch=settings.batch_size(self.device),
+                                    max_wait_ms=settings.max_wait_ms)
         self.engine: Engine | None = None
         self.state = LOADING
         self.error: str | None = None
@@ -90,9 +91,30 @@ class ModelInstance:
 
 
 def pin_to_cores(cores_spec: str, cpu_threads: int) -> int:
-    """Pin this process to its core set; return the thread count the engine should use."""
+    """Pin this process to its core set; return the thread count the engine should use.
+
+    Also makes the OpenMP threads the engines start (CTranslate2's libgomp, torch's) sleep when they
+    wait, unless ``OMP_WAIT_POLICY`` is already set: with the default, inside a gunicorn worker both of
+    CTranslate2's threads kept spinning and a decode the bare engine does in 1 s took 11 s
+    (bench/README.md). Must run before the engine's library is first imported: OpenMP reads the variable
+    when it loads.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if cores_spec:
         cores = parse_cores(cores_spec)
-        os.sched_setaffinity(0, cores)
+        # sched_setaffinity(0) pins only the calling thread: pin every thread this process has, so the
+        # request threads gunicorn starts later (from its main thread) stay on the set too.
+        for tid in _thread_ids():
+            try:
+                os.sched_setaffinity(tid, cores)
+            except OSError:  # a thread that has just ended
+                pass
         return cpu_threads or len(cores)
     return cpu_threads or len(os.sched_getaffinity(0))
+
+
+def _thread_ids() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: this thread only
+        return [0]

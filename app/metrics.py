@@ -15,6 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 
 
 class InstanceCollector:
@@ -73,6 +75,17 @@ def init_app(app: Flask, instance) -> None:
     latency = Histogram("asr_request_duration_seconds", "Request latency by route", ["route"],
                         buckets=LATENCY_BUCKETS, registry=registry)
     audio_seconds = Counter("asr_audio_seconds", "Seconds of audio transcribed", registry=registry)
+    batch_size = Histogram("asr_batch_size", "Requests per engine call (dynamic batching)",
+                           buckets=BATCH_BUCKETS, registry=registry)
+    queue_wait = Histogram("asr_queue_wait_seconds", "Time a request waited in the queue before its engine call",
+                           buckets=QUEUE_WAIT_BUCKETS, registry=registry)
+
+    def _observe_batch(size: int, waits) -> None:
+        batch_size.observe(size)
+        for wait in waits:
+            queue_wait.observe(wait)
+
+    instance.queue.observer = _observe_batch
     registry.register(InstanceCollector(instance))
     app.extensions["asr_metrics"] = {"audio_seconds": audio_seconds}
 

@@ -4,35 +4,60 @@ Request threads never touch the engine. They submit a job and wait on its future
 already holds ``max_pending`` jobs (running + waiting) the submit is refused at once, so overload
 becomes a fast 503 instead of a pile of blocked threads. Depth and in-flight counts are plain
 attributes the probes and metrics read.
+
+Dynamic batching: the inference thread takes up to ``max_batch`` waiting jobs at once, waiting at
+most ``max_wait_ms`` after the first of them arrived for more to come, and runs them through one
+``engine.transcribe_batch`` call. A job that already waited that long (the thread was busy) is never
+held back further. If a batch fails, its jobs are retried one by one, so one bad clip fails only its
+own request. An optional ``observer`` hears each batch's size and its jobs' queue waits (the
+metrics module counts them; this module stays free of Prometheus).
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 
 from app.engines.base import DecodeOptions, Engine, Transcript
+
+log = logging.getLogger(__name__)
+
+# Told once per batch: its size and how long each of its jobs waited in the queue (seconds).
+BatchObserver = Callable[[int, Sequence[float]], None]
 
 
 class QueueFull(Exception):
     """Raised by ``submit`` when the instance already holds as many requests as it may."""
 
 
+class JobFuture(Future):
+    """A job's future; once the job has run, it also tells where the job's time went."""
+
+    queue_seconds: float | None = None       # submitted -> its engine call began
+    inference_seconds: float | None = None   # the engine call (its batch's, when batched)
+
+
 @dataclass
 class _Job:
     audio: np.ndarray
     options: DecodeOptions
-    future: Future = field(default_factory=Future)
+    future: JobFuture = field(default_factory=JobFuture)
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
 class InferenceQueue:
-    def __init__(self, max_pending: int):
+    def __init__(self, max_pending: int, max_batch: int = 1, max_wait_ms: float = 0.0,
+                 observer: BatchObserver | None = None):
         self.max_pending = max_pending
+        self.max_batch = max(1, min(max_batch, max_pending))  # a batch never holds more than the queue
+        self.max_wait = max(0.0, max_wait_ms) / 1000
+        self.observer = observer
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0          # waiting + running
@@ -61,7 +86,7 @@ class InferenceQueue:
             self._thread.join()
             self._thread = None
 
-    def submit(self, audio: np.ndarray, options: DecodeOptions) -> Future:
+    def submit(self, audio: np.ndarray, options: DecodeOptions) -> JobFuture:
         with self._lock:
             if self._pending >= self.max_pending:
                 raise QueueFull(f"{self._pending} requests already queued (limit {self.max_pending})")
@@ -71,18 +96,79 @@ class InferenceQueue:
         return job.future
 
     def _run(self, engine: Engine) -> None:
-        while (job := self._jobs.get()) is not None:
+        stopping = False
+        while not stopping:
+            batch, stopping = self._next_batch()
+            if batch:
+                self._execute(engine, batch)
+
+    def _next_batch(self) -> tuple[list[_Job], bool]:
+        """Block for the first live job, then take more until the batch is full or the first job has
+        waited ``max_wait``; jobs already queued are taken without waiting. Returns (batch, stop)."""
+        batch: list[_Job] = []
+        deadline: float | None = None
+        while len(batch) < self.max_batch:
+            try:
+                if deadline is None:
+                    job = self._jobs.get()
+                else:
+                    remaining = deadline - time.monotonic()
+                    job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return batch, True
             # A request that gave up (deadline passed) cancelled its future: skip its work.
-            if job.future.set_running_or_notify_cancel():
-                self._running += 1
-                try:
-                    job.future.set_result(engine.transcribe(job.audio, job.options))
-                except BaseException as e:  # the request thread reports it; this thread lives on
-                    job.future.set_exception(e)
-                finally:
-                    self._running -= 1
-            with self._lock:
-                self._pending -= 1
+            if not job.future.set_running_or_notify_cancel():
+                self._release(1, 0)
+                continue
+            if deadline is None:
+                deadline = job.enqueued_at + self.max_wait
+            batch.append(job)
+        return batch, False
+
+    def _execute(self, engine: Engine, batch: list[_Job]) -> None:
+        started = time.monotonic()
+        with self._lock:
+            self._running = len(batch)
+        if self.observer is not None:
+            try:
+                self.observer(len(batch), [started - job.enqueued_at for job in batch])
+            except Exception:  # noqa: BLE001 - metrics must never stop inference
+                log.exception("batch observer failed")
+        outcomes = _outcomes(engine, batch)
+        inference = time.monotonic() - started
+        self._release(len(batch), len(batch))
+        for job, (ok, value) in zip(batch, outcomes):
+            job.future.queue_seconds, job.future.inference_seconds = started - job.enqueued_at, inference
+            if ok:
+                job.future.set_result(value)
+            else:  # the request thread reports it; this thread lives on
+                job.future.set_exception(value)
+
+    def _release(self, jobs: int, running: int) -> None:
+        with self._lock:
+            self._pending -= jobs
+            self._running -= running
+
+
+def _outcomes(engine: Engine, batch: list[_Job]) -> list[tuple[bool, object]]:
+    """(True, transcript) or (False, exception) per job: one batched call, else one call per job."""
+    if len(batch) > 1:
+        try:
+            results = engine.transcribe_batch([job.audio for job in batch], [job.options for job in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"engine returned {len(results)} transcripts for {len(batch)} clips")
+            return [(True, result) for result in results]
+        except Exception:  # noqa: BLE001 - retried one by one below, so only a bad clip fails
+            log.warning("a batch of %d failed; retrying its clips one by one", len(batch), exc_info=True)
+    outcomes: list[tuple[bool, object]] = []
+    for job in batch:
+        try:
+            outcomes.append((True, engine.transcribe(job.audio, job.options)))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+            outcomes.append((False, e))
+    return outcomes
 
 
 def result_within(future: Future, timeout: float) -> Transcript:

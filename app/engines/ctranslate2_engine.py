@@ -1,6 +1,17 @@
-"""faster-whisper on CTranslate2: int8 on CPU, float16 on GPU."""
+"""faster-whisper on CTranslate2: int8 on CPU, float16 on GPU.
+
+One clip goes through faster-whisper's ``WhisperModel.transcribe``. Several clips at once
+(``transcribe_batch``, fed by the instance's dynamic batching) are decoded in lockstep: every round
+takes the current 30 s window of each unfinished clip, runs one batched encoder call and one batched
+beam search on the CTranslate2 model, and moves each clip's position on from its own timestamp
+tokens, exactly as faster-whisper's one-clip loop does with our fixed settings (temperature 0, no
+conditioning on previous text, no VAD, no word timestamps). So a batched transcript equals the
+one-by-one transcript; clips longer than a window simply take more rounds.
+"""
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -8,6 +19,14 @@ import numpy as np
 from app.engines.base import DecodeOptions, Segment, Transcript, SAMPLE_RATE
 
 _DEFAULT_COMPUTE = {"cpu": "int8", "cuda": "float16"}
+
+# faster-whisper's transcribe() defaults that shape decoding; the batched path applies the same.
+_MAX_LENGTH = 448                 # Whisper's text context, prompt included
+_TIME_PRECISION = 0.02            # seconds per timestamp token
+_INPUT_STRIDE = 2                 # mel frames per encoder position (= per timestamp token)
+_MAX_INITIAL_TIMESTAMP = 1.0      # the first timestamp may not be later than this
+_NO_SPEECH_THRESHOLD = 0.6        # a window is silence when no-speech is likelier than this ...
+_LOG_PROB_THRESHOLD = -1.0        # ... and the average log-probability of its tokens is below this
 
 
 class CTranslate2Engine:
@@ -22,6 +41,7 @@ class CTranslate2Engine:
         self.compute_type = compute_type
         self.multilingual = bool(model.model.is_multilingual)
         self.languages = frozenset(_LANGUAGE_CODES) if self.multilingual else frozenset({"en"})
+        self._suppress: tuple[int, ...] | None = None
 
     @classmethod
     def load(cls, model: str, device: str = "cpu", compute_type: str = "auto", cpu_threads: int = 0):
@@ -45,13 +65,170 @@ class CTranslate2Engine:
             vad_filter=False,
         )
         parts = [Segment(round(s.start, 3), round(s.end, 3), s.text.strip()) for s in segments]
-        return Transcript(
-            text=" ".join(p.text for p in parts if p.text),
-            language=info.language,
-            language_probability=round(float(info.language_probability), 4),
-            duration=len(audio) / SAMPLE_RATE,
-            segments=parts,
-        )
+        return _transcript(parts, info.language, info.language_probability, len(audio))
 
     def transcribe_batch(self, audios: Sequence[np.ndarray], options: Sequence[DecodeOptions]) -> list[Transcript]:
-        return [self.transcribe(a, o) for a, o in zip(audios, options)]
+        """One lockstep decode per group of clips that share task and beam size.
+
+        Sampling (temperature > 0) is not reproducible in a batch, so such clips go one by one.
+        """
+        if len(audios) != len(options):
+            raise ValueError(f"{len(audios)} audios but {len(options)} decode options")
+        results: list[Transcript | None] = [None] * len(audios)
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for i, option in enumerate(options):
+            if option.temperature == 0:
+                groups[(option.task, option.beam_size)].append(i)
+            else:
+                results[i] = self.transcribe(audios[i], option)
+        for (task, beam_size), indices in groups.items():
+            if len(indices) == 1:
+                results[indices[0]] = self.transcribe(audios[indices[0]], options[indices[0]])
+                continue
+            decoded = self._decode_lockstep([audios[i] for i in indices], [options[i] for i in indices],
+                                            task, beam_size)
+            for i, transcript in zip(indices, decoded):
+                results[i] = transcript
+        return results
+
+    # -- the batched decode ------------------------------------------------------------------------
+
+    def _decode_lockstep(self, audios: list[np.ndarray], options: list[DecodeOptions],
+                         task: str, beam_size: int) -> list[Transcript]:
+        from faster_whisper.tokenizer import Tokenizer
+
+        extractor = self._model.feature_extractor
+        clips = [_Clip(extractor(np.asarray(audio, dtype=np.float32)), len(audio)) for audio in audios]
+        languages = self._languages(clips, options)
+        for clip, (language, probability) in zip(clips, languages):
+            clip.language, clip.language_probability = language, probability
+            clip.tokenizer = Tokenizer(self._model.hf_tokenizer, self.multilingual, task=task, language=language)
+        window = extractor.nb_max_frames
+        while active := [c for c in clips if c.seek < c.content_frames]:
+            sizes = [min(window, c.content_frames - c.seek) for c in active]
+            encoded = self._encode([c.features[:, c.seek:c.seek + n] for c, n in zip(active, sizes)])
+            results = self._model.model.generate(
+                encoded,
+                [c.tokenizer.sot_sequence for c in active],  # no previous text: condition_on_previous_text off
+                beam_size=beam_size,
+                patience=1,
+                length_penalty=1,
+                repetition_penalty=1,
+                no_repeat_ngram_size=0,
+                max_length=_MAX_LENGTH,
+                return_scores=True,
+                return_no_speech_prob=True,
+                suppress_blank=True,
+                suppress_tokens=self._suppressed_tokens(active[0].tokenizer),
+                max_initial_timestamp_index=int(round(_MAX_INITIAL_TIMESTAMP / _TIME_PRECISION)),
+            )
+            for clip, size, result in zip(active, sizes, results):
+                self._advance(clip, size, result, extractor.time_per_frame)
+        return [_transcript(c.segments, c.language, c.language_probability, c.samples) for c in clips]
+
+    def _languages(self, clips: list[_Clip], options: list[DecodeOptions]) -> list[tuple[str, float]]:
+        """The requested language (probability 1), else the one detected on the clip's first 30 s."""
+        if not self.multilingual:
+            return [("en", 1.0)] * len(clips)
+        unknown = [i for i, o in enumerate(options) if o.language is None]
+        detected: dict[int, tuple[str, float]] = {}
+        if unknown:
+            window = self._model.feature_extractor.nb_max_frames
+            # The same input faster-whisper detects on: the first window's frames, padded to 30 s.
+            encoded = self._encode([clips[i].features[:, :window] for i in unknown])
+            for i, ranked in zip(unknown, self._model.model.detect_language(encoded)):
+                token, probability = ranked[0]
+                detected[i] = (token[2:-2], probability)
+        return [detected.get(i) or (o.language, 1.0) for i, o in enumerate(options)]
+
+    def _encode(self, windows: list[np.ndarray]):
+        import ctranslate2
+        from faster_whisper.audio import pad_or_trim
+
+        batch = np.ascontiguousarray(np.stack([pad_or_trim(w) for w in windows]))
+        return self._model.model.encode(ctranslate2.StorageView.from_array(batch), to_cpu=False)
+
+    def _advance(self, clip: _Clip, size: int, result, time_per_frame: float) -> None:
+        """Take one window's result: skip it as silence, or cut it into segments and move on."""
+        tokens = result.sequences_ids[0]
+        # The average log-probability faster-whisper recovers from the length-normalised score.
+        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+        if result.no_speech_prob > _NO_SPEECH_THRESHOLD and not avg_logprob > _LOG_PROB_THRESHOLD:
+            clip.seek += size
+            return
+        tokenizer = clip.tokenizer
+        time_offset = clip.seek * time_per_frame
+        pieces, seek = _split_by_timestamps(tokens, tokenizer.timestamp_begin, time_offset,
+                                            size, size * time_per_frame, clip.seek)
+        for start, end, piece in pieces:
+            text = tokenizer.decode(piece)
+            if start != end and text.strip():
+                clip.segments.append(Segment(round(start, 3), round(end, 3), text.strip()))
+        clip.seek = seek if seek > clip.seek else clip.seek + size  # never decode a window twice
+
+    def _suppressed_tokens(self, tokenizer) -> list[int]:
+        """faster-whisper's default ``suppress_tokens=[-1]``: non-speech symbols and the control tokens."""
+        if self._suppress is None:
+            self._suppress = tuple(sorted(set(tokenizer.non_speech_tokens) | {
+                tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
+                tokenizer.sot_lm, tokenizer.no_speech}))
+        return list(self._suppress)
+
+
+@dataclass
+class _Clip:
+    """One clip's state in a lockstep decode."""
+
+    features: np.ndarray          # log-mel, (n_mels, frames)
+    samples: int
+    seek: int = 0                 # the next mel frame to decode
+    language: str = "en"
+    language_probability: float = 1.0
+    tokenizer: object = None
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def content_frames(self) -> int:
+        return self.features.shape[-1] - 1  # the last frame comes from the extractor's own padding
+
+
+def _split_by_timestamps(tokens: list[int], timestamp_begin: int, time_offset: float, size: int,
+                         window_seconds: float, seek: int) -> tuple[list[tuple[float, float, list[int]]], int]:
+    """Cut one window's tokens into (start, end, tokens) at each pair of adjacent timestamp tokens;
+    return them and the mel frame the next window starts at.
+
+    A window that ends on a lone timestamp is complete: the next starts after it. Otherwise its last
+    segment is unfinished: it is dropped and the next window starts at the last timestamp.
+    """
+    def seconds(token: int) -> float:
+        return time_offset + (token - timestamp_begin) * _TIME_PRECISION
+
+    ends_complete = len(tokens) >= 2 and tokens[-2] < timestamp_begin <= tokens[-1]
+    cuts = [i for i in range(1, len(tokens)) if tokens[i] >= timestamp_begin and tokens[i - 1] >= timestamp_begin]
+    if not cuts:
+        # No pair of timestamps: one segment up to the last timestamp given, else the whole window.
+        duration = window_seconds
+        stamps = [t for t in tokens if t >= timestamp_begin]
+        if stamps and stamps[-1] != timestamp_begin:
+            duration = (stamps[-1] - timestamp_begin) * _TIME_PRECISION
+        return [(time_offset, time_offset + duration, tokens)], seek + size
+    if ends_complete:
+        cuts.append(len(tokens))
+    pieces, last = [], 0
+    for cut in cuts:
+        piece = tokens[last:cut]
+        pieces.append((seconds(piece[0]), seconds(piece[-1]), piece))
+        last = cut
+    if ends_complete:
+        return pieces, seek + size
+    return pieces, seek + (tokens[last - 1] - timestamp_begin) * _INPUT_STRIDE
+
+
+def _transcript(parts: list[Segment], language: str, probability: float, samples: int) -> Transcript:
+    return Transcript(
+        text=" ".join(p.text for p in parts if p.text),
+        language=language,
+        language_probability=round(float(probability), 4),
+        duration=samples / SAMPLE_RATE,
+        segments=parts,
+    )

@@ -1,0 +1,5 @@
+"""Throughput and latency benchmark: the served model (nginx + gunicorn instances, brought up with the
+real ``asrctl``) against the bare engine in a process pinned to the same cores.
+
+``python -m bench run`` (``--quick`` for a smoke run); results land in ``bench/results/<timestamp>/``.
+"""

@@ -1,0 +1,129 @@
+"""The bare engine: the same model, settings, clips, cores and threads as an instance, with no HTTP,
+no nginx, no gunicorn and no queue. It runs in a child process pinned the way an instance pins itself
+(``app.instance.pin_to_cores``), so the load generator's own threads stay unpinned."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+
+from bench.clips import Clip
+
+
+@dataclass
+class BareResult:
+    clip: str
+    audio_s: float
+    latency: float     # seconds inside engine.transcribe / transcribe_batch (share of the batch)
+    text: str
+
+
+class BareEngine:
+    """A pinned child process holding one engine; ask it to transcribe clips, one call at a time."""
+
+    def __init__(self, name: str, clips: list[Clip], cores: str, threads: int, engine: str, model: str,
+                 compute_type: str, beam_size: int, model_cache: str, max_audio_seconds: float):
+        self.name = name
+        self.cores, self.threads = cores, threads
+        self._index = {c.name: i for i, c in enumerate(clips)}
+        self._clips = clips
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve, name=f"bare-{name}", daemon=True, args=(
+            child, [c.data for c in clips], cores, threads, engine, model, compute_type, beam_size,
+            model_cache, max_audio_seconds))
+        self._process.start()
+        child.close()
+        reply = self._conn.recv()
+        if isinstance(reply, BaseException):
+            raise RuntimeError(f"bare engine {name} failed to load") from reply
+        self.load_seconds, self.decode_seconds = reply   # per clip: decode_audio() of its upload
+
+    def transcribe(self, clips: list[Clip], batch: int = 1) -> tuple[list[BareResult], float, float]:
+        """Transcribe ``clips`` back to back (in groups of ``batch``); return the results, the wall
+        seconds and the CPU seconds the child spent (all its threads)."""
+        self._conn.send(("run", [self._index[c.name] for c in clips], batch))
+        reply = self._conn.recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        latencies, texts, wall, cpu = reply
+        results = [BareResult(c.name, c.duration, lat, text) for c, lat, text in zip(clips, latencies, texts)]
+        return results, wall, cpu
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            try:
+                self._conn.send(("stop",))
+            except OSError:
+                pass
+            self._process.join(10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+        self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _serve(conn, datas, cores, threads, engine_name, model, compute_type, beam_size, model_cache, max_seconds):
+    """The child: pin, load, warm up exactly as an instance does, then answer requests until told to stop."""
+    try:
+        import numpy as np
+
+        from app.audio import decode_audio
+        from app.engines import load_engine
+        from app.engines.base import SAMPLE_RATE, DecodeOptions
+        from app.engines.models import resolve_model
+        from app.instance import pin_to_cores
+
+        from app.control.placement import parse_cores
+
+        t0 = time.monotonic()
+        # What asrctl puts in an instance's environment, then the instance's own pinning, before the
+        # engine loads: its threads inherit both.
+        os.environ["OMP_NUM_THREADS"] = str(len(parse_cores(cores)))
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        threads = pin_to_cores(cores, threads)
+        engine = load_engine(engine_name, resolve_model(engine_name, model, model_cache), "cpu", compute_type, threads)
+        options = DecodeOptions(beam_size=beam_size)
+        engine.transcribe(np.zeros(SAMPLE_RATE, np.float32), options)
+        samples, decode_seconds = [], []
+        for data in datas:
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                audio = decode_audio(data, max_seconds)
+                best = min(best, time.perf_counter() - start)
+            samples.append(audio.samples)
+            decode_seconds.append(best)
+        engine.transcribe(samples[0], options)  # warm as a served instance is after its first request
+        conn.send((time.monotonic() - t0, decode_seconds))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(e)
+        return
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            return
+        _, indices, batch = message
+        try:
+            latencies, texts = [], []
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            for i in range(0, len(indices), batch):
+                group = [samples[k] for k in indices[i:i + batch]]
+                start = time.perf_counter()
+                if len(group) == 1:
+                    transcripts = [engine.transcribe(group[0], options)]
+                else:
+                    transcripts = engine.transcribe_batch(group, [options] * len(group))
+                elapsed = time.perf_counter() - start
+                latencies += [elapsed] * len(group)
+                texts += [t.text for t in transcripts]
+            conn.send((latencies, texts, time.perf_counter() - wall0, time.process_time() - cpu0))
+        except BaseException as e:  # noqa: BLE001
+            conn.send(e)

@@ -1,0 +1,215 @@
+"""Dynamic batching: the queue gathers concurrent requests into one engine call, and a batched decode
+gives exactly the transcripts one-by-one decoding gives, with the real model on the real clips."""
+import importlib.util
+import threading
+import time
+from concurrent.futures import CancelledError
+
+import numpy as np
+import pytest
+
+from app.config import load_settings
+from app.engines import load_engine
+from app.engines.base import DecodeOptions, Transcript
+from app.engines.models import embedded_ct2_dir, resolve_model
+from app.queue import InferenceQueue, QueueFull
+from support import SHARED_AUDIO, english_set_a, read_16k_mono
+
+
+# -- the queue, with a scripted engine ------------------------------------------------------------
+
+class ScriptedEngine:
+    """Records every call; the first call can be held until released, so jobs pile up behind it."""
+
+    def __init__(self, hold_first: bool = False, bad: float | None = None):
+        self.calls: list[int] = []          # clips per call: 1 for transcribe, n for transcribe_batch
+        self.batched: list[int] = []        # sizes of transcribe_batch calls only
+        self.bad = bad                      # a clip whose first sample is this fails
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def _one(self, audio: np.ndarray) -> Transcript:
+        if self.bad is not None and audio[0] == self.bad:
+            raise ValueError("bad clip")
+        return Transcript(text=f"clip {audio[0]:g}", language="en", duration=len(audio) / 16000)
+
+    def transcribe(self, audio, options):
+        self.calls.append(1)
+        self.started.set()
+        self.release.wait(10)
+        return self._one(audio)
+
+    def transcribe_batch(self, audios, options):
+        self.calls.append(len(audios))
+        self.batched.append(len(audios))
+        self.started.set()
+        self.release.wait(10)
+        return [self._one(a) for a in audios]
+
+
+def clip(n: float) -> np.ndarray:
+    return np.full(1600, n, np.float32)
+
+
+@pytest.fixture
+def started_queue():
+    queues = []
+
+    def start(engine, **kwargs):
+        q = InferenceQueue(kwargs.pop("max_pending", 8), **kwargs)
+        q.start(engine)
+        queues.append(q)
+        return q
+
+    yield start
+    for q in queues:
+        q.stop()
+
+
+def test_jobs_submitted_together_run_as_one_batch(started_queue):
+    engine = ScriptedEngine(hold_first=True)
+    seen = []
+    q = started_queue(engine, max_batch=4, max_wait_ms=50, observer=lambda size, waits: seen.append((size, waits)))
+    first = q.submit(clip(0), DecodeOptions())
+    assert engine.started.wait(5)                 # the first job runs alone: nothing else was queued
+    others = [q.submit(clip(i), DecodeOptions()) for i in range(1, 6)]
+    assert q.pending == 6 and q.in_flight == 1 and q.waiting == 5
+    engine.release.set()
+    results = [f.result(10) for f in [first, *others]]
+    assert [r.text for r in results] == [f"clip {i}" for i in range(6)]  # each job gets its own answer
+    assert engine.calls == [1, 4, 1] and engine.batched == [4]
+    assert [size for size, _ in seen] == [1, 4, 1]
+    assert all(len(waits) == size and min(waits) >= 0 for size, waits in seen)
+    assert q.pending == 0 and q.in_flight == 0
+
+
+def test_a_lone_job_waits_at_most_max_wait(started_queue):
+    engine = ScriptedEngine()
+    q = started_queue(engine, max_batch=8, max_wait_ms=300)
+    t0 = time.monotonic()
+    assert q.submit(clip(1), DecodeOptions()).result(5).text == "clip 1"
+    assert time.monotonic() - t0 < 2
+    assert engine.calls == [1]
+    # Jobs arriving within the wait join the first one's batch.
+    futures = [q.submit(clip(2), DecodeOptions())]
+    time.sleep(0.005)
+    futures.append(q.submit(clip(3), DecodeOptions()))
+    assert [f.result(5).text for f in futures] == ["clip 2", "clip 3"]
+    assert engine.batched == [2]
+
+
+def test_max_batch_one_never_batches(started_queue):
+    engine = ScriptedEngine(hold_first=True)
+    q = started_queue(engine, max_batch=1, max_wait_ms=50)
+    futures = [q.submit(clip(i), DecodeOptions()) for i in range(4)]
+    engine.release.set()
+    assert [f.result(5).text for f in futures] == [f"clip {i}" for i in range(4)]
+    assert engine.calls == [1, 1, 1, 1] and engine.batched == []
+
+
+def test_a_bad_clip_fails_only_its_own_request(started_queue):
+    engine = ScriptedEngine(hold_first=True, bad=2)
+    q = started_queue(engine, max_batch=4, max_wait_ms=50)
+    first = q.submit(clip(0), DecodeOptions())
+    assert engine.started.wait(5)
+    futures = [q.submit(clip(i), DecodeOptions()) for i in (1, 2, 3)]
+    engine.release.set()
+    assert first.result(5).text == "clip 0"
+    assert futures[0].result(5).text == "clip 1" and futures[2].result(5).text == "clip 3"
+    with pytest.raises(ValueError, match="bad clip"):
+        futures[1].result(5)
+    assert engine.batched == [3]                  # the batch failed, then each clip ran alone
+    assert engine.calls == [1, 3, 1, 1, 1]
+    assert q.pending == 0
+
+
+def test_queue_full_is_refused_at_once(started_queue):
+    engine = ScriptedEngine(hold_first=True)
+    q = started_queue(engine, max_pending=3, max_batch=4, max_wait_ms=10)
+    assert q.max_batch == 3                        # a batch never holds more than the queue
+    futures = [q.submit(clip(i), DecodeOptions()) for i in range(3)]
+    t0 = time.monotonic()
+    with pytest.raises(QueueFull):
+        q.submit(clip(9), DecodeOptions())
+    assert time.monotonic() - t0 < 0.1
+    engine.release.set()
+    assert len([f.result(5) for f in futures]) == 3
+    assert q.submit(clip(4), DecodeOptions()).result(5).text == "clip 4"  # room again
+
+
+def test_cancelled_jobs_are_skipped_and_free_their_slot(started_queue):
+    engine = ScriptedEngine(hold_first=True)
+    q = started_queue(engine, max_pending=4, max_batch=4, max_wait_ms=10)
+    first = q.submit(clip(0), DecodeOptions())
+    assert engine.started.wait(5)
+    waiting = [q.submit(clip(i), DecodeOptions()) for i in (1, 2, 3)]
+    assert waiting[0].cancel() and waiting[2].cancel()   # requests that gave up before their turn
+    engine.release.set()
+    assert first.result(5).text == "clip 0" and waiting[1].result(5).text == "clip 2"
+    with pytest.raises(CancelledError):
+        waiting[0].result(0)
+    assert engine.calls == [1, 1]                  # the cancelled clips never reached the engine
+    assert q.pending == 0
+
+
+def test_batch_metrics_reach_prometheus(started_queue):
+    from types import SimpleNamespace
+
+    from flask import Flask
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from app import metrics
+
+    engine = ScriptedEngine(hold_first=True)
+    q = started_queue(engine, max_batch=4, max_wait_ms=10)
+    instance = SimpleNamespace(queue=q, device="cpu", ready=True, load_seconds=1.0, requests_in_flight=0)
+    app = Flask(__name__)
+    metrics.init_app(app, instance)
+    futures = [q.submit(clip(0), DecodeOptions())]
+    assert engine.started.wait(5)
+    futures += [q.submit(clip(i), DecodeOptions()) for i in (1, 2, 3)]
+    engine.release.set()
+    [f.result(5) for f in futures]
+    samples = {s.name: s.value for family in text_string_to_metric_families(app.test_client().get("/metrics").text)
+               for s in family.samples if not s.labels}
+    assert samples["asr_batch_size_count"] == 2 and samples["asr_batch_size_sum"] == 4
+    assert samples["asr_queue_wait_seconds_count"] == 4 and samples["asr_queue_wait_seconds_sum"] >= 0
+
+
+def test_batch_size_setting_is_chosen_per_device():
+    settings = load_settings(env={})
+    assert settings.batch_size("cpu") == 1 and settings.batch_size("cuda") == 8
+    explicit = load_settings(env={"ASR_MAX_BATCH": "4", "ASR_MAX_WAIT_MS": "5"})
+    assert explicit.batch_size("cpu") == 4 and explicit.max_wait_ms == 5
+    assert load_settings(env={"ASR_MAX_BATCH": "32"}).batch_size("cuda") == 8  # capped by max_queue
+
+
+# -- the real engines: batched transcripts equal one-by-one transcripts ---------------------------
+
+@pytest.fixture(scope="module")
+def set_a():
+    return [read_16k_mono(SHARED_AUDIO / r["file"]) for r in english_set_a()]
+
+
+def test_ctranslate2_batched_equals_one_by_one(set_a):
+    engine = load_engine("ctranslate2", str(embedded_ct2_dir()), "cpu", "int8", cpu_threads=1)
+    # Set A, plus one clip longer than a 30 s window: it takes more lockstep rounds than the others.
+    clips = [*set_a, np.concatenate([set_a[0], set_a[6]])]
+    options = [DecodeOptions(beam_size=5)] * len(clips)
+    one_by_one = [engine.transcribe(a, o) for a, o in zip(clips, options)]
+    batched = engine.transcribe_batch(clips, options)
+    assert batched == one_by_one                    # text, segments, times, language: all of it
+    assert all(t.text for t in batched) and len(batched[-1].segments) > len(batched[0].segments)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("app.engines.transformers_engine") is None,
+                    reason="no transformers engine")
+def test_transformers_batched_equals_one_by_one(set_a, model_cache):
+    model = resolve_model("transformers", "embedded", model_cache)
+    engine = load_engine("transformers", model, "cpu", "float32", cpu_threads=1)
+    clips = sorted(set_a, key=len)[:3]              # the shortest: torch beam search on CPU is slow
+    options = [DecodeOptions(beam_size=5)] * len(clips)
+    one_by_one = [engine.transcribe(a, o) for a, o in zip(clips, options)]
+    assert engine.transcribe_batch(clips, options) == one_by_one
