@@ -13,7 +13,7 @@ from app.config import Settings, load_settings
 
 
 def create_app(settings: Settings | None = None, *, load_in_background: bool = True) -> Flask:
-    from app import api, errors, logs, metrics, probes
+    from app import api, errors, logs, metrics, openai_api, probes
     from app.instance import ModelInstance
 
     settings = settings or load_settings()
@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
     logs.init_app(app, inst)
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)
+    app.register_blueprint(openai_api.bp)
 
     @app.before_request
     def _request_id():

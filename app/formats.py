@@ -1,24 +1,150 @@
-"""Turn a transcript into what the client asked for."""
+"""Turn a transcript into what the client asked for: JSON, plain text, SRT, WebVTT or TSV.
+
+The subtitle writers follow whisper's own CLI writers: SRT cues numbered from 1 with
+``HH:MM:SS,mmm`` times, WebVTT with a ``WEBVTT`` header and ``HH:MM:SS.mmm`` times, TSV as
+``start<TAB>end<TAB>text`` in integer milliseconds.
+"""
 from __future__ import annotations
+
+import zlib
 
 from flask import Response, jsonify
 
-from app.engines.base import Transcript
+from app.engines.base import Segment, Transcript
 
-OUTPUTS = ("json", "txt")
+OUTPUTS = ("json", "txt", "srt", "vtt", "tsv")
+
+CONTENT_TYPES = {
+    "txt": "text/plain; charset=utf-8",
+    "srt": "application/x-subrip; charset=utf-8",
+    "vtt": "text/vtt; charset=utf-8",
+    "tsv": "text/tab-separated-values; charset=utf-8",
+}
+
+# Whisper's language names, as OpenAI's verbose_json reports them ("english", not "en").
+LANGUAGE_NAMES = {
+    'en': 'english', 'zh': 'chinese', 'de': 'german', 'es': 'spanish', 'ru': 'russian', 'ko': 'korean',
+    'fr': 'french', 'ja': 'japanese', 'pt': 'portuguese', 'tr': 'turkish', 'pl': 'polish', 'ca': 'catalan',
+    'nl': 'dutch', 'ar': 'arabic', 'sv': 'swedish', 'it': 'italian', 'id': 'indonesian', 'hi': 'hindi',
+    'fi': 'finnish', 'vi': 'vietnamese', 'he': 'hebrew', 'uk': 'ukrainian', 'el': 'greek', 'ms': 'malay',
+    'cs': 'czech', 'ro': 'romanian', 'da': 'danish', 'hu': 'hungarian', 'ta': 'tamil', 'no': 'norwegian',
+    'th': 'thai', 'ur': 'urdu', 'hr': 'croatian', 'bg': 'bulgarian', 'lt': 'lithuanian', 'la': 'latin',
+    'mi': 'maori', 'ml': 'malayalam', 'cy': 'welsh', 'sk': 'slovak', 'te': 'telugu', 'fa': 'persian',
+    'lv': 'latvian', 'bn': 'bengali', 'sr': 'serbian', 'az': 'azerbaijani', 'sl': 'slovenian', 'kn': 'kannada',
+    'et': 'estonian', 'mk': 'macedonian', 'br': 'breton', 'eu': 'basque', 'is': 'icelandic', 'hy': 'armenian',
+    'ne': 'nepali', 'mn': 'mongolian', 'bs': 'bosnian', 'kk': 'kazakh', 'sq': 'albanian', 'sw': 'swahili',
+    'gl': 'galician', 'mr': 'marathi', 'pa': 'punjabi', 'si': 'sinhala', 'km': 'khmer', 'sn': 'shona',
+    'yo': 'yoruba', 'so': 'somali', 'af': 'afrikaans', 'oc': 'occitan', 'ka': 'georgian', 'be': 'belarusian',
+    'tg': 'tajik', 'sd': 'sindhi', 'gu': 'gujarati', 'am': 'amharic', 'yi': 'yiddish', 'lo': 'lao',
+    'uz': 'uzbek', 'fo': 'faroese', 'ht': 'haitian creole', 'ps': 'pashto', 'tk': 'turkmen', 'nn': 'nynorsk',
+    'mt': 'maltese', 'sa': 'sanskrit', 'lb': 'luxembourgish', 'my': 'myanmar', 'bo': 'tibetan',
+    'tl': 'tagalog', 'mg': 'malagasy', 'as': 'assamese', 'tt': 'tatar', 'haw': 'hawaiian', 'ln': 'lingala',
+    'ha': 'hausa', 'ba': 'bashkir', 'jw': 'javanese', 'su': 'sundanese', 'yue': 'cantonese',
+}
 
 
 def render(transcript: Transcript, output: str, extra: dict) -> Response:
-    if output == "txt":
-        return Response(transcript.text + "\n", mimetype="text/plain")
-    return jsonify(
-        text=transcript.text,
-        language=transcript.language,
-        language_probability=transcript.language_probability,
-        duration=round(transcript.duration, 3),
-        segments=[
-            {"id": i, "start": s.start, "end": s.end, "text": s.text}
-            for i, s in enumerate(transcript.segments)
+    """The /asr response for ``output`` (one of OUTPUTS)."""
+    if output == "json":
+        return jsonify(
+            text=transcript.text,
+            language=transcript.language,
+            language_probability=transcript.language_probability,
+            duration=round(transcript.duration, 3),
+            segments=[
+                {"id": i, "start": s.start, "end": s.end, "text": s.text}
+                for i, s in enumerate(segments(transcript))
+            ],
+            **extra,
+        )
+    return text_response(WRITERS[output](transcript), output)
+
+
+def text_response(body: str, output: str) -> Response:
+    return Response(body, content_type=CONTENT_TYPES[output])
+
+
+def to_txt(transcript: Transcript) -> str:
+    return transcript.text + "\n"
+
+
+def to_srt(transcript: Transcript) -> str:
+    cues = [f"{i}\n{srt_time(s.start)} --> {srt_time(s.end)}\n{_cue_text(s)}\n"
+            for i, s in enumerate(_timed(transcript), start=1)]
+    return "\n".join(cues)
+
+
+def to_vtt(transcript: Transcript) -> str:
+    cues = [f"{vtt_time(s.start)} --> {vtt_time(s.end)}\n{_cue_text(s)}\n" for s in _timed(transcript)]
+    return "WEBVTT\n\n" + "\n".join(cues)
+
+
+def to_tsv(transcript: Transcript) -> str:
+    rows = ["start\tend\ttext"]
+    rows += [f"{round(s.start * 1000)}\t{round(s.end * 1000)}\t{s.text.strip().replace(chr(9), ' ')}"
+             for s in segments(transcript)]
+    return "\n".join(rows) + "\n"
+
+
+WRITERS = {"txt": to_txt, "srt": to_srt, "vtt": to_vtt, "tsv": to_tsv}
+
+
+def srt_time(seconds: float) -> str:
+    return _clock(seconds, ",")
+
+
+def vtt_time(seconds: float) -> str:
+    return _clock(seconds, ".")
+
+
+def _clock(seconds: float, decimal_marker: str) -> str:
+    ms = max(0, round(seconds * 1000))
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal_marker}{ms:03d}"
+
+
+def segments(transcript: Transcript) -> list[Segment]:
+    """The segments with their times clamped to the audio: Whisper's last timestamp token can lie
+    past the end of a short clip (7.0 s on a 6.0 s one), and no cue should."""
+    end_of_audio = round(transcript.duration, 3)
+    clamped = []
+    for s in transcript.segments:
+        end = min(s.end, end_of_audio)
+        clamped.append(Segment(min(s.start, end), end, s.text))
+    return clamped
+
+
+def _timed(transcript: Transcript) -> list[Segment]:
+    """Segments worth a cue: with text (an empty cue ends a subtitle block early in most players)."""
+    return [s for s in segments(transcript) if s.text.strip()]
+
+
+def _cue_text(segment: Segment) -> str:
+    # "-->" inside a cue would read as a timing line; whisper's writers do the same replacement.
+    return segment.text.strip().replace("-->", "->")
+
+
+def compression_ratio(text: str) -> float:
+    """Whisper's gzip compression ratio of a segment's text (over 2.4 suggests repetition)."""
+    data = text.encode("utf-8")
+    return round(len(data) / len(zlib.compress(data)), 4) if data else 0.0
+
+
+def openai_verbose(transcript: Transcript, task: str, temperature: float) -> dict:
+    """OpenAI's verbose_json. The engines report neither tokens nor log probabilities per segment:
+    ``tokens`` is empty and ``avg_logprob``/``no_speech_prob`` are 0.0 (OpenAI's schema requires
+    numbers); ``compression_ratio`` is computed from the text as whisper does."""
+    return {
+        "task": task,
+        "language": LANGUAGE_NAMES.get(transcript.language, transcript.language),
+        "duration": round(transcript.duration, 3),
+        "text": transcript.text,
+        "segments": [
+            {"id": i, "seek": 0, "start": s.start, "end": s.end, "text": s.text, "tokens": [],
+             "temperature": temperature, "avg_logprob": 0.0, "compression_ratio": compression_ratio(s.text),
+             "no_speech_prob": 0.0}
+            for i, s in enumerate(segments(transcript))
         ],
-        **extra,
-    )
+    }

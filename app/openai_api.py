@@ -1,0 +1,116 @@
+"""OpenAI-compatible audio endpoints: ``POST /v1/audio/transcriptions`` and ``/v1/audio/translations``.
+
+Same pipeline as /asr (``api.transcribe_audio``), OpenAI's request fields and response formats, and
+errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}`` with this service's
+status codes (400, 413, 415, 422, 503...). ``model`` may be any name: an instance serves one model,
+and its configured name (possibly a path) is never echoed.
+"""
+from __future__ import annotations
+
+import math
+
+from flask import Blueprint, Response, g, jsonify
+from werkzeug.exceptions import HTTPException
+
+from app import api, formats
+from app.engines.base import DecodeOptions, Transcript
+from app.errors import ApiError
+
+bp = Blueprint("openai", __name__, url_prefix="/v1/audio")
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = "timestamp_granularities[]"
+_COMMON = ("model", "prompt", "response_format", "temperature")
+TRANSCRIPTION_PARAMS = _COMMON + ("language", GRANULARITIES, "timestamp_granularities")
+TRANSLATION_PARAMS = _COMMON
+# OpenAI fields not implemented yet; the value that asks for nothing extra is accepted.
+NOT_YET = {"stream": "false"}
+_FORMAT_OUTPUT = {"text": "txt", "srt": "srt", "vtt": "vtt"}
+
+
+@bp.post("/transcriptions")
+def transcriptions():
+    return _serve("transcribe")
+
+
+@bp.post("/translations")
+def translations():
+    return _serve("translate")
+
+
+def _serve(task: str):
+    inst = api.instance()
+    with inst.track_request():
+        api.check_names(TRANSCRIPTION_PARAMS if task == "transcribe" else TRANSLATION_PARAMS, NOT_YET,
+                        ignore=("file",))
+        response_format = api.choice("response_format", RESPONSE_FORMATS, "json")
+        temperature = api.number("temperature", 0.0, 1.0, 0.0)
+        if api.param("prompt"):
+            raise api.ParamError("prompt", "not supported yet by this service (send it empty or leave it out)")
+        if task == "transcribe":
+            _granularities()
+        data = api.read_upload(fields=("file",), raw_body=False)
+        api.require_ready(inst)
+        if task == "translate":
+            api.checked_task(inst, task, "model")
+            language = None
+        else:
+            language = api.language(inst, api.param("language"))
+        options = DecodeOptions(language=language, task=task, beam_size=inst.settings.beam_size,
+                                temperature=temperature)
+        transcript, future = api.transcribe_audio(inst, data, options)
+        response = _render(transcript, response_format, task, temperature)
+        api.add_server_timing(response, future)
+        return response
+
+
+def _granularities() -> None:
+    from flask import request
+
+    values = request.form.getlist(GRANULARITIES) + request.form.getlist("timestamp_granularities")
+    values += request.args.getlist(GRANULARITIES) + request.args.getlist("timestamp_granularities")
+    for value in values:
+        if value == "word":
+            raise api.ParamError(GRANULARITIES, "word timestamps are not supported yet by this service")
+        if value != "segment":
+            raise api.ParamError(GRANULARITIES, f"must be segment or word, not {value[:40]!r}")
+
+
+def _render(transcript: Transcript, response_format: str, task: str, temperature: float) -> Response:
+    if response_format == "json":
+        return jsonify(text=transcript.text, usage=_usage(transcript))
+    if response_format == "verbose_json":
+        return jsonify(**formats.openai_verbose(transcript, task, temperature), usage=_usage(transcript))
+    output = _FORMAT_OUTPUT[response_format]
+    return formats.text_response(formats.WRITERS[output](transcript), output)
+
+
+def _usage(transcript: Transcript) -> dict:
+    return {"type": "duration", "seconds": math.ceil(transcript.duration)}
+
+
+# Errors in OpenAI's shape, for these routes only ---------------------------------------------------
+
+def _openai_error(status: int, code: str, message: str, param: str | None, headers: dict | None = None):
+    g.error_code = code  # for the request's log line
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    response = jsonify(error={"message": message, "type": kind, "param": param, "code": code})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+@bp.errorhandler(ApiError)
+def _api_error(e: ApiError):
+    param = getattr(e, "param", None)
+    if param is None and e.code in ("missing_audio", "empty_audio", "multiple_files", "unsupported_media_type",
+                                    "undecodable_audio", "audio_too_short", "audio_too_long", "invalid_samples",
+                                    "unsupported_sample_rate", "unsupported_channels"):
+        param = "file"
+    return _openai_error(e.status, e.code, e.message, param, e.headers)
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(e: HTTPException):
+    code = (e.name or "error").lower().replace(" ", "_")
+    return _openai_error(e.code or 500, code, e.description or e.name, None)
