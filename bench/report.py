@@ -121,12 +121,7 @@ def plot(out: Path, result: dict) -> list[str]:
         ax.set_ylabel("latency (ms)")
         ax.set_xticks(xs)
         ax.set_title(f"Latency vs concurrency: {sweep[0]['service']}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "latency_vs_concurrency.png", dpi=120)
-        plt.close(fig)
-        files.append("latency_vs_concurrency.png")
+        files.append(_save(fig, ax, out, "latency_vs_concurrency.png"))
     scaling = sorted((r for r in result["runs"] if r.get("series") == "instances"), key=lambda r: r["instances"])
     if scaling:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -144,12 +139,7 @@ def plot(out: Path, result: dict) -> list[str]:
         ax.set_xticks(xs)
         ax.set_ylim(bottom=0)
         ax.set_title("Throughput vs instances")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "throughput_vs_instances.png", dpi=120)
-        plt.close(fig)
-        files.append("throughput_vs_instances.png")
+        files.append(_save(fig, ax, out, "throughput_vs_instances.png"))
     return files
 
 
@@ -194,3 +184,14 @@ def _r(x) -> float:
 
 def _f(x) -> str:
     return "-" if x is None else f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
+
+
+def _save(fig, ax, out, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+    return name

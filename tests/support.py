@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ import numpy as np
 import requests
 import soundfile
 import soxr
+
+from bench.service import free_ports  # noqa: F401  (the bench and the tests pick ports alike)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_AUDIO = Path(os.environ.get("ASR_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
@@ -81,28 +82,6 @@ def wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
     buf = io.BytesIO()
     soundfile.write(buf, samples, rate, format="WAV", subtype=subtype)
     return buf.getvalue()
-
-
-def free_ports(count: int) -> list[int]:
-    """Free loopback ports, consecutive so they can serve as base_port..base_port+N-1."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65000:
-            continue
-        if all(_port_free(base + i) for i in range(count)):
-            return [base + i for i in range(count)]
-    raise RuntimeError("no free port range")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 @dataclass
