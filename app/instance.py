@@ -19,6 +19,7 @@ from app.engines import load_engine
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Engine
 from app.engines.models import display_name, resolve_model
 from app.queue import InferenceQueue
+from app.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class ModelInstance:
             return
         self.load_seconds = time.monotonic() - t0
         self.queue.start(self.engine)
+        # A batch may hold max_batch clips of the longest allowed length.
+        Watchdog(self.queue, s.max_inference_seconds * self.queue.max_batch).start()
         self.state = READY
         log.info("model %s loaded on %s in %.1f s", self.model_name, self.device, self.load_seconds)
 

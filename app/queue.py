@@ -62,6 +62,7 @@ class InferenceQueue:
         self._lock = threading.Lock()
         self._pending = 0          # waiting + running
         self._running = 0
+        self.busy_since: float | None = None  # monotonic start of the engine call in progress
         self._thread: threading.Thread | None = None
 
     @property
@@ -131,6 +132,7 @@ class InferenceQueue:
         started = time.monotonic()
         with self._lock:
             self._running = len(batch)
+            self.busy_since = started
         if self.observer is not None:
             try:
                 self.observer(len(batch), [started - job.enqueued_at for job in batch])
@@ -138,6 +140,7 @@ class InferenceQueue:
                 log.exception("batch observer failed")
         outcomes = _outcomes(engine, batch)
         inference = time.monotonic() - started
+        self.busy_since = None
         self._release(len(batch), len(batch))
         for job, (ok, value) in zip(batch, outcomes):
             job.future.queue_seconds, job.future.inference_seconds = started - job.enqueued_at, inference
