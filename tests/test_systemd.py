@@ -195,9 +195,13 @@ def test_gpu_devices_stay_visible_unless_the_device_is_cpu():
 
 
 def test_relative_paths_are_taken_from_the_checkout():
+    # A checkout where a service would live (this test's own clone may sit under /tmp, which the
+    # unit's PrivateTmp hides, so the renderer rightly refuses that one).
+    checkout = Path("/srv/asr-service")
     unit = _parse(render_unit(load_settings(env={}, overrides={"run_dir": "run", "model_cache": MODEL_CACHE}),
-                              "asr", REPO, bin_dir=BIN))
-    assert unit["Service"]["ReadWritePaths"][0] == str(REPO / "run")
+                              "asr", checkout, bin_dir=BIN))
+    assert unit["Service"]["ReadWritePaths"][0] == str(checkout / "run")
+    assert unit["Service"]["WorkingDirectory"][0] == str(checkout)
 
 
 @pytest.mark.parametrize("setting", ["run_dir", "model_cache"])
