@@ -3,6 +3,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -90,7 +91,7 @@ def test_api_keys_rate_limit_and_request_logs(tmp_path):
         service.asrctl("down")
 
 
-def _config(tmp_path, **values) -> "Path":  # noqa: F821
+def _config(tmp_path, **values) -> Path:
     path = tmp_path / "asr-test.toml"
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
     return path

@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import pytest
-import requests
 
 from support import BIN, SteadyLoad, bring_up, clip_bytes, english_set_a
 

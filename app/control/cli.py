@@ -17,7 +17,7 @@ import requests
 
 from app.config import ConfigError, Settings, load_settings
 from app.control import nginx
-from app.control.actuator import ActuationError, Actuator, get_json, least_loaded, wait_ready
+from app.control.actuator import ActuationError, Actuator, get_json, wait_ready
 from app.control.paths import RunPaths
 from app.control.placement import detect_gpus
 from app.control.pool import Pool
