@@ -5,6 +5,7 @@ with their own settings.
 """
 from __future__ import annotations
 
+import time
 import uuid
 
 from flask import Flask, g, request
@@ -26,16 +27,19 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
 
     inst = ModelInstance(settings)
     app.extensions["asr_instance"] = inst
+
+    # First of all hooks: the request's id and start time, which metrics, logs and answers share.
+    @app.before_request
+    def _begin():
+        g.request_started = time.monotonic()
+        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+
     errors.init_app(app)
     metrics.init_app(app, inst)
     logs.init_app(app, inst)
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)
     app.register_blueprint(openai_api.bp)
-
-    @app.before_request
-    def _request_id():
-        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
 
     @app.after_request
     def _echo_request_id(response):

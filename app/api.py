@@ -52,7 +52,6 @@ def asr():
 
 
 def _asr(inst: ModelInstance):
-    started = time.monotonic()
     check_names(ASR_PARAMS, ASR_NOT_YET, ignore=UPLOAD_FIELDS)
     output = choice("output", formats.OUTPUTS, "json")
     task = choice("task", TASKS, "transcribe")
@@ -68,7 +67,7 @@ def _asr(inst: ModelInstance):
         "engine": inst.settings.engine,
         "instance": inst.id,
         "device": inst.device,
-        "processing_time": round(time.monotonic() - started, 4),
+        "processing_time": round(time.monotonic() - g.request_started, 4),
         "request_id": g.request_id,
     })
     add_server_timing(response, future)
@@ -78,8 +77,10 @@ def _asr(inst: ModelInstance):
 # The shared pipeline ---------------------------------------------------------------------------
 
 def transcribe_audio(inst: ModelInstance, data: bytes, options: DecodeOptions) -> tuple[Transcript, JobFuture]:
-    """Decode the upload, queue it for the model and wait for its transcript."""
-    require_ready(inst)
+    """Decode the upload, queue it for the model and wait for its transcript.
+
+    Callers have already called ``require_ready``: validating the language needs the loaded engine.
+    """
     audio = decode_audio(data, inst.settings.max_audio_seconds)
     g.audio_seconds = round(audio.duration, 3)
     try:

@@ -42,10 +42,6 @@ def configure() -> None:
 def init_app(app: Flask, instance) -> None:
     log = logging.getLogger("asr.request")
 
-    @app.before_request
-    def _start():
-        g.log_start = time.monotonic()
-
     @app.after_request
     def _log(response):
         path = request.url_rule.rule if request.url_rule else request.path
@@ -57,7 +53,7 @@ def init_app(app: Flask, instance) -> None:
             "method": request.method,
             "path": path,
             "status": response.status_code,
-            "latency_ms": round((time.monotonic() - g.log_start) * 1000, 1),
+            "latency_ms": round((time.monotonic() - g.request_started) * 1000, 1),
             "audio_seconds": g.get("audio_seconds"),
             "bytes_in": request.content_length,
             "client": request.headers.get("X-Real-IP") or request.remote_addr,

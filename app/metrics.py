@@ -89,15 +89,11 @@ def init_app(app: Flask, instance) -> None:
     registry.register(InstanceCollector(instance))
     app.extensions["asr_metrics"] = {"audio_seconds": audio_seconds}
 
-    @app.before_request
-    def _start():
-        g.metrics_start = time.monotonic()
-
     @app.after_request
     def _record(response):
         route = request.url_rule.rule if request.url_rule else "unmatched"
         requests_total.labels(route, str(response.status_code)).inc()
-        latency.labels(route).observe(time.monotonic() - g.metrics_start)
+        latency.labels(route).observe(time.monotonic() - g.request_started)
         return response
 
     @app.get("/metrics")
