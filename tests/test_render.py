@@ -89,3 +89,10 @@ def test_rerender_with_fewer_instances_removes_their_programs(settings):
     paths = render_all(smaller, plan_instances(smaller, gpus=[]))
     assert sorted(p.name for p in paths.programs.glob("*.conf")) == ["asr-19100.conf", "nginx.conf"]
     assert "19101" not in paths.nginx_conf.read_text()
+
+
+def test_without_operator_weights_nginx_weights_follow_capacity(settings):
+    gpus = [GpuInfo(0, "H100", 80_000, 70_000), GpuInfo(1, "L4", 24_000, 20_000)]
+    unweighted = load_settings(env={}, overrides={**vars(settings), "weights": "", "instances": 2, "gpu_map": "0,1"})
+    assert [i.weight for i in plan_instances(unweighted, gpus)] == [10, 3]  # by the cards' memory
+    assert [i.weight for i in plan_instances(settings, gpus)] == [2, 1, 1]  # the operator's, as given

@@ -16,9 +16,9 @@ import requests
 from app.config import Settings
 from app.control import nginx
 from app.control.paths import RunPaths
-from app.control.placement import GpuInfo, available_cores, capacity_weights, place_one
+from app.control.placement import GpuInfo, available_cores, place_one
 from app.control.pool import Pool
-from app.control.render import InstanceSpec, render_all
+from app.control.render import InstanceSpec, instance_weights, render_all
 from app.control.supervisor import SupervisorClient
 
 
@@ -109,10 +109,7 @@ class Actuator:
                      "stopping gracefully anyway (gunicorn finishes them within its graceful timeout)")
 
     def _reweigh(self, pool: Pool) -> None:
-        if self.settings.weights:  # the operator's weights, by position, repeating
-            pool.with_weights(_repeat(self.settings.weight_list(), len(pool.instances)))
-        else:
-            pool.with_weights(capacity_weights([i.placement for i in pool.instances], self.gpus))
+        pool.with_weights(instance_weights(self.settings, [i.placement for i in pool.instances], self.gpus))
 
 
 def least_loaded(pool: Pool) -> str:
@@ -178,7 +175,3 @@ def log_tail(client: SupervisorClient, name: str, length: int = 3000) -> str:
         return text.strip()
     except Exception as e:  # noqa: BLE001 - the log is a courtesy; the failure itself is the message
         return f"(log unavailable: {e})"
-
-
-def _repeat(items: list[int], n: int) -> list[int]:
-    return [items[i % len(items)] for i in range(n)]

@@ -13,7 +13,7 @@ import jinja2
 from app.config import Settings
 from app.control.paths import RunPaths
 from app.control.placement import (
-    GpuInfo, Placement, available_cores, format_cores, plan_placement, resolve_device,
+    GpuInfo, Placement, available_cores, capacity_weights, format_cores, plan_placement, resolve_device,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,10 +56,22 @@ def plan_instances(settings: Settings, gpus: list[GpuInfo], cores: list[int] | N
     device = resolve_device(settings.device, gpus)
     placements = plan_placement(settings.instances, device, gpus, cores or available_cores(),
                                 gpu_map=settings.gpu_list(), cpu_threads=settings.cpu_threads)
+    weights = instance_weights(settings, placements, gpus)
     return [
         InstanceSpec(instance_name(port), port, weight, placement)
-        for port, weight, placement in zip(settings.ports(), settings.weight_list(), placements)
+        for port, weight, placement in zip(settings.ports(), weights, placements)
     ]
+
+
+def instance_weights(settings: Settings, placements: list[Placement], gpus: list[GpuInfo]) -> list[int]:
+    """nginx weights: the operator's ``weights`` by position (repeating), else each instance's capacity.
+
+    The one rule for ``asrctl up`` and for every re-render after a scale or restart.
+    """
+    if settings.weights:
+        given = settings.weight_list()
+        return [given[i % len(given)] for i in range(len(placements))]
+    return capacity_weights(placements, gpus)
 
 
 def nginx_binary() -> str:
