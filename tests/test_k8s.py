@@ -442,13 +442,13 @@ def test_adapter_rule_serves_the_hpa_metric(objects):
         assert "<<.GroupBy>>" in served[name]["metricsQuery"]
 
 
-def exported_metrics(tmp_path, monkeypatch, objects) -> dict[str, str]:
-    """name -> type from the app's /metrics, for an instance built with the CPU variant's config."""
+def exported_metrics(tmp_path, objects) -> dict[str, str]:
+    """name -> type from the app's /metrics, for an instance built with the CPU variant's config and
+    its real model (the embedded tiny.en loads in about a second)."""
     from app import create_app
-    from app.instance import ModelInstance
 
-    monkeypatch.setattr(ModelInstance, "start_loading", lambda self: None)  # no model needed
-    flask_app = create_app(pod_settings(objects["cpu"], tmp_path))
+    flask_app = create_app(pod_settings(objects["cpu"], tmp_path), load_in_background=False)
+    assert flask_app.extensions["asr_instance"].ready
     response = flask_app.test_client().get("/metrics")
     assert response.status_code == 200
     types = {}
@@ -459,8 +459,8 @@ def exported_metrics(tmp_path, monkeypatch, objects) -> dict[str, str]:
     return types
 
 
-def test_autoscaling_metrics_are_what_the_app_exports(objects, tmp_path, monkeypatch):
-    exported = exported_metrics(tmp_path, monkeypatch, objects)
+def test_autoscaling_metrics_are_what_the_app_exports(objects, tmp_path):
+    exported = exported_metrics(tmp_path, objects)
     for name, kind in METRICS_CONTRACT.items():
         # prometheus_client names a counter family with or without its _total suffix by version.
         found = exported.get(name) or exported.get(name.removesuffix("_total"))
