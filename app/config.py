@@ -8,7 +8,6 @@ environment.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -136,10 +135,6 @@ class Settings:
     def drain_seconds(self) -> float:
         return self.drain_timeout_seconds or self.request_timeout_seconds
 
-    @property
-    def run_path(self) -> Path:
-        return Path(self.run_dir).resolve()
-
     def ports(self) -> list[int]:
         return [self.base_port + i for i in range(self.instances)]
 
@@ -227,12 +222,6 @@ def validate(s: Settings) -> None:
     if any(w < 1 for w in s.weight_list()):
         raise ConfigError("weights must be at least 1")
     s.gpu_list()  # raises on a malformed map
-
-
-def replace(settings: Settings, **changes: Any) -> Settings:
-    new = dataclasses.replace(settings, **changes)
-    validate(new)
-    return new
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
