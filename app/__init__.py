@@ -5,16 +5,14 @@ with their own settings.
 """
 from __future__ import annotations
 
-import time
-import uuid
 
-from flask import Flask, g, request
+from flask import Flask, g
 
 from app.config import Settings, load_settings
 
 
 def create_app(settings: Settings | None = None, *, load_in_background: bool = True) -> Flask:
-    from app import api, errors, logs, metrics, openai_api, probes
+    from app import api, context, errors, logs, metrics, openai_api, probes
     from app.instance import ModelInstance
 
     settings = settings or load_settings()
@@ -28,12 +26,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
     inst = ModelInstance(settings)
     app.extensions["asr_instance"] = inst
 
-    # First of all hooks: the request's id and start time, which metrics, logs and answers share.
-    @app.before_request
-    def _begin():
-        g.request_started = time.monotonic()
-        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-
+    context.init_app(app)  # first: the request id and start time the other hooks read
     errors.init_app(app)
     metrics.init_app(app, inst)
     logs.init_app(app, inst)

@@ -12,6 +12,8 @@ import time
 
 from flask import Flask, g, request
 
+from app import context
+
 _PROBES = {"/health", "/ready", "/metrics"}
 
 
@@ -40,6 +42,7 @@ def configure() -> None:
 
 
 def init_app(app: Flask, instance) -> None:
+    context.init_app(app)
     log = logging.getLogger("asr.request")
 
     @app.after_request

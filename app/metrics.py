@@ -14,6 +14,8 @@ from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from app import context
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
@@ -69,6 +71,7 @@ class _GpuReader:
 
 
 def init_app(app: Flask, instance) -> None:
+    context.init_app(app)
     registry = CollectorRegistry()
     requests_total = Counter("asr_requests", "HTTP requests by route and status", ["route", "status"],
                              registry=registry)
