@@ -25,6 +25,16 @@ class DecodeOptions:
     task: str = "transcribe"
     beam_size: int = 5
     temperature: float = 0.0
+    initial_prompt: str = ""       # text the first window is conditioned on: names, spelling, style
+    word_timestamps: bool = False  # align each word to the audio (cross-attention DTW)
+
+
+@dataclass(frozen=True)
+class Word:
+    start: float
+    end: float
+    word: str                          # as the model wrote it, leading space included
+    probability: float | None = None   # None where the engine does not report one
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,7 @@ class Segment:
     start: float
     end: float
     text: str
+    words: tuple[Word, ...] = ()       # filled when word timestamps were asked for
 
 
 @dataclass
@@ -58,3 +69,8 @@ class Engine(Protocol):
     def transcribe_batch(
         self, audios: Sequence[np.ndarray], options: Sequence[DecodeOptions]
     ) -> list[Transcript]: ...
+
+    def detect_language(self, audios: Sequence[np.ndarray]) -> list[tuple[str, float]]:
+        """(language code, probability) per clip, from its first 30 s. An English-only model
+        answers ("en", 1.0): it knows no other language to tell apart."""
+        ...

@@ -5,8 +5,11 @@ One clip goes through faster-whisper's ``WhisperModel.transcribe``. Several clip
 takes the current 30 s window of each unfinished clip, runs one batched encoder call and one batched
 beam search on the CTranslate2 model, and moves each clip's position on from its own timestamp
 tokens, exactly as faster-whisper's one-clip loop does with our fixed settings (temperature 0, no
-conditioning on previous text, no VAD, no word timestamps). So a batched transcript equals the
-one-by-one transcript; clips longer than a window simply take more rounds.
+conditioning on previous text; an initial prompt primes the first window that is not skipped as
+silence). So a batched transcript equals the one-by-one transcript; clips longer than a window simply
+take more rounds. Word timestamps move a clip's position by its last word, so such clips, and sampled
+ones, go through faster-whisper one by one. VAD is not the engine's business: ``app.vad`` cuts the
+silence out before any engine sees the audio.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from app.engines.base import DecodeOptions, Segment, Transcript, SAMPLE_RATE
+from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript, Word
 
 _DEFAULT_COMPUTE = {"cpu": "int8", "cuda": "float16"}
 
@@ -62,22 +65,32 @@ class CTranslate2Engine:
             beam_size=options.beam_size,
             temperature=options.temperature,   # one temperature: no sampling fallback, same as transformers
             condition_on_previous_text=False,  # transformers' long-form default
-            vad_filter=False,
+            initial_prompt=options.initial_prompt or None,
+            word_timestamps=options.word_timestamps,
+            vad_filter=False,                  # done before the engine, the same for both (app.vad)
         )
-        parts = [Segment(round(s.start, 3), round(s.end, 3), s.text.strip()) for s in segments]
+        parts = [Segment(round(s.start, 3), round(s.end, 3), s.text.strip(), _words(s.words)) for s in segments]
         return _transcript(parts, info.language, info.language_probability, len(audio))
+
+    def detect_language(self, audios: Sequence[np.ndarray]) -> list[tuple[str, float]]:
+        """One batched encoder call and language-token ranking over each clip's first 30 s."""
+        if not self.multilingual:
+            return [("en", 1.0)] * len(audios)
+        extractor = self._model.feature_extractor
+        return self._detect([extractor(np.asarray(a[:extractor.n_samples], dtype=np.float32)) for a in audios])
 
     def transcribe_batch(self, audios: Sequence[np.ndarray], options: Sequence[DecodeOptions]) -> list[Transcript]:
         """One lockstep decode per group of clips that share task and beam size.
 
-        Sampling (temperature > 0) is not reproducible in a batch, so such clips go one by one.
+        Sampling (temperature > 0) is not reproducible in a batch, and word timestamps steer each
+        clip's next window by its last word, so such clips go one by one.
         """
         if len(audios) != len(options):
             raise ValueError(f"{len(audios)} audios but {len(options)} decode options")
         results: list[Transcript | None] = [None] * len(audios)
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i, option in enumerate(options):
-            if option.temperature == 0:
+            if option.temperature == 0 and not option.word_timestamps:
                 groups[(option.task, option.beam_size)].append(i)
             else:
                 results[i] = self.transcribe(audios[i], option)
@@ -100,46 +113,59 @@ class CTranslate2Engine:
         extractor = self._model.feature_extractor
         clips = [_Clip(extractor(np.asarray(audio, dtype=np.float32)), len(audio)) for audio in audios]
         languages = self._languages(clips, options)
-        for clip, (language, probability) in zip(clips, languages):
+        for clip, option, (language, probability) in zip(clips, options, languages):
             clip.language, clip.language_probability = language, probability
             clip.tokenizer = Tokenizer(self._model.hf_tokenizer, self.multilingual, task=task, language=language)
+            if option.initial_prompt.strip():  # encoded as faster-whisper does: one leading space
+                clip.prompt = clip.tokenizer.encode(" " + option.initial_prompt.strip())
         window = extractor.nb_max_frames
         while active := [c for c in clips if c.seek < c.content_frames]:
-            sizes = [min(window, c.content_frames - c.seek) for c in active]
-            encoded = self._encode([c.features[:, c.seek:c.seek + n] for c, n in zip(active, sizes)])
-            results = self._model.model.generate(
-                encoded,
-                [c.tokenizer.sot_sequence for c in active],  # no previous text: condition_on_previous_text off
-                beam_size=beam_size,
-                patience=1,
-                length_penalty=1,
-                repetition_penalty=1,
-                no_repeat_ngram_size=0,
-                max_length=_MAX_LENGTH,
-                return_scores=True,
-                return_no_speech_prob=True,
-                suppress_blank=True,
-                suppress_tokens=self._suppressed_tokens(active[0].tokenizer),
-                max_initial_timestamp_index=int(round(_MAX_INITIAL_TIMESTAMP / _TIME_PRECISION)),
-            )
-            for clip, size, result in zip(active, sizes, results):
-                self._advance(clip, size, result, extractor.time_per_frame)
+            # CTranslate2 wants <|startoftranscript|> at one position across a batch: clips whose
+            # prompts differ in length decode in separate calls (only first windows have prompts).
+            by_prompt: dict[int, list[_Clip]] = defaultdict(list)
+            for clip in active:
+                by_prompt[len(clip.prompt)].append(clip)
+            for group in by_prompt.values():
+                self._decode_round(group, beam_size, window, extractor.time_per_frame)
         return [_transcript(c.segments, c.language, c.language_probability, c.samples) for c in clips]
+
+    def _decode_round(self, clips: list[_Clip], beam_size: int, window: int, time_per_frame: float) -> None:
+        """One batched encoder call and beam search over the current window of each clip."""
+        sizes = [min(window, c.content_frames - c.seek) for c in clips]
+        encoded = self._encode([c.features[:, c.seek:c.seek + n] for c, n in zip(clips, sizes)])
+        results = self._model.model.generate(
+            encoded,
+            [_prompt(c) for c in clips],
+            beam_size=beam_size,
+            patience=1,
+            length_penalty=1,
+            repetition_penalty=1,
+            no_repeat_ngram_size=0,
+            max_length=_MAX_LENGTH,
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=self._suppressed_tokens(clips[0].tokenizer),
+            max_initial_timestamp_index=int(round(_MAX_INITIAL_TIMESTAMP / _TIME_PRECISION)),
+        )
+        for clip, size, result in zip(clips, sizes, results):
+            self._advance(clip, size, result, time_per_frame)
 
     def _languages(self, clips: list[_Clip], options: list[DecodeOptions]) -> list[tuple[str, float]]:
         """The requested language (probability 1), else the one detected on the clip's first 30 s."""
         if not self.multilingual:
             return [("en", 1.0)] * len(clips)
         unknown = [i for i, o in enumerate(options) if o.language is None]
-        detected: dict[int, tuple[str, float]] = {}
-        if unknown:
-            window = self._model.feature_extractor.nb_max_frames
-            # The same input faster-whisper detects on: the first window's frames, padded to 30 s.
-            encoded = self._encode([clips[i].features[:, :window] for i in unknown])
-            for i, ranked in zip(unknown, self._model.model.detect_language(encoded)):
-                token, probability = ranked[0]
-                detected[i] = (token[2:-2], probability)
+        detected = dict(zip(unknown, self._detect([clips[i].features for i in unknown]))) if unknown else {}
         return [detected.get(i) or (o.language, 1.0) for i, o in enumerate(options)]
+
+    def _detect(self, features: list[np.ndarray]) -> list[tuple[str, float]]:
+        """The likeliest language of each clip, from its first window's frames padded to 30 s: the
+        input faster-whisper detects on."""
+        window = self._model.feature_extractor.nb_max_frames
+        encoded = self._encode([f[:, :window] for f in features])
+        ranked = self._model.model.detect_language(encoded)
+        return [(best[0][0][2:-2], round(float(best[0][1]), 4)) for best in ranked]
 
     def _encode(self, windows: list[np.ndarray]):
         import ctranslate2
@@ -154,8 +180,9 @@ class CTranslate2Engine:
         # The average log-probability faster-whisper recovers from the length-normalised score.
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
         if result.no_speech_prob > _NO_SPEECH_THRESHOLD and not avg_logprob > _LOG_PROB_THRESHOLD:
-            clip.seek += size
+            clip.seek += size  # a skipped window keeps the prompt for the next one, as faster-whisper does
             return
+        clip.prompt = []
         tokenizer = clip.tokenizer
         time_offset = clip.seek * time_per_frame
         pieces, seek = _split_by_timestamps(tokens, tokenizer.timestamp_begin, time_offset,
@@ -185,11 +212,25 @@ class _Clip:
     language: str = "en"
     language_probability: float = 1.0
     tokenizer: object = None
+    prompt: list[int] = field(default_factory=list)  # initial-prompt tokens, until a window is decoded
     segments: list[Segment] = field(default_factory=list)
 
     @property
     def content_frames(self) -> int:
         return self.features.shape[-1] - 1  # the last frame comes from the extractor's own padding
+
+
+def _prompt(clip: _Clip) -> list[int]:
+    """faster-whisper's decoder prompt: the initial prompt's last tokens after <|startofprev|> (at most
+    half the text context), then the start-of-transcript sequence."""
+    if not clip.prompt:
+        return list(clip.tokenizer.sot_sequence)
+    return [clip.tokenizer.sot_prev, *clip.prompt[-(_MAX_LENGTH // 2 - 1):], *clip.tokenizer.sot_sequence]
+
+
+def _words(words) -> tuple[Word, ...]:
+    return tuple(Word(round(w.start, 3), round(w.end, 3), w.word, round(float(w.probability), 4))
+                 for w in words or ())
 
 
 def _split_by_timestamps(tokens: list[int], timestamp_begin: int, time_offset: float, size: int,

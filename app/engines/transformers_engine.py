@@ -1,8 +1,8 @@
 """The Hugging Face transformers (PyTorch) engine.
 
 Whisper checkpoints decode through ``WhisperForConditionalGeneration.generate()`` so
-that timestamps, long-form audio and batching come from the reference implementation;
-any other speech model goes through the ASR pipeline and yields text only. Decoding
+that timestamps, long-form audio, prompts, word timestamps and batching come from the reference
+implementation; any other speech model goes through the ASR pipeline and yields text only. Decoding
 settings are always passed explicitly: the ASR pipeline defaults to 5 beams while
 ``generate()`` defaults to greedy, and the two engines must decode alike.
 """
@@ -16,9 +16,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript
+from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript, Word
 
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's encoder sees 30 s at a time
+_TEXT_CONTEXT = 448                # Whisper's decoder positions: prompt, start sequence and new tokens
+_PROMPT_TOKENS = _TEXT_CONTEXT // 2 - 1  # the most of an initial prompt kept (its end), as whisper does
+_SENTENCE_ENDS = set(".。!！?？")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _UNDETERMINED = "und"  # ISO 639-2 code for a language the model cannot report
 
@@ -75,6 +78,9 @@ class TransformersEngine:
             self._check_options(option)
         return self._runner.transcribe_batch(list(audios), list(options))
 
+    def detect_language(self, audios: Sequence[np.ndarray]) -> list[tuple[str, float]]:
+        return self._runner.detect_language([np.asarray(a[:WINDOW_SAMPLES], dtype=np.float32) for a in audios])
+
     def _check_options(self, options: DecodeOptions) -> None:
         if options.language is not None and options.language not in self.languages:
             raise ValueError(f"language {options.language!r} is not supported by {self.model_name}")
@@ -116,22 +122,36 @@ class _WhisperRunner:
         )
 
     def transcribe_batch(self, audios: list[np.ndarray], options: list[DecodeOptions]) -> list[Transcript]:
-        """One generate() call per group of clips that fit one window and share decoding settings."""
+        """One generate() call per group of clips that share decoding settings and are all short (one
+        window) or all long (generate's sequential long-form decoding, batched too)."""
         results: list[Transcript | None] = [None] * len(audios)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (audio, option) in enumerate(zip(audios, options)):
-            if len(audio) <= WINDOW_SAMPLES:
-                groups[(option.task, option.beam_size, option.temperature)].append(i)
-            else:
-                results[i] = self._decode([audio], [option], long_form=True)[0]
-        for indices in groups.values():
-            transcripts = self._decode([audios[i] for i in indices], [options[i] for i in indices], long_form=False)
+            long_form = len(audio) > WINDOW_SAMPLES
+            groups[(long_form, option.task, option.beam_size, option.temperature, option.initial_prompt.strip(),
+                    option.word_timestamps)].append(i)
+        for (long_form, *_), indices in groups.items():
+            transcripts = self._decode([audios[i] for i in indices], [options[i] for i in indices], long_form)
             for i, transcript in zip(indices, transcripts):
                 results[i] = transcript
         return results
 
+    def detect_language(self, audios: list[np.ndarray]) -> list[tuple[str, float]]:
+        if not self.multilingual:
+            return [("en", 1.0)] * len(audios)
+        features = self.processor.feature_extractor(audios, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        input_features = features.input_features.to(self.model.device, self.model.dtype)
+        return self._detect(list(range(len(audios))), input_features)
+
+    def _prompt_ids(self, text: str) -> torch.Tensor | None:
+        """<|startofprev|> and the prompt's last tokens, encoded with one leading space as whisper does."""
+        if not text.strip():
+            return None
+        ids = self.processor.get_prompt_ids(text.strip(), return_tensors="pt")
+        return torch.cat([ids[:1], ids[1:][-_PROMPT_TOKENS:]]).to(self.model.device)
+
     def _decode(self, audios: list[np.ndarray], options: list[DecodeOptions], long_form: bool) -> list[Transcript]:
-        """Decode clips that share task, beam size and temperature; languages may differ."""
+        """Decode clips that share every decoding setting but the language."""
         features = self.processor.feature_extractor(
             [np.asarray(audio, dtype=np.float32) for audio in audios],
             sampling_rate=SAMPLE_RATE,
@@ -148,7 +168,13 @@ class _WhisperRunner:
         steering = {}
         if self.multilingual:  # generate() rejects language/task for English-only models
             steering = {"language": [code for code, _ in languages], "task": first.task}
-        budget = {} if long_form else {"max_new_tokens": token_budget(max(len(a) for a in audios) / SAMPLE_RATE)}
+        prompt_ids = self._prompt_ids(first.initial_prompt)
+        if prompt_ids is not None:  # on the first window only, as faster-whisper without conditioning
+            steering.update(prompt_ids=prompt_ids, prompt_condition_type="first-segment")
+        budget = {}
+        if not long_form:  # the budget shares the text context with the prompt and the start sequence
+            room = _TEXT_CONTEXT - 4 - (0 if prompt_ids is None else len(prompt_ids))
+            budget["max_new_tokens"] = min(room, token_budget(max(len(a) for a in audios) / SAMPLE_RATE))
         with torch.inference_mode():
             output = self.model.generate(
                 input_features,
@@ -158,11 +184,12 @@ class _WhisperRunner:
                 temperature=first.temperature,
                 return_timestamps=True,
                 return_segments=True,
+                return_token_timestamps=first.word_timestamps,
                 **budget,
                 **steering,
             )
         return [
-            self._transcript(segments, len(audio) / SAMPLE_RATE, language, probability)
+            self._transcript(segments, len(audio) / SAMPLE_RATE, language, probability, first.word_timestamps)
             for segments, audio, (language, probability) in zip(output["segments"], audios, languages)
         ]
 
@@ -190,20 +217,21 @@ class _WhisperRunner:
         return [(tokens[i][2:-2], p) for i, p in zip(best.indices.tolist(), best.values.tolist())]
 
     def _transcript(
-        self, segments: list[dict], duration: float, language: str, probability: float | None
+        self, segments: list[dict], duration: float, language: str, probability: float | None, words: bool
     ) -> Transcript:
-        """Segment times are clipped to the audio: a window padded to 30 s can end past it."""
+        """Segment and word times are clipped to the audio: a window padded to 30 s can end past it.
+        With words, a segment spans its words, as in whisper and faster-whisper."""
         tokenizer = self.processor.tokenizer
         texts = [tokenizer.decode(s["tokens"], skip_special_tokens=True) for s in segments]
-        parts = [
-            Segment(
-                start=min(float(s["start"]), duration),
-                end=min(float(s["end"]), duration),
-                text=text.strip(),
-            )
-            for s, text in zip(segments, texts)
-            if text.strip()
-        ]
+        parts = []
+        for s, text in zip(segments, texts):
+            if not text.strip():
+                continue
+            part = Segment(start=min(float(s["start"]), duration), end=min(float(s["end"]), duration),
+                           text=text.strip())
+            if words and (timed := self._words(s, language, duration)):
+                part = Segment(timed[0].start, timed[-1].end, part.text, timed)
+            parts.append(part)
         return Transcript(
             text="".join(texts).strip(),
             language=language,
@@ -211,6 +239,35 @@ class _WhisperRunner:
             segments=parts,
             language_probability=probability,
         )
+
+
+    def _words(self, segment: dict, language: str, duration: float) -> tuple[Word, ...]:
+        """Group a segment's text tokens into words, timed by generate()'s token timestamps (DTW over
+        the alignment heads' cross-attention), where token i ends at ``token_timestamps[i]`` and
+        starts where token i-1 ended; the word grouping is the one transformers' ASR pipeline uses."""
+        from transformers.models.whisper.tokenization_whisper import LANGUAGES, _combine_tokens_into_words
+
+        tokenizer = self.processor.tokenizer
+        tokens, times = segment["tokens"].tolist(), segment["token_timestamps"].tolist()
+        text = [i for i, token in enumerate(tokens) if token < tokenizer.eos_token_id]
+        words, _, members = _combine_tokens_into_words(
+            tokenizer, [tokens[i] for i in text], LANGUAGES.get(language, "english"))
+        spans, stops = [], []
+        for indices in members:
+            first, last = text[indices[0]], text[indices[-1]]
+            start = times[first - 1] if first > 0 else float(segment["start"])
+            spans.append([min(start, duration), min(max(start, times[last]), duration)])
+            ends_sentence = len(indices) > 1 and tokenizer.decode([tokens[last]]).strip() in _SENTENCE_ENDS
+            stops.append(times[last - 1] if ends_sentence else None)  # where its full stop begins
+        if spans:
+            # whisper's rules for what alignment stretches over a pause: the first word after one, and
+            # a full stop before one, last at most twice the median word length (itself at most 0.7 s).
+            longest = 2 * min(0.7, float(np.median([end - start for start, end in spans])))
+            spans[0][0] = max(spans[0][0], spans[0][1] - longest)
+            for span, stop in zip(spans, stops):
+                if stop is not None:
+                    span[1] = max(span[0], min(span[1], stop + longest))
+        return tuple(Word(round(start, 3), round(end, 3), word) for word, (start, end) in zip(words, spans))
 
 
 class _PipelineRunner:
@@ -230,7 +287,13 @@ class _PipelineRunner:
         )
 
     def transcribe_batch(self, audios: list[np.ndarray], options: list[DecodeOptions]) -> list[Transcript]:
+        for option in options:
+            if option.initial_prompt.strip() or option.word_timestamps:
+                raise ValueError("prompts and word timestamps need a Whisper model")
         return [self._transcribe(audio, option) for audio, option in zip(audios, options)]
+
+    def detect_language(self, audios: list[np.ndarray]) -> list[tuple[str, float]]:
+        raise ValueError("language detection needs a Whisper model")
 
     def _transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
         kwargs = {}
