@@ -5,11 +5,12 @@ already holds ``max_pending`` jobs (running + waiting) the submit is refused at 
 becomes a fast 503 instead of a pile of blocked threads. Depth and in-flight counts are plain
 attributes the probes and metrics read.
 
-Dynamic batching: the inference thread takes up to ``max_batch`` waiting jobs at once, waiting at
-most ``max_wait_ms`` after the first of them arrived for more to come, and runs them through one
-``engine.transcribe_batch`` call. A job that already waited that long (the thread was busy) is never
-held back further. If a batch fails, its jobs are retried one by one, so one bad clip fails only its
-own request. An optional ``observer`` hears each batch's size and its jobs' queue waits (the
+Two kinds of job share the queue: transcription (``submit``) and language detection
+(``submit_language_detection``). Dynamic batching: the inference thread takes up to ``max_batch``
+waiting jobs at once, waiting at most ``max_wait_ms`` after the first of them arrived for more to come,
+and runs each kind through one batched engine call (``transcribe_batch``, ``detect_language``). A job
+that already waited that long (the thread was busy) is never held back further. If a batched call
+fails, its jobs are retried one by one, so one bad clip fails only its own request. An optional ``observer`` hears each batch's size and its jobs' queue waits (the
 metrics module counts them; this module stays free of Prometheus).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from app.engines.base import DecodeOptions, Engine, Transcript
+from app.engines.base import DecodeOptions, Engine
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class JobFuture(Future):
 @dataclass
 class _Job:
     audio: np.ndarray
-    options: DecodeOptions
+    options: DecodeOptions | None  # None: detect the language instead of transcribing
     future: JobFuture = field(default_factory=JobFuture)
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -88,11 +89,18 @@ class InferenceQueue:
             self._thread = None
 
     def submit(self, audio: np.ndarray, options: DecodeOptions) -> JobFuture:
+        """Queue a transcription; its future's result is a ``Transcript``."""
+        return self._put(_Job(audio, options))
+
+    def submit_language_detection(self, audio: np.ndarray) -> JobFuture:
+        """Queue a language detection; its future's result is ``(language, probability)``."""
+        return self._put(_Job(audio, None))
+
+    def _put(self, job: _Job) -> JobFuture:
         with self._lock:
             if self._pending >= self.max_pending:
                 raise QueueFull(f"{self._pending} requests already queued (limit {self.max_pending})")
             self._pending += 1
-        job = _Job(audio, options)
         self._jobs.put(job)
         return job.future
 
@@ -156,25 +164,44 @@ class InferenceQueue:
 
 
 def _outcomes(engine: Engine, batch: list[_Job]) -> list[tuple[bool, object]]:
-    """(True, transcript) or (False, exception) per job: one batched call, else one call per job."""
-    if len(batch) > 1:
+    """(True, result) or (False, exception) per job, in the batch's order: one batched engine call per
+    kind of job, else one call per job."""
+    outcomes: list[tuple[bool, object] | None] = [None] * len(batch)
+    for detect in (False, True):
+        indices = [i for i, job in enumerate(batch) if (job.options is None) == detect]
+        for i, outcome in zip(indices, _run_kind(engine, [batch[i] for i in indices], detect)):
+            outcomes[i] = outcome
+    return outcomes
+
+
+def _run_kind(engine: Engine, jobs: list[_Job], detect: bool) -> list[tuple[bool, object]]:
+    def call(group: list[_Job]) -> list:
+        audios = [job.audio for job in group]
+        if detect:
+            results = engine.detect_language(audios)
+        elif len(group) == 1:
+            results = [engine.transcribe(audios[0], group[0].options)]
+        else:
+            results = engine.transcribe_batch(audios, [job.options for job in group])
+        if len(results) != len(group):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(group)} clips")
+        return results
+
+    if len(jobs) > 1:
         try:
-            results = engine.transcribe_batch([job.audio for job in batch], [job.options for job in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"engine returned {len(results)} transcripts for {len(batch)} clips")
-            return [(True, result) for result in results]
+            return [(True, result) for result in call(jobs)]
         except Exception:  # noqa: BLE001 - retried one by one below, so only a bad clip fails
-            log.warning("a batch of %d failed; retrying its clips one by one", len(batch), exc_info=True)
+            log.warning("a batch of %d failed; retrying its clips one by one", len(jobs), exc_info=True)
     outcomes: list[tuple[bool, object]] = []
-    for job in batch:
+    for job in jobs:
         try:
-            outcomes.append((True, engine.transcribe(job.audio, job.options)))
+            outcomes.append((True, call([job])[0]))
         except BaseException as e:  # noqa: BLE001 - handed to the waiting request
             outcomes.append((False, e))
     return outcomes
 
 
-def result_within(future: Future, timeout: float) -> Transcript:
+def result_within(future: Future, timeout: float):
     """Wait for a job; on timeout cancel it if it has not started, so it frees its slot."""
     try:
         return future.result(timeout=timeout)

@@ -48,6 +48,10 @@ class ScriptedEngine:
         self.release.wait(10)
         return [self._one(a) for a in audios]
 
+    def detect_language(self, audios):
+        self.calls.append(-len(audios))     # negative: a language detection call
+        return [("en", float(a[0])) for a in audios]
+
 
 def clip(n: float) -> np.ndarray:
     return np.full(1600, n, np.float32)
@@ -125,6 +129,21 @@ def test_a_bad_clip_fails_only_its_own_request(started_queue):
     assert q.pending == 0
 
 
+def test_language_detection_shares_the_queue_in_its_own_batched_call(started_queue):
+    engine = ScriptedEngine(hold_first=True)
+    q = started_queue(engine, max_batch=8, max_wait_ms=50)
+    first = q.submit(clip(0), DecodeOptions())
+    assert engine.started.wait(5)
+    mixed = [q.submit(clip(1), DecodeOptions()), q.submit_language_detection(clip(0.5)),
+             q.submit(clip(2), DecodeOptions()), q.submit_language_detection(clip(0.25))]
+    assert q.pending == 5
+    engine.release.set()
+    assert first.result(5).text == "clip 0"
+    assert [f.result(5) for f in mixed] == [Transcript("clip 1", "en", 0.1), ("en", 0.5),
+                                           Transcript("clip 2", "en", 0.1), ("en", 0.25)]
+    assert engine.calls == [1, 2, -2] and q.pending == 0  # one call per kind, each answer to its own job
+
+
 def test_queue_full_is_refused_at_once(started_queue):
     engine = ScriptedEngine(hold_first=True)
     q = started_queue(engine, max_pending=3, max_batch=4, max_wait_ms=10)
@@ -196,12 +215,18 @@ def set_a():
 def test_ctranslate2_batched_equals_one_by_one(set_a):
     engine = load_engine("ctranslate2", str(embedded_ct2_dir()), "cpu", "int8", cpu_threads=1)
     # Set A, plus one clip longer than a 30 s window: it takes more lockstep rounds than the others.
+    # Two clips with an initial prompt (their first window decodes in its own call: CTranslate2 wants
+    # the same prompt length across a batch), one with word timestamps (decoded on its own).
     clips = [*set_a, np.concatenate([set_a[0], set_a[6]])]
-    options = [DecodeOptions(beam_size=5)] * len(clips)
+    options = [DecodeOptions(beam_size=5, initial_prompt="um so yeah we were like talking about it" if i in (1, 4) else "",
+                             word_timestamps=i == 3) for i in range(len(clips))]
     one_by_one = [engine.transcribe(a, o) for a, o in zip(clips, options)]
     batched = engine.transcribe_batch(clips, options)
-    assert batched == one_by_one                    # text, segments, times, language: all of it
+    assert batched == one_by_one                    # text, segments, words, times, language: all of it
     assert all(t.text for t in batched) and len(batched[-1].segments) > len(batched[0].segments)
+    assert batched[3].segments[0].words and not batched[2].segments[0].words
+    unprompted = engine.transcribe(clips[1], DecodeOptions(beam_size=5))
+    assert batched[1].text != unprompted.text      # the prompt did reach the lockstep decode
 
 
 @pytest.mark.skipif(importlib.util.find_spec("app.engines.transformers_engine") is None,
