@@ -1,19 +1,20 @@
-"""POST /asr: upload -> decode -> queue -> engine -> format.
+"""POST /asr: upload -> decode -> (VAD) -> queue -> engine -> format; POST /detect-language.
 
-``transcribe_audio`` is the shared pipeline (decode -> queue -> engine); ``app.openai_api`` serves
-OpenAI's audio endpoints through the same function and the same parameter checks.
+``transcribe_audio`` is the shared pipeline (decode -> VAD -> queue -> engine); ``app.openai_api``
+serves OpenAI's audio endpoints through the same function and the same parameter checks.
 """
 from __future__ import annotations
 
 import math
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from app import formats, metrics
-from app.audio import decode_audio
-from app.engines.base import DecodeOptions, Transcript
+from app import formats, metrics, vad
+from app.audio import DecodedAudio, decode_audio
+from app.engines.base import SAMPLE_RATE, DecodeOptions, Transcript
 from app.errors import ApiError
 from app.instance import ModelInstance
 from app.queue import JobFuture, QueueFull, result_within
@@ -24,12 +25,15 @@ bp = Blueprint("api", __name__)
 UPLOAD_FIELDS = ("audio", "audio_file", "file")
 TASKS = ("transcribe", "translate")
 
-ASR_PARAMS = ("task", "language", "output", "beam_size", "temperature")
-# whisper-asr-webservice parameters this service does not implement yet. The value that matches what
-# the service does anyway is accepted (encode=true: uploads are always decoded with FFmpeg); any other
+ASR_PARAMS = ("task", "language", "output", "beam_size", "temperature", "initial_prompt", "word_timestamps",
+              "vad_filter")
+DETECT_PARAMS = ("vad_filter",)
+# whisper-asr-webservice parameters this service does not implement. The value that matches what the
+# service does anyway is accepted (encode=true: uploads are always decoded with FFmpeg); any other
 # value is refused rather than silently ignored.
-ASR_NOT_YET = {"initial_prompt": "", "word_timestamps": "false", "vad_filter": "false",
-               "encode": "true", "diarize": "false"}
+ASR_UNSUPPORTED = {"encode": "true", "diarize": "false"}
+MAX_PROMPT_CHARS = 2000  # Whisper keeps the prompt's last 223 tokens; longer text is a client mistake
+DETECTION_SAMPLES = 30 * SAMPLE_RATE  # language detection looks at the first 30 s
 
 
 class ParamError(ApiError):
@@ -52,16 +56,21 @@ def asr():
 
 
 def _asr(inst: ModelInstance):
-    check_names(ASR_PARAMS, ASR_NOT_YET, ignore=UPLOAD_FIELDS)
-    output = choice("output", formats.OUTPUTS, "json")
+    settings = inst.settings
+    check_names(ASR_PARAMS, ASR_UNSUPPORTED, ignore=UPLOAD_FIELDS)
+    output = choice("output", formats.OUTPUTS, settings.output)
     task = choice("task", TASKS, "transcribe")
-    beam_size = integer("beam_size", 1, 10, inst.settings.beam_size)
+    beam_size = integer("beam_size", 1, 10, settings.beam_size)
     temperature = number("temperature", 0.0, 1.0, 0.0)
+    initial_prompt = prompt("initial_prompt")
+    word_timestamps = boolean("word_timestamps", settings.word_timestamps)
+    vad_filter = boolean("vad_filter", settings.vad_filter)
     data = read_upload()
     require_ready(inst)
-    options = DecodeOptions(language=language(inst, param("language", inst.settings.language)),
-                            task=checked_task(inst, task, "task"), beam_size=beam_size, temperature=temperature)
-    transcript, future = transcribe_audio(inst, data, options)
+    options = DecodeOptions(language=language(inst, param("language", settings.language)),
+                            task=checked_task(inst, task, "task"), beam_size=beam_size, temperature=temperature,
+                            initial_prompt=initial_prompt, word_timestamps=word_timestamps)
+    transcript, future = transcribe_audio(inst, data, options, vad_filter)
     response = formats.render(transcript, output, {
         "model": inst.model_name,
         "engine": inst.settings.engine,
@@ -69,38 +78,87 @@ def _asr(inst: ModelInstance):
         "device": inst.device,
         "processing_time": round(time.monotonic() - g.request_started, 4),
         "request_id": g.request_id,
-    })
+    }, words=word_timestamps)
     add_server_timing(response, future)
     return response
 
 
+@bp.post("/detect-language")
+def detect_language():
+    inst = instance()
+    with inst.track_request():
+        check_names(DETECT_PARAMS, ASR_UNSUPPORTED, ignore=UPLOAD_FIELDS)
+        vad_filter = boolean("vad_filter", inst.settings.vad_filter)
+        if not inst.settings.detect_language:
+            raise ApiError(403, "language_detection_disabled",
+                           f"language detection is off on this server: every request is {inst.settings.language!r}")
+        data = read_upload()
+        require_ready(inst)
+        audio = decoded(inst, data)
+        samples = audio.samples
+        if vad_filter:
+            samples = vad.keep_speech(samples).samples
+            if not len(samples):
+                raise ApiError(422, "no_speech", "vad_filter found no speech to detect a language in")
+        (code, probability), future = queued(inst, lambda: inst.queue.submit_language_detection(
+            samples[:DETECTION_SAMPLES]))
+        response = jsonify(language=code, confidence=round(float(probability), 4),
+                           # whisper-asr-webservice's names, for its clients
+                           detected_language=formats.LANGUAGE_NAMES.get(code, code), language_code=code)
+        add_server_timing(response, future)
+        return response
+
+
 # The shared pipeline ---------------------------------------------------------------------------
 
-def transcribe_audio(inst: ModelInstance, data: bytes, options: DecodeOptions) -> tuple[Transcript, JobFuture]:
-    """Decode the upload, queue it for the model and wait for its transcript.
+def transcribe_audio(inst: ModelInstance, data: bytes, options: DecodeOptions,
+                     vad_filter: bool = False) -> tuple[Transcript, JobFuture | None]:
+    """Decode the upload, optionally keep only its speech, queue it for the model and wait for its
+    transcript; the future (None when VAD found no speech and the model was skipped) tells the timing.
 
     Callers have already called ``require_ready``: validating the language needs the loaded engine.
     """
-    audio = decode_audio(data, inst.settings.max_audio_seconds)
-    g.audio_seconds = round(audio.duration, 3)
-    try:
-        future = inst.queue.submit(audio.samples, options)
-    except QueueFull as e:
-        raise unavailable("overloaded", f"instance is busy: {e}", inst) from None
-    try:
-        transcript = result_within(future, inst.settings.request_timeout_seconds)
-    except FutureTimeout:
-        raise ApiError(504, "inference_timeout", "transcription did not finish in time") from None
-    except ValueError as e:  # an option the engine cannot honour (checked above where we can)
-        raise ParamError(None, f"the engine refused the decoding options: {e}") from None
+    audio = decoded(inst, data)
+    if not vad_filter:
+        transcript, future = queued(inst, lambda: inst.queue.submit(audio.samples, options))
+    else:
+        speech = vad.keep_speech(audio.samples)
+        if not speech.found:
+            # The language of a model with only one (English-only Whisper), else "und": none was heard.
+            languages = inst.engine.languages
+            own = next(iter(languages)) if len(languages) == 1 else "und"
+            return vad.silent(audio.duration, options.language or own), None
+        transcript, future = queued(inst, lambda: inst.queue.submit(speech.samples, options))
+        transcript = vad.restore_times(transcript, speech, audio.duration)
     metrics.count_audio(current_app, transcript.duration)
     return transcript, future
 
 
-def add_server_timing(response: Response, future: JobFuture) -> None:
+def decoded(inst: ModelInstance, data: bytes) -> DecodedAudio:
+    audio = decode_audio(data, inst.settings.max_audio_seconds)
+    g.audio_seconds = round(audio.duration, 3)
+    return audio
+
+
+def queued(inst: ModelInstance, submit: Callable[[], JobFuture]):
+    """Run one job through the instance's queue: (its result, its future)."""
+    try:
+        future = submit()
+    except QueueFull as e:
+        raise unavailable("overloaded", f"instance is busy: {e}", inst) from None
+    try:
+        return result_within(future, inst.settings.request_timeout_seconds), future
+    except FutureTimeout:
+        raise ApiError(504, "inference_timeout", "the model did not finish in time") from None
+    except ValueError as e:  # an option the engine cannot honour (checked above where we can)
+        raise ParamError(None, f"the engine refused the request: {e}") from None
+
+
+def add_server_timing(response: Response, future: JobFuture | None) -> None:
     # Where the time went (standard Server-Timing, milliseconds): waiting for the model, and the model.
-    response.headers["Server-Timing"] = (f"queue;dur={future.queue_seconds * 1000:.2f}, "
-                                         f"inference;dur={future.inference_seconds * 1000:.2f}")
+    queue_seconds, inference_seconds = (future.queue_seconds, future.inference_seconds) if future else (0.0, 0.0)
+    response.headers["Server-Timing"] = (f"queue;dur={queue_seconds * 1000:.2f}, "
+                                         f"inference;dur={inference_seconds * 1000:.2f}")
 
 
 def read_upload(fields: tuple[str, ...] = UPLOAD_FIELDS, raw_body: bool = True) -> bytes:
@@ -137,16 +195,35 @@ def given(name: str) -> bool:
     return name in request.form or name in request.args
 
 
-def check_names(known: tuple[str, ...], not_yet: dict[str, str], ignore: tuple[str, ...] = ()) -> None:
-    """Refuse unknown parameters, and recognised ones this service does not implement yet."""
+def check_names(known: tuple[str, ...], unsupported: dict[str, str], ignore: tuple[str, ...] = ()) -> None:
+    """Refuse unknown parameters, and recognised ones this service does not implement unless they
+    carry the one value that asks for nothing (``unsupported``: name -> that value)."""
     for name in list(request.args) + list(request.form):
         if name in known or name in ignore:
             continue
-        if name in not_yet:
-            if param(name).lower() != not_yet[name]:
-                raise ParamError(name, "not supported yet by this service")
+        if name in unsupported:
+            if param(name).lower() != unsupported[name]:
+                raise ParamError(name, "not supported by this service")
             continue
         raise ParamError(name, f"unknown parameter (accepted: {', '.join(known)})")
+
+
+def boolean(name: str, default: bool) -> bool:
+    raw = param(name).lower()
+    if not raw:
+        return default
+    if raw in ("true", "1", "yes", "on"):
+        return True
+    if raw in ("false", "0", "no", "off"):
+        return False
+    raise ParamError(name, f"must be true or false, not {raw[:40]!r}")
+
+
+def prompt(name: str) -> str:
+    text = param(name)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ParamError(name, f"must be at most {MAX_PROMPT_CHARS} characters, not {len(text)}")
+    return text
 
 
 def choice(name: str, allowed: tuple[str, ...], default: str) -> str:

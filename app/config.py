@@ -33,6 +33,12 @@ class Settings:
     beam_size: int = 5                   # same decoding for both engines
     language: str = ""                   # default language; "" = detect where the model can
 
+    # What a request gets when it does not say; each one can be overridden per request.
+    output: str = "json"                 # /asr output: json | txt | srt | vtt | tsv
+    detect_language: bool = True         # false: never detect (needs `language`); /detect-language answers 403
+    word_timestamps: bool = False        # align every word (costs a little more decoding time)
+    vad_filter: bool = False             # drop non-speech before the model (Silero VAD)
+
     # How many instances and where they listen.
     instances: int = 2
     host: str = "0.0.0.0"                # nginx, the only public entry
@@ -213,6 +219,11 @@ def validate(s: Settings) -> None:
         raise ConfigError("instances must be at least 1")
     if not 1 <= s.beam_size <= 10:
         raise ConfigError("beam_size must be between 1 and 10")
+    from app.formats import OUTPUTS
+    if s.output not in OUTPUTS:
+        raise ConfigError(f"output must be one of {', '.join(OUTPUTS)}, not {s.output!r}")
+    if not s.detect_language and not s.language:
+        raise ConfigError("detect_language = false needs a language: the one every request gets")
     if not 1 <= s.min_instances <= s.max_instances:
         raise ConfigError("min_instances must be at least 1 and at most max_instances")
     if s.max_audio_seconds <= 0 or s.max_queue < 1:

@@ -7,6 +7,7 @@ The subtitle writers follow whisper's own CLI writers: SRT cues numbered from 1 
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 
 from flask import Response, jsonify
 
@@ -43,8 +44,9 @@ LANGUAGE_NAMES = {
 }
 
 
-def render(transcript: Transcript, output: str, extra: dict) -> Response:
-    """The /asr response for ``output`` (one of OUTPUTS)."""
+def render(transcript: Transcript, output: str, extra: dict, words: bool = False) -> Response:
+    """The /asr response for ``output`` (one of OUTPUTS). With ``words``, each JSON segment lists its
+    words as whisper does (``word`` keeps its leading space); subtitles stay one cue per segment."""
     if output == "json":
         return jsonify(
             text=transcript.text,
@@ -52,7 +54,9 @@ def render(transcript: Transcript, output: str, extra: dict) -> Response:
             language_probability=transcript.language_probability,
             duration=round(transcript.duration, 3),
             segments=[
-                {"id": i, "start": s.start, "end": s.end, "text": s.text}
+                {"id": i, "start": s.start, "end": s.end, "text": s.text,
+                 **({"words": [{"start": w.start, "end": w.end, "word": w.word, "probability": w.probability}
+                               for w in s.words]} if words else {})}
                 for i, s in enumerate(segments(transcript))
             ],
             **extra,
@@ -106,14 +110,15 @@ def _clock(seconds: float, decimal_marker: str) -> str:
 
 
 def segments(transcript: Transcript) -> list[Segment]:
-    """The segments with their times clamped to the audio: Whisper's last timestamp token can lie
-    past the end of a short clip (7.0 s on a 6.0 s one), and no cue should."""
+    """The segments (and their words) with times clamped to the audio: Whisper's last timestamp token
+    can lie past the end of a short clip (7.0 s on a 6.0 s one), and no cue should."""
     end_of_audio = round(transcript.duration, 3)
-    clamped = []
-    for s in transcript.segments:
-        end = min(s.end, end_of_audio)
-        clamped.append(Segment(min(s.start, end), end, s.text))
-    return clamped
+
+    def clamp(item):
+        end = min(item.end, end_of_audio)
+        return replace(item, start=min(item.start, end), end=end)
+
+    return [replace(clamp(s), words=tuple(clamp(w) for w in s.words)) for s in transcript.segments]
 
 
 def _timed(transcript: Transcript) -> list[Segment]:
@@ -132,19 +137,26 @@ def compression_ratio(text: str) -> float:
     return round(len(data) / len(zlib.compress(data)), 4) if data else 0.0
 
 
-def openai_verbose(transcript: Transcript, task: str, temperature: float) -> dict:
-    """OpenAI's verbose_json. The engines report neither tokens nor log probabilities per segment:
-    ``tokens`` is empty and ``avg_logprob``/``no_speech_prob`` are 0.0 (OpenAI's schema requires
-    numbers); ``compression_ratio`` is computed from the text as whisper does."""
-    return {
+def openai_verbose(transcript: Transcript, task: str, temperature: float,
+                   with_segments: bool = True, with_words: bool = False) -> dict:
+    """OpenAI's verbose_json, with ``segments`` and/or ``words`` as the timestamp granularities ask.
+    The engines report neither tokens nor log probabilities per segment: ``tokens`` is empty and
+    ``avg_logprob``/``no_speech_prob`` are 0.0 (OpenAI's schema requires numbers);
+    ``compression_ratio`` is computed from the text as whisper does. OpenAI's words carry no spaces."""
+    body = {
         "task": task,
         "language": LANGUAGE_NAMES.get(transcript.language, transcript.language),
         "duration": round(transcript.duration, 3),
         "text": transcript.text,
-        "segments": [
+    }
+    timed = segments(transcript)
+    if with_words:
+        body["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end} for s in timed for w in s.words]
+    if with_segments:
+        body["segments"] = [
             {"id": i, "seek": 0, "start": s.start, "end": s.end, "text": s.text, "tokens": [],
              "temperature": temperature, "avg_logprob": 0.0, "compression_ratio": compression_ratio(s.text),
              "no_speech_prob": 0.0}
-            for i, s in enumerate(segments(transcript))
-        ],
-    }
+            for i, s in enumerate(timed)
+        ]
+    return body

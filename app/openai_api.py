@@ -23,8 +23,8 @@ GRANULARITIES = "timestamp_granularities[]"
 _COMMON = ("model", "prompt", "response_format", "temperature")
 TRANSCRIPTION_PARAMS = _COMMON + ("language", GRANULARITIES, "timestamp_granularities")
 TRANSLATION_PARAMS = _COMMON
-# OpenAI fields not implemented yet; the value that asks for nothing extra is accepted.
-NOT_YET = {"stream": "false"}
+# OpenAI fields not implemented; the value that asks for nothing extra is accepted.
+UNSUPPORTED = {"stream": "false"}
 _FORMAT_OUTPUT = {"text": "txt", "srt": "srt", "vtt": "vtt"}
 
 
@@ -41,14 +41,12 @@ def translations():
 def _serve(task: str):
     inst = api.instance()
     with inst.track_request():
-        api.check_names(TRANSCRIPTION_PARAMS if task == "transcribe" else TRANSLATION_PARAMS, NOT_YET,
+        api.check_names(TRANSCRIPTION_PARAMS if task == "transcribe" else TRANSLATION_PARAMS, UNSUPPORTED,
                         ignore=("file",))
         response_format = api.choice("response_format", RESPONSE_FORMATS, "json")
         temperature = api.number("temperature", 0.0, 1.0, 0.0)
-        if api.param("prompt"):
-            raise api.ParamError("prompt", "not supported yet by this service (send it empty or leave it out)")
-        if task == "transcribe":
-            _granularities()
+        prompt = api.prompt("prompt")
+        granularities = _granularities(response_format) if task == "transcribe" else {"segment"}
         data = api.read_upload(fields=("file",), raw_body=False)
         api.require_ready(inst)
         if task == "translate":
@@ -57,30 +55,36 @@ def _serve(task: str):
         else:
             language = api.language(inst, api.param("language"))
         options = DecodeOptions(language=language, task=task, beam_size=inst.settings.beam_size,
-                                temperature=temperature)
-        transcript, future = api.transcribe_audio(inst, data, options)
-        response = _render(transcript, response_format, task, temperature)
+                                temperature=temperature, initial_prompt=prompt,
+                                word_timestamps="word" in granularities)
+        transcript, future = api.transcribe_audio(inst, data, options, inst.settings.vad_filter)
+        response = _render(transcript, response_format, task, temperature, granularities)
         api.add_server_timing(response, future)
         return response
 
 
-def _granularities() -> None:
+def _granularities(response_format: str) -> set[str]:
+    """The timestamp granularities asked for (default: segment); as OpenAI, only verbose_json has any."""
     from flask import request
 
     values = request.form.getlist(GRANULARITIES) + request.form.getlist("timestamp_granularities")
     values += request.args.getlist(GRANULARITIES) + request.args.getlist("timestamp_granularities")
     for value in values:
-        if value == "word":
-            raise api.ParamError(GRANULARITIES, "word timestamps are not supported yet by this service")
-        if value != "segment":
+        if value not in ("segment", "word"):
             raise api.ParamError(GRANULARITIES, f"must be segment or word, not {value[:40]!r}")
+    if values and response_format != "verbose_json":
+        raise api.ParamError(GRANULARITIES, "needs response_format verbose_json")
+    return set(values) or {"segment"}
 
 
-def _render(transcript: Transcript, response_format: str, task: str, temperature: float) -> Response:
+def _render(transcript: Transcript, response_format: str, task: str, temperature: float,
+            granularities: set[str]) -> Response:
     if response_format == "json":
         return jsonify(text=transcript.text, usage=_usage(transcript))
     if response_format == "verbose_json":
-        return jsonify(**formats.openai_verbose(transcript, task, temperature), usage=_usage(transcript))
+        body = formats.openai_verbose(transcript, task, temperature, with_segments="segment" in granularities,
+                                      with_words="word" in granularities)
+        return jsonify(**body, usage=_usage(transcript))
     output = _FORMAT_OUTPUT[response_format]
     return formats.text_response(formats.WRITERS[output](transcript), output)
 

@@ -34,7 +34,24 @@ def health():
         requests_in_flight=inst.requests_in_flight,
         queue={"running": inst.queue.in_flight, "waiting": inst.queue.waiting,
                "max": inst.queue.max_pending},
+        model_config=model_config(inst),
     )
+
+
+def model_config(inst) -> dict:
+    """What the configuration made of this instance's model and its request defaults."""
+    s = inst.settings
+    return {
+        "compute_type": inst.engine.compute_type if inst.engine else s.compute_type,
+        "beam_size": s.beam_size,
+        "max_batch": inst.queue.max_batch,
+        "max_audio_seconds": s.max_audio_seconds,
+        "language": s.language or None,
+        "detect_language": s.detect_language,
+        "output": s.output,
+        "word_timestamps": s.word_timestamps,
+        "vad_filter": s.vad_filter,
+    }
 
 
 @bp.get("/ready")

@@ -25,6 +25,24 @@ def test_written_settings_read_back_identically(tmp_path):
     assert again == s
 
 
+MODEL_KEYS = ("engine", "model", "device", "compute_type", "beam_size", "max_batch", "language", "detect_language",
+              "output", "word_timestamps", "vad_filter")
+
+
+@pytest.mark.parametrize("path", ["deploy/asr.toml", "deploy/k8s/overlays/cpu/asr.toml",
+                                  "deploy/k8s/overlays/gpu/asr.toml"])
+def test_shipped_model_configurations_load_and_spell_out_the_model_keys(path):
+    import tomllib
+
+    from support import REPO
+
+    with (REPO / path).open("rb") as f:
+        written = tomllib.load(f)
+    assert set(MODEL_KEYS) <= set(written), set(MODEL_KEYS) - set(written)
+    settings = load_settings(REPO / path, env={})
+    assert {k: getattr(settings, k) for k in written} == written
+
+
 def test_timeouts_nest_from_the_longest_inference():
     s = Settings(max_audio_seconds=600, slowest_realtime_factor=0.5)
     assert s.max_inference_seconds >= 300
@@ -44,6 +62,9 @@ def test_timeouts_nest_from_the_longest_inference():
     ({"weights": "0"}, "weights"),
     ({"instances": "many"}, "instances"),
     ({"colour": "blue"}, "colour"),
+    ({"output": "pdf"}, "output"),
+    ({"detect_language": False}, "detect_language"),
+    ({"word_timestamps": "sometimes"}, "word_timestamps"),
 ])
 def test_bad_settings_are_refused_by_name(overrides, words):
     with pytest.raises(ConfigError, match=words):

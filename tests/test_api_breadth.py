@@ -1,0 +1,246 @@
+"""Every request option beyond plain transcription, on both engines, through nginx, on the shared real
+speech: word timestamps, initial prompts, VAD, language detection, long audio with absolute times, the
+OpenAI client's prompt and word granularity, and a model configuration file both engines honour."""
+import json
+
+import numpy as np
+import openai
+import pytest
+import requests
+import srt
+
+from support import JFK_REFERENCE, REPO, SHARED_AUDIO, bring_up, english_set_a, normalize, read_16k_mono, wav_bytes, \
+    wer
+
+pytestmark = pytest.mark.integration
+
+RATE = 16_000
+JFK = REPO / "tests" / "data" / "jfk.flac"
+JFK_SECONDS = 11.0
+# Casual, lowercase and unpunctuated: Whisper continues a prompt's style, so this one shows in the output.
+PLAIN_PROMPT = "um so yeah we were like talking about it you know"
+
+# The model configuration the service starts with: one file, the same keys for both engines.
+MODEL_CONFIG = """\
+compute_type = "{precision}"
+beam_size = 5
+max_batch = 2
+max_audio_seconds = 120.0
+output = "srt"
+"""
+PRECISION = {"ctranslate2": "int8", "transformers": "float32"}
+
+
+@pytest.fixture(scope="module", params=["ctranslate2", "transformers"])
+def service(request, tmp_path_factory, model_cache):
+    engine = request.param
+    tmp = tmp_path_factory.mktemp(engine)
+    config = tmp / "asr.toml"
+    config.write_text(MODEL_CONFIG.format(precision=PRECISION[engine]))
+    svc = bring_up(tmp, 1, "--engine", engine, "--config", str(config), env={"ASR_MODEL_CACHE": str(model_cache)})
+    svc.engine = engine
+    yield svc
+    svc.asrctl("down")
+
+
+def post(service, data: bytes, path: str = "/asr", **params) -> requests.Response:
+    return requests.post(f"{service.url}{path}", files={"audio_file": ("clip", data)}, data=params, timeout=300)
+
+
+def asr_json(service, data: bytes, **params) -> dict:
+    response = post(service, data, output="json", **params)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["engine"] == service.engine
+    return body
+
+
+def words_of(body: dict) -> list[dict]:
+    return [w for s in body["segments"] for w in s["words"]]
+
+
+def check_times(body: dict, duration: float) -> None:
+    """Segments and words move forward in time, inside the audio, each word inside its segment."""
+    assert body["duration"] == pytest.approx(duration, abs=0.01)
+    previous = 0.0
+    for segment in body["segments"]:
+        assert previous - 0.01 <= segment["start"] <= segment["end"] <= duration + 0.01, segment
+        previous = segment["start"]
+        for word in segment.get("words", []):
+            assert segment["start"] - 0.01 <= word["start"] <= word["end"] <= segment["end"] + 0.01, (word, segment)
+
+
+def jfk() -> bytes:
+    return JFK.read_bytes()
+
+
+def set_a_sequence(gap: float = 1.0) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+    """All of English set A back to back, ``gap`` seconds of silence apart: (samples, [(start, end,
+    reference)]) with each clip's place on the timeline."""
+    pieces, places, at = [], [], 0.0
+    for row in english_set_a():
+        samples = read_16k_mono(SHARED_AUDIO / row["file"])
+        places.append((at, at + len(samples) / RATE, row["reference"]))
+        pieces += [samples, np.zeros(int(gap * RATE), np.float32)]
+        at += len(samples) / RATE + gap
+    return np.concatenate(pieces), places
+
+
+# The model configuration file ---------------------------------------------------------------------
+
+def test_the_model_configuration_file_is_honoured(service):
+    health = requests.get(f"{service.url}/health", timeout=5).json()
+    assert health["engine"] == service.engine
+    assert health["model_config"] == {
+        "compute_type": PRECISION[service.engine], "beam_size": 5, "max_batch": 2, "max_audio_seconds": 120.0,
+        "language": None, "detect_language": True, "output": "srt", "word_timestamps": False, "vad_filter": False}
+    default = post(service, jfk())  # no output asked for: the configured SRT
+    assert default.status_code == 200 and default.headers["Content-Type"].startswith("application/x-subrip")
+    assert normalize(" ".join(s.content for s in srt.parse(default.text))) == normalize(JFK_REFERENCE)
+    samples, _ = set_a_sequence()
+    too_long = post(service, wav_bytes(np.concatenate([samples, samples]), RATE), output="json")
+    assert too_long.status_code == 413 and too_long.json()["error"]["code"] == "audio_too_long"
+
+
+# word_timestamps ------------------------------------------------------------------------------------
+
+def test_word_timestamps_on_set_a(service):
+    rows = [r for r in english_set_a() if r["duration_s"] <= 11]
+    hypotheses = []
+    for row in rows:
+        body = asr_json(service, (SHARED_AUDIO / row["file"]).read_bytes(), word_timestamps="true")
+        check_times(body, row["duration_s"])
+        for segment in body["segments"]:
+            assert segment["words"], segment
+            assert normalize("".join(w["word"] for w in segment["words"])) == normalize(segment["text"])
+            assert all(w["end"] - w["start"] < 3.0 for w in segment["words"])
+            if service.engine == "ctranslate2":
+                assert all(0 < w["probability"] <= 1 for w in segment["words"])
+        hypotheses.append(" ".join(w["word"] for w in words_of(body)))
+    assert wer([r["reference"] for r in rows], hypotheses) < 0.15
+    plain = asr_json(service, jfk())
+    assert all("words" not in s for s in plain["segments"])
+
+
+def test_jfk_words_sit_where_they_are_spoken(service):
+    words = words_of(asr_json(service, jfk(), word_timestamps="true"))
+    assert normalize(" ".join(w["word"] for w in words)) == normalize(JFK_REFERENCE)
+    assert words[0]["start"] < 1.0                   # "And" opens the clip
+    assert 9.5 < words[-1]["end"] <= JFK_SECONDS     # "country." ends about 10.5 s in, then silence
+    ask = [w for w in words if normalize(w["word"]) == "ask"]
+    assert len(ask) == 2 and ask[0]["end"] < 5.0 < 7.5 < ask[1]["start"]  # "ask not ..." / "... ask what"
+
+
+# initial_prompt -------------------------------------------------------------------------------------
+
+def test_initial_prompt_conditions_the_transcript(service):
+    plain = asr_json(service, jfk())["text"]
+    prompted = asr_json(service, jfk(), initial_prompt=PLAIN_PROMPT)["text"]
+    assert "," in plain and plain.startswith("And")
+    assert "," not in prompted and prompted.startswith("and")  # the prompt's style, not its words
+    assert normalize(prompted) == normalize(plain) == normalize(JFK_REFERENCE)
+    longest = asr_json(service, jfk(), initial_prompt="Kennedy. " * 220)  # past the kept 223 tokens
+    assert longest["segments"]
+
+
+# vad_filter -----------------------------------------------------------------------------------------
+
+def test_vad_filter_drops_silence_and_keeps_times_absolute(service):
+    jfk_samples = read_16k_mono(JFK)
+    silence = np.zeros(12 * RATE, np.float32)
+    padded = wav_bytes(np.concatenate([silence, jfk_samples, silence, jfk_samples]), RATE)
+    duration = 12 + JFK_SECONDS + 12 + JFK_SECONDS
+    with_vad = asr_json(service, padded, vad_filter="true", word_timestamps="true")
+    check_times(with_vad, duration)
+    assert normalize(with_vad["text"]) == normalize(JFK_REFERENCE + " " + JFK_REFERENCE)
+    words = words_of(with_vad)
+    second = [w for w in words if w["start"] > 12 + JFK_SECONDS]
+    assert len(second) == len(words) // 2            # each JFK's words lie on its own stretch of audio
+    # VAD keeps 400 ms of padding before speech: the first word may start that much before its audio.
+    assert 11.5 <= words[0]["start"] < 13.2 and 34.5 <= second[0]["start"] < 36.2
+    assert abs(words[-1]["end"] - (35 + 10.5)) < 1.0
+    without = asr_json(service, padded, word_timestamps="true")
+    assert abs(words_of(without)[0]["start"] - words[0]["start"]) < 1.0
+
+
+def test_vad_filter_on_audio_without_speech_skips_the_model(service):
+    quiet = wav_bytes(np.random.default_rng(0).normal(0, 1e-4, 20 * RATE).astype(np.float32), RATE)
+    response = post(service, quiet, output="json", vad_filter="true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["text"] == "" and body["segments"] == [] and body["duration"] == pytest.approx(20.0)
+    assert "inference;dur=0.00" in response.headers["Server-Timing"]
+
+
+# /detect-language -----------------------------------------------------------------------------------
+
+def test_detect_language(service):
+    for row in english_set_a()[:3]:
+        response = post(service, (SHARED_AUDIO / row["file"]).read_bytes(), path="/detect-language")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        # The embedded model is English-only: "en" is the one language it can answer, with certainty.
+        assert body == {"language": "en", "confidence": 1.0, "detected_language": "english", "language_code": "en"}
+        assert response.headers["Server-Timing"].startswith("queue;dur=")
+    samples, _ = set_a_sequence()  # longer than 30 s: only the start is looked at
+    assert post(service, wav_bytes(samples, RATE), path="/detect-language").json()["language"] == "en"
+    bad = post(service, jfk(), path="/detect-language", language="en")
+    assert bad.status_code == 422 and bad.json()["error"]["message"].startswith("language: ")
+    quiet = wav_bytes(np.zeros(5 * RATE, np.float32), RATE)
+    none = post(service, quiet, path="/detect-language", vad_filter="true")
+    assert none.status_code == 422 and none.json()["error"]["code"] == "no_speech"
+
+
+# Long audio -----------------------------------------------------------------------------------------
+
+def test_long_audio_is_transcribed_whole_with_absolute_times(service):
+    samples, places = set_a_sequence()
+    duration = len(samples) / RATE
+    assert duration > 60
+    body = asr_json(service, wav_bytes(samples, RATE), word_timestamps="true")
+    check_times(body, duration)
+    assert body["segments"][-1]["end"] > duration - 5
+    references = [reference for _, _, reference in places]
+    assert wer([" ".join(references)], [body["text"]]) < 0.15
+    # Every clip's words are found on that clip's own stretch of the timeline (windows past 30 s too).
+    words = words_of(body)
+    heard = [" ".join(w["word"] for w in words if start - 0.5 <= (w["start"] + w["end"]) / 2 <= end + 0.5)
+             for start, end, _ in places]
+    assert wer(references, heard) < 0.2, list(zip(references, heard))
+
+
+# OpenAI client: prompt and word timestamps ----------------------------------------------------------
+
+def test_openai_client_prompt_and_word_granularity(service):
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    with JFK.open("rb") as f:
+        verbose = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json",
+                                                     timestamp_granularities=["word", "segment"], prompt=PLAIN_PROMPT)
+    assert "," not in verbose.text and normalize(verbose.text) == normalize(JFK_REFERENCE)
+    assert verbose.segments and verbose.words
+    assert [w.word for w in verbose.words] == [w.word.strip() for w in verbose.words]
+    assert normalize(" ".join(w.word for w in verbose.words)) == normalize(JFK_REFERENCE)
+    starts = [w.start for w in verbose.words]
+    assert starts == sorted(starts) and verbose.words[-1].end <= JFK_SECONDS
+    with JFK.open("rb") as f:
+        words_only = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json",
+                                                        timestamp_granularities=["word"])
+    assert words_only.words and not words_only.segments
+    assert json.loads(words_only.to_json())["text"] == words_only.text
+
+
+def test_language_detection_switched_off_by_configuration():
+    """detect_language = false: /detect-language answers 403, /asr uses the configured language."""
+    import io
+
+    from app import create_app
+    from app.config import load_settings
+
+    settings = load_settings(env={}, overrides={"detect_language": False, "language": "en", "max_queue": 2})
+    client = create_app(settings, load_in_background=False).test_client()
+    upload = {"content_type": "multipart/form-data"}
+    off = client.post("/detect-language", data={"audio_file": (io.BytesIO(jfk()), "jfk.flac")}, **upload)
+    assert off.status_code == 403 and off.json["error"]["code"] == "language_detection_disabled"
+    served = client.post("/asr", data={"audio_file": (io.BytesIO(jfk()), "jfk.flac")}, **upload)
+    assert served.status_code == 200 and served.json["language"] == "en"
+    assert normalize(served.json["text"]) == normalize(JFK_REFERENCE)
