@@ -212,7 +212,7 @@ def test_multilingual_path_detects_and_steers_languages(checkpoint, set_a, tmp_p
         [GREEDY, DecodeOptions(beam_size=1, language="de"), DecodeOptions(beam_size=1, language="fr", task="translate")],
     )
     assert detected.language in engine.languages and 0 < detected.language_probability <= 1
-    assert (german.language, german.language_probability) == ("de", None)
+    assert (german.language, german.language_probability) == ("de", 1.0)
     assert french.language == "fr"
 
 

@@ -193,14 +193,13 @@ class _WhisperRunner:
             for segments, audio, (language, probability) in zip(output["segments"], audios, languages)
         ]
 
-    def _languages(
-        self, input_features: torch.Tensor, options: list[DecodeOptions]
-    ) -> list[tuple[str, float | None]]:
-        """The requested language, else the one detected on the first window, with its probability."""
+    def _languages(self, input_features: torch.Tensor, options: list[DecodeOptions]) -> list[tuple[str, float]]:
+        """The requested language (probability 1, as faster-whisper reports it), else the one detected
+        on the first window, with its probability."""
         if not self.multilingual:
-            return [("en", None)] * len(options)
+            return [("en", 1.0)] * len(options)
         detected = iter(self._detect([i for i, o in enumerate(options) if o.language is None], input_features))
-        return [(o.language, None) if o.language is not None else next(detected) for o in options]
+        return [(o.language, 1.0) if o.language is not None else next(detected) for o in options]
 
     def _detect(self, indices: list[int], input_features: torch.Tensor) -> list[tuple[str, float]]:
         if not indices:
@@ -214,10 +213,10 @@ class _WhisperRunner:
             logits = self.model(input_features=window, decoder_input_ids=start).logits[:, -1]
         probabilities = logits[:, [self.lang_to_id[t] for t in tokens]].float().softmax(dim=-1)
         best = probabilities.max(dim=-1)
-        return [(tokens[i][2:-2], p) for i, p in zip(best.indices.tolist(), best.values.tolist())]
+        return [(tokens[i][2:-2], round(p, 4)) for i, p in zip(best.indices.tolist(), best.values.tolist())]
 
     def _transcript(
-        self, segments: list[dict], duration: float, language: str, probability: float | None, words: bool
+        self, segments: list[dict], duration: float, language: str, probability: float, words: bool
     ) -> Transcript:
         """Segment and word times are clipped to the audio: a window padded to 30 s can end past it.
         With words, a segment spans its words, as in whisper and faster-whisper."""

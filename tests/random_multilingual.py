@@ -1,0 +1,89 @@
+"""A small multilingual Whisper with random weights, in both engines' formats, for the multilingual
+code paths (language detection, a requested language, translate) that the English-only embedded model
+never reaches. No multilingual weights can be had offline, so this model transcribes nothing
+meaningful: tests use it for what crosses the interfaces (the task and language reach the model, both
+engines detect the same language from the same weights), never for accuracy.
+
+Its tokenizer is the embedded model's byte-level BPE with the special tokens laid out as in Whisper's
+multilingual vocabulary (<|endoftext|> at 50257, 99 languages from 50259, timestamps from 50364).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+VOCAB = 51_865
+EOT, SOT = 50_257, 50_258
+TIMESTAMP_BEGIN = 50_364
+
+
+def build(out: Path) -> tuple[Path, Path]:
+    """Write the model to ``out``/hf (transformers) and ``out``/ct2 (CTranslate2); return both."""
+    import ctranslate2
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperTokenizer)
+
+    from app.engines.models import embedded_ct2_dir
+
+    hf, ct2 = out / "hf", out / "ct2"
+    hf.mkdir(parents=True)
+    specials = _write_tokenizer_json(embedded_ct2_dir() / "tokenizer.json", hf / "tokenizer.json")
+    (hf / "normalizer.json").write_text("{}\n")
+    tokenizer = WhisperTokenizer(tokenizer_object=Tokenizer.from_file(str(hf / "tokenizer.json")),
+                                 bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                 pad_token="<|endoftext|>", extra_special_tokens=specials[1:],
+                                 normalizer_file=str(hf / "normalizer.json"))
+    assert len(tokenizer) == VOCAB and tokenizer.convert_tokens_to_ids("<|notimestamps|>") == TIMESTAMP_BEGIN - 1
+    tokenizer.save_pretrained(hf)
+
+    suppress = [1, 2, 7, 8, 9, 10, 14, 25, 26, 27, 28, 29, 31, 58, 59, 60, 61, 62, 63, 90, 91, 92, 93, 357, 366]
+    config = WhisperConfig(vocab_size=VOCAB, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256,
+                           decoder_ffn_dim=256, max_source_positions=1500, max_target_positions=448,
+                           decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
+                           suppress_tokens=suppress, begin_suppress_tokens=[220, EOT])
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(config).save_pretrained(hf)
+    languages = [t for t in specials if t.strip("<|>") not in _NON_LANGUAGE]
+    GenerationConfig(
+        decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT, max_length=448,
+        suppress_tokens=suppress, begin_suppress_tokens=[220, EOT], no_timestamps_token_id=TIMESTAMP_BEGIN - 1,
+        prev_sot_token_id=tokenizer.convert_tokens_to_ids("<|startofprev|>"), max_initial_timestamp_index=50,
+        is_multilingual=True, alignment_heads=[[1, 0], [1, 1], [1, 2], [1, 3]],
+        lang_to_id={t: tokenizer.convert_tokens_to_ids(t) for t in languages},
+        task_to_id={task: tokenizer.convert_tokens_to_ids(f"<|{task}|>") for task in ("translate", "transcribe")},
+    ).save_pretrained(hf)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(hf)
+    ctranslate2.converters.TransformersConverter(
+        str(hf), copy_files=["tokenizer.json", "preprocessor_config.json"]).convert(str(ct2), quantization="float32")
+    return hf, ct2
+
+
+_NON_LANGUAGE = {"endoftext", "startoftranscript", "translate", "transcribe", "startoflm", "startofprev",
+                 "nocaptions", "notimestamps"}
+
+
+def _write_tokenizer_json(english: Path, target: Path) -> list[str]:
+    """The English-only tokenizer.json with the multilingual layout; returns the special tokens in id order."""
+    data = json.loads(english.read_text())
+    vocab = data["model"]["vocab"]
+    # English-only: <|endoftext|> is 50256. Multilingual: an empty token sits there, which is how
+    # CTranslate2 (4.8, "check token ids instead of vocabulary size") tells the two layouts apart.
+    del vocab["<|endoftext|>"]
+    vocab[""] = EOT - 1
+    specials = [t["content"] for t in sorted(data["added_tokens"], key=lambda t: t["id"])]
+    timestamps = [f"<|{i * 0.02:.2f}|>" for i in range(VOCAB - TIMESTAMP_BEGIN)]
+    data["added_tokens"] = [_added(EOT + i, token, True) for i, token in enumerate(specials)] + \
+                           [_added(TIMESTAMP_BEGIN + i, token, False) for i, token in enumerate(timestamps)]
+    ids = {token: EOT + i for i, token in enumerate(specials)}
+    for name, entry in data["post_processor"]["special_tokens"].items():
+        entry["ids"] = [ids[name]]
+    target.write_text(json.dumps(data, ensure_ascii=False))
+    return specials
+
+
+def _added(token_id: int, content: str, special: bool) -> dict:
+    return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": special}
