@@ -238,3 +238,17 @@ def test_transformers_batched_equals_one_by_one(set_a, model_cache):
     options = [DecodeOptions(beam_size=5)] * len(clips)
     one_by_one = [engine.transcribe(a, o) for a, o in zip(clips, options)]
     assert engine.transcribe_batch(clips, options) == one_by_one
+
+
+@pytest.mark.skipif(importlib.util.find_spec("app.engines.transformers_engine") is None,
+                    reason="no transformers engine")
+def test_transformers_long_clips_batch_like_one_by_one(set_a, model_cache):
+    """Clips over 30 s go through generate()'s long-form decoding together, window by window."""
+    model = resolve_model("transformers", "embedded", model_cache)
+    engine = load_engine("transformers", model, "cpu", "float32", cpu_threads=1)
+    clips = [np.concatenate(set_a[:6]), np.concatenate(set_a[3:])]
+    assert all(len(c) > 30 * 16_000 for c in clips)
+    options = [DecodeOptions(beam_size=1)] * 2
+    one_by_one = [engine.transcribe(a, o) for a, o in zip(clips, options)]
+    batched = engine.transcribe_batch(clips, options)
+    assert batched == one_by_one and all(t.segments[-1].end > 27 for t in batched)  # to their ends
