@@ -189,6 +189,10 @@ def test_detect_language(service):
     quiet = wav_bytes(np.zeros(5 * RATE, np.float32), RATE)
     none = post(service, quiet, path="/detect-language", vad_filter="true")
     assert none.status_code == 422 and none.json()["error"]["code"] == "no_speech"
+    text = post(service, b"language: en\n" * 100, path="/detect-language")
+    damaged = post(service, jfk()[:2000], path="/detect-language")
+    assert (text.status_code, damaged.status_code) == (415, 422)
+    assert requests.get(f"{service.url}/ready", timeout=5).status_code == 200
 
 
 # Long audio -----------------------------------------------------------------------------------------
