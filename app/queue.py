@@ -7,10 +7,11 @@ attributes the probes and metrics read.
 
 Two kinds of job share the queue: transcription (``submit``) and language detection
 (``submit_language_detection``). Dynamic batching: the inference thread takes up to ``max_batch``
-waiting jobs at once, waiting at most ``max_wait_ms`` after the first of them arrived for more to come,
-and runs each kind through one batched engine call (``transcribe_batch``, ``detect_language``). A job
-that already waited that long (the thread was busy) is never held back further. If a batched call
-fails, its jobs are retried one by one, so one bad clip fails only its own request. An optional ``observer`` hears each batch's size and its jobs' queue waits (the
+waiting jobs at once, waiting at most ``max_wait_ms`` after the first of them arrived for more to
+come, and runs each kind through one batched engine call (``transcribe_batch``,
+``detect_language``). A job that already waited that long (the thread was busy) is never held back
+further. If a batched call fails, its jobs are retried one by one, so one bad clip fails only its
+own request. An optional ``observer`` hears each batch's size and its jobs' queue waits (the
 metrics module counts them; this module stays free of Prometheus).
 """
 from __future__ import annotations
