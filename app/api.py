@@ -14,7 +14,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from app import formats, metrics, vad
 from app.audio import DecodedAudio, decode_audio
-from app.engines.base import SAMPLE_RATE, DecodeOptions, Transcript
+from app.engines.base import DecodeOptions, Transcript
 from app.errors import ApiError
 from app.instance import ModelInstance
 from app.queue import JobFuture, QueueFull, result_within
@@ -33,7 +33,6 @@ DETECT_PARAMS = ("vad_filter",)
 # value is refused rather than silently ignored.
 ASR_UNSUPPORTED = {"encode": "true", "diarize": "false"}
 MAX_PROMPT_CHARS = 2000  # Whisper keeps the prompt's last 223 tokens; longer text is a client mistake
-DETECTION_SAMPLES = 30 * SAMPLE_RATE  # language detection looks at the first 30 s
 
 
 class ParamError(ApiError):
@@ -100,8 +99,8 @@ def detect_language():
             samples = vad.keep_speech(samples).samples
             if not len(samples):
                 raise ApiError(422, "no_speech", "vad_filter found no speech to detect a language in")
-        (code, probability), future = queued(inst, lambda: inst.queue.submit_language_detection(
-            samples[:DETECTION_SAMPLES]))
+        # The engines look at the first 30 s only.
+        (code, probability), future = queued(inst, lambda: inst.queue.submit_language_detection(samples))
         response = jsonify(language=code, confidence=round(float(probability), 4),
                            # whisper-asr-webservice's names, for its clients
                            detected_language=formats.LANGUAGE_NAMES.get(code, code), language_code=code)

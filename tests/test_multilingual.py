@@ -41,7 +41,8 @@ def clips():
     return [read_16k_mono(SHARED_AUDIO / row["file"]) for row in (GERMAN, MANDARIN)]
 
 
-def words(text: str) -> list[str]:
+def compact(text: str) -> str:
+    """The text without spaces: the engines join segments differently, the tokens are what count."""
     return text.replace(" ", "")
 
 
@@ -63,12 +64,11 @@ def test_task_and_language_reach_the_model_on_both_engines(engines, clips):
     german = clips[0]
     decoded = {}
     for name, engine in engines.items():
-        runs = {key: engine.transcribe(german, DecodeOptions(beam_size=1, language=language, task=task))
-                for key in [("de", "transcribe"), ("de", "translate"), ("fr", "transcribe")]
-                for language, task in [key]}
+        runs = {(language, task): engine.transcribe(german, DecodeOptions(beam_size=1, language=language, task=task))
+                for language, task in [("de", "transcribe"), ("de", "translate"), ("fr", "transcribe")]}
         assert {t.language for t in runs.values()} == {"de", "fr"}
         assert all(t.language_probability == 1.0 for t in runs.values())
-        texts = {key: words(t.text) for key, t in runs.items()}
+        texts = {key: compact(t.text) for key, t in runs.items()}
         assert all(texts.values()) and len(set(texts.values())) == 3, texts  # each prompt decodes its own way
         decoded[name] = texts
     # Same weights, same prompt, greedy: the same first tokens on both engines.
@@ -107,7 +107,7 @@ def test_detection_translation_and_languages_through_nginx(service):
     assert detected.status_code == 200, detected.text
     body = detected.json()
     assert body["language"] in LANGUAGE_NAMES and 0 < body["confidence"] <= 1
-    assert body["detected_language"] == LANGUAGE_NAMES[body["language"]] == body["detected_language"]
+    assert body["detected_language"] == LANGUAGE_NAMES[body["language"]] and body["language_code"] == body["language"]
 
     auto = post(service, "/asr", GERMAN, output="json")
     assert auto.status_code == 200 and auto.json()["language"] == body["language"]
