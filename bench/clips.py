@@ -1,4 +1,4 @@
-"""The clips a benchmark sends: the shared English set-A clips by default, or every audio file in a folder."""
+"""The clips a benchmark sends: the repository's English set-A clips (tests/data/audio) by default, or every audio file in a folder."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_AUDIO = Path(os.environ.get("ASR_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
+SPEECH = Path(os.environ.get("ASR_SPEECH", REPO / "tests" / "data" / "audio"))
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".aac"}
 
 
@@ -20,9 +20,9 @@ class Clip:
 
 def load_clips(folder: str | os.PathLike | None = None, limit: int | None = None,
                max_seconds: float = 600.0) -> list[Clip]:
-    """Set-A English clips from the shared manifest, or every audio file in ``folder`` (a folder with a
+    """Set-A English clips from the manifest, or every audio file in ``folder`` (a folder with a
     ``manifest.jsonl`` is read through it, English set A). ``limit`` keeps the shortest ones."""
-    root = Path(folder) if folder else SHARED_AUDIO
+    root = Path(folder) if folder else SPEECH
     manifest = root / "manifest.jsonl"
     if manifest.exists():
         rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]

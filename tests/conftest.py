@@ -5,12 +5,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import SHARED_AUDIO  # noqa: E402
+from support import SPEECH  # noqa: E402
 
 
 def pytest_configure(config):
-    if not (SHARED_AUDIO / "manifest.jsonl").exists():
-        raise pytest.UsageError(f"shared speech clips not found at {SHARED_AUDIO} (set ASR_SHARED_AUDIO)")
+    if not (SPEECH / "manifest.jsonl").exists():
+        raise pytest.UsageError(f"speech clips not found at {SPEECH} (set ASR_SPEECH)")
 
 
 @pytest.fixture(scope="session")

@@ -17,16 +17,16 @@ import requests
 import soundfile
 import soxr
 
+from bench.clips import SPEECH  # noqa: F401  (the bench and the tests read the same clips)
 from bench.service import free_ports  # noqa: F401  (the bench and the tests pick ports alike)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_AUDIO = Path(os.environ.get("ASR_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
 BIN = Path(sys.executable).parent
 JFK_REFERENCE = "And so, my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
 
 
 def manifest(language: str | None = None, set_name: str | None = None) -> list[dict]:
-    rows = [json.loads(line) for line in (SHARED_AUDIO / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows
             if (language is None or r["language"] == language) and (set_name is None or r.get("set") == set_name)]
 
@@ -36,7 +36,7 @@ def english_set_a() -> list[dict]:
 
 
 def clip_bytes(row: dict) -> bytes:
-    return (SHARED_AUDIO / row["file"]).read_bytes()
+    return (SPEECH / row["file"]).read_bytes()
 
 
 _NUMBERS = {str(i): w for i, w in enumerate(

@@ -9,7 +9,7 @@ import pytest
 import requests
 import srt
 
-from support import JFK_REFERENCE, REPO, SHARED_AUDIO, bring_up, english_set_a, normalize, read_16k_mono, wav_bytes, \
+from support import JFK_REFERENCE, REPO, SPEECH, bring_up, english_set_a, normalize, read_16k_mono, wav_bytes, \
     wer
 
 pytestmark = pytest.mark.integration
@@ -79,7 +79,7 @@ def set_a_sequence(gap: float = 1.0) -> tuple[np.ndarray, list[tuple[float, floa
     reference)]) with each clip's place on the timeline."""
     pieces, places, at = [], [], 0.0
     for row in english_set_a():
-        samples = read_16k_mono(SHARED_AUDIO / row["file"])
+        samples = read_16k_mono(SPEECH / row["file"])
         places.append((at, at + len(samples) / RATE, row["reference"]))
         pieces += [samples, np.zeros(int(gap * RATE), np.float32)]
         at += len(samples) / RATE + gap
@@ -108,7 +108,7 @@ def test_word_timestamps_on_set_a(service):
     rows = [r for r in english_set_a() if r["duration_s"] <= 11]
     hypotheses = []
     for row in rows:
-        body = asr_json(service, (SHARED_AUDIO / row["file"]).read_bytes(), word_timestamps="true")
+        body = asr_json(service, (SPEECH / row["file"]).read_bytes(), word_timestamps="true")
         check_times(body, row["duration_s"])
         for segment in body["segments"]:
             assert segment["words"], segment
@@ -176,7 +176,7 @@ def test_vad_filter_on_audio_without_speech_skips_the_model(service):
 
 def test_detect_language(service):
     for row in english_set_a()[:3]:
-        response = post(service, (SHARED_AUDIO / row["file"]).read_bytes(), path="/detect-language")
+        response = post(service, (SPEECH / row["file"]).read_bytes(), path="/detect-language")
         assert response.status_code == 200, response.text
         body = response.json()
         # The embedded model is English-only: "en" is the one language it can answer, with certainty.

@@ -16,7 +16,7 @@ import random_multilingual
 from app.engines import load_engine
 from app.engines.base import DecodeOptions
 from app.formats import LANGUAGE_NAMES
-from support import SHARED_AUDIO, bring_up, manifest, read_16k_mono
+from support import SPEECH, bring_up, manifest, read_16k_mono
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ def engines(model):
 
 @pytest.fixture(scope="module")
 def clips():
-    return [read_16k_mono(SHARED_AUDIO / row["file"]) for row in (GERMAN, MANDARIN)]
+    return [read_16k_mono(SPEECH / row["file"]) for row in (GERMAN, MANDARIN)]
 
 
 def compact(text: str) -> str:
@@ -98,7 +98,7 @@ def service(request, model, tmp_path_factory):
 
 
 def post(service, path: str, row: dict, **params) -> requests.Response:
-    return requests.post(f"{service.url}{path}", files={"audio_file": (row["file"], (SHARED_AUDIO / row["file"]).read_bytes())},
+    return requests.post(f"{service.url}{path}", files={"audio_file": (row["file"], (SPEECH / row["file"]).read_bytes())},
                          data=params, timeout=120)
 
 
@@ -124,10 +124,10 @@ def test_detection_translation_and_languages_through_nginx(service):
 
 def test_openai_translation_endpoint(service):
     client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    with (SHARED_AUDIO / MANDARIN["file"]).open("rb") as f:
+    with (SPEECH / MANDARIN["file"]).open("rb") as f:
         verbose = client.audio.translations.create(model="whisper-1", file=f, response_format="verbose_json")
     assert verbose.task == "translate" and verbose.duration == pytest.approx(MANDARIN["duration_s"], abs=0.05)
-    with (SHARED_AUDIO / GERMAN["file"]).open("rb") as f:
+    with (SPEECH / GERMAN["file"]).open("rb") as f:
         german = client.audio.transcriptions.create(model="whisper-1", file=f, language="de",
                                                    response_format="verbose_json")
     assert german.language == "german"

@@ -12,7 +12,7 @@ from app.engines.base import DecodeOptions
 from app.engines.models import embedded_ct2_dir
 from support import (
     BIN, JFK_REFERENCE, REPO, bring_up, clip_bytes, encode, english_set_a, normalize, read_16k_mono,
-    SHARED_AUDIO, wav_bytes, wer,
+    SPEECH, wav_bytes, wer,
 )
 
 pytestmark = pytest.mark.integration
@@ -53,7 +53,7 @@ def test_set_a_word_error_rate_equals_the_bare_engine(set_a_through_nginx):
     served = [r.json()["text"] for r in responses]
     # The bare engine in this process: same model, precision, beam and threads as one instance.
     engine = load_engine("ctranslate2", str(embedded_ct2_dir()), "cpu", "int8", cpu_threads=1)
-    bare = [engine.transcribe(read_16k_mono(SHARED_AUDIO / r["file"]), DecodeOptions(beam_size=5)).text
+    bare = [engine.transcribe(read_16k_mono(SPEECH / r["file"]), DecodeOptions(beam_size=5)).text
             for r in rows]
     references = [r["reference"] for r in rows]
     assert wer(references, served) == pytest.approx(wer(references, bare))
@@ -86,7 +86,7 @@ def test_upload_forms_clients_use(service):
 @pytest.mark.parametrize("container, codec", [("mp3", "libmp3lame"), ("ipod", "aac"), ("ogg", "libopus")])
 def test_compressed_uploads_transcribe(service, container, codec):
     import soxr
-    samples = read_16k_mono(SHARED_AUDIO / "setA" / "jfk.flac")
+    samples = read_16k_mono(SPEECH / "setA" / "jfk.flac")
     rate = 48000 if codec == "libopus" else 44100
     data = encode(soxr.resample(samples, 16000, rate), rate, container, codec)
     response = service.transcribe(data, filename=f"jfk.{container}")
