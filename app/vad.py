@@ -33,6 +33,15 @@ def keep_speech(samples: np.ndarray) -> Speech:
     return Speech(np.concatenate(kept) if kept else np.zeros(0, np.float32), chunks)
 
 
+def speech_stretches(samples: np.ndarray, min_pause_ms: int = 300) -> list[dict]:
+    """Where Silero VAD hears speech, ``{"start", "end"}`` in samples, with pauses as short as
+    ``min_pause_ms`` kept apart: the places a long recording may be cut (``app.chunking``)."""
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    options = VadOptions(min_silence_duration_ms=min_pause_ms, speech_pad_ms=100)
+    return get_speech_timestamps(samples, options, sampling_rate=SAMPLE_RATE)
+
+
 def restore_times(transcript: Transcript, speech: Speech, duration: float) -> Transcript:
     """The transcript of ``speech.samples`` with its times moved back onto the original audio."""
     from faster_whisper.vad import SpeechTimestampsMap
