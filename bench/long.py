@@ -1,0 +1,293 @@
+"""``python -m bench long``: long-file latency, chunked against window after window, and the jobs path.
+
+Recordings of ``--minutes`` (default 5 and 30) are built from the English set-A clips back to back
+with pauses of 0.4-1.5 s (seeded), so the reference text is known and the word error rate of every
+run is reported next to its time. Each configuration is a pool brought up with the real ``asrctl``
+on free loopback ports, one core and one thread per instance (``--cpu-threads 1``):
+
+* ``window``: ``chunking = false``: one instance decodes the file window after window (the other, if
+  any, idles);
+* ``chunked``: the file is cut at pauses and the chunks decoded on the instance that got it and on
+  its idle siblings;
+* ``job``: ``POST /v1/jobs``, then ``GET /v1/jobs/{id}`` every 0.5 s until done: the time to done and
+  the longest stretch without progress. With ``--restart-job-minutes M`` (default 30), the job of
+  that length gets an ``asrctl restart --rolling`` when half done, and the chunks decoded twice are
+  counted from the job database.
+
+Results: ``bench/results/long-<timestamp>/`` (``summary.md``, ``results.json``, plots).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from bench.clips import REPO, SPEECH
+from bench.machine import busy_seconds
+from bench.service import Service
+
+RATE = 16_000
+
+
+def recording(minutes: float, seed: int = 0) -> tuple[bytes, float, str]:
+    """(16-bit WAV bytes, seconds, reference text): set-A clips back to back until ``minutes``."""
+    import soundfile
+    import soxr
+
+    rows = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("language") == "en" and r.get("set") == "A"]
+    clips = []
+    for row in rows:
+        samples, rate = soundfile.read(str(SPEECH / row["file"]), dtype="float32", always_2d=True)
+        mono = samples.mean(axis=1)
+        clips.append((soxr.resample(mono, rate, RATE) if rate != RATE else mono, row["reference"]))
+    rng = random.Random(seed)
+    pieces, texts, total = [], [], 0
+    while total < minutes * 60 * RATE:
+        samples, text = clips[rng.randrange(len(clips))]
+        pause = np.zeros(int(rng.uniform(0.4, 1.5) * RATE), np.float32)
+        pieces += [samples.astype(np.float32), pause]
+        texts.append(text)
+        total += len(samples) + len(pause)
+    audio = np.concatenate(pieces)
+    import io
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue(), len(audio) / RATE, " ".join(texts)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    import re
+
+    import jiwer
+
+    def norm(text: str) -> str:
+        return " ".join(re.sub(r"[^\w\s']", " ", text.lower().replace("-", " ")).split())
+    return round(jiwer.wer(norm(reference), norm(hypothesis)), 4)
+
+
+def transcribe(service: Service, data: bytes) -> dict:
+    started, load = time.monotonic(), OtherLoad(service)
+    response = requests.post(service.url, files={"audio": ("long.wav", data)}, timeout=7200)
+    seconds = time.monotonic() - started
+    response.raise_for_status()
+    return {"seconds": round(seconds, 2), "text": response.json()["text"],
+            "chunks": response.headers.get("X-ASR-Chunks", ""),
+            "other_load_cores": load.cores()}
+
+
+def run_job(service: Service, data: bytes, restart: bool) -> dict:
+    base = f"http://127.0.0.1:{service.port}"
+    started, load = time.monotonic(), OtherLoad(service)
+    posted = requests.post(f"{base}/v1/jobs", files={"audio": ("long.wav", data)}, timeout=600)
+    posted.raise_for_status()
+    job_id = posted.json()["id"]
+    timeline, last_change, longest_gap = [], None, 0.0
+    restarter: threading.Thread | None = None
+    while True:
+        job = requests.get(f"{base}/v1/jobs/{job_id}", timeout=30).json()
+        now = time.monotonic() - started
+        done = job["progress"]["done_seconds"]
+        if not timeline or done != timeline[-1][1]:
+            if last_change is not None and job["state"] == "running":
+                longest_gap = max(longest_gap, now - last_change)
+            last_change = now
+            timeline.append((round(now, 2), done))
+        if job["state"] == "running" and last_change is None:
+            last_change = now
+        if restart and restarter is None and job["progress"]["fraction"] >= 0.5:
+            restarter = threading.Thread(target=service_restart, args=(service, timeline, started))
+            restarter.start()
+        if job["state"] not in ("queued", "running"):
+            break
+        time.sleep(0.5)
+    seconds = time.monotonic() - started
+    if restarter:
+        restarter.join()
+    result = {"seconds": round(seconds, 2), "state": job["state"], "longest_seconds_without_progress": round(longest_gap, 2),
+              "progress": timeline, "text": (job.get("result") or {}).get("text", ""),
+              "other_load_cores": load.cores()}
+    if restart:
+        from app.jobs.store import JobStore
+
+        chunks = JobStore(service.run_dir / "jobs" / "jobs.sqlite3").chunks(job_id)
+        result["restart"] = {"window": getattr(service, "restart_window", None),
+                             "chunks": len(chunks),
+                             "decoded_more_than_once": sum(1 for c in chunks if c.attempts > 1),
+                             "lost": sum(1 for c in chunks if c.speech and c.result is None)}
+    return result
+
+
+def service_restart(service: Service, timeline: list, started: float) -> None:
+    from bench.service import asrctl
+
+    begin = time.monotonic() - started
+    asrctl("restart", "--rolling", "--run-dir", str(service.run_dir), "--quiet", timeout=900)
+    service.restart_window = (round(begin, 2), round(time.monotonic() - started, 2))
+
+
+class OtherLoad:
+    """Cores other processes kept busy from now until ``cores()``: the machine's busy CPU time minus
+    the service's own (supervisord's whole tree) and this process's, over the wall time."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.started, self.busy, self.own = time.monotonic(), busy_seconds(), self._own()
+
+    def _own(self) -> float:
+        return self.service.cpu_seconds() + time.process_time()
+
+    def cores(self) -> float:
+        wall = time.monotonic() - self.started
+        other = (busy_seconds() - self.busy) - (self._own() - self.own)
+        return round(max(0.0, other) / wall, 2) if wall > 0 else 0.0
+
+
+def run(minutes: list[float], instances: list[int], restart_minutes: float | None, out: Path,
+        skip: set[str]) -> dict:
+    recordings = {m: recording(m) for m in minutes}
+    results: list[dict] = []
+    for count in instances:
+        for mode in ("window", "chunked"):
+            if f"{mode}@{count}" in skip:
+                continue
+            run_dir = out / f"run-{mode}-{count}"
+            env = {"ASR_CHUNKING": "true" if mode == "chunked" else "false",
+                   "ASR_MAX_AUDIO_SECONDS": str(max(minutes) * 60 + 120),
+                   "ASR_JOB_MAX_AUDIO_SECONDS": str(max(minutes) * 60 + 120)}
+            service = Service(f"{mode}-{count}", run_dir, count, cpu_threads=1, env=env)
+            service.up(timeout=600)
+            try:
+                for m in minutes:
+                    if f"{mode}@{count}@{m:g}" in skip:
+                        continue
+                    data, duration, reference = recordings[m]
+                    row = {"minutes": m, "audio_seconds": round(duration, 1), "instances": count, "mode": mode}
+                    measured = transcribe(service, data)
+                    row.update(seconds=measured["seconds"], chunks=measured["chunks"],
+                               wer=word_error_rate(reference, measured["text"]),
+                               other_load_cores=measured["other_load_cores"])
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+                    if mode == "chunked" and count == max(instances):
+                        job = run_job(service, data, restart=restart_minutes == m)
+                        jrow = {"minutes": m, "audio_seconds": round(duration, 1), "instances": count,
+                                "mode": "job" + (" + rolling restart" if "restart" in job else ""),
+                                "seconds": job["seconds"], "wer": word_error_rate(reference, job["text"]),
+                                "state": job["state"], "other_load_cores": job["other_load_cores"],
+                                "longest_seconds_without_progress": job["longest_seconds_without_progress"],
+                                "progress": job["progress"], **({"restart": job["restart"]} if "restart" in job else {})}
+                        results.append(jrow)
+                        print(json.dumps({k: v for k, v in jrow.items() if k != "progress"}), flush=True)
+            finally:
+                service.down()
+                shutil.rmtree(run_dir, ignore_errors=True)
+    summary = {"results": results, "ratios": ratios(results), "cpu": os.cpu_count(),
+               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(summary))
+    plot(out, summary)
+    return summary
+
+
+def ratios(results: list[dict]) -> dict:
+    def seconds(m, count, mode):
+        return next((r["seconds"] for r in results if r["minutes"] == m and r["instances"] == count
+                     and r["mode"] == mode), None)
+    out = {}
+    for m in sorted({r["minutes"] for r in results}):
+        window = seconds(m, 2, "window") or seconds(m, 1, "window")
+        for count in (1, 2):
+            chunked = seconds(m, count, "chunked")
+            if window and chunked:
+                out[f"{m:g} min, chunked on {count} / window after window"] = round(chunked / window, 3)
+        job = next((r for r in results if r["minutes"] == m and r["mode"].startswith("job")), None)
+        if window and job:
+            out[f"{m:g} min, {job['mode']} / window after window"] = round(job["seconds"] / window, 3)
+    return out
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| audio | instances | mode | seconds | RTFx | WER | other load (cores) | chunks / notes |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in summary["results"]:
+        note = r.get("chunks", "")
+        if r["mode"].startswith("job"):
+            note = f"longest without progress {r['longest_seconds_without_progress']} s"
+            if "restart" in r:
+                x = r["restart"]
+                note += (f"; restart at {x['window']}: {x['chunks']} chunks, {x['decoded_more_than_once']} "
+                         f"decoded twice, {x['lost']} lost")
+        lines.append(f"| {r['minutes']:g} min ({r['audio_seconds']} s) | {r['instances']} | {r['mode']} | "
+                     f"{r['seconds']} | {r['audio_seconds'] / r['seconds']:.2f} | {r['wer']:.4f} | "
+                     f"{r.get('other_load_cores')} | {note} |")
+    lines += ["", "| ratio | measured |", "| --- | ---: |"]
+    lines += [f"| {k} | **{v}** |" for k, v in summary["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: Path, summary: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = summary["results"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['minutes']:g} min\n{r['instances']}x {r['mode'].replace(' + rolling restart', '+restart')}"
+              for r in results]
+    ax.bar(range(len(results)), [r["seconds"] for r in results],
+           color=["tab:gray" if r["mode"] == "window" else "tab:blue" if r["mode"] == "chunked" else "tab:green"
+                  for r in results])
+    ax.set_xticks(range(len(results)), labels, fontsize=7)
+    ax.set_ylabel("seconds to the transcript")
+    ax.set_title("Long files on one core per instance: window after window vs chunked vs job")
+    fig.tight_layout()
+    fig.savefig(out / "long_file_latency.png", dpi=110)
+    plt.close(fig)
+    jobs = [r for r in results if r["mode"].startswith("job")]
+    if jobs:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for r in jobs:
+            t, done = zip(*r["progress"]) if r["progress"] else ((), ())
+            ax.step(t, [d / r["audio_seconds"] for d in done], where="post", label=f"{r['minutes']:g} min {r['mode']}")
+            if "restart" in r and r["restart"]["window"]:
+                ax.axvspan(*r["restart"]["window"], alpha=0.15, color="tab:red", label="asrctl restart --rolling")
+        ax.set_xlabel("seconds since POST /v1/jobs")
+        ax.set_ylabel("progress (audio done / total)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "job_progress.png", dpi=110)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench long", description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", default="5,30", help="recording lengths, e.g. 5,30")
+    parser.add_argument("--instances", default="1,2", help="pool sizes, e.g. 1,2")
+    parser.add_argument("--restart-job-minutes", type=float, default=30.0,
+                        help="the job of this length gets a rolling restart half way (0: none)")
+    parser.add_argument("--skip", default="window@1@30,chunked@1@30",
+                        help="mode@instances[@minutes] to leave out (default: the 30-minute file on one "
+                             "instance, which repeats window after window on one core)")
+    parser.add_argument("--out", help="results folder (default: bench/results/long-<timestamp>)")
+    args = parser.parse_args(argv)
+    out = Path(args.out or REPO / "bench" / "results" / time.strftime("long-%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    summary = run([float(m) for m in args.minutes.split(",")], [int(n) for n in args.instances.split(",")],
+                  args.restart_job_minutes or None, out, {s for s in args.skip.split(",") if s})
+    print(markdown(summary))
+    print(f"results: {out}")
+    return 0 if all(r.get("state", "done") == "done" for r in summary["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
