@@ -3,8 +3,11 @@
 A chunk is at most ``max_seconds`` long, so chunks can be decoded side by side (as one batch in an
 instance, or spread over instances) instead of window after window. Cuts go where nobody speaks:
 ``plan_chunks`` takes the speech stretches Silero VAD found (``app.vad.speech_stretches``) and cuts
-in the middle of the longest pause in the second half of each window, so no chunk ends mid-word
-where a pause exists. Only speech that runs on past the limit without any pause is cut at the
+in the middle of the last clear pause (at least ``CLEAR_PAUSE_SECONDS``) in the second half of each
+window, else of the longest pause there, so no chunk ends mid-word where a pause exists. The last
+clear pause rather than the longest keeps chunks near a full window: a chunk costs a whole window of
+encoder work however short it is, and with the longest pause chunks averaged 23 s of 30 and a
+5-minute file took 13 windows instead of window-after-window's 11. Only speech that runs on past the limit without any pause is cut at the
 quietest 100 ms of the window's second half. Planning is a pure function of sample counts, tested
 on synthetic timelines; ``join`` moves each chunk's segments and words to absolute times.
 """
@@ -19,6 +22,7 @@ import numpy as np
 from app.engines.base import SAMPLE_RATE, Transcript
 
 _FRAME = SAMPLE_RATE // 10  # 100 ms: the resolution of a cut inside unbroken speech
+CLEAR_PAUSE_SECONDS = 0.5   # a pause between sentences, not a breath inside one (VAD's padding excluded)
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,9 @@ def plan_chunks(samples: np.ndarray, max_seconds: float, speech: Sequence[dict])
     pauses = _pauses(speech, total)
     cuts, position = [0], 0
     while total - position > limit:
-        cut = _best_pause(pauses, position + limit // 2, position + limit)
+        cut = _last_clear_pause(pauses, position + limit // 2, position + limit)
+        if cut is None:
+            cut = _best_pause(pauses, position + limit // 2, position + limit)
         if cut is None:
             cut = _best_pause(pauses, position + 1, position + limit)
         if cut is None:
@@ -112,6 +118,16 @@ def _pauses(speech: Sequence[dict], total: int) -> list[tuple[int, int]]:
     if not speech:
         edges = [(0, total)] if total else []
     return edges
+
+
+def _last_clear_pause(pauses: list[tuple[int, int]], low: int, high: int) -> int | None:
+    """The middle of the last pause whose part inside [low, high] is a clear pause, or None."""
+    clear = int(CLEAR_PAUSE_SECONDS * SAMPLE_RATE)
+    for start, end in reversed(pauses):
+        a, b = max(start, low), min(end, high)
+        if b - a >= clear:
+            return (a + b) // 2
+    return None
 
 
 def _best_pause(pauses: list[tuple[int, int]], low: int, high: int) -> int | None:

@@ -19,6 +19,7 @@ Results: ``bench/results/long-<timestamp>/`` (``summary.md``, ``results.json``, 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -59,7 +60,6 @@ def recording(minutes: float, seed: int = 0) -> tuple[bytes, float, str]:
         texts.append(text)
         total += len(samples) + len(pause)
     audio = np.concatenate(pieces)
-    import io
     buffer = io.BytesIO()
     soundfile.write(buffer, audio, RATE, format="WAV", subtype="PCM_16")
     return buffer.getvalue(), len(audio) / RATE, " ".join(texts)
@@ -91,25 +91,26 @@ def run_job(service: Service, data: bytes, restart: bool) -> dict:
     posted = requests.post(f"{base}/v1/jobs", files={"audio": ("long.wav", data)}, timeout=600)
     posted.raise_for_status()
     job_id = posted.json()["id"]
-    timeline, last_change, longest_gap = [], None, 0.0
+    timeline: list[tuple[float, float]] = []   # (seconds since the POST, audio seconds done) at each change
+    running_since: float | None = None
     restarter: threading.Thread | None = None
     while True:
         job = requests.get(f"{base}/v1/jobs/{job_id}", timeout=30).json()
         now = time.monotonic() - started
         done = job["progress"]["done_seconds"]
+        if running_since is None and job["state"] != "queued":
+            running_since = now
         if not timeline or done != timeline[-1][1]:
-            if last_change is not None and job["state"] == "running":
-                longest_gap = max(longest_gap, now - last_change)
-            last_change = now
             timeline.append((round(now, 2), done))
-        if job["state"] == "running" and last_change is None:
-            last_change = now
         if restart and restarter is None and job["progress"]["fraction"] >= 0.5:
-            restarter = threading.Thread(target=service_restart, args=(service, timeline, started))
+            restarter = threading.Thread(target=service_restart, args=(service, started))
             restarter.start()
         if job["state"] not in ("queued", "running"):
             break
         time.sleep(0.5)
+    # The longest stretch, once running, in which the progress did not move (the last one ends at done).
+    changes = [running_since or 0.0] + [t for t, _ in timeline if t >= (running_since or 0.0)]
+    longest_gap = max((b - a for a, b in zip(changes, changes[1:])), default=0.0)
     seconds = time.monotonic() - started
     if restarter:
         restarter.join()
@@ -127,7 +128,7 @@ def run_job(service: Service, data: bytes, restart: bool) -> dict:
     return result
 
 
-def service_restart(service: Service, timeline: list, started: float) -> None:
+def service_restart(service: Service, started: float) -> None:
     from bench.service import asrctl
 
     begin = time.monotonic() - started
@@ -269,6 +270,45 @@ def plot(out: Path, summary: dict) -> None:
         plt.close(fig)
 
 
+def engine_batches(minutes: float, engine: str, device: str, batch: int) -> dict:
+    """The GPU case inside one instance, without HTTP: the bare engine decoding a recording window
+    after window against the same recording's chunks in batches of ``batch`` (one process, one
+    model, alternating twice so drift hits both). On CPU it shows what batching does not buy there."""
+    import soundfile
+
+    from app import chunking, longform
+    from app.config import Settings
+    from app.engines import load_engine
+    from app.engines.base import DecodeOptions
+    from app.engines.models import resolve_model
+
+    data, duration, reference = recording(minutes)
+    samples, _ = soundfile.read(io.BytesIO(data), dtype="float32")
+    settings = Settings(engine=engine)
+    model = load_engine(engine, resolve_model(engine, settings.model, settings.model_cache), device)
+    options = DecodeOptions(beam_size=settings.beam_size)
+    chunks = longform.split(samples, settings.chunk_seconds)
+    times: dict[str, list[float]] = {"window": [], "batched": []}
+    texts = {}
+    for _ in range(2):
+        started = time.monotonic()
+        texts["window"] = model.transcribe(samples, options).text
+        times["window"].append(time.monotonic() - started)
+        started = time.monotonic()
+        parts = []
+        for i in range(0, len(chunks), batch):
+            group = chunks[i:i + batch]
+            parts += model.transcribe_batch([samples[c.start:c.end] for c in group], [options] * len(group))
+        texts["batched"] = chunking.join(parts, chunks, duration).text
+        times["batched"].append(time.monotonic() - started)
+    best = {k: min(v) for k, v in times.items()}
+    return {"minutes": minutes, "engine": engine, "device": device, "batch": batch, "chunks": len(chunks),
+            "window_seconds": round(best["window"], 2), "batched_seconds": round(best["batched"], 2),
+            "speedup": round(best["window"] / best["batched"], 2),
+            "wer_window": word_error_rate(reference, texts["window"]),
+            "wer_batched": word_error_rate(reference, texts["batched"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench long", description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", default="5,30", help="recording lengths, e.g. 5,30")
@@ -279,7 +319,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="mode@instances[@minutes] to leave out (default: the 30-minute file on one "
                              "instance, which repeats window after window on one core)")
     parser.add_argument("--out", help="results folder (default: bench/results/long-<timestamp>)")
+    parser.add_argument("--engine-batches", metavar="DEVICE",
+                        help="instead: the bare engine on DEVICE (cuda, cpu), window after window against chunk "
+                             "batches of --batch, on the first --minutes recording (the GPU goal)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--engine", default="ctranslate2")
     args = parser.parse_args(argv)
+    if args.engine_batches:
+        result = engine_batches(float(args.minutes.split(",")[0]), args.engine, args.engine_batches, args.batch)
+        print(json.dumps(result, indent=2))
+        return 0
     out = Path(args.out or REPO / "bench" / "results" / time.strftime("long-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     summary = run([float(m) for m in args.minutes.split(",")], [int(n) for n in args.instances.split(",")],

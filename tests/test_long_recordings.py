@@ -22,7 +22,10 @@ RATE = 16_000
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    svc = bring_up(tmp_path_factory.mktemp("long"), 2, env={"ASR_JOB_MAX_QUEUED": "1"})
+    # /asr takes at most 100 s; a job takes the 135 s recording, uploaded as 48 kHz stereo (26 MB, over
+    # /asr's upload limit): nginx and the instance size /v1/jobs' limit from job_max_audio_seconds.
+    svc = bring_up(tmp_path_factory.mktemp("long"), 2, "--max-audio-seconds", "100",
+                   env={"ASR_JOB_MAX_QUEUED": "1"})
     try:
         yield svc
     finally:
@@ -31,15 +34,17 @@ def service(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def recording() -> tuple[bytes, float, str]:
-    """About 140 s of real speech: English set A, then again in reverse order."""
+    """About 135 s of real speech (English set A, then again in reverse order), as 48 kHz stereo WAV."""
     forward, places = set_a_sequence(gap=1.0)
     backward, places_back = set_a_sequence(gap=0.6, rows=english_set_a()[::-1])
     samples = np.concatenate([forward, backward])
-    return wav_bytes(samples, RATE), len(samples) / RATE, " ".join(r for *_, r in places + places_back)
+    stereo = np.repeat(samples, 3)[:, None].repeat(2, axis=1)  # 16 -> 48 kHz, two channels
+    return wav_bytes(stereo, 3 * RATE), len(samples) / RATE, " ".join(r for *_, r in places + places_back)
 
 
-def test_a_long_request_is_decoded_on_both_instances(service, recording):
-    data, duration, reference = recording
+def test_a_long_request_is_decoded_on_both_instances(service):
+    samples, places = set_a_sequence(gap=1.0)  # about 70 s: 3-4 chunks
+    data, duration, reference = wav_bytes(samples, RATE), len(samples) / RATE, " ".join(r for *_, r in places)
     response = requests.post(f"{service.url}/asr", files={"audio": ("long.wav", data)},
                              data={"word_timestamps": "true"}, timeout=600)
     assert response.status_code == 200, response.text
@@ -55,6 +60,8 @@ def test_a_long_request_is_decoded_on_both_instances(service, recording):
 
 def test_a_job_survives_a_rolling_restart_and_loses_no_finished_chunk(service, recording):
     data, duration, reference = recording
+    too_large = requests.post(f"{service.url}/asr", files={"audio": ("long.wav", data)}, timeout=120)
+    assert too_large.status_code == 413, too_large.text
     posted = requests.post(f"{service.url}/v1/jobs", files={"audio": ("long.wav", data)},
                            data={"output": "srt"}, timeout=120)
     assert posted.status_code == 202, posted.text
@@ -107,8 +114,9 @@ def test_a_job_survives_a_rolling_restart_and_loses_no_finished_chunk(service, r
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "job_not_found"
 
 
-def test_job_requests_are_checked_like_asr(service, recording):
-    data, _, _ = recording
+def test_job_requests_are_checked_like_asr(service):
+    samples, _ = set_a_sequence(gap=1.0)
+    data = wav_bytes(samples, RATE)
     cases = {
         "not audio": ({"files": {"audio": ("a.wav", b"hello " * 100)}}, 415, "unsupported_media_type"),
         "damaged": ({"files": {"audio": ("a.wav", data[:3000])}}, 422, "audio_too_short"),

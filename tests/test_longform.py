@@ -172,3 +172,24 @@ def test_errors_stop_the_others_and_cancelling_stops_taking_chunks():
     done = longform.decode_chunks(range(6), [longform.Lane("local", 1, record)], time.monotonic() + 30,
                                   cancelled=lambda: len(taken) >= 2)
     assert sorted(done) == [0, 1] and taken == [0, 1]
+
+
+def test_on_a_batching_instance_a_request_s_chunks_go_in_one_batch(tmp_path):
+    """The GPU case, on CPU: with max_batch 2 a long request holds two slots and its chunks are
+    decoded two at a time in one batched engine call, with the same words as one at a time."""
+    settings = load_settings(env={}, overrides={"max_queue": 4, "max_batch": 2, "max_wait_ms": 100,
+                                                "run_dir": str(tmp_path)})
+    batching = ModelInstance(settings)
+    batching.load_now()
+    sizes: list[int] = []
+    batching.queue.observer = lambda size, waits: sizes.append(size)
+    try:
+        samples, places = set_a_sequence(gap=1.0)
+        options = DecodeOptions(beam_size=settings.beam_size)
+        transcript, placed = longform.transcribe_long(batching, samples, options)
+    finally:
+        batching.queue.stop()
+    assert settings.chunk_slots(batching.queue.max_batch) == 2 and max(sizes) == 2
+    assert sum(sizes) == placed[batching.id] >= 3
+    reference = " ".join(r for *_, r in places)
+    assert wer([reference], [transcript.text]) <= 0.05
