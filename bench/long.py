@@ -154,44 +154,50 @@ class OtherLoad:
 
 
 def run(minutes: list[float], instances: list[int], restart_minutes: float | None, out: Path,
-        skip: set[str]) -> dict:
+        skip: set[str], rounds: int) -> dict:
+    """Per pool size, a window-after-window pool and a chunked pool up side by side (an idle pool
+    costs nothing), each recording sent to one then the other, ``rounds`` times for files up to 10
+    minutes: the two modes are measured in alternation, so the machine's drift hits both."""
     recordings = {m: recording(m) for m in minutes}
     results: list[dict] = []
+    limit = str(max(minutes) * 60 + 120)
     for count in instances:
-        for mode in ("window", "chunked"):
-            if f"{mode}@{count}" in skip:
-                continue
-            run_dir = out / f"run-{mode}-{count}"
-            env = {"ASR_CHUNKING": "true" if mode == "chunked" else "false",
-                   "ASR_MAX_AUDIO_SECONDS": str(max(minutes) * 60 + 120),
-                   "ASR_JOB_MAX_AUDIO_SECONDS": str(max(minutes) * 60 + 120)}
-            service = Service(f"{mode}-{count}", run_dir, count, cpu_threads=1, env=env)
-            service.up(timeout=600)
-            try:
-                for m in minutes:
-                    if f"{mode}@{count}@{m:g}" in skip:
-                        continue
-                    data, duration, reference = recordings[m]
-                    row = {"minutes": m, "audio_seconds": round(duration, 1), "instances": count, "mode": mode}
-                    measured = transcribe(service, data)
-                    row.update(seconds=measured["seconds"], chunks=measured["chunks"],
-                               wer=word_error_rate(reference, measured["text"]),
-                               other_load_cores=measured["other_load_cores"])
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
-                    if mode == "chunked" and count == max(instances):
-                        job = run_job(service, data, restart=restart_minutes == m)
-                        jrow = {"minutes": m, "audio_seconds": round(duration, 1), "instances": count,
-                                "mode": "job" + (" + rolling restart" if "restart" in job else ""),
-                                "seconds": job["seconds"], "wer": word_error_rate(reference, job["text"]),
-                                "state": job["state"], "other_load_cores": job["other_load_cores"],
-                                "longest_seconds_without_progress": job["longest_seconds_without_progress"],
-                                "progress": job["progress"], **({"restart": job["restart"]} if "restart" in job else {})}
-                        results.append(jrow)
-                        print(json.dumps({k: v for k, v in jrow.items() if k != "progress"}), flush=True)
-            finally:
+        services: dict[str, Service] = {}
+        try:
+            for mode in ("window", "chunked"):
+                env = {"ASR_CHUNKING": str(mode == "chunked").lower(), "ASR_MAX_AUDIO_SECONDS": limit,
+                       "ASR_JOB_MAX_AUDIO_SECONDS": limit}
+                services[mode] = Service(f"{mode}-{count}", out / f"run-{mode}-{count}", count, cpu_threads=1, env=env)
+                services[mode].up(timeout=600)
+            for m in minutes:
+                data, duration, reference = recordings[m]
+                repeats = rounds if m <= 10 else 1
+                for round_ in range(repeats):
+                    for mode in ("window", "chunked"):
+                        if f"{mode}@{count}@{m:g}" in skip:
+                            continue
+                        measured = transcribe(services[mode], data)
+                        row = {"minutes": m, "audio_seconds": round(duration, 1), "instances": count, "mode": mode,
+                               "round": round_ + 1, "seconds": measured["seconds"], "chunks": measured["chunks"],
+                               "wer": word_error_rate(reference, measured["text"]),
+                               "other_load_cores": measured["other_load_cores"]}
+                        results.append(row)
+                        print(json.dumps(row), flush=True)
+                    if count == max(instances) and f"job@{count}@{m:g}" not in skip:
+                        restart = restart_minutes == m and round_ == repeats - 1
+                        job = run_job(services["chunked"], data, restart=restart)
+                        row = {"minutes": m, "audio_seconds": round(duration, 1), "instances": count,
+                               "mode": "job + rolling restart" if restart else "job", "round": round_ + 1,
+                               "seconds": job["seconds"], "wer": word_error_rate(reference, job["text"]),
+                               "state": job["state"], "other_load_cores": job["other_load_cores"],
+                               "longest_seconds_without_progress": job["longest_seconds_without_progress"],
+                               "progress": job["progress"], **({"restart": job["restart"]} if restart else {})}
+                        results.append(row)
+                        print(json.dumps({k: v for k, v in row.items() if k != "progress"}), flush=True)
+        finally:
+            for service in services.values():
                 service.down()
-                shutil.rmtree(run_dir, ignore_errors=True)
+                shutil.rmtree(service.run_dir, ignore_errors=True)
     summary = {"results": results, "ratios": ratios(results), "cpu": os.cpu_count(),
                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -201,25 +207,24 @@ def run(minutes: list[float], instances: list[int], restart_minutes: float | Non
 
 
 def ratios(results: list[dict]) -> dict:
+    """Mean seconds of each mode over its rounds, against window after window on the same pool size."""
     def seconds(m, count, mode):
-        return next((r["seconds"] for r in results if r["minutes"] == m and r["instances"] == count
-                     and r["mode"] == mode), None)
+        times = [r["seconds"] for r in results if r["minutes"] == m and r["instances"] == count and r["mode"] == mode]
+        return sum(times) / len(times) if times else None
     out = {}
     for m in sorted({r["minutes"] for r in results}):
-        window = seconds(m, 2, "window") or seconds(m, 1, "window")
-        for count in (1, 2):
-            chunked = seconds(m, count, "chunked")
-            if window and chunked:
-                out[f"{m:g} min, chunked on {count} / window after window"] = round(chunked / window, 3)
-        job = next((r for r in results if r["minutes"] == m and r["mode"].startswith("job")), None)
-        if window and job:
-            out[f"{m:g} min, {job['mode']} / window after window"] = round(job["seconds"] / window, 3)
+        for count in sorted({r["instances"] for r in results}):
+            window = seconds(m, count, "window")
+            for mode in ("chunked", "job", "job + rolling restart"):
+                measured = seconds(m, count, mode)
+                if window and measured:
+                    out[f"{m:g} min on {count} instance(s): {mode} / window after window"] = round(measured / window, 3)
     return out
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| audio | instances | mode | seconds | RTFx | WER | other load (cores) | chunks / notes |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| audio | instances | mode | round | seconds | RTFx | WER | other load (cores) | chunks / notes |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in summary["results"]:
         note = r.get("chunks", "")
         if r["mode"].startswith("job"):
@@ -316,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restart-job-minutes", type=float, default=30.0,
                         help="the job of this length gets a rolling restart half way (0: none)")
     parser.add_argument("--skip", default="window@1@30,chunked@1@30",
-                        help="mode@instances[@minutes] to leave out (default: the 30-minute file on one "
-                             "instance, which repeats window after window on one core)")
+                        help="mode@instances@minutes to leave out, mode one of window, chunked, job (default: "
+                             "the 30-minute file on one instance: window after window on one core again)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds for files up to 10 minutes")
     parser.add_argument("--out", help="results folder (default: bench/results/long-<timestamp>)")
     parser.add_argument("--engine-batches", metavar="DEVICE",
                         help="instead: the bare engine on DEVICE (cuda, cpu), window after window against chunk "
@@ -332,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or REPO / "bench" / "results" / time.strftime("long-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     summary = run([float(m) for m in args.minutes.split(",")], [int(n) for n in args.instances.split(",")],
-                  args.restart_job_minutes or None, out, {s for s in args.skip.split(",") if s})
+                  args.restart_job_minutes or None, out, {s for s in args.skip.split(",") if s}, args.rounds)
     print(markdown(summary))
     print(f"results: {out}")
     return 0 if all(r.get("state", "done") == "done" for r in summary["results"]) else 1

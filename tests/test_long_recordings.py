@@ -122,7 +122,7 @@ def test_job_requests_are_checked_like_asr(service):
         "damaged": ({"files": {"audio": ("a.wav", data[:3000])}}, 422, "audio_too_short"),
         "unknown parameter": ({"files": {"audio": ("a.wav", data)}, "data": {"speed": "2"}}, 422, "invalid_parameter"),
         "bad language": ({"files": {"audio": ("a.wav", data)}, "data": {"language": "xx"}}, 422, "invalid_parameter"),
-        "no file": ({"data": {"output": "txt"}}, 400, "missing_audio"),
+        "no file": ({"files": {"output": (None, "txt")}}, 400, "missing_audio"),
     }
     for name, (kwargs, status, code) in cases.items():
         response = requests.post(f"{service.url}/v1/jobs", timeout=60, **kwargs)

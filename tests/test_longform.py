@@ -77,7 +77,7 @@ def test_a_short_request_waits_for_one_chunk_not_the_whole_recording(inst):
 
 def test_no_room_at_all_is_a_fast_503(inst):
     samples, _ = set_a_sequence(gap=1.0)
-    short = read_16k_mono(SPEECH / "setA" / "jfk.flac")
+    short = read_16k_mono(SPEECH / "setA" / "sr_english.wav")  # 2.7 s
     options = DecodeOptions(beam_size=1)
     futures = [inst.queue.submit(short, options) for _ in range(inst.queue.max_pending)]
     started = time.monotonic()
