@@ -13,7 +13,7 @@ from typing import Callable
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from app import formats, longform, metrics, peers, vad
+from app import formats, languages, longform, metrics, peers, vad
 from app.audio import DecodedAudio, decode_audio
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Transcript
 from app.errors import ApiError
@@ -91,7 +91,8 @@ class AsrParams:
         """Language and task are checked against the loaded model (after ``require_ready``)."""
         return DecodeOptions(language=language(inst, self.language), task=checked_task(inst, self.task, "task"),
                              beam_size=self.beam_size, temperature=self.temperature,
-                             initial_prompt=self.initial_prompt, word_timestamps=self.word_timestamps)
+                             initial_prompt=self.initial_prompt,
+                             word_timestamps=checked_words(inst, self.word_timestamps, "word_timestamps"))
 
 
 def asr_params(inst: ModelInstance) -> AsrParams:
@@ -126,9 +127,9 @@ def detect_language():
                 raise ApiError(422, "no_speech", "vad_filter found no speech to detect a language in")
         # The engines look at the first 30 s only.
         (code, probability), future = queued(inst, lambda: inst.queue.submit_language_detection(samples))
-        response = jsonify(language=code, confidence=round(float(probability), 4),
+        response = jsonify(language=code, confidence=None if probability is None else round(float(probability), 4),
                            # whisper-asr-webservice's names, for its clients
-                           detected_language=formats.LANGUAGE_NAMES.get(code, code), language_code=code)
+                           detected_language=languages.LANGUAGE_NAMES.get(code, code), language_code=code)
         add_server_timing(response, future)
         return response
 
@@ -151,8 +152,8 @@ def transcribe_audio(inst: ModelInstance, data: bytes, options: DecodeOptions,
         speech = vad.keep_speech(audio.samples)
         if not speech.found:
             # The language of a model with only one (English-only Whisper), else "und": none was heard.
-            languages = inst.engine.languages
-            own = next(iter(languages)) if len(languages) == 1 else "und"
+            known = inst.engine.languages
+            own = next(iter(known)) if len(known) == 1 else "und"
             return vad.silent(audio.duration, options.language or own), None
         samples = speech.samples
     settings = inst.settings
@@ -308,20 +309,37 @@ def number(name: str, low: float, high: float, default: float) -> float:
 
 
 def language(inst: ModelInstance, value: str, name: str = "language") -> str | None:
-    value = value.strip().lower() or None
-    if value and value not in inst.engine.languages:
+    """The language code a request asks for (a code or a name), or None to detect ("auto", empty);
+    where detection is switched off, "auto" means the server's own language."""
+    code = languages.to_code(value)
+    if code is None and not inst.settings.detect_language:
+        value = inst.settings.language
+        code = languages.to_code(value)
+    if code is not None and code not in inst.engine.languages:
         if not inst.engine.multilingual:
             message = "the model transcribes English only"
         else:
-            message = f"{value[:40]!r} is not a language the model knows"
+            message = f"{value.strip()[:40]!r} is not a language the model knows"
         raise ParamError(name, message)
-    return value
+    return code
 
 
 def checked_task(inst: ModelInstance, task: str, name: str) -> str:
-    if task == "translate" and not inst.engine.multilingual:
+    if task == "translate" and not inst.engine.can_translate:
+        if inst.engine.multilingual:
+            raise ParamError(name, f"translate is not supported by the {inst.engine.name} engine: "
+                                   "the model transcribes only")
         raise ParamError(name, "translate needs a multilingual model; this one is English only")
     return task
+
+
+def checked_words(inst: ModelInstance, wanted: bool, name: str) -> bool:
+    if wanted and not inst.engine.word_timestamps:
+        if inst.engine.name == "qwen3-asr":
+            raise ParamError(name, "word timestamps on qwen3-asr need a forced aligner: set aligner_model "
+                                   "to a Qwen3-ForcedAligner-*-hf directory")
+        raise ParamError(name, "word timestamps need a Whisper model")
+    return wanted
 
 
 def require_ready(inst: ModelInstance) -> None:
