@@ -31,7 +31,8 @@ class Settings:
     device: str = "auto"                 # "auto" | "cpu" | "cuda"
     compute_type: str = "auto"           # auto: int8 (ctranslate2) or float32 on CPU; float16 on GPU, bfloat16 for qwen3-asr
     aligner_model: str = ""              # qwen3-asr: a Qwen3-ForcedAligner-*-hf directory, for word timestamps
-    chunk_seconds: float = 30.0          # qwen3-asr: longer audio is cut at quiet points into chunks this long at most
+    chunk_seconds: float = 30.0          # longer audio is cut at quiet points into chunks this long at most
+                                         # (app/longform.py for every engine; qwen3-asr's engine too)
     beam_size: int = 5                   # same decoding for both engines
     language: str = ""                   # default language; "" = detect where the model can
 
@@ -63,9 +64,8 @@ class Settings:
     max_batch: int = 0                   # requests per engine call; 0 = auto: 1 on CPU, 8 on GPU
     max_wait_ms: float = 10.0            # longest a request waits for others to fill its batch
 
-    # Long recordings (app/longform.py): cut at pauses, chunks decoded side by side.
+    # Long recordings (app/longform.py): cut at pauses into chunks of chunk_seconds, decoded side by side.
     chunking: bool = True                # false: window after window on the instance that got it
-    chunk_seconds: float = 30.0          # longest chunk (one Whisper window); longer audio is cut
     chunk_fanout: bool = True            # also send chunks to idle sibling instances (loopback)
 
     # Async jobs (app/jobs/): POST /v1/jobs, a supervised runner, SQLite + audio under run_dir/jobs.
@@ -272,8 +272,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("min_instances must be at least 1 and at most max_instances")
     if s.max_audio_seconds <= 0 or s.max_queue < 1:
         raise ConfigError("max_audio_seconds and max_queue must be positive")
-    if s.chunk_seconds < 5 or s.job_max_audio_seconds <= 0 or s.job_max_queued < 1:
-        raise ConfigError("chunk_seconds must be at least 5; job_max_audio_seconds and job_max_queued positive")
+    if s.job_max_audio_seconds <= 0 or s.job_max_queued < 1:
+        raise ConfigError("job_max_audio_seconds and job_max_queued must be positive")
     if s.max_batch < 0 or s.max_wait_ms < 0:
         raise ConfigError("max_batch and max_wait_ms must not be negative (max_batch 0 = auto)")
     if any(w < 1 for w in s.weight_list()):
