@@ -65,14 +65,21 @@ def recording(minutes: float, seed: int = 0) -> tuple[bytes, float, str]:
     return buffer.getvalue(), len(audio) / RATE, " ".join(texts)
 
 
-def word_error_rate(reference: str, hypothesis: str) -> float:
+_NUMBERS = {str(i): w for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+
+
+def normalize(text: str) -> str:
+    """As the tests normalise (tests/support.py): lower case, no punctuation, digits 0-10 spelled out."""
     import re
 
+    text = re.sub(r"[^\w\s']", " ", text.lower().replace("-", " "))
+    return " ".join(_NUMBERS.get(w, w) for w in text.split())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
     import jiwer
 
-    def norm(text: str) -> str:
-        return " ".join(re.sub(r"[^\w\s']", " ", text.lower().replace("-", " ")).split())
-    return round(jiwer.wer(norm(reference), norm(hypothesis)), 4)
+    return round(jiwer.wer(normalize(reference), normalize(hypothesis)), 4)
 
 
 def transcribe(service: Service, data: bytes) -> dict:
@@ -123,7 +130,8 @@ def run_job(service: Service, data: bytes, restart: bool) -> dict:
         chunks = JobStore(service.run_dir / "jobs" / "jobs.sqlite3").chunks(job_id)
         result["restart"] = {"window": getattr(service, "restart_window", None),
                              "chunks": len(chunks),
-                             "decoded_more_than_once": sum(1 for c in chunks if c.attempts > 1),
+                             # a chunk sent again: its instance was draining (503) or gone mid-chunk
+                             "sent_more_than_once": sum(1 for c in chunks if c.attempts > 1),
                              "lost": sum(1 for c in chunks if c.speech and c.result is None)}
     return result
 
@@ -231,9 +239,9 @@ def markdown(summary: dict) -> str:
             note = f"longest without progress {r['longest_seconds_without_progress']} s"
             if "restart" in r:
                 x = r["restart"]
-                note += (f"; restart at {x['window']}: {x['chunks']} chunks, {x['decoded_more_than_once']} "
-                         f"decoded twice, {x['lost']} lost")
-        lines.append(f"| {r['minutes']:g} min ({r['audio_seconds']} s) | {r['instances']} | {r['mode']} | "
+                note += (f"; restart at {x['window']}: {x['chunks']} chunks, "
+                         f"{x.get('sent_more_than_once', x.get('decoded_more_than_once'))} sent again, {x['lost']} lost")
+        lines.append(f"| {r['minutes']:g} min ({r['audio_seconds']} s) | {r['instances']} | {r['mode']} | {r.get('round', 1)} | "
                      f"{r['seconds']} | {r['audio_seconds'] / r['seconds']:.2f} | {r['wer']:.4f} | "
                      f"{r.get('other_load_cores')} | {note} |")
     lines += ["", "| ratio | measured |", "| --- | ---: |"]
