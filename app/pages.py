@@ -29,4 +29,4 @@ def init_app(app: Flask, settings) -> None:
         return jsonify(document)
 
     app.register_blueprint(get_swaggerui_blueprint(DOCS_URL, OPENAPI_URL, config={
-        "app_name": "asr-service", "tryItOutEnabled": True, "displayRequestDuration": True}))
+        "app_name": "asr-service", "displayRequestDuration": True}))
