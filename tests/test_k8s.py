@@ -37,7 +37,7 @@ _spec.loader.exec_module(kv)
 
 MODEL_VARIANTS = ("cpu", "gpu")
 APP_KINDS = {"Namespace", "ConfigMap", "Service", "PersistentVolumeClaim", "Deployment",
-             "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy"}
+             "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy", "PrometheusRule"}
 # The metrics the issue specifies for /metrics, with their Prometheus types.
 METRICS_CONTRACT = {"asr_queue_depth": "gauge", "asr_requests_in_flight": "gauge",
                     "asr_requests_total": "counter", "asr_request_duration_seconds": "histogram"}
@@ -424,6 +424,8 @@ def test_hpa_scales_on_cpu_and_queue_depth(variant, objects, tmp_path):
     assert pods["target"]["type"] == "AverageValue"
     # Scale out before instances fill up and refuse requests with 503.
     assert 0 < quantity(pods["target"]["averageValue"]) < pod_settings(objs, tmp_path).max_queue
+    # The pods export max_instances for the AsrAutoscalerAtMax alert: it must be the HPA's ceiling.
+    assert pod_settings(objs, tmp_path).max_instances == hpa["maxReplicas"]
 
 
 def test_adapter_rule_serves_the_hpa_metric(objects):
