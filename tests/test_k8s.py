@@ -558,3 +558,18 @@ def test_autoscaling_metrics_are_what_the_app_exports(objects, tmp_path):
                 assert exported.get(m["pods"]["metric"]["name"]) == "gauge", m
     for rule in adapter_rules(objects):
         assert exported.get(re.match(r"\w+", rule["seriesQuery"])[0]) == "gauge"
+
+
+def test_readme_docker_commands_use_the_images_they_build(objects):
+    """`docker run` and the overlays name the image `docker build -t` makes (push goes by a tag of it)."""
+    lines = [line.split("#")[0] for line in (REPO / "README.md").read_text().splitlines()
+             if line.startswith("docker ")]
+    image = r"(\S*asr-service:\S+)"
+    built = {m[1] for line in lines if line.startswith("docker build") for m in [re.search(r"-t " + image, line)]}
+    tagged = {m[2] for line in lines if line.startswith("docker tag") for m in [re.search(image + " " + image, line)]}
+    runs = [re.findall(image, line)[-1] for line in lines if line.startswith("docker run")]
+    pushed = [re.search(image, line)[1] for line in lines if line.startswith("docker push")]
+    assert built and runs and pushed
+    assert set(runs) <= built and set(pushed) <= built | tagged
+    for variant in MODEL_VARIANTS:
+        assert container(objects[variant])["image"] in built, variant
