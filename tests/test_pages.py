@@ -125,7 +125,8 @@ def test_swagger_ui_try_it_out_transcribes(service):
         body = op.find_element(By.CSS_SELECTOR, ".live-responses-table tbody .response-col_description").text
         assert status.text.strip() == "200", body
         assert "what you can do for your country" in body
-        browser.execute_script("arguments[0].scrollIntoView()", op)
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})",
+                               op.find_element(By.CSS_SELECTOR, ".live-responses-table"))
         screenshot(browser, "docs")
     finally:
         browser.quit()
