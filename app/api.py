@@ -11,12 +11,12 @@ from typing import Callable
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from app import formats, metrics, openapi, vad
+from app import formats, metrics, vad
 from app.audio import DecodedAudio, decode_audio
 from app.engines.base import DecodeOptions, Transcript
 from app.errors import ApiError
 from app.instance import ModelInstance
-from app.openapi import Operation
+from app.openapi import Operation, register
 from app.params import Param, ParamError, Params
 from app.queue import JobFuture, QueueFull, result_within
 
@@ -55,7 +55,7 @@ ASR_PARAMS = Params((
 ), ASR_UNSUPPORTED, ignore=UPLOAD_FIELDS)
 DETECT_PARAMS = Params((VAD_FILTER,), ASR_UNSUPPORTED, ignore=UPLOAD_FIELDS)
 
-openapi.register(
+register(
     Operation("post", "/asr", "Transcribe (or translate) an audio file", "transcription", params=ASR_PARAMS,
               upload="audio_file", raw_body=True, errors=("400", "413", "415", "422", "503"),
               description=("The audio goes in a multipart field (`audio_file`, `audio` or `file`) or as a raw "

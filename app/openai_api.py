@@ -12,10 +12,10 @@ import math
 from flask import Blueprint, Response, g, jsonify
 from werkzeug.exceptions import HTTPException
 
-from app import api, formats, openapi
+from app import api, formats
 from app.engines.base import DecodeOptions, Transcript
 from app.errors import ApiError
-from app.openapi import Operation
+from app.openapi import Operation, register
 from app.params import Param, Params
 
 bp = Blueprint("openai", __name__, url_prefix="/v1/audio")
@@ -44,7 +44,7 @@ _FORMAT_OUTPUT = {"text": "txt", "srt": "srt", "vtt": "vtt"}
 
 _OK = {"application/json": {"type": "object", "properties": {"text": {"type": "string"}}},
        "text/plain": {"type": "string"}, "application/x-subrip": {"type": "string"}, "text/vtt": {"type": "string"}}
-openapi.register(*(
+register(*(
     Operation("post", f"/v1/audio/{kind}", summary, "openai", params=params, params_in="form", upload="file",
               errors=("400", "413", "415", "422", "503"), error_schema="OpenAIError", ok=_OK,
               description="OpenAI's audio API: the same fields, response formats and error shape.")

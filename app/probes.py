@@ -11,13 +11,12 @@ import time
 
 from flask import Blueprint, jsonify
 
-from app import openapi
 from app.api import instance
-from app.openapi import Operation
+from app.openapi import Operation, register
 
 bp = Blueprint("probes", __name__)
 
-openapi.register(
+register(
     Operation("get", "/health", "Liveness: 200 while the process lives, with the instance's state", "probes",
               public=True),
     Operation("get", "/ready", "Readiness: 200 once the model is loaded and the instance is not draining",
