@@ -11,7 +11,7 @@ from typing import Callable
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from app import formats, metrics, vad
+from app import formats, languages, metrics, vad
 from app.audio import DecodedAudio, decode_audio
 from app.engines.base import DecodeOptions, Transcript
 from app.errors import ApiError
@@ -31,8 +31,8 @@ VAD_FILTER = Param("vad_filter", "boolean", setting="vad_filter", description=(
     "Cut non-speech out with Silero VAD before the model; times stay those of the original audio, and "
     "audio with no speech at all returns an empty transcript without reaching the model."))
 LANGUAGE = Param("language", "string", setting="language", description=(
-    "A language the model knows. Empty: the configured default; where that is empty too, detected "
-    "(multilingual models) or the model's own language."))
+    "A language the model knows, as a code (en) or a name (English); auto or empty: detect it "
+    "(multilingual models). Not given: the configured language."))
 # whisper-asr-webservice parameters this service does not implement. The value that matches what the
 # service does anyway is accepted (encode=true: uploads are always decoded with FFmpeg); any other
 # value is refused rather than silently ignored.
@@ -91,7 +91,7 @@ def _asr(inst: ModelInstance):
     options = DecodeOptions(language=language(inst, values["language"]),
                             task=checked_task(inst, task, "task"), beam_size=values["beam_size"],
                             temperature=values["temperature"], initial_prompt=values["initial_prompt"],
-                            word_timestamps=word_timestamps)
+                            word_timestamps=checked_words(inst, word_timestamps, "word_timestamps"))
     transcript, future = transcribe_audio(inst, data, options, values["vad_filter"])
     response = formats.render(transcript, output, {
         "model": inst.model_name,
@@ -123,9 +123,9 @@ def detect_language():
                 raise ApiError(422, "no_speech", "vad_filter found no speech to detect a language in")
         # The engines look at the first 30 s only.
         (code, probability), future = queued(inst, lambda: inst.queue.submit_language_detection(samples))
-        response = jsonify(language=code, confidence=round(float(probability), 4),
+        response = jsonify(language=code, confidence=None if probability is None else round(float(probability), 4),
                            # whisper-asr-webservice's names, for its clients
-                           detected_language=formats.LANGUAGE_NAMES.get(code, code), language_code=code)
+                           detected_language=languages.LANGUAGE_NAMES.get(code, code), language_code=code)
         add_server_timing(response, future)
         return response
 
@@ -205,20 +205,37 @@ def read_upload(fields: tuple[str, ...] = UPLOAD_FIELDS, raw_body: bool = True) 
 # Parameters checked against the loaded model ------------------------------------------------------
 
 def language(inst: ModelInstance, value: str, name: str = "language") -> str | None:
-    value = value.strip().lower() or None
-    if value and value not in inst.engine.languages:
+    """The language code a request asks for (a code or a name), or None to detect ("auto", empty);
+    where detection is switched off, "auto" means the server's own language."""
+    code = languages.to_code(value)
+    if code is None and not inst.settings.detect_language:
+        value = inst.settings.language
+        code = languages.to_code(value)
+    if code is not None and code not in inst.engine.languages:
         if not inst.engine.multilingual:
             message = "the model transcribes English only"
         else:
-            message = f"{value[:40]!r} is not a language the model knows"
+            message = f"{value.strip()[:40]!r} is not a language the model knows"
         raise ParamError(name, message)
-    return value
+    return code
 
 
 def checked_task(inst: ModelInstance, task: str, name: str) -> str:
-    if task == "translate" and not inst.engine.multilingual:
+    if task == "translate" and not inst.engine.can_translate:
+        if inst.engine.multilingual:
+            raise ParamError(name, f"translate is not supported by the {inst.engine.name} engine: "
+                                   "the model transcribes only")
         raise ParamError(name, "translate needs a multilingual model; this one is English only")
     return task
+
+
+def checked_words(inst: ModelInstance, wanted: bool, name: str) -> bool:
+    if wanted and not inst.engine.word_timestamps:
+        if inst.engine.name == "qwen3-asr":
+            raise ParamError(name, "word timestamps on qwen3-asr need a forced aligner: set aligner_model "
+                                   "to a Qwen3-ForcedAligner-*-hf directory")
+        raise ParamError(name, "word timestamps need a Whisper model")
+    return wanted
 
 
 def require_ready(inst: ModelInstance) -> None:

@@ -35,7 +35,8 @@ _COMMON = (
           description="0: beam search; above 0: sampling."),
 )
 TRANSCRIPTION_PARAMS = Params(_COMMON + (
-    Param("language", "string", default="", description="A language the model knows; empty: detect."),
+    Param("language", "string", default="",
+          description="A language the model knows, as a code (en) or a name (English); auto or empty: detect."),
     Param(GRANULARITIES, "array", choices=("segment", "word"), default=(), aliases=("timestamp_granularities",),
           description="segment, word or both (default: segment); verbose_json only, as at OpenAI."),
 ), UNSUPPORTED, ignore=("file",))
@@ -77,7 +78,7 @@ def _serve(task: str):
             language = api.language(inst, values["language"])
         options = DecodeOptions(language=language, task=task, beam_size=inst.settings.beam_size,
                                 temperature=temperature, initial_prompt=values["prompt"],
-                                word_timestamps="word" in granularities)
+                                word_timestamps=api.checked_words(inst, "word" in granularities, GRANULARITIES))
         transcript, future = api.transcribe_audio(inst, data, options, inst.settings.vad_filter)
         response = _render(transcript, response_format, task, temperature, granularities)
         api.add_server_timing(response, future)

@@ -35,6 +35,7 @@ def health():
         cpu_cores=inst.settings.cpu_cores or None,
         pid=os.getpid(),
         state=inst.state,
+        error=inst.error,
         uptime_seconds=round(time.time() - inst.started_at, 1),
         engine=inst.settings.engine,
         model=inst.model_name,
