@@ -2,10 +2,12 @@
 
 Each documented route is an ``Operation``: its parameters are the very ``app.params.Params`` the route
 parses with, so validation and documentation cannot drift. A module that adds routes adds its
-operations with ``register`` (at import), and they appear in the document.
+operations with ``register`` (at import), and they appear in the document; a path written
+``/v1/jobs/{job_id}`` gets its path parameter.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from app.config import Settings
@@ -70,15 +72,20 @@ class Operation:
 
     def document(self, settings: Settings) -> dict:
         op: dict = {"summary": self.summary, "tags": [self.tag],
-                    "operationId": (self.method + self.path.replace("/", "_").replace("-", "_")).lower()}
+                    "operationId": self.method + re.sub(r"\W+", "_", self.path).rstrip("_").lower()}
         if self.description:
             op["description"] = self.description
         if self.public:
             op["security"] = []
         params = self.params.params if self.params else ()
-        if self.params_in == "query" and params:
-            op["parameters"] = [{"name": p.name, "in": "query", "required": False, "description": p.description,
-                                 "schema": p.schema(settings)} for p in params]
+        # Flask's <name> segments, written {name} in ``path``: required path parameters.
+        parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                      for name in re.findall(r"\{(\w+)\}", self.path)]
+        if self.params_in == "query":
+            parameters += [{"name": p.name, "in": "query", "required": False, "description": p.description,
+                            "schema": p.schema(settings)} for p in params]
+        if parameters:
+            op["parameters"] = parameters
         if self.upload:
             properties = {self.upload: {"type": "string", "format": "binary", "description": "the audio file"}}
             if self.params_in == "form":

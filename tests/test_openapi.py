@@ -130,3 +130,14 @@ def test_api_keys_show_in_the_document(app, tmp_path):
     assert doc["components"]["securitySchemes"]["apiKey"] == {"type": "http", "scheme": "bearer"}
     assert doc["paths"]["/health"]["get"]["security"] == []  # probes stay public at nginx
     assert "k" * 32 not in str(doc)
+
+
+def test_a_route_module_adds_operations_with_path_parameters(app):
+    from app.config import Settings
+    from app.openapi import Operation
+
+    op = Operation("get", "/v1/jobs/{job_id}", "A job", "jobs", errors=("503",)).document(Settings())
+    assert op["operationId"] == "get_v1_jobs_job_id"
+    assert op["parameters"] == [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    validate({"openapi": "3.0.3", "info": {"title": "t", "version": "1"}, "paths": {"/v1/jobs/{job_id}": {"get": op}},
+              "components": {"schemas": openapi.SCHEMAS}})
