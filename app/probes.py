@@ -25,6 +25,7 @@ def health():
         port=inst.port,
         device=inst.device,
         cpu_cores=inst.settings.cpu_cores or None,
+        gpu=inst.gpu,
         pid=os.getpid(),
         state=inst.state,
         uptime_seconds=round(time.time() - inst.started_at, 1),

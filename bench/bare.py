@@ -81,7 +81,7 @@ def _serve(conn, datas, cores, threads, engine_name, model, compute_type, beam_s
         from app.engines.models import resolve_model
         from app.instance import pin_to_cores
 
-        from app.control.placement import parse_cores
+        from app.devices import parse_cores
 
         t0 = time.monotonic()
         # What asrctl puts in an instance's environment, then the instance's own pinning, before the

@@ -81,6 +81,13 @@ class TransformersEngine:
     def detect_language(self, audios: Sequence[np.ndarray]) -> list[tuple[str, float]]:
         return self._runner.detect_language([np.asarray(a[:WINDOW_SAMPLES], dtype=np.float32) for a in audios])
 
+    def gpu_memory_mb(self) -> int | None:
+        """GPU memory torch holds for this process (its caching allocator's reserve), on cuda only.
+        The instance reports it where NVML cannot see the process's own figure (some containers)."""
+        if self.device != "cuda":
+            return None
+        return int(torch.cuda.memory_reserved()) // 2**20
+
     def _check_options(self, options: DecodeOptions) -> None:
         if options.language is not None and options.language not in self.languages:
             raise ValueError(f"language {options.language!r} is not supported by {self.model_name}")
