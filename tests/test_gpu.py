@@ -241,3 +241,27 @@ def test_status_lists_the_gpus_and_their_faults(monkeypatch, tmp_path, capsys):
         assert data["gpus"][1]["memory_total_mb"] == 23_034 and data["instances"][0]["gpu"] is None
     finally:
         service.asrctl("down")
+
+
+# -- the engines on cuda, as far as a CPU host allows ---------------------------------------------------
+
+
+def test_engines_pick_float16_on_cuda_and_refuse_to_fall_back_to_cpu():
+    """``auto`` means float16 on a GPU in both engines; asked for cuda on a host without one, each
+    fails loudly at load (the instance turns 'failed'), never serves from the CPU while saying cuda."""
+    import torch
+
+    from app.engines import load_engine
+    from app.engines.ctranslate2_engine import _DEFAULT_COMPUTE
+    from app.engines.models import resolve_model
+    from app.engines.transformers_engine import _TORCH_DTYPES, _resolve_compute_type
+
+    assert _DEFAULT_COMPUTE == {"cpu": "int8", "cuda": "float16"}
+    assert _resolve_compute_type("auto", "cuda") == "float16" and _TORCH_DTYPES["float16"] is torch.float16
+    assert _resolve_compute_type("auto", "cpu") == "float32" and _TORCH_DTYPES["bfloat16"] is torch.bfloat16
+    with pytest.raises(ValueError, match="int8"):
+        _resolve_compute_type("int8", "cuda")
+    for engine in ("ctranslate2", "transformers"):
+        model = resolve_model(engine, "embedded", load_settings(env={}).model_cache)  # the shared cache
+        with pytest.raises(Exception, match="(?i)cuda"):
+            load_engine(engine, model, "cuda", "auto")
