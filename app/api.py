@@ -12,7 +12,7 @@ from typing import Callable
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from app import formats, metrics, vad
+from app import formats, languages, metrics, vad
 from app.audio import DecodedAudio, decode_audio
 from app.engines.base import DecodeOptions, Transcript
 from app.errors import ApiError
@@ -68,7 +68,8 @@ def _asr(inst: ModelInstance):
     require_ready(inst)
     options = DecodeOptions(language=language(inst, param("language", settings.language)),
                             task=checked_task(inst, task, "task"), beam_size=beam_size, temperature=temperature,
-                            initial_prompt=initial_prompt, word_timestamps=word_timestamps)
+                            initial_prompt=initial_prompt,
+                            word_timestamps=checked_words(inst, word_timestamps, "word_timestamps"))
     transcript, future = transcribe_audio(inst, data, options, vad_filter)
     response = formats.render(transcript, output, {
         "model": inst.model_name,
@@ -101,9 +102,9 @@ def detect_language():
                 raise ApiError(422, "no_speech", "vad_filter found no speech to detect a language in")
         # The engines look at the first 30 s only.
         (code, probability), future = queued(inst, lambda: inst.queue.submit_language_detection(samples))
-        response = jsonify(language=code, confidence=round(float(probability), 4),
+        response = jsonify(language=code, confidence=None if probability is None else round(float(probability), 4),
                            # whisper-asr-webservice's names, for its clients
-                           detected_language=formats.LANGUAGE_NAMES.get(code, code), language_code=code)
+                           detected_language=languages.LANGUAGE_NAMES.get(code, code), language_code=code)
         add_server_timing(response, future)
         return response
 
@@ -259,20 +260,37 @@ def number(name: str, low: float, high: float, default: float) -> float:
 
 
 def language(inst: ModelInstance, value: str, name: str = "language") -> str | None:
-    value = value.strip().lower() or None
-    if value and value not in inst.engine.languages:
+    """The language code a request asks for (a code or a name), or None to detect ("auto", empty);
+    where detection is switched off, "auto" means the server's own language."""
+    code = languages.to_code(value)
+    if code is None and not inst.settings.detect_language:
+        value = inst.settings.language
+        code = languages.to_code(value)
+    if code is not None and code not in inst.engine.languages:
         if not inst.engine.multilingual:
             message = "the model transcribes English only"
         else:
-            message = f"{value[:40]!r} is not a language the model knows"
+            message = f"{value.strip()[:40]!r} is not a language the model knows"
         raise ParamError(name, message)
-    return value
+    return code
 
 
 def checked_task(inst: ModelInstance, task: str, name: str) -> str:
-    if task == "translate" and not inst.engine.multilingual:
+    if task == "translate" and not inst.engine.can_translate:
+        if inst.engine.multilingual:
+            raise ParamError(name, f"translate is not supported by the {inst.engine.name} engine: "
+                                   "the model transcribes only")
         raise ParamError(name, "translate needs a multilingual model; this one is English only")
     return task
+
+
+def checked_words(inst: ModelInstance, wanted: bool, name: str) -> bool:
+    if wanted and not inst.engine.word_timestamps:
+        if inst.engine.name == "qwen3-asr":
+            raise ParamError(name, "word timestamps on qwen3-asr need a forced aligner: set aligner_model "
+                                   "to a Qwen3-ForcedAligner-*-hf directory")
+        raise ParamError(name, "word timestamps need a Whisper model")
+    return wanted
 
 
 def require_ready(inst: ModelInstance) -> None:

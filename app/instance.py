@@ -82,7 +82,8 @@ class ModelInstance:
             model = resolve_model(s.engine, s.model, s.model_cache)
             if self.device == "cuda":
                 self.gpu = self._check_gpu()
-            self.engine = load_engine(s.engine, model, self.device, s.compute_type, threads)
+            self.engine = load_engine(s.engine, model, self.device, s.compute_type, threads,
+                                      aligner_model=s.aligner_model, chunk_seconds=s.chunk_seconds)
             self._warm_up()
             if self.device == "cuda":
                 self.gpu.update(self._measure_gpu_memory())

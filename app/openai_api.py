@@ -56,7 +56,7 @@ def _serve(task: str):
             language = api.language(inst, api.param("language"))
         options = DecodeOptions(language=language, task=task, beam_size=inst.settings.beam_size,
                                 temperature=temperature, initial_prompt=prompt,
-                                word_timestamps="word" in granularities)
+                                word_timestamps=api.checked_words(inst, "word" in granularities, GRANULARITIES))
         transcript, future = api.transcribe_audio(inst, data, options, inst.settings.vad_filter)
         response = _render(transcript, response_format, task, temperature, granularities)
         api.add_server_timing(response, future)

@@ -28,6 +28,7 @@ def health():
         gpu=inst.gpu,
         pid=os.getpid(),
         state=inst.state,
+        error=inst.error,
         uptime_seconds=round(time.time() - inst.started_at, 1),
         engine=inst.settings.engine,
         model=inst.model_name,

@@ -15,7 +15,7 @@ import requests
 from bench import random_whisper as random_multilingual
 from app.engines import load_engine
 from app.engines.base import DecodeOptions
-from app.formats import LANGUAGE_NAMES
+from app.languages import LANGUAGE_NAMES
 from support import SPEECH, bring_up, manifest, read_16k_mono
 
 pytestmark = pytest.mark.integration
