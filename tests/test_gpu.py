@@ -254,14 +254,28 @@ def test_engines_pick_float16_on_cuda_and_refuse_to_fall_back_to_cpu():
     from app.engines import load_engine
     from app.engines.ctranslate2_engine import _DEFAULT_COMPUTE
     from app.engines.models import resolve_model
-    from app.engines.transformers_engine import _TORCH_DTYPES, _resolve_compute_type
+    from app.engines.torch_common import TORCH_DTYPES, reserved_gpu_memory_mb, resolve_compute_type
 
     assert _DEFAULT_COMPUTE == {"cpu": "int8", "cuda": "float16"}
-    assert _resolve_compute_type("auto", "cuda") == "float16" and _TORCH_DTYPES["float16"] is torch.float16
-    assert _resolve_compute_type("auto", "cpu") == "float32" and _TORCH_DTYPES["bfloat16"] is torch.bfloat16
+    assert resolve_compute_type("auto", "cuda") == "float16" and TORCH_DTYPES["float16"] is torch.float16
+    assert resolve_compute_type("auto", "cpu") == "float32" and TORCH_DTYPES["bfloat16"] is torch.bfloat16
     with pytest.raises(ValueError, match="int8"):
-        _resolve_compute_type("int8", "cuda")
+        resolve_compute_type("int8", "cuda")
+    assert reserved_gpu_memory_mb("cpu") is None
     for engine in ("ctranslate2", "transformers"):
         model = resolve_model(engine, "embedded", load_settings(env={}).model_cache)  # the shared cache
         with pytest.raises(Exception, match="(?i)cuda"):
             load_engine(engine, model, "cuda", "auto")
+
+
+def test_up_names_the_missing_engine_packages_of_a_ctranslate2_only_install(monkeypatch, tmp_path, capsys):
+    """A ctranslate2-only install has no torch: asking it for the transformers engine is one clear line."""
+    import importlib.util
+
+    from app.control import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert cli.main(["up", "--run-dir", str(tmp_path / "run"), "--engine", "transformers"]) == 1
+    assert "engine transformers needs torch, which this environment lacks" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "supervisor.sock").exists()

@@ -23,6 +23,7 @@ from app.gpu import detect_gpus, inventory
 from app.control.pool import Pool
 from app.control.render import AUTOSCALER_PROGRAM, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all
 from app.control.supervisor import SupervisorClient, SupervisorError, start_supervisord
+from app.engines import missing_modules
 from app.engines.models import display_name, resolve_model
 
 # Flags that map one-to-one onto settings.
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_up(args) -> int:
     settings = _settings(args)
+    missing = missing_modules(settings.engine)
+    if missing:
+        raise CommandError(f"engine {settings.engine} needs {' and '.join(missing)}, which this environment lacks: "
+                           "scripts/setup.sh installs them (or pip install -e '.[transformers]')")
     # The transformers engine's copy of the embedded model is converted once here, not by N
     # instances racing at start.
     resolve_model(settings.engine, settings.model, settings.model_cache)
