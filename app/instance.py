@@ -87,6 +87,7 @@ class ModelInstance:
             self._warm_up()
             if self.device == "cuda":
                 self.gpu.update(self._measure_gpu_memory())
+                self.gpu.pop("_used_before_mb", None)
         except Exception as e:  # noqa: BLE001 - any load failure makes the instance unusable
             log.exception("model load failed")
             self.error, self.state = f"{type(e).__name__}: {e}", FAILED
@@ -116,7 +117,7 @@ class ModelInstance:
         """The GPU CUDA gives this process as device 0, which must be the one placement chose."""
         seen = cuda.current_device()
         planned = self.settings.gpu_uuid
-        if seen and planned and seen["uuid"] and seen["uuid"] != planned:
+        if seen and planned and seen["uuid"] and seen["uuid"].lower() != planned.lower():
             raise RuntimeError(f"CUDA's device 0 is {seen['name']} {seen['uuid']}, but this instance was placed "
                                f"on {planned} (CUDA_VISIBLE_DEVICES={pinned_gpu()!r})")
         ident = (seen or {}).get("uuid") or planned or pinned_gpu() or "0"
@@ -126,7 +127,8 @@ class ModelInstance:
                 "index": info.index if info and info.index >= 0 else None,
                 "pci_bus_id": (seen or {}).get("pci_bus_id") or (info.pci_bus_id if info else "") or None,
                 "pinned": pinned_gpu(), "seen_by": "cuda" if seen else "nvml",
-                "memory_mb": None, "memory_source": None}
+                "memory_mb": None, "memory_source": None,
+                "_used_before_mb": info.memory_used_mb if info else None}
 
     def _measure_gpu_memory(self) -> dict:
         """GPU memory this process holds after load and warm-up: NVML's per-process figure, else the
@@ -137,7 +139,15 @@ class ModelInstance:
             return {"memory_mb": memory, "memory_source": "nvml"}
         own = getattr(self.engine, "gpu_memory_mb", None)
         memory = own() if callable(own) else None
-        return {"memory_mb": memory, "memory_source": "engine" if memory is not None else None}
+        if memory is not None:
+            return {"memory_mb": memory, "memory_source": "engine"}
+        # A container whose process ids NVML does not see, and an engine with no figure of its own
+        # (CTranslate2): the GPU's used memory now minus before loading. Another process loading on the
+        # same GPU meanwhile makes this too high, which errs on the safe side for placement.
+        before, now = self.gpu.get("_used_before_mb"), gpu.gpu(ident)
+        if before is not None and now is not None and now.memory_used_mb is not None and now.memory_used_mb > before:
+            return {"memory_mb": now.memory_used_mb - before, "memory_source": "nvml-device-delta"}
+        return {"memory_mb": None, "memory_source": None}
 
     def gpu_identity(self) -> str | None:
         """What /metrics reads NVML by: the GPU CUDA uses once known, else the pin."""

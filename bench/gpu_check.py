@@ -137,7 +137,7 @@ def check_stack(report: Report, engine: str, device: str, work: Path) -> None:
             report.check(f"{engine}: each instance names the GPU CUDA uses",
                          all(g.get("uuid") and g.get("seen_by") == "cuda" for g in gpus), gpus)
             report.check(f"{engine}: the GPU CUDA uses is the pinned one",
-                         all(g.get("uuid") == g.get("pinned") for g in gpus), gpus)
+                         all((g.get("uuid") or "").lower() == (g.get("pinned") or "-").lower() for g in gpus), gpus)
             report.check(f"{engine}: each instance measured its GPU memory",
                          all(isinstance(g.get("memory_mb"), int) and g["memory_mb"] > 0 for g in gpus), gpus)
             report.check(f"{engine}: float16 on the GPU",

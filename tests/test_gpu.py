@@ -279,3 +279,46 @@ def test_up_names_the_missing_engine_packages_of_a_ctranslate2_only_install(monk
     assert cli.main(["up", "--run-dir", str(tmp_path / "run"), "--engine", "transformers"]) == 1
     assert "engine transformers needs torch, which this environment lacks" in capsys.readouterr().err
     assert not (tmp_path / "run" / "supervisor.sock").exists()
+
+
+def test_an_instance_measures_its_gpu_memory_from_the_best_figure_it_can_get(monkeypatch, tmp_path):
+    """NVML's per-process figure first; in a container whose pids NVML does not see, the engine's own
+    figure; for an engine with none, the GPU's used memory after loading minus before."""
+    from app.instance import ModelInstance
+
+    fake = FakeNvml([FakeGpu("NVIDIA H200", 143_771, used_mb=1_000)]).install(monkeypatch)
+    h200 = fake.gpus[0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", h200.uuid)
+    inst = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": h200.uuid}))
+    inst.gpu = inst._check_gpu()
+    assert inst.gpu["uuid"] == h200.uuid and inst.gpu["_used_before_mb"] == 1_000
+
+    class _Engine:  # an engine with no memory figure of its own, as CTranslate2
+        pass
+
+    inst.engine = _Engine()
+    h200.processes = {os.getpid(): 3_300}
+    assert inst._measure_gpu_memory() == {"memory_mb": 3_300, "memory_source": "nvml"}
+    h200.processes = {999_999: 3_300}            # the same process under the host's pid: unseen
+    assert inst._measure_gpu_memory() == {"memory_mb": 3_300, "memory_source": "nvml-device-delta"}
+    inst.engine.gpu_memory_mb = lambda: 2_900     # torch's reserved memory
+    assert inst._measure_gpu_memory() == {"memory_mb": 2_900, "memory_source": "engine"}
+
+
+def test_an_instance_refuses_a_gpu_other_than_the_one_it_was_placed_on(monkeypatch):
+    """CUDA's device 0 (asked of the driver; faked here, there is no GPU) must be the GPU placement
+    chose: a wrong pin fails the instance with both names, instead of serving from the wrong card."""
+    from app import cuda
+    from app.instance import ModelInstance
+
+    fake = FakeNvml(mixed()).install(monkeypatch)
+    h100, l4 = fake.gpus
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setattr(cuda, "current_device", lambda: {"uuid": h100.uuid.upper(), "name": h100.name,
+                                                         "pci_bus_id": h100.pci_bus_id, "visible": 1})
+    inst = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": l4.uuid}))
+    with pytest.raises(RuntimeError, match=f"CUDA's device 0 is {h100.name} .* placed on {l4.uuid}"):
+        inst._check_gpu()
+    right = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": h100.uuid}))
+    right.gpu = right._check_gpu()
+    assert right.gpu["seen_by"] == "cuda" and right.gpu["index"] == 0 and right.gpu_identity() == h100.uuid.upper()
