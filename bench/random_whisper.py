@@ -30,8 +30,7 @@ def build(out: Path, shape: str = "test", ct2: bool = True, device: str = "cpu",
     both. ``device`` is where the random weights are drawn (a GPU draws 1.5 B of them in a moment)."""
     import torch
     from tokenizers import Tokenizer
-    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration, WhisperTokenizer)
+    from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
 
     from app.engines.models import embedded_ct2_dir
 
@@ -47,12 +46,8 @@ def build(out: Path, shape: str = "test", ct2: bool = True, device: str = "cpu",
     tokenizer.save_pretrained(hf)
 
     suppress = [1, 2, 7, 8, 9, 10, 14, 25, 26, 27, 28, 29, 31, 58, 59, 60, 61, 62, 63, 90, 91, 92, 93, 357, 366]
-    d_model, layers, heads, ffn, mels = SHAPES[shape]
-    config = WhisperConfig(vocab_size=VOCAB, num_mel_bins=mels, d_model=d_model, encoder_layers=layers,
-                           decoder_layers=layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
-                           encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, max_source_positions=1500, max_target_positions=448,
-                           decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
-                           suppress_tokens=suppress, begin_suppress_tokens=[220, EOT])
+    _, layers, heads, _, mels = SHAPES[shape]
+    config = whisper_config(shape, suppress)
     torch.manual_seed(0)
     with torch.device(device):
         model = WhisperForConditionalGeneration(config).to(getattr(torch, dtype))
@@ -75,6 +70,18 @@ def build(out: Path, shape: str = "test", ct2: bool = True, device: str = "cpu",
     ctranslate2.converters.TransformersConverter(
         str(hf), copy_files=["tokenizer.json", "preprocessor_config.json"]).convert(str(ct2_dir), quantization="float32")
     return hf, ct2_dir
+
+
+def whisper_config(shape: str, suppress: list[int] = ()):
+    """transformers' WhisperConfig of ``shape`` with this vocabulary's special tokens."""
+    from transformers import WhisperConfig
+
+    d_model, layers, heads, ffn, mels = SHAPES[shape]
+    return WhisperConfig(vocab_size=VOCAB, num_mel_bins=mels, d_model=d_model, encoder_layers=layers,
+                         decoder_layers=layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
+                         encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, max_source_positions=1500, max_target_positions=448,
+                         decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
+                         suppress_tokens=list(suppress), begin_suppress_tokens=[220, EOT])
 
 
 _NON_LANGUAGE = {"endoftext", "startoftranscript", "translate", "transcribe", "startoflm", "startofprev",

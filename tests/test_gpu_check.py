@@ -54,3 +54,19 @@ def test_harness_asked_for_cuda_on_a_cpu_host_fails_its_checks_in_the_report(tmp
     result, report = _harness(tmp_path, "--device", "cuda", "--engines", "", "--shape", "none")
     assert result.returncode == 1 and "FAILED: NVML sees a GPU" in result.stdout
     assert report["passed"] is False and report["host"]["gpus"] == []
+
+
+def test_the_large_v3_shape_is_whisper_large_v3s():
+    """The batching measurement's random model has large-v3's parameter count (1.54 B, counted on
+    torch's meta device: no memory, no time) and its 128 mel bins."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from bench.random_whisper import whisper_config
+
+    config = whisper_config("large-v3")
+    with torch.device("meta"):
+        model = WhisperForConditionalGeneration(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(params - 1_543_490_560) / 1_543_490_560 < 0.001, params   # openai/whisper-large-v3
+    assert config.num_mel_bins == 128 and config.d_model == 1280 and config.encoder_layers == 32
