@@ -19,6 +19,9 @@ from typing import Any, Mapping
 ENV_PREFIX = "ASR_"
 CONFIG_ENV = "ASR_CONFIG"
 
+# Allowed on top of the audio-proportional part of an engine call: loading the window, the first step.
+DECODE_START_SECONDS = 30
+
 # Worst-case bytes per second of audio an upload may carry: uncompressed 48 kHz stereo 16-bit WAV.
 _WORST_CASE_BYTES_PER_SECOND = 48_000 * 2 * 2
 
@@ -109,7 +112,7 @@ class Settings:
     @property
     def max_inference_seconds(self) -> int:
         """The longest one request may take inside the engine, start-up of decoding included."""
-        return math.ceil(self.max_audio_seconds * self.slowest_realtime_factor) + 30
+        return math.ceil(self.max_audio_seconds * self.slowest_realtime_factor) + DECODE_START_SECONDS
 
     @property
     def request_timeout_seconds(self) -> int:

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from app import cuda, gpu
-from app.config import Settings
+from app.config import DECODE_START_SECONDS, Settings
 from app.devices import parse_cores, pinned_gpu
 from app.engines import load_engine
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Engine
@@ -96,7 +96,7 @@ class ModelInstance:
         self.queue.start(self.engine)
         # An engine call may run as long as its audio allows, and never past the request timeout.
         Watchdog(self.queue, s.request_timeout_seconds, seconds_per_audio_second=s.slowest_realtime_factor,
-                 base_seconds=30).start()
+                 base_seconds=DECODE_START_SECONDS).start()
         self.state = READY
         where = self.device if not self.gpu else f"{self.gpu['name']} {self.gpu['uuid']}"
         log.info("model %s loaded on %s in %.1f s%s", self.model_name, where, self.load_seconds,

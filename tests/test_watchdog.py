@@ -61,7 +61,7 @@ def test_calls_within_the_deadline_do_not_trip_it():
 def test_the_deadline_follows_the_audio_of_the_call_and_is_capped_by_the_request_timeout():
     """The old limit, max_inference_seconds x max_batch, was 2640 s on a GPU with the defaults: a stuck
     call held the instance for 44 minutes, long after every request of it had been answered 504."""
-    from app.config import load_settings
+    from app.config import DECODE_START_SECONDS, load_settings
 
     settings = load_settings(env={}, overrides={"max_batch": 8})
     engine = _HangingEngine()
@@ -69,7 +69,7 @@ def test_the_deadline_follows_the_audio_of_the_call_and_is_capped_by_the_request
     queue = InferenceQueue(max_pending=8, max_batch=8)
     queue.start(engine)
     watchdog = Watchdog(queue, settings.request_timeout_seconds,
-                        seconds_per_audio_second=settings.slowest_realtime_factor, base_seconds=30)
+                        seconds_per_audio_second=settings.slowest_realtime_factor, base_seconds=DECODE_START_SECONDS)
     try:
         queue.submit(np.zeros(16000 * 20, np.float32), DecodeOptions())
         deadline = time.monotonic() + 5
