@@ -122,6 +122,22 @@ def test_detection_translation_and_languages_through_nginx(service):
     assert unknown.status_code == 422 and "not a language the model knows" in unknown.json()["error"]["message"]
 
 
+def test_beam_size_temperature_and_language_names_reach_the_model_through_nginx(service):
+    # Random weights make every decoding choice a close call, so each option shows in the words.
+    def text(**params) -> str:
+        response = post(service, "/asr", GERMAN, output="json", **params)
+        assert response.status_code == 200, response.text
+        return response.json()["text"]
+
+    greedy = text(language="de", beam_size="1")
+    assert text(language="de", beam_size="5") != greedy
+    assert {text(language="de", beam_size="1", temperature="1.0") for _ in range(3)} - {greedy}
+    # The recipes' clients name languages, or ask for detection with "auto".
+    assert text(language="German", beam_size="1") == greedy
+    detected = post(service, "/detect-language", GERMAN).json()["language"]
+    assert post(service, "/asr", GERMAN, language="auto").json()["language"] == detected
+
+
 def test_openai_translation_endpoint(service):
     client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0, timeout=120)
     with (SPEECH / MANDARIN["file"]).open("rb") as f:

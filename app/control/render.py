@@ -12,6 +12,7 @@ import jinja2
 
 from app import cuda
 from app.config import Settings
+from app.control import prometheus_sd
 from app.control.paths import RunPaths
 from app.control.placement import GpuInfo, Placement, capacity_weights, plan_placement, resolve_device
 from app.devices import available_cores, format_cores, gpu_environment
@@ -136,6 +137,7 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
     for stale in set(paths.programs.glob("*.conf")) - wanted:
         stale.unlink()
     render_nginx(settings, upstream, paths, env)
+    prometheus_sd.write_targets(settings, paths, instances)
     return paths
 
 
