@@ -10,6 +10,7 @@
 #   scripts/setup.sh --gpu | --cpu          override the GPU detection (nvidia-smi -L)
 #   scripts/setup.sh --system-site-packages a new .venv sees the system's packages: a GPU image's own
 #                                           torch (and transformers, nvidia-ml-py) is used, not installed
+#   scripts/setup.sh --with-test-tools      also chromium and prometheus from apt (scripts/test.sh)
 #
 # A host without a GPU gets torch's CPU build (PyPI's Linux torch is the CUDA build: gigabytes of
 # nvidia-* wheels it cannot use) and nothing CUDA; a GPU host gets torch's CUDA build and, for
@@ -18,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=${ASR_TORCH_VERSION:-2.13.0}
-engine=all test="" wheelhouse="" gpu="" system=""
+engine=all test="" wheelhouse="" gpu="" system="" test_tools=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --engine) engine=$2; shift 2 ;;
@@ -27,7 +28,8 @@ while [ $# -gt 0 ]; do
     --gpu) gpu=1; shift ;;
     --cpu) gpu=0; shift ;;
     --system-site-packages) system=--system-site-packages; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --with-test-tools) test_tools=1; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
 done
@@ -58,7 +60,7 @@ python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || missi
 python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 # --with-test-tools (scripts/test.sh): what only the tests need, a real browser for the pages and a
 # real Prometheus with promtool for the monitoring set-up.
-if [ "${1:-}" = "--with-test-tools" ]; then
+if [ "$test_tools" = 1 ]; then
   command -v chromium >/dev/null || missing+=(chromium)
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
   command -v promtool >/dev/null || missing+=(prometheus)
