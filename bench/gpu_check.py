@@ -328,7 +328,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=int, default=32)
     p.add_argument("--clip-seconds", dest="clip_seconds", type=float, default=5.0)
     p.add_argument("--beam-size", dest="beam_size", type=int, default=1)
-    p.add_argument("--deadline", type=float, default=420, help="seconds for all phases (the script's bound)")
+    p.add_argument("--deadline", type=float, default=360, help="seconds for all phases (the script's bound)")
     return p
 
 

@@ -12,7 +12,7 @@
 #                      also hold nginx_*.deb, unpacked in place when the host has no nginx
 #   --nginx-deb FILE   that .deb, named directly
 #   --report FILE      where the JSON report goes (default bench/results/gpu-check-<time>.json)
-#   --deadline S       seconds for the checks themselves (default 420; set-up comes on top)
+#   --deadline S       seconds for the checks themselves (default 360: with set-up from a wheelhouse, the whole run fits in 8 minutes)
 #   --system-site-packages   a new .venv uses the image's own torch, transformers, nvidia-ml-py,
 #                      so the wheelhouse need hold only the rest
 #
@@ -26,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 EXIT_FAILED=1 EXIT_SETUP=2 EXIT_NO_GPU=3
-wheelhouse="" nginx_deb="" report="" deadline=420 system=""
+wheelhouse="" nginx_deb="" report="" deadline=360 system=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheelhouse) wheelhouse=$(cd "$2" && pwd) || exit $EXIT_SETUP; shift 2 ;;
