@@ -224,10 +224,10 @@ def test_status_lists_the_gpus_and_their_faults(monkeypatch, tmp_path, capsys):
     """``asrctl status`` against a real service on a host whose GPU 0 fell off the bus: a row that
     says so, the other GPU's figures, no traceback."""
     from app.control import cli
-    from support import bring_up
+    from support import bring_up, run_asrctl
 
-    service = bring_up(tmp_path, 1, "--device", "cpu")
     try:
+        service = bring_up(tmp_path, 1, "--device", "cpu")
         fake = FakeNvml(mixed()).install(monkeypatch)
         fake.gpus[0].lost = True
         assert cli.main(["status", "--run-dir", str(service.run_dir)]) == 0
@@ -239,8 +239,8 @@ def test_status_lists_the_gpus_and_their_faults(monkeypatch, tmp_path, capsys):
         data = json.loads(capsys.readouterr().out)
         assert [g["fault"] for g in data["gpus"]] == ["memory: GPU is lost", None]
         assert data["gpus"][1]["memory_total_mb"] == 23_034 and data["instances"][0]["gpu"] is None
-    finally:
-        service.asrctl("down")
+    finally:  # also when bring_up itself failed: its supervisord must not outlive the test
+        run_asrctl("down", "--run-dir", str(tmp_path / "run"), check=False)
 
 
 # -- the engines on cuda, as far as a CPU host allows ---------------------------------------------------
