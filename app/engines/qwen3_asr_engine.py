@@ -31,7 +31,7 @@ import torch
 
 from app import chunking, vad
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript, Word
-from app.engines.torch_common import TORCH_DTYPES, resolve_compute_type
+from app.engines.torch_common import TORCH_DTYPES, reserved_gpu_memory_mb, resolve_compute_type
 
 ARCHITECTURE = "qwen3_asr"
 UNDETERMINED = "und"
@@ -144,6 +144,10 @@ class Qwen3AsrEngine:
         generated = self._generate(inputs, DecodeOptions(beam_size=1), DETECT_TOKENS)
         parsed = self.processor.decode(generated, return_format="parsed")
         return [(self._code(p["language"]), None) for p in parsed]
+
+    def gpu_memory_mb(self) -> int | None:
+        """What torch's allocator holds here, for placement where NVML cannot see this process."""
+        return reserved_gpu_memory_mb(self.device)
 
     # Decoding -----------------------------------------------------------------------------------
 
