@@ -12,8 +12,16 @@ import time
 from flask import Blueprint, jsonify
 
 from app.api import instance
+from app.openapi import Operation, register
 
 bp = Blueprint("probes", __name__)
+
+register(
+    Operation("get", "/health", "Liveness: 200 while the process lives, with the instance's state", "probes",
+              public=True),
+    Operation("get", "/ready", "Readiness: 200 once the model is loaded and the instance is not draining",
+              "probes", public=True, errors=("503",)),
+)
 
 
 @bp.get("/health")
@@ -25,6 +33,7 @@ def health():
         port=inst.port,
         device=inst.device,
         cpu_cores=inst.settings.cpu_cores or None,
+        gpu=inst.gpu,
         pid=os.getpid(),
         state=inst.state,
         error=inst.error,

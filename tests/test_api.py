@@ -114,6 +114,11 @@ def test_decoding_parameters_are_read_from_the_form_and_the_query_string(service
     # matter (tests/test_multilingual.py, tests/test_qwen3_asr_engine.py); here: both ways of sending them.
     greedy = asr(service, beam_size="1", temperature="0", task="transcribe", language="en", output="txt")
     assert greedy.status_code == 200 and normalize(greedy.text) == normalize(JFK_REFERENCE)
+    # The Qwen3-ASR recipes' stress client sends language=auto; other clients send names.
+    for language in ("auto", "English", "EN"):
+        named = requests.post(f"{service.url}/asr", files={"audio": ("jfk.flac", JFK.read_bytes())},
+                              data={"language": language}, timeout=120)
+        assert named.status_code == 200 and named.json()["language"] == "en", (language, named.text)
     query = requests.post(f"{service.url}/asr?output=txt&beam_size=1&encode=true",
                           data=JFK.read_bytes(), headers={"Content-Type": "audio/flac"}, timeout=120)
     assert query.status_code == 200 and normalize(query.text) == normalize(JFK_REFERENCE)

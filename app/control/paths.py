@@ -23,6 +23,7 @@ class RunPaths:
     nginx_conf = property(lambda self: self.root / "nginx" / "nginx.conf")
     nginx_temp = property(lambda self: self.root / "nginx" / "tmp")
     nginx_pid = property(lambda self: self.root / "nginx.pid")
+    prometheus = property(lambda self: self.root / "prometheus")  # file_sd targets (app.control.prometheus_sd)
 
     def program_file(self, name: str) -> Path:
         return self.programs / f"{name}.conf"

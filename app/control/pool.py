@@ -58,7 +58,7 @@ class Pool:
         data = json.loads(path.read_text())
         instances = [
             InstanceSpec(i["name"], i["port"], i["weight"],
-                         Placement(i["device"], i.get("gpu"), tuple(i.get("cpu_cores", ()))))
+                         Placement(i["device"], i.get("gpu"), tuple(i.get("cpu_cores", ())), i.get("gpu_uuid", "")))
             for i in data["instances"]
         ]
         return cls(instances, set(data.get("draining", ())), set(data.get("starting", ())))
@@ -67,7 +67,8 @@ class Pool:
         data = {
             "instances": [
                 {"name": i.name, "port": i.port, "weight": i.weight, "device": i.placement.device,
-                 "gpu": i.placement.gpu, "cpu_cores": list(i.placement.cpu_cores)}
+                 "gpu": i.placement.gpu, "gpu_uuid": i.placement.gpu_uuid,
+                 "cpu_cores": list(i.placement.cpu_cores)}
                 for i in self.instances
             ],
             "draining": sorted(self.draining),

@@ -17,10 +17,35 @@ from app import api, formats, jobs
 from app.audio import decode_audio
 from app.errors import ApiError
 from app.jobs.store import DONE, FINISHED, Job, JobStore, StoreFull
+from app.openapi import Operation, register
+from app.params import Param, Params, check_names, choice
 
 bp = Blueprint("jobs", __name__)
 
-RESULT_PARAMS = ("output",)
+NO_PARAMS = Params(())
+RESULT_PARAMS = Params((Param("output", "string", choices=formats.OUTPUTS, default="", description=(
+    "json, txt, srt, vtt or tsv, as for /asr; not given: the output the job was posted with.")),))
+_STATUS = {"application/json": {"type": "object", "properties": {
+    "id": {"type": "string"}, "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
+    "progress": {"type": "object", "properties": {"done_seconds": {"type": "number"},
+                                                   "total_seconds": {"type": "number"}, "fraction": {"type": "number"}}},
+    "result_url": {"type": "string"}, "error": {"type": "string", "nullable": True}}}}
+
+register(
+    Operation("post", "/v1/jobs", "Submit a long recording as an async job (answers 202)", "jobs",
+              params=api.ASR_PARAMS, upload="audio_file", raw_body=True, ok=_STATUS, ok_status="202",
+              errors=("400", "413", "415", "422", "503"),
+              description=("The same upload and parameters as /asr, up to job_max_audio_seconds. 202 with the "
+                           "job's status and Location: /v1/jobs/{id}; 503 jobs_full when too many wait.")),
+    Operation("get", "/v1/jobs/{job_id}", "A job's state and progress, and its JSON result once done", "jobs",
+              params=NO_PARAMS, ok=_STATUS, errors=("404",)),
+    Operation("get", "/v1/jobs/{job_id}/result", "A finished job's transcript in any /asr output", "jobs",
+              params=RESULT_PARAMS, errors=("404", "409"),
+              ok={"application/json": {"$ref": "#/components/schemas/Transcript"},
+                  **{formats.CONTENT_TYPES[o].split(";")[0]: {"type": "string"} for o in ("txt", "srt", "vtt", "tsv")}}),
+    Operation("delete", "/v1/jobs/{job_id}", "Cancel a job (200), or remove a finished one (204)", "jobs",
+              params=NO_PARAMS, ok=_STATUS, errors=("404",)),
+)
 
 
 def job_store() -> JobStore:
@@ -62,15 +87,15 @@ def create():
 
 @bp.get("/v1/jobs/<job_id>")
 def show(job_id: str):
-    api.check_names((), {})
+    NO_PARAMS.parse(api.instance().settings)
     return jsonify(status(_job(job_id), api.instance().settings.job_retention_seconds))
 
 
 @bp.get("/v1/jobs/<job_id>/result")
 def result(job_id: str):
-    api.check_names(RESULT_PARAMS, {})
+    check_names(RESULT_PARAMS.names, {})  # the default output is the job's own, so parsed here
     job = _job(job_id)
-    output = api.choice("output", formats.OUTPUTS, job.params.get("output", "json"))
+    output = choice("output", formats.OUTPUTS, job.params.get("output", "json"))
     if job.state != DONE:
         if job.state in FINISHED:
             raise ApiError(409, f"job_{job.state}", f"job {job.id} is {job.state}" + (f": {job.error}" if job.error else ""))
@@ -84,6 +109,7 @@ def result(job_id: str):
 @bp.delete("/v1/jobs/<job_id>")
 def cancel(job_id: str):
     """Cancel a job that has not finished (200, its state); remove a finished one (204)."""
+    NO_PARAMS.parse(api.instance().settings)
     job = _job(job_id)
     store, settings = job_store(), api.instance().settings
     if job.state in FINISHED:
