@@ -72,7 +72,8 @@ def join(transcripts: Sequence[Transcript], chunks: Sequence[Chunk], duration: f
         raise ValueError(f"{len(transcripts)} transcripts for {len(chunks)} chunks")
     segments, texts, weight = [], [], Counter()
     for transcript, chunk in zip(transcripts, chunks):
-        segments.extend(_shifted(s, chunk.offset) for s in transcript.segments)
+        length = (chunk.end - chunk.start) / SAMPLE_RATE
+        segments.extend(_shifted(s, chunk.offset, length) for s in transcript.segments)
         if transcript.text.strip():
             texts.append(transcript.text.strip())
             weight[transcript.language] += chunk.end - chunk.start
@@ -102,9 +103,16 @@ def unspaced(char: str) -> bool:
             or 0xF900 <= code <= 0xFAFF or 0xFF00 <= code <= 0xFFEF or 0x0E00 <= code <= 0x0E7F)
 
 
-def _shifted(segment, offset: float):
-    words = tuple(replace(w, start=round(w.start + offset, 3), end=round(w.end + offset, 3)) for w in segment.words)
-    return replace(segment, start=round(segment.start + offset, 3), end=round(segment.end + offset, 3), words=words)
+def _shifted(segment, offset: float, length: float):
+    """The segment and its words moved by ``offset``, each time first kept within the chunk's own
+    ``length`` and each word within its segment: at the end of a chunk the model may time a last word
+    past its segment and past the chunk, and it must not reach into the next chunk's stretch."""
+    def moved(item, limit: float):
+        end = min(item.end, limit)
+        return replace(item, start=round(min(item.start, end) + offset, 3), end=round(end + offset, 3))
+
+    end = min(segment.end, length)
+    return replace(moved(segment, length), words=tuple(moved(w, end) for w in segment.words))
 
 
 def _pauses(speech: Sequence[dict], total: int) -> list[tuple[int, int]]:

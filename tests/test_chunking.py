@@ -100,6 +100,15 @@ def test_join_shifts_times_and_keeps_order():
     assert joined.duration == 25.0 and joined.language == "en" and joined.language_probability == pytest.approx(0.7)
 
 
+def test_join_keeps_each_chunk_s_times_within_the_chunk():
+    chunks = [Chunk(0, 10 * S, True), Chunk(10 * S, 20 * S, True)]
+    first = Transcript("a b", "en", 10.0, [Segment(8.0, 10.0, "a b", (Word(8.0, 9.0, " a"), Word(9.5, 10.4, " b")))])
+    second = Transcript("c", "en", 10.0, [Segment(0.0, 1.0, "c", (Word(0.0, 1.0, " c"),))])
+    joined = join([first, second], chunks, 20.0)
+    assert [(w.start, w.end) for w in joined.segments[0].words] == [(8.0, 9.0), (9.5, 10.0)]
+    assert joined.segments[1].start == 10.0
+
+
 def test_join_never_invents_a_probability():
     chunks = [Chunk(0, S, True), Chunk(S, 2 * S, True)]
     parts = [Transcript("a", "de", 1.0, [], language_probability=None), Transcript("b", "de", 1.0, [], 0.9)]
