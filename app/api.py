@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -176,6 +176,8 @@ def transcribe_audio(inst: ModelInstance, data: bytes, options: DecodeOptions,
             return vad.silent(audio.duration, options.language or own), None
         samples = speech.samples
     settings = inst.settings
+    if request.headers.get(peers.CHUNK_HEADER):  # a sibling's chunk, cut in a pause (app.longform)
+        options = replace(options, ends_in_pause=True)
     if settings.chunking and len(samples) > settings.chunk_seconds * SAMPLE_RATE:
         transcript, future = chunked(inst, samples, options), None
     else:

@@ -69,9 +69,10 @@ def split(samples: np.ndarray, chunk_seconds: float) -> list[Chunk]:
 
 def chunk_options(options: DecodeOptions, chunks: Sequence[Chunk], index: int) -> DecodeOptions:
     """An initial prompt primes only the first window with speech, as in window-after-window decoding
-    (no conditioning on previous text): it goes to the first chunk with speech only."""
+    (no conditioning on previous text): it goes to the first chunk with speech only. Each chunk ends
+    in a pause or at the recording's end, which lets a Whisper engine finish it in one window."""
     first = next((i for i, c in enumerate(chunks) if c.speech), 0)
-    return options if index == first else replace(options, initial_prompt="")
+    return replace(options, ends_in_pause=True, initial_prompt=options.initial_prompt if index == first else "")
 
 
 def silent(chunk: Chunk, language: str) -> Transcript:

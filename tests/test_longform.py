@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -49,6 +50,33 @@ def test_chunks_give_the_same_words_as_window_after_window(inst):
     starts = [s.start for s in chunked.segments]
     assert starts == sorted(starts) and all(s.end <= duration + 0.5 for s in chunked.segments)
     assert chunked.segments[-1].end > duration - 10 and chunked.duration == pytest.approx(duration)
+
+
+def test_a_chunk_takes_one_window_where_faster_whisper_would_open_a_second(inst, monkeypatch):
+    # Whisper often leaves the last segment of a chunk open near the window's end; faster-whisper then
+    # encodes a second window from its start. A chunk (ends_in_pause) has it decoded again on the same
+    # encoder output instead: one encoder call per chunk, the same segments.
+    samples, _ = set_a_sequence(gap=1.0)  # about 70 s: 3 chunks
+    engine, windows = inst.engine, []
+    for owner, name in ((engine, "_encode"), (engine._model, "encode")):  # lockstep, faster-whisper
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda batch, *a, _f=original, **k: windows.append(len(batch)) or _f(batch, *a, **k))
+    chunks = longform.split(samples, inst.settings.chunk_seconds)
+    options = DecodeOptions(beam_size=inst.settings.beam_size)
+    decoded = {}
+    for ends_in_pause in (False, True):
+        windows.clear()
+        decoded[ends_in_pause] = [engine.transcribe(samples[c.start:c.end], replace(options, ends_in_pause=ends_in_pause))
+                                  for c in chunks]
+        decoded[ends_in_pause, "windows"] = sum(windows)
+    assert len(chunks) >= 3
+    assert decoded[False, "windows"] > len(chunks)   # the case is there: faster-whisper opened second windows
+    assert decoded[True, "windows"] == len(chunks)
+    for plain, chunk in zip(decoded[False], decoded[True]):
+        # The same segments; the last may end a little apart (the second window timed it on other audio).
+        assert [s.start for s in chunk.segments] == [s.start for s in plain.segments]
+        assert [s.end for s in chunk.segments] == pytest.approx([s.end for s in plain.segments], abs=1.5)
+        assert wer([plain.text], [chunk.text]) <= 0.1
 
 
 def test_a_short_request_waits_for_one_chunk_not_the_whole_recording(inst):

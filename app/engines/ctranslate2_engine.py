@@ -7,7 +7,18 @@ beam search on the CTranslate2 model, and moves each clip's position on from its
 tokens, exactly as faster-whisper's one-clip loop does with our fixed settings (temperature 0, no
 conditioning on previous text; an initial prompt primes the first window that is not skipped as
 silence). So a batched transcript equals the one-by-one transcript; clips longer than a window simply
-take more rounds. Word timestamps move a clip's position by its last word, so such clips, and sampled
+take more rounds.
+
+A chunk of a longer recording (``DecodeOptions.ends_in_pause``) goes through the lockstep decode even
+alone, and its last window is finished without a second one. Whisper often leaves the last segment of
+a window open (it ends on a pair of timestamps, or on text without a closing one) when speech reaches
+the window's last seconds; faster-whisper then encodes a second, nearly empty window from that
+segment's start. Measured on the embedded tiny.en and a 5-minute recording, 10 of 11 chunks of
+23-30 s took that second window (and 3 of 17 chunks of at most 20 s), so chunks cost 1.6 x the
+encoder work of window-after-window decoding. For a chunk nothing comes after the window, so the open
+segment is decoded again on the same encoder output instead, primed with its start timestamp (one
+more beam search, no second encoder call); only when that yields no text does the chunk take a
+second window as before. Word timestamps move a clip's position by its last word, so such clips, and sampled
 ones, go through faster-whisper one by one. VAD is not the engine's business: ``app.vad`` cuts the
 silence out before any engine sees the audio.
 """
@@ -60,6 +71,8 @@ class CTranslate2Engine:
         return cls(whisper, model, device, compute_type)
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
+        if options.ends_in_pause and _lockstep(options):
+            return self._decode_lockstep([audio], [options], options.task, options.beam_size)[0]
         segments, info = self._model.transcribe(
             audio,
             language=options.language if self.multilingual else "en",
@@ -92,7 +105,7 @@ class CTranslate2Engine:
         results: list[Transcript | None] = [None] * len(audios)
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i, option in enumerate(options):
-            if option.temperature == 0 and not option.word_timestamps:
+            if _lockstep(option):
                 groups[(option.task, option.beam_size)].append(i)
             else:
                 results[i] = self.transcribe(audios[i], option)
@@ -113,7 +126,8 @@ class CTranslate2Engine:
         from faster_whisper.tokenizer import Tokenizer
 
         extractor = self._model.feature_extractor
-        clips = [_Clip(extractor(np.asarray(audio, dtype=np.float32)), len(audio)) for audio in audios]
+        clips = [_Clip(extractor(np.asarray(audio, dtype=np.float32)), len(audio), ends_in_pause=o.ends_in_pause)
+                 for audio, o in zip(audios, options)]
         languages = self._languages(clips, options)
         for clip, option, (language, probability) in zip(clips, options, languages):
             clip.language, clip.language_probability = language, probability
@@ -135,9 +149,33 @@ class CTranslate2Engine:
         """One batched encoder call and beam search over the current window of each clip."""
         sizes = [min(window, c.content_frames - c.seek) for c in clips]
         encoded = self._encode([c.features[:, c.seek:c.seek + n] for c, n in zip(clips, sizes)])
-        results = self._model.model.generate(
+        results = self._generate(encoded, [_prompt(c) for c in clips], beam_size, clips[0].tokenizer)
+        tokens = [r.sequences_ids[0] for r in results]
+        # A chunk's last window that left its last segment open: that segment again on the same
+        # encoder output, primed with its start timestamp, rather than a second window.
+        opened = {i: at for i, (c, n, t) in enumerate(zip(clips, sizes, tokens))
+                  if c.ends_in_pause and c.seek + n >= c.content_frames
+                  and (at := _open_segment(t, c.tokenizer.timestamp_begin)) is not None}
+        if opened:
+            begin = clips[0].tokenizer.timestamp_begin
+            prompts = [[*c.tokenizer.sot_sequence, tokens[i][opened[i]] if i in opened else begin]
+                       for i, c in enumerate(clips)]
+            again = self._generate(encoded, prompts, beam_size, clips[0].tokenizer, initial_timestamp=False)
+            for i, at in list(opened.items()):
+                tail = again[i].sequences_ids[0]
+                if any(t < begin for t in tail):  # text: the open segment, now with its words
+                    tokens[i] = tokens[i][:at + 1] + tail
+                else:
+                    opened.pop(i)
+        for i, (clip, size, result) in enumerate(zip(clips, sizes, results)):
+            self._advance(clip, size, result, tokens[i], time_per_frame, final=i in opened)
+
+    def _generate(self, encoded, prompts: list[list[int]], beam_size: int, tokenizer, initial_timestamp: bool = True):
+        """faster-whisper's beam search settings; ``initial_timestamp``: the first timestamp may come no
+        later than 1 s into the window (off where the prompt already ends on a timestamp)."""
+        return self._model.model.generate(
             encoded,
-            [_prompt(c) for c in clips],
+            prompts,
             beam_size=beam_size,
             patience=1,
             length_penalty=1,
@@ -147,11 +185,9 @@ class CTranslate2Engine:
             return_scores=True,
             return_no_speech_prob=True,
             suppress_blank=True,
-            suppress_tokens=self._suppressed_tokens(clips[0].tokenizer),
-            max_initial_timestamp_index=int(round(_MAX_INITIAL_TIMESTAMP / _TIME_PRECISION)),
+            suppress_tokens=self._suppressed_tokens(tokenizer),
+            max_initial_timestamp_index=int(round(_MAX_INITIAL_TIMESTAMP / _TIME_PRECISION)) if initial_timestamp else 1500,
         )
-        for clip, size, result in zip(clips, sizes, results):
-            self._advance(clip, size, result, time_per_frame)
 
     def _languages(self, clips: list[_Clip], options: list[DecodeOptions]) -> list[tuple[str, float]]:
         """The requested language (probability 1), else the one detected on the clip's first 30 s."""
@@ -176,9 +212,10 @@ class CTranslate2Engine:
         batch = np.ascontiguousarray(np.stack([pad_or_trim(w) for w in windows]))
         return self._model.model.encode(ctranslate2.StorageView.from_array(batch), to_cpu=False)
 
-    def _advance(self, clip: _Clip, size: int, result, time_per_frame: float) -> None:
-        """Take one window's result: skip it as silence, or cut it into segments and move on."""
-        tokens = result.sequences_ids[0]
+    def _advance(self, clip: _Clip, size: int, result, tokens: list[int], time_per_frame: float,
+                 final: bool = False) -> None:
+        """Take one window's result: skip it as silence, or cut ``tokens`` into segments and move on
+        (``final``: the clip ends with this window, an open last segment up to its end)."""
         # The average log-probability faster-whisper recovers from the length-normalised score.
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
         if result.no_speech_prob > _NO_SPEECH_THRESHOLD and not avg_logprob > _LOG_PROB_THRESHOLD:
@@ -188,7 +225,7 @@ class CTranslate2Engine:
         tokenizer = clip.tokenizer
         time_offset = clip.seek * time_per_frame
         pieces, seek = _split_by_timestamps(tokens, tokenizer.timestamp_begin, time_offset,
-                                            size, size * time_per_frame, clip.seek)
+                                            size, size * time_per_frame, clip.seek, final)
         for start, end, piece in pieces:
             text = tokenizer.decode(piece)
             if start != end and text.strip():
@@ -210,6 +247,7 @@ class _Clip:
 
     features: np.ndarray          # log-mel, (n_mels, frames)
     samples: int
+    ends_in_pause: bool = False   # a chunk cut in a pause: its last window may end it (DecodeOptions)
     seek: int = 0                 # the next mel frame to decode
     language: str = "en"
     language_probability: float = 1.0
@@ -220,6 +258,20 @@ class _Clip:
     @property
     def content_frames(self) -> int:
         return self.features.shape[-1] - 1  # the last frame comes from the extractor's own padding
+
+
+def _lockstep(options: DecodeOptions) -> bool:
+    """Whether the lockstep decode applies: no sampling, no word timestamps."""
+    return options.temperature == 0 and not options.word_timestamps
+
+
+def _open_segment(tokens: list[int], timestamp_begin: int) -> int | None:
+    """Where the open last segment of a window starts (the index of its start timestamp), or None when
+    the window ends complete (on a lone timestamp) or has no pair of timestamps at all."""
+    if len(tokens) >= 2 and tokens[-2] < timestamp_begin <= tokens[-1]:
+        return None
+    cuts = [i for i in range(1, len(tokens)) if tokens[i] >= timestamp_begin and tokens[i - 1] >= timestamp_begin]
+    return cuts[-1] if cuts else None
 
 
 def _prompt(clip: _Clip) -> list[int]:
@@ -236,12 +288,14 @@ def _words(words) -> tuple[Word, ...]:
 
 
 def _split_by_timestamps(tokens: list[int], timestamp_begin: int, time_offset: float, size: int,
-                         window_seconds: float, seek: int) -> tuple[list[tuple[float, float, list[int]]], int]:
+                         window_seconds: float, seek: int,
+                         final: bool = False) -> tuple[list[tuple[float, float, list[int]]], int]:
     """Cut one window's tokens into (start, end, tokens) at each pair of adjacent timestamp tokens;
     return them and the mel frame the next window starts at.
 
     A window that ends on a lone timestamp is complete: the next starts after it. Otherwise its last
-    segment is unfinished: it is dropped and the next window starts at the last timestamp.
+    segment is unfinished: it is dropped and the next window starts at the last timestamp; except in
+    a ``final`` window (the clip ends with it), where it is kept up to the window's end.
     """
     def seconds(token: int) -> float:
         return time_offset + (token - timestamp_begin) * _TIME_PRECISION
@@ -263,6 +317,9 @@ def _split_by_timestamps(tokens: list[int], timestamp_begin: int, time_offset: f
         pieces.append((seconds(piece[0]), seconds(piece[-1]), piece))
         last = cut
     if ends_complete:
+        return pieces, seek + size
+    if final:
+        pieces.append((seconds(tokens[last]), time_offset + window_seconds, tokens[last:]))
         return pieces, seek + size
     return pieces, seek + (tokens[last - 1] - timestamp_begin) * _INPUT_STRIDE
 
