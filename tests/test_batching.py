@@ -229,6 +229,20 @@ def test_ctranslate2_batched_equals_one_by_one(set_a):
     assert batched[1].text != unprompted.text      # the prompt did reach the lockstep decode
 
 
+def test_an_open_last_segment_is_kept_only_in_a_final_window():
+    from app.engines.ctranslate2_engine import _open_segment, _split_by_timestamps
+
+    ts = lambda seconds: 1000 + round(seconds / 0.02)  # noqa: E731 - timestamp tokens from 1000
+    complete, paired, texted = [ts(0), 5, ts(2)], [ts(0), 5, ts(2), ts(2)], [ts(0), 5, ts(2), ts(2), 6, 7]
+    assert _open_segment(complete, 1000) is None and _open_segment([5, 6], 1000) is None
+    assert _open_segment(paired, 1000) == 3 and _open_segment(texted, 1000) == 3
+    # Not final: the open segment is dropped and the next window starts at its timestamp (frame 200).
+    assert _split_by_timestamps(texted, 1000, 0.0, 2500, 25.0, 0) == ([(0.0, 2.0, [ts(0), 5, ts(2)])], 200)
+    # Final (the clip ends with this window): kept up to the window's end, and the clip is done.
+    pieces, seek = _split_by_timestamps(texted, 1000, 10.0, 2500, 25.0, 0, final=True)
+    assert pieces == [(10.0, 12.0, [ts(0), 5, ts(2)]), (12.0, 35.0, [ts(2), 6, 7])] and seek == 2500
+
+
 @pytest.mark.skipif(importlib.util.find_spec("app.engines.transformers_engine") is None,
                     reason="no transformers engine")
 def test_transformers_batched_equals_one_by_one(set_a, model_cache):
