@@ -11,6 +11,7 @@ from pathlib import Path
 import jinja2
 
 from app.config import Settings
+from app.public_routes import PUBLIC_ROUTES
 from app.control.paths import RunPaths
 from app.control.placement import (
     GpuInfo, Placement, available_cores, capacity_weights, format_cores, plan_placement, resolve_device,
@@ -21,6 +22,9 @@ DEPLOY_DIR = REPO_ROOT / "deploy"
 PROGRAM_PREFIX = "asr-"
 NGINX_PROGRAM = "nginx"
 AUTOSCALER_PROGRAM = "autoscaler"
+WATCHER_PROGRAM = "watcher"
+# Programs that are not model instances, stopped first by ``asrctl down`` (nothing may add work then).
+CONTROL_PROGRAMS = (AUTOSCALER_PROGRAM, WATCHER_PROGRAM)
 
 
 @dataclass(frozen=True)
@@ -117,10 +121,11 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
     _write(paths.supervisor_conf, env.get_template("supervisor/supervisord.conf.j2").render(context))
     wanted = {paths.program_file(NGINX_PROGRAM)}
     _write(paths.program_file(NGINX_PROGRAM), env.get_template("supervisor/nginx.conf.j2").render(context))
-    if settings.autoscale:
-        wanted.add(paths.program_file(AUTOSCALER_PROGRAM))
-        _write(paths.program_file(AUTOSCALER_PROGRAM),
-               env.get_template("supervisor/autoscaler.conf.j2").render(context))
+    # Optional control programs: one template each, rendered when its setting is on.
+    for program, enabled in ((AUTOSCALER_PROGRAM, settings.autoscale), (WATCHER_PROGRAM, settings.liveness)):
+        if enabled:
+            wanted.add(paths.program_file(program))
+            _write(paths.program_file(program), env.get_template(f"supervisor/{program}.conf.j2").render(context))
     for instance in instances:
         path = paths.program_file(instance.name)
         wanted.add(path)
@@ -136,16 +141,31 @@ def render_nginx(settings: Settings, upstream: list[InstanceSpec], paths: RunPat
     paths = paths or RunPaths.at(settings.run_dir)
     env = env or template_environment()
     user = _nginx_user(settings, paths)
+    generation = rendered_generation(paths) + 1
+    control_allow = ["127.0.0.1", "::1"]
+    if settings.host not in ("0.0.0.0", "::", "", *control_allow):
+        control_allow.append(settings.host)  # this host reaching its own address comes from it
     text = env.get_template("nginx/nginx.conf.j2").render(
         settings=settings, paths=paths, upstream=upstream, nginx_user=user, api_keys=settings.api_keys(),
-        next_upstream_tries=max(1, min(len(upstream), 3)),
+        next_upstream_tries=max(1, min(len(upstream), 3)), public_routes=PUBLIC_ROUTES,
+        monitor_allow=settings.monitor_addresses(), scrapers=settings.monitor_addresses()[2:],
+        control_allow=control_allow, generation=generation,
     )
     _write(paths.nginx_conf, text)
+    _write(paths.nginx_generation, f"{generation}\n")
     if user:  # workers write request bodies to the temp paths
         uid, gid = pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid
         for d in [paths.nginx_temp, *paths.nginx_temp.iterdir()]:
             os.chown(d, uid, gid)
     return paths.nginx_conf
+
+
+def rendered_generation(paths: RunPaths) -> int:
+    """The number of the last nginx configuration rendered here; nginx serves it at /_asr/generation."""
+    try:
+        return int(paths.nginx_generation.read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def _write(path: Path, text: str) -> None:
