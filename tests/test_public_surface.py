@@ -109,3 +109,24 @@ def test_a_configured_scraper_address_may_read_metrics(tmp_path):
     assert "allow 10.0.0.7;" in metrics and "allow 10.1.0.0/16;" in metrics and "deny all;" in metrics
     with pytest.raises(Exception, match="monitor_allow"):
         load_settings(env={}, overrides={"monitor_allow": "10.0.0.7; return 200"})
+
+
+def test_a_reload_nginx_cannot_apply_is_reported_not_claimed(service):
+    """A port another process holds passes `nginx -t` but fails on reload: nginx keeps the old
+    configuration, and asrctl must say so (one sentence, non-zero), not claim the reload. Runs last
+    in this module: it leaves the run directory's settings on the busy port."""
+    import socket as socket_
+
+    busy = socket_.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        result = service.asrctl("reload", "--port", str(busy.getsockname()[1]), check=False, timeout=120)
+    finally:
+        busy.close()
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not serve the configuration just rendered" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    # The old configuration still serves on the old port.
+    assert requests.get(service.url + "/ready", timeout=30).status_code == 200

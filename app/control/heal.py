@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import socket
 import threading
 from typing import Callable
 
@@ -63,9 +62,13 @@ def run_ports(settings: Settings, pool: Pool | None) -> set[int]:
 def nginx_orphans(settings: Settings, paths: RunPaths, nginx_pid: int | None) -> list[processes.Proc]:
     """nginx processes listening on the public port that are not the supervised master's."""
     listening = processes.listeners({settings.port}).get(settings.port, set())
-    ours = processes.tree(nginx_pid)
-    return [processes.Proc(pid, processes.parent_of(pid) or 0, "nginx", (settings.port,))
-            for pid in sorted(listening - ours)]
+    found = []
+    for pid in sorted(listening - {nginx_pid}):
+        parent = processes.parent_of(pid)
+        # Gone since the scan (an old worker finishing after a reload), or a worker of the supervised master.
+        if parent is not None and parent != nginx_pid:
+            found.append(processes.Proc(pid, parent, "nginx", (settings.port,)))
+    return found
 
 
 def supervised_nginx_listens(settings: Settings, nginx_pid: int | None) -> bool:
@@ -75,12 +78,13 @@ def supervised_nginx_listens(settings: Settings, nginx_pid: int | None) -> bool:
 
 def retire_nginx_orphans(settings: Settings, paths: RunPaths, client, log: Callable[[str], None],
                          wait: float | None = None) -> int:
-    """QUIT nginx orphans once the supervised nginx's workers listen; return how many were found."""
+    """QUIT nginx orphans once the supervised nginx's workers listen (``wait``: until they exit, KILL
+    after that many seconds); return how many were retired."""
     info = client.process(NGINX_PROGRAM)
     pid = info["pid"] if info["statename"] == "RUNNING" else None
     found = nginx_orphans(settings, paths, pid)
     if not found or not supervised_nginx_listens(settings, pid):
-        return 0 if not found else -len(found)
+        return 0  # none, or they are all that serves the port until the supervised master's workers listen
     log(f"nginx: {len(found)} orphaned process(es) on port {settings.port} "
         f"({', '.join(str(p.pid) for p in found)}); the supervised master is pid {pid}")
     if wait is None:
@@ -89,15 +93,6 @@ def retire_nginx_orphans(settings: Settings, paths: RunPaths, client, log: Calla
     else:
         processes.retire(found, wait, log=log)
     return len(found)
-
-
-def free_port(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def plan_adoption(settings: Settings, pool: Pool, log: Callable[[str], None],
@@ -120,7 +115,7 @@ def plan_adoption(settings: Settings, pool: Pool, log: Callable[[str], None],
             continue
         taken = {port for p in found for port in p.ports} | {settings.port}
         port = pool.next_port(settings.base_port, avoid=taken)
-        while not free_port(port):
+        while not processes.port_free(port):
             port = pool.next_port(settings.base_port, avoid=taken | {port})
             taken.add(port)
         replacement = InstanceSpec(instance_name(port), port, spec.weight, spec.placement)
@@ -146,6 +141,13 @@ def finish_adoption(settings: Settings, client, pool: Pool, publish: Callable[[P
     replacements = [i for i in pool.instances if i.name in pool.starting]
     wait_ready(replacements)
     with control_lock(paths):
+        # `asrctl up` and the watcher may both get here: the first one does it, the other finds it done.
+        fresh = Pool.load(paths)
+        if fresh is not None:
+            pool.instances, pool.starting, pool.adopted = fresh.instances, fresh.starting, fresh.adopted
+        found = processes.orphans(paths, run_ports(settings, pool), supervisord_pid)
+        if not pool.adopted and not found:
+            return False
         pool.starting -= {i.name for i in replacements}
         old = pool.adopted
         pool.adopted = []

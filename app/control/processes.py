@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -177,7 +178,7 @@ def retire(procs: list[Proc], timeout: float, log=print) -> list[Proc]:
     left = wait_gone([p.pid for p in procs], timeout)
     killed = [p for p in procs if p.pid in left]
     for p in killed:
-        _signal(p.pid, signal.SIGKILL)
+        kill(p.pid, signal.SIGKILL)
     wait_gone([p.pid for p in killed], 5)
     return killed
 
@@ -201,7 +202,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _signal(pid: int, sig: int) -> None:
+def kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
@@ -210,9 +211,19 @@ def _signal(pid: int, sig: int) -> None:
 
 def send_graceful(p: Proc) -> None:
     """QUIT for nginx, TERM for the others: both finish the requests they hold, then exit."""
-    _signal(p.pid, signal.SIGQUIT if p.kind == "nginx" else signal.SIGTERM)
+    kill(p.pid, signal.SIGQUIT if p.kind == "nginx" else signal.SIGTERM)
 
 
 def resume(procs: list[Proc]) -> None:
     for p in procs:
-        _signal(p.pid, signal.SIGCONT)
+        kill(p.pid, signal.SIGCONT)
+
+
+def port_free(port: int) -> bool:
+    """Whether a loopback listener could bind ``port`` now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False

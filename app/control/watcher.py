@@ -144,7 +144,7 @@ class Watcher:
                 del self.retiring[orphan]
             elif now > deadline:
                 log.warning("nginx orphan pid %d still running after its graceful stop: killing it", orphan)
-                processes._signal(orphan, signal.SIGKILL)
+                processes.kill(orphan, signal.SIGKILL)
                 del self.retiring[orphan]
         if changed:
             self.scan_until = now + ORPHAN_SCAN_SECONDS  # look every tick for a while after a new master
