@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -100,11 +101,17 @@ def _soak(service: Service, uploads: Uploads, clips, rate: float, seconds: float
             step = +1 if (n // len(FAULTS)) % 2 == 0 else -1
             at = time.monotonic() - t0
             try:
-                detail, recovered = inject_fault(service, kind, step)
+                detail, hit, replaced, recovered = inject_fault(service, kind, step)
             except Exception as e:  # noqa: BLE001 - reported, the soak goes on
-                detail, recovered = f"fault injection failed: {e}", None
-            faults.append({"t": round(at, 1), "fault": kind, "detail": detail,
-                           "recovered_s": None if recovered is None else round(recovered - at - t0, 1)})
+                detail, hit, replaced, recovered = f"fault injection failed: {e}", None, None, None
+            hit = hit or (at + t0)
+
+            def since_hit(when):
+                return None if when is None else round(when - hit, 1)
+
+            faults.append({"t": round(hit - t0, 1), "wall": time.strftime("%H:%M:%S", time.localtime(time.time() - (time.monotonic() - hit))),
+                           "fault": kind, "detail": detail, "replaced_s": since_hit(replaced),
+                           "recovered_s": since_hit(recovered)})
             print(f"[{at:6.0f} s] {kind}: {detail}", flush=True)
             n += 1
 
@@ -130,31 +137,30 @@ def _soak(service: Service, uploads: Uploads, clips, rate: float, seconds: float
     return analyse(records, memory, faults, t0)
 
 
-def inject_fault(service: Service, kind: str, step: int) -> tuple[str, float | None]:
-    """Do one fault; return what was done and when (monotonic) the service was whole again."""
+def inject_fault(service: Service, kind: str, step: int) -> tuple[str, float, float | None, float | None]:
+    """Do one fault. Returns what was done, when (monotonic) it hit, when the process hit was replaced
+    (supervisord runs a new pid: for a frozen worker, the watcher's detection) and when the service was
+    whole again (the replacement ready, or the scale step done)."""
     programs = _programs(service)
     instances = sorted(n for n in programs if n.startswith("asr-"))
-    if kind == "instance killed":
-        name = instances[-1]
+    if kind in ("instance killed", "nginx killed", "worker frozen"):
+        name = instances[-1] if kind == "instance killed" else "nginx" if kind == "nginx killed" else instances[0]
         old = programs[name]["pid"]
-        os.kill(old, signal.SIGKILL)
-        return f"kill -9 {name} master pid {old}", _until(lambda: _replaced(service, name, old))
-    if kind == "nginx killed":
-        old = programs["nginx"]["pid"]
-        os.kill(old, signal.SIGKILL)
-        return f"kill -9 nginx master pid {old}", _until(lambda: _replaced(service, "nginx", old))
-    if kind == "worker frozen":
-        name = instances[0]
-        port = int(name.split("-")[1])
-        worker = requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["pid"]
-        old = programs[name]["pid"]
-        os.kill(worker, signal.SIGSTOP)
-        return (f"SIGSTOP {name} worker pid {worker}", _until(lambda: _replaced(service, name, old)))
+        if kind == "worker frozen":
+            port = int(name.split("-")[1])
+            target = requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["pid"]
+            sig, what = signal.SIGSTOP, f"SIGSTOP {name} worker pid {target}"
+        else:
+            target, sig, what = old, signal.SIGKILL, f"kill -9 {name} master pid {old}"
+        os.kill(target, sig)
+        hit = time.monotonic()
+        replaced = _until(lambda: _programs(service).get(name, {}).get("pid") not in (None, old))
+        return what, hit, replaced, _until(lambda: _replaced(service, name, old))
     target = len(instances) + step
-    started = time.monotonic()
+    hit = time.monotonic()
     from bench.service import asrctl
     asrctl("scale", str(target), "--run-dir", str(service.run_dir), "--quiet", timeout=600)
-    return f"asrctl scale {len(instances)} -> {target} ({time.monotonic() - started:.1f} s)", time.monotonic()
+    return f"asrctl scale {len(instances)} -> {target}", hit, None, time.monotonic()
 
 
 def _programs(service: Service) -> dict[str, dict]:
@@ -197,7 +203,7 @@ def program_rss(run_dir: Path) -> dict[str, float]:
 def _program_name(proc: psutil.Process) -> str:
     env = proc.environ()
     if env.get("ASR_INSTANCE_ID"):
-        return "instances"  # summed: instances come and go with the scale steps
+        return env["ASR_INSTANCE_ID"]
     cmd = " ".join(proc.cmdline())
     if "nginx" in cmd:
         return "nginx"
@@ -216,7 +222,7 @@ def analyse(records: list[Record], memory: list[dict], faults: list[dict], t0: f
         per_minute.append({
             "minute": m + 1, "requests": len(minutes[m]), "failed": sum(1 for r in minutes[m] if not r.ok),
             "p50_s": round(statistics.median(ok), 2) if ok else None,
-            "p95_s": round(ok[int(0.95 * (len(ok) - 1))], 2) if ok else None,
+            "p95_s": round(ok[math.ceil(0.95 * len(ok)) - 1], 2) if ok else None,  # nearest rank
         })
     failed = [r for r in records if not r.ok]
     programs = sorted({k for m in memory for k in m["rss_mb"]})
@@ -245,15 +251,23 @@ def summary(result: dict) -> str:
              "| minute | requests | failed | p50 s | p95 s |", "| ---: | ---: | ---: | ---: | ---: |"]
     for m in result["per_minute"]:
         lines.append(f"| {m['minute']} | {m['requests']} | {m['failed']} | {m['p50_s']} | {m['p95_s']} |")
-    lines += ["", "| at s | fault | what | whole again after s |", "| ---: | --- | --- | ---: |"]
+    lines += ["", "| at s | fault | what | new process after s | whole again after s |",
+              "| ---: | --- | --- | ---: | ---: |"]
     for f in result["faults"]:
-        lines.append(f"| {f['t']:.0f} | {f['fault']} | {f['detail']} | {f['recovered_s'] if f['recovered_s'] is not None else 'not within 110 s'} |")
-    lines += ["", "| program | RSS first third MB | last third MB | max MB | trend MB/h |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines.append(f"| {f['t']:.0f} | {f['fault']} | {f['detail']} | {_or_dash(f['replaced_s'])} | "
+                     f"{_or_dash(f['recovered_s'])} |")
+    lines += ["", "Memory: each program's RSS (its children included), sampled every 10 s; an instance "
+              "restarted by a fault starts again from its fresh size.", "",
+              "| program | RSS first third MB | last third MB | max MB | trend MB/h |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, t in result["memory_trend"].items():
         lines.append(f"| {name} | {t['first_mb']} | {t['last_mb']} | {t['max_mb']} | {t['slope_mb_per_hour']} |")
     if result["failures"]:
         lines += ["", "Failures: " + ", ".join(f"{f['t']} s {f['status']} {f['error']}" for f in result["failures"])]
     return "\n".join(lines) + "\n"
+
+
+def _or_dash(value) -> str:
+    return "-" if value is None else f"{value}"
 
 
 def _parser() -> argparse.ArgumentParser:
