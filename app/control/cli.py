@@ -22,7 +22,7 @@ from app.control import heal, nginx, processes
 from app.control.actuator import ActuationError, Actuator, get_json, wait_ready
 from app.control.paths import RunPaths
 from app.control.placement import detect_gpus
-from app.control.pool import Pool
+from app.control.pool import Pool, save_unhealthy
 from app.control.render import CONTROL_PROGRAMS, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all
 from app.control.supervisor import SupervisorClient, SupervisorError, start_supervisord
 from app.engines.models import display_name, resolve_model
@@ -75,7 +75,7 @@ def cmd_up(args) -> int:
         # Orphans of a killed supervisord keep serving while their replacements start on fresh ports.
         pool = Pool(plan_instances(settings, gpus))
         heal.plan_adoption(settings, pool, say, previous=Pool.load(paths))
-        _render(settings, pool)
+        _render(settings, pool, before_start=True)
         client = start_supervisord(paths)
         actuator = Actuator(settings, client, gpus, log=say)
         heal.finish_adoption(settings, client, pool, actuator.publish,
@@ -166,11 +166,12 @@ def cmd_render(args) -> int:
     settings = _settings(args)
     paths = RunPaths.at(settings.run_dir)
     pool = Pool.load(paths) or Pool(plan_instances(settings, detect_gpus()))
-    if not SupervisorClient(paths.socket).running():
+    before_start = not SupervisorClient(paths.socket).running()
+    if before_start:
         # About to be started (the systemd unit's ExecStartPre): plan around a killed supervisord's
         # orphans; the watcher finishes the adoption once supervisord runs.
         heal.plan_adoption(settings, pool, lambda m: _say(args, m), previous=pool)
-    _render(settings, pool)
+    _render(settings, pool, before_start)
     _say(args, f"rendered configuration into {paths.root}")
     return 0
 
@@ -297,10 +298,14 @@ def _settings(args, from_run_dir: bool = False) -> Settings:
     return load_settings(config, overrides=overrides)
 
 
-def _render(settings: Settings, pool: Pool) -> None:
+def _render(settings: Settings, pool: Pool, before_start: bool) -> None:
+    if before_start:  # nobody is restarting anything yet, so no instance stays out of nginx
+        pool.unhealthy = set()
     paths = render_all(settings, pool.instances, pool.upstream)
     nginx.check_config(paths)
     pool.save(paths)
+    if before_start:
+        save_unhealthy(paths, set())
 
 
 def _running(settings: Settings, args) -> tuple[SupervisorClient, Pool, Actuator]:

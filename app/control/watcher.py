@@ -51,6 +51,14 @@ class Watcher:
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        # Marks a previous watcher left (it stopped mid-restart) would keep an instance out of nginx
+        # with nobody to bring it back; a restarting instance answers 503 meanwhile, which nginx retries.
+        pool = Pool.load(self.paths)
+        if pool and pool.unhealthy:
+            try:
+                self._set_unhealthy(pool, None, False)
+            except Exception as e:  # noqa: BLE001 - the loop below retries nothing of this; say it
+                log.warning("could not put %s back in nginx's upstream: %s", ", ".join(sorted(pool.unhealthy)), e)
         log.info("watching every %.1f s: /health within %.1f s, %d misses in a row restart an instance",
                  self.settings.liveness_interval_seconds, self.settings.liveness_timeout_seconds,
                  self.settings.liveness_failures)
@@ -125,10 +133,11 @@ class Watcher:
         log.info("%s (pid %d) ready again after %.1f s and back in nginx's upstream", spec.name, info["pid"],
                  time.monotonic() - since)
 
-    def _set_unhealthy(self, pool: Pool, name: str, out: bool) -> None:
+    def _set_unhealthy(self, pool: Pool, name: str | None, out: bool) -> None:
+        """Take ``name`` out of nginx's upstream or put it back (None: put every one back)."""
         with heal.control_lock(self.paths):
             names = set(pool.unhealthy)
-            names = names | {name} if out else names - {name}
+            names = names | {name} if out else names - {name} if name else set()
             save_unhealthy(self.paths, names)
             self.actuator.publish(Pool.load(self.paths))
 
