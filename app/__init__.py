@@ -12,7 +12,7 @@ from app.config import Settings, load_settings
 
 
 def create_app(settings: Settings | None = None, *, load_in_background: bool = True) -> Flask:
-    from app import api, context, errors, logs, metrics, openai_api, probes
+    from app import api, auth, context, errors, logs, metrics, openai_api, pages, probes
     from app.instance import ModelInstance
 
     settings = settings or load_settings()
@@ -33,6 +33,8 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)
     app.register_blueprint(openai_api.bp)
+    auth.init_app(app, settings)
+    pages.init_app(app, settings)  # after the API modules: it documents their routes
 
     @app.after_request
     def _echo_request_id(response):

@@ -5,18 +5,19 @@ serves OpenAI's audio endpoints through the same function and the same parameter
 """
 from __future__ import annotations
 
-import math
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from app import formats, metrics, vad
+from app import formats, languages, metrics, vad
 from app.audio import DecodedAudio, decode_audio
 from app.engines.base import DecodeOptions, Transcript
 from app.errors import ApiError
 from app.instance import ModelInstance
+from app.openapi import Operation, register
+from app.params import Param, ParamError, Params
 from app.queue import JobFuture, QueueFull, result_within
 
 bp = Blueprint("api", __name__)
@@ -24,23 +25,50 @@ bp = Blueprint("api", __name__)
 # Field names clients already use: the common blog recipe, whisper-asr-webservice, OpenAI-style.
 UPLOAD_FIELDS = ("audio", "audio_file", "file")
 TASKS = ("transcribe", "translate")
+MAX_PROMPT_CHARS = 2000  # Whisper keeps the prompt's last 223 tokens; longer text is a client mistake
 
-ASR_PARAMS = ("task", "language", "output", "beam_size", "temperature", "initial_prompt", "word_timestamps",
-              "vad_filter")
-DETECT_PARAMS = ("vad_filter",)
+VAD_FILTER = Param("vad_filter", "boolean", setting="vad_filter", description=(
+    "Cut non-speech out with Silero VAD before the model; times stay those of the original audio, and "
+    "audio with no speech at all returns an empty transcript without reaching the model."))
+LANGUAGE = Param("language", "string", setting="language", description=(
+    "A language the model knows, as a code (en) or a name (English); auto or empty: detect it "
+    "(multilingual models). Not given: the configured language."))
 # whisper-asr-webservice parameters this service does not implement. The value that matches what the
 # service does anyway is accepted (encode=true: uploads are always decoded with FFmpeg); any other
 # value is refused rather than silently ignored.
 ASR_UNSUPPORTED = {"encode": "true", "diarize": "false"}
-MAX_PROMPT_CHARS = 2000  # Whisper keeps the prompt's last 223 tokens; longer text is a client mistake
+ASR_PARAMS = Params((
+    Param("task", "string", choices=TASKS, default="transcribe",
+          description="transcribe, or translate to English (needs a multilingual model)."),
+    LANGUAGE,
+    Param("output", "string", choices=formats.OUTPUTS, setting="output", description=(
+        "json (text, segments, words, timing), txt, srt, vtt, or tsv (start and end in integer "
+        "milliseconds, as whisper's CLI writes it).")),
+    Param("beam_size", "integer", minimum=1, maximum=10, setting="beam_size", description="Beam width."),
+    Param("temperature", "number", minimum=0.0, maximum=1.0, default=0.0,
+          description="0: beam search; above 0: sampling."),
+    Param("initial_prompt", "string", max_length=MAX_PROMPT_CHARS, default="", description=(
+        "Names, spellings or a style for the first window to follow (Whisper keeps its last 223 tokens).")),
+    Param("word_timestamps", "boolean", setting="word_timestamps", description=(
+        "In JSON, each segment gets `words`, each {start, end, word, probability}.")),
+    VAD_FILTER,
+), ASR_UNSUPPORTED, ignore=UPLOAD_FIELDS)
+DETECT_PARAMS = Params((VAD_FILTER,), ASR_UNSUPPORTED, ignore=UPLOAD_FIELDS)
 
-
-class ParamError(ApiError):
-    """A bad request parameter: 422 ``invalid_parameter``, with the parameter's name."""
-
-    def __init__(self, param: str | None, message: str, status: int = 422):
-        super().__init__(status, "invalid_parameter", f"{param}: {message}" if param else message)
-        self.param = param
+register(
+    Operation("post", "/asr", "Transcribe (or translate) an audio file", "transcription", params=ASR_PARAMS,
+              upload="audio_file", raw_body=True, errors=("400", "413", "415", "422", "503"),
+              description=("The audio goes in a multipart field (`audio_file`, `audio` or `file`) or as a raw "
+                           "`audio/*` body; any wav, flac, ogg, mp3, m4a or webm. Parameters may be form "
+                           "fields or in the query string. Any other parameter is refused with 422."),
+              ok={"application/json": {"$ref": "#/components/schemas/Transcript"},
+                  **{formats.CONTENT_TYPES[o].split(";")[0]: {"type": "string"} for o in ("txt", "srt", "vtt", "tsv")}}),
+    Operation("post", "/detect-language", "Detect the spoken language from the first 30 s", "transcription",
+              params=DETECT_PARAMS, upload="audio_file", raw_body=True, errors=("400", "413", "415", "422", "503"),
+              ok={"application/json": {"type": "object", "properties": {
+                  "language": {"type": "string"}, "confidence": {"type": "number"},
+                  "detected_language": {"type": "string"}, "language_code": {"type": "string"}}}}),
+)
 
 
 def instance() -> ModelInstance:
@@ -56,20 +84,15 @@ def asr():
 
 def _asr(inst: ModelInstance):
     settings = inst.settings
-    check_names(ASR_PARAMS, ASR_UNSUPPORTED, ignore=UPLOAD_FIELDS)
-    output = choice("output", formats.OUTPUTS, settings.output)
-    task = choice("task", TASKS, "transcribe")
-    beam_size = integer("beam_size", 1, 10, settings.beam_size)
-    temperature = number("temperature", 0.0, 1.0, 0.0)
-    initial_prompt = prompt("initial_prompt")
-    word_timestamps = boolean("word_timestamps", settings.word_timestamps)
-    vad_filter = boolean("vad_filter", settings.vad_filter)
+    values = ASR_PARAMS.parse(settings)
+    output, task, word_timestamps = values["output"], values["task"], values["word_timestamps"]
     data = read_upload()
     require_ready(inst)
-    options = DecodeOptions(language=language(inst, param("language", settings.language)),
-                            task=checked_task(inst, task, "task"), beam_size=beam_size, temperature=temperature,
-                            initial_prompt=initial_prompt, word_timestamps=word_timestamps)
-    transcript, future = transcribe_audio(inst, data, options, vad_filter)
+    options = DecodeOptions(language=language(inst, values["language"]),
+                            task=checked_task(inst, task, "task"), beam_size=values["beam_size"],
+                            temperature=values["temperature"], initial_prompt=values["initial_prompt"],
+                            word_timestamps=checked_words(inst, word_timestamps, "word_timestamps"))
+    transcript, future = transcribe_audio(inst, data, options, values["vad_filter"])
     response = formats.render(transcript, output, {
         "model": inst.model_name,
         "engine": inst.settings.engine,
@@ -86,8 +109,7 @@ def _asr(inst: ModelInstance):
 def detect_language():
     inst = instance()
     with inst.track_request():
-        check_names(DETECT_PARAMS, ASR_UNSUPPORTED, ignore=UPLOAD_FIELDS)
-        vad_filter = boolean("vad_filter", inst.settings.vad_filter)
+        vad_filter = DETECT_PARAMS.parse(inst.settings)["vad_filter"]
         if not inst.settings.detect_language:
             raise ApiError(403, "language_detection_disabled",
                            f"language detection is off on this server: every request is {inst.settings.language!r}")
@@ -101,9 +123,9 @@ def detect_language():
                 raise ApiError(422, "no_speech", "vad_filter found no speech to detect a language in")
         # The engines look at the first 30 s only.
         (code, probability), future = queued(inst, lambda: inst.queue.submit_language_detection(samples))
-        response = jsonify(language=code, confidence=round(float(probability), 4),
+        response = jsonify(language=code, confidence=None if probability is None else round(float(probability), 4),
                            # whisper-asr-webservice's names, for its clients
-                           detected_language=formats.LANGUAGE_NAMES.get(code, code), language_code=code)
+                           detected_language=languages.LANGUAGE_NAMES.get(code, code), language_code=code)
         add_server_timing(response, future)
         return response
 
@@ -180,99 +202,40 @@ def read_upload(fields: tuple[str, ...] = UPLOAD_FIELDS, raw_body: bool = True) 
                    + (" or audio/*" if raw_body else ""))
 
 
-# Parameters -------------------------------------------------------------------------------------
-
-def param(name: str, default: str = "") -> str:
-    """A form field, else a query parameter, else ``default``; stripped."""
-    value = request.form.get(name)
-    if value is None:
-        value = request.args.get(name)
-    return (default if value is None else value).strip()
-
-
-def given(name: str) -> bool:
-    return name in request.form or name in request.args
-
-
-def check_names(known: tuple[str, ...], unsupported: dict[str, str], ignore: tuple[str, ...] = ()) -> None:
-    """Refuse unknown parameters, and recognised ones this service does not implement unless they
-    carry the one value that asks for nothing (``unsupported``: name -> that value)."""
-    for name in list(request.args) + list(request.form):
-        if name in known or name in ignore:
-            continue
-        if name in unsupported:
-            if param(name).lower() != unsupported[name]:
-                raise ParamError(name, "not supported by this service")
-            continue
-        raise ParamError(name, f"unknown parameter (accepted: {', '.join(known)})")
-
-
-def boolean(name: str, default: bool) -> bool:
-    raw = param(name).lower()
-    if not raw:
-        return default
-    if raw in ("true", "1", "yes", "on"):
-        return True
-    if raw in ("false", "0", "no", "off"):
-        return False
-    raise ParamError(name, f"must be true or false, not {raw[:40]!r}")
-
-
-def prompt(name: str) -> str:
-    text = param(name)
-    if len(text) > MAX_PROMPT_CHARS:
-        raise ParamError(name, f"must be at most {MAX_PROMPT_CHARS} characters, not {len(text)}")
-    return text
-
-
-def choice(name: str, allowed: tuple[str, ...], default: str) -> str:
-    value = param(name, default).lower() or default
-    if value not in allowed:
-        raise ParamError(name, f"must be one of {', '.join(allowed)}, not {value[:40]!r}")
-    return value
-
-
-def integer(name: str, low: int, high: int, default: int) -> int:
-    raw = param(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ParamError(name, f"must be an integer from {low} to {high}, not {raw[:40]!r}") from None
-    if not low <= value <= high:
-        raise ParamError(name, f"must be from {low} to {high}, not {value}")
-    return value
-
-
-def number(name: str, low: float, high: float, default: float) -> float:
-    raw = param(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ParamError(name, f"must be a number from {low:g} to {high:g}, not {raw[:40]!r}")
-    return value
-
+# Parameters checked against the loaded model ------------------------------------------------------
 
 def language(inst: ModelInstance, value: str, name: str = "language") -> str | None:
-    value = value.strip().lower() or None
-    if value and value not in inst.engine.languages:
+    """The language code a request asks for (a code or a name), or None to detect ("auto", empty);
+    where detection is switched off, "auto" means the server's own language."""
+    code = languages.to_code(value)
+    if code is None and not inst.settings.detect_language:
+        value = inst.settings.language
+        code = languages.to_code(value)
+    if code is not None and code not in inst.engine.languages:
         if not inst.engine.multilingual:
             message = "the model transcribes English only"
         else:
-            message = f"{value[:40]!r} is not a language the model knows"
+            message = f"{value.strip()[:40]!r} is not a language the model knows"
         raise ParamError(name, message)
-    return value
+    return code
 
 
 def checked_task(inst: ModelInstance, task: str, name: str) -> str:
-    if task == "translate" and not inst.engine.multilingual:
+    if task == "translate" and not inst.engine.can_translate:
+        if inst.engine.multilingual:
+            raise ParamError(name, f"translate is not supported by the {inst.engine.name} engine: "
+                                   "the model transcribes only")
         raise ParamError(name, "translate needs a multilingual model; this one is English only")
     return task
+
+
+def checked_words(inst: ModelInstance, wanted: bool, name: str) -> bool:
+    if wanted and not inst.engine.word_timestamps:
+        if inst.engine.name == "qwen3-asr":
+            raise ParamError(name, "word timestamps on qwen3-asr need a forced aligner: set aligner_model "
+                                   "to a Qwen3-ForcedAligner-*-hf directory")
+        raise ParamError(name, "word timestamps need a Whisper model")
+    return wanted
 
 
 def require_ready(inst: ModelInstance) -> None:

@@ -83,13 +83,14 @@ def join_texts(texts: Sequence[str]) -> str:
     """Texts joined with a space, except between two characters of scripts written without spaces."""
     out = ""
     for text in texts:
-        if out and not (_unspaced(out[-1]) and _unspaced(text[0])):
+        if out and not (unspaced(out[-1]) and unspaced(text[0])):
             out += " "
         out += text
     return out
 
 
-def _unspaced(char: str) -> bool:
+def unspaced(char: str) -> bool:
+    """Whether ``char`` belongs to a script written without spaces between words (CJK, Thai)."""
     code = ord(char)
     return (0x3000 <= code <= 0x30FF or 0x3400 <= code <= 0x4DBF or 0x4E00 <= code <= 0x9FFF
             or 0xF900 <= code <= 0xFAFF or 0xFF00 <= code <= 0xFFEF or 0x0E00 <= code <= 0x0E7F)

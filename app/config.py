@@ -26,10 +26,12 @@ _WORST_CASE_BYTES_PER_SECOND = 48_000 * 2 * 2
 @dataclass
 class Settings:
     # What serves: engine and model.
-    engine: str = "ctranslate2"          # "ctranslate2" (faster-whisper) | "transformers"
-    model: str = "embedded"              # "embedded", a model directory, or a cached hub id
+    engine: str = "ctranslate2"          # "ctranslate2" (faster-whisper) | "transformers" | "qwen3-asr"
+    model: str = "embedded"              # "embedded" (Whisper), a model directory, or a cached hub id
     device: str = "auto"                 # "auto" | "cpu" | "cuda"
-    compute_type: str = "auto"           # auto: int8 on CPU, float16 on GPU
+    compute_type: str = "auto"           # auto: int8 (ctranslate2) or float32 on CPU; float16 on GPU, bfloat16 for qwen3-asr
+    aligner_model: str = ""              # qwen3-asr: a Qwen3-ForcedAligner-*-hf directory, for word timestamps
+    chunk_seconds: float = 30.0          # qwen3-asr: longer audio is cut at quiet points into chunks this long at most
     beam_size: int = 5                   # same decoding for both engines
     language: str = ""                   # default language; "" = detect where the model can
 
@@ -227,8 +229,16 @@ def load_settings(
 
 
 def validate(s: Settings) -> None:
-    if s.engine not in ("ctranslate2", "transformers"):
-        raise ConfigError(f"engine must be 'ctranslate2' or 'transformers', not {s.engine!r}")
+    from app.engines import ENGINES
+    if s.engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {s.engine!r}")
+    if s.engine == "qwen3-asr" and s.model == "embedded":
+        raise ConfigError("engine qwen3-asr needs model = a Qwen3-ASR -hf directory or cached hub id "
+                          "(e.g. Qwen/Qwen3-ASR-1.7B-hf downloaded ahead): the embedded model is Whisper")
+    if s.aligner_model and s.engine != "qwen3-asr":
+        raise ConfigError("aligner_model is for engine qwen3-asr; Whisper engines time words themselves")
+    if not 1 <= s.chunk_seconds <= 1200:
+        raise ConfigError("chunk_seconds must be between 1 and 1200")
     if s.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, not {s.device!r}")
     if s.instances < 1:
@@ -238,7 +248,8 @@ def validate(s: Settings) -> None:
     from app.formats import OUTPUTS
     if s.output not in OUTPUTS:
         raise ConfigError(f"output must be one of {', '.join(OUTPUTS)}, not {s.output!r}")
-    if not s.detect_language and not s.language:
+    from app.languages import to_code
+    if not s.detect_language and to_code(s.language) is None:
         raise ConfigError("detect_language = false needs a language: the one every request gets")
     if not 1 <= s.min_instances <= s.max_instances:
         raise ConfigError("min_instances must be at least 1 and at most max_instances")

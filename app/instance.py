@@ -78,7 +78,8 @@ class ModelInstance:
         try:
             threads = pin_to_cores(s.cpu_cores, s.cpu_threads) if self.device == "cpu" else 0
             model = resolve_model(s.engine, s.model, s.model_cache)
-            self.engine = load_engine(s.engine, model, self.device, s.compute_type, threads)
+            self.engine = load_engine(s.engine, model, self.device, s.compute_type, threads,
+                                      aligner_model=s.aligner_model, chunk_seconds=s.chunk_seconds)
             # One short greedy decode so the first client does not pay for lazy initialisation.
             self.engine.transcribe(np.zeros(SAMPLE_RATE, np.float32), DecodeOptions(beam_size=1))
         except Exception as e:  # noqa: BLE001 - any load failure makes the instance unusable

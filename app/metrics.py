@@ -41,6 +41,12 @@ class InstanceCollector:
                                 value=1 if inst.ready else 0)
         yield GaugeMetricFamily("asr_model_load_seconds", "Seconds the model took to load and warm up",
                                 value=inst.load_seconds or 0)
+        # For the alert rules (deploy/prometheus/rules/): a model that will not load, and the pool's
+        # configured ceiling, which the autoscaler never goes past.
+        yield GaugeMetricFamily("asr_model_load_failed", "1 when loading the model failed (see /ready's error)",
+                                value=1 if inst.state == "failed" else 0)
+        yield GaugeMetricFamily("asr_autoscale_max_instances", "The pool's max_instances: the autoscaler's ceiling",
+                                value=inst.settings.max_instances)
         if self._gpu:
             yield from self._gpu.collect()
 

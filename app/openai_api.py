@@ -15,17 +15,42 @@ from werkzeug.exceptions import HTTPException
 from app import api, formats
 from app.engines.base import DecodeOptions, Transcript
 from app.errors import ApiError
+from app.openapi import Operation, register
+from app.params import Param, Params
 
 bp = Blueprint("openai", __name__, url_prefix="/v1/audio")
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = "timestamp_granularities[]"
-_COMMON = ("model", "prompt", "response_format", "temperature")
-TRANSCRIPTION_PARAMS = _COMMON + ("language", GRANULARITIES, "timestamp_granularities")
-TRANSLATION_PARAMS = _COMMON
 # OpenAI fields not implemented; the value that asks for nothing extra is accepted.
 UNSUPPORTED = {"stream": "false"}
+_COMMON = (
+    Param("model", "string", default="whisper-1",
+          description="Any name: an instance serves the one model it was started with."),
+    Param("prompt", "string", max_length=api.MAX_PROMPT_CHARS, default="",
+          description="Text for the first window to follow, as /asr's initial_prompt."),
+    Param("response_format", "string", choices=RESPONSE_FORMATS, default="json",
+          description="json ({text}), text, srt, vtt, or verbose_json (segments and words, OpenAI's fields)."),
+    Param("temperature", "number", minimum=0.0, maximum=1.0, default=0.0,
+          description="0: beam search; above 0: sampling."),
+)
+TRANSCRIPTION_PARAMS = Params(_COMMON + (
+    Param("language", "string", default="",
+          description="A language the model knows, as a code (en) or a name (English); auto or empty: detect."),
+    Param(GRANULARITIES, "array", choices=("segment", "word"), default=(), aliases=("timestamp_granularities",),
+          description="segment, word or both (default: segment); verbose_json only, as at OpenAI."),
+), UNSUPPORTED, ignore=("file",))
+TRANSLATION_PARAMS = Params(_COMMON, UNSUPPORTED, ignore=("file",))
 _FORMAT_OUTPUT = {"text": "txt", "srt": "srt", "vtt": "vtt"}
+
+_OK = {"application/json": {"type": "object", "properties": {"text": {"type": "string"}}},
+       "text/plain": {"type": "string"}, "application/x-subrip": {"type": "string"}, "text/vtt": {"type": "string"}}
+register(*(
+    Operation("post", f"/v1/audio/{kind}", summary, "openai", params=params, params_in="form", upload="file",
+              errors=("400", "413", "415", "422", "503"), error_schema="OpenAIError", ok=_OK,
+              description="OpenAI's audio API: the same fields, response formats and error shape.")
+    for kind, summary, params in (("transcriptions", "OpenAI-compatible transcription", TRANSCRIPTION_PARAMS),
+                                  ("translations", "OpenAI-compatible translation to English", TRANSLATION_PARAMS))))
 
 
 @bp.post("/transcriptions")
@@ -41,40 +66,31 @@ def translations():
 def _serve(task: str):
     inst = api.instance()
     with inst.track_request():
-        api.check_names(TRANSCRIPTION_PARAMS if task == "transcribe" else TRANSLATION_PARAMS, UNSUPPORTED,
-                        ignore=("file",))
-        response_format = api.choice("response_format", RESPONSE_FORMATS, "json")
-        temperature = api.number("temperature", 0.0, 1.0, 0.0)
-        prompt = api.prompt("prompt")
-        granularities = _granularities(response_format) if task == "transcribe" else {"segment"}
+        values = (TRANSCRIPTION_PARAMS if task == "transcribe" else TRANSLATION_PARAMS).parse(inst.settings)
+        response_format, temperature = values["response_format"], values["temperature"]
+        granularities = _granularities(values, response_format)
         data = api.read_upload(fields=("file",), raw_body=False)
         api.require_ready(inst)
         if task == "translate":
             api.checked_task(inst, task, "model")
             language = None
         else:
-            language = api.language(inst, api.param("language"))
+            language = api.language(inst, values["language"])
         options = DecodeOptions(language=language, task=task, beam_size=inst.settings.beam_size,
-                                temperature=temperature, initial_prompt=prompt,
-                                word_timestamps="word" in granularities)
+                                temperature=temperature, initial_prompt=values["prompt"],
+                                word_timestamps=api.checked_words(inst, "word" in granularities, GRANULARITIES))
         transcript, future = api.transcribe_audio(inst, data, options, inst.settings.vad_filter)
         response = _render(transcript, response_format, task, temperature, granularities)
         api.add_server_timing(response, future)
         return response
 
 
-def _granularities(response_format: str) -> set[str]:
+def _granularities(values: dict, response_format: str) -> set[str]:
     """The timestamp granularities asked for (default: segment); as OpenAI, only verbose_json has any."""
-    from flask import request
-
-    values = request.form.getlist(GRANULARITIES) + request.form.getlist("timestamp_granularities")
-    values += request.args.getlist(GRANULARITIES) + request.args.getlist("timestamp_granularities")
-    for value in values:
-        if value not in ("segment", "word"):
-            raise api.ParamError(GRANULARITIES, f"must be segment or word, not {value[:40]!r}")
-    if values and response_format != "verbose_json":
+    asked = values.get(GRANULARITIES, ())  # translations have none: segments only
+    if asked and response_format != "verbose_json":
         raise api.ParamError(GRANULARITIES, "needs response_format verbose_json")
-    return set(values) or {"segment"}
+    return set(asked) or {"segment"}
 
 
 def _render(transcript: Transcript, response_format: str, task: str, temperature: float,

@@ -12,8 +12,16 @@ import time
 from flask import Blueprint, jsonify
 
 from app.api import instance
+from app.openapi import Operation, register
 
 bp = Blueprint("probes", __name__)
+
+register(
+    Operation("get", "/health", "Liveness: 200 while the process lives, with the instance's state", "probes",
+              public=True),
+    Operation("get", "/ready", "Readiness: 200 once the model is loaded and the instance is not draining",
+              "probes", public=True, errors=("503",)),
+)
 
 
 @bp.get("/health")
@@ -27,6 +35,7 @@ def health():
         cpu_cores=inst.settings.cpu_cores or None,
         pid=os.getpid(),
         state=inst.state,
+        error=inst.error,
         uptime_seconds=round(time.time() - inst.started_at, 1),
         engine=inst.settings.engine,
         model=inst.model_name,

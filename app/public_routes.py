@@ -34,6 +34,7 @@ PUBLIC_ROUTES: tuple[PublicRoute, ...] = (
     PublicRoute("/docs", "docs"),
     PublicRoute("/docs/", "docs", prefix=True),
     PublicRoute("/openapi.json", "docs"),
+    PublicRoute("/static/", "docs", prefix=True),   # Swagger UI's files
 )
 
 

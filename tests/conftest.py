@@ -17,3 +17,12 @@ def pytest_configure(config):
 def model_cache(tmp_path_factory) -> Path:
     """One model cache for the whole run, so the embedded model is converted for transformers once."""
     return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def qwen_models(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Qwen3-ASR (taught to name the language of three clips and stop) and a tiny random forced
+    aligner, both in the -hf layout, built once per run: (model directory, aligner directory)."""
+    import random_qwen3_asr
+
+    return random_qwen3_asr.build(tmp_path_factory.mktemp("qwen3-asr"), random_qwen3_asr.taught_examples())

@@ -178,9 +178,9 @@ def test_detect_language(service):
     for row in english_set_a()[:3]:
         response = post(service, (SPEECH / row["file"]).read_bytes(), path="/detect-language")
         assert response.status_code == 200, response.text
-        body = response.json()
-        # The embedded model is English-only: "en" is the one language it can answer, with certainty.
-        assert body == {"language": "en", "confidence": 1.0, "detected_language": "english", "language_code": "en"}
+        # The embedded model is English-only, so what it detects is a foregone "en": detection itself is
+        # tested on models that can tell languages apart (test_multilingual.py, test_service_qwen3_asr.py).
+        assert set(response.json()) == {"language", "confidence", "detected_language", "language_code"}
         assert response.headers["Server-Timing"].startswith("queue;dur=")
     samples, _ = set_a_sequence()  # longer than 30 s: only the start is looked at
     assert post(service, wav_bytes(samples, RATE), path="/detect-language").json()["language"] == "en"
@@ -233,18 +233,22 @@ def test_openai_client_prompt_and_word_granularity(service):
     assert json.loads(words_only.to_json())["text"] == words_only.text
 
 
-def test_language_detection_switched_off_by_configuration():
-    """detect_language = false: /detect-language answers 403, /asr uses the configured language."""
+def test_language_detection_switched_off_by_configuration(qwen_models):
+    """detect_language = false: /detect-language answers 403, /asr uses the configured language even
+    when a client asks for detection. On the tiny Qwen3-ASR, which would detect English here."""
     import io
 
     from app import create_app
     from app.config import load_settings
 
-    settings = load_settings(env={}, overrides={"detect_language": False, "language": "en", "max_queue": 2})
+    settings = load_settings(env={}, overrides={"detect_language": False, "language": "de", "max_queue": 2,
+                                                "engine": "qwen3-asr", "model": str(qwen_models[0])})
     client = create_app(settings, load_in_background=False).test_client()
     upload = {"content_type": "multipart/form-data"}
     off = client.post("/detect-language", data={"audio_file": (io.BytesIO(jfk()), "jfk.flac")}, **upload)
     assert off.status_code == 403 and off.json["error"]["code"] == "language_detection_disabled"
-    served = client.post("/asr", data={"audio_file": (io.BytesIO(jfk()), "jfk.flac")}, **upload)
-    assert served.status_code == 200 and served.json["language"] == "en"
-    assert normalize(served.json["text"]) == normalize(JFK_REFERENCE)
+    for asked in ({}, {"language": "auto"}):
+        served = client.post("/asr", data={"audio_file": (io.BytesIO(jfk()), "jfk.flac"), **asked}, **upload)
+        assert served.status_code == 200 and served.json["language"] == "de", asked
+    named = client.post("/asr", data={"audio_file": (io.BytesIO(jfk()), "jfk.flac"), "language": "en"}, **upload)
+    assert named.json["language"] == "en"  # a language the client names still wins

@@ -1,4 +1,6 @@
 """Settings: one source (defaults < file < env < overrides) and timeouts that nest correctly."""
+import re
+
 import pytest
 
 from app.config import ConfigError, Settings, load_settings
@@ -76,3 +78,15 @@ def test_per_instance_lists_repeat_to_the_instance_count():
     assert s.weight_list() == [2, 1, 2, 1]
     assert s.gpu_list() == [1, 1, 1, 1]
     assert s.ports() == [s.base_port + i for i in range(4)]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"engine": "qwen3-asr"}, "needs model = a Qwen3-ASR -hf directory"),
+    ({"aligner_model": "/srv/aligner"}, "aligner_model is for engine qwen3-asr"),
+    ({"chunk_seconds": 0}, "chunk_seconds"),
+    ({"detect_language": False, "language": "auto"}, "detect_language = false needs a language"),
+    ({"engine": "whisper.cpp"}, "engine must be one of ctranslate2, transformers, qwen3-asr"),
+])
+def test_settings_that_cannot_serve_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(env={}, overrides=overrides)

@@ -68,6 +68,12 @@ def test_api_keys_rate_limit_and_request_logs(tmp_path):
         assert wrong.status_code == 401
         assert requests.get(f"{service.url}/health", timeout=5).status_code == 200  # probes stay public
         assert requests.get(f"{service.url}/ready", timeout=5).status_code == 200
+        # The page, the API document and Swagger UI need no key (they hold no data); the API does.
+        for path in ("/", "/openapi.json", "/docs", "/static/page.js"):
+            page = requests.get(f"{service.url}{path}", timeout=5)
+            assert page.status_code == 200 and page.url.startswith(service.url), path
+        assert requests.post(f"{service.url}/v1/audio/transcriptions", files={"file": JFK}, timeout=60).status_code == 401
+        assert requests.get(f"{service.url}/metrics", timeout=5).status_code == 401
         status, _, extra = _post(service.url, JFK, headers={**good, "X-Request-ID": "log-check-1"})
         assert status == 200
 

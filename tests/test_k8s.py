@@ -10,6 +10,7 @@ A check skips only when its tool (kustomize/kubectl, kubernetes-validate, hadoli
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import json
 import math
@@ -37,7 +38,8 @@ _spec.loader.exec_module(kv)
 
 MODEL_VARIANTS = ("cpu", "gpu")
 APP_KINDS = {"Namespace", "ConfigMap", "Service", "PersistentVolumeClaim", "Deployment",
-             "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy"}
+             "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy", "PrometheusRule",
+             "Ingress"}
 # The metrics the issue specifies for /metrics, with their Prometheus types.
 METRICS_CONTRACT = {"asr_queue_depth": "gauge", "asr_requests_in_flight": "gauge",
                     "asr_requests_total": "counter", "asr_request_duration_seconds": "histogram"}
@@ -164,7 +166,7 @@ def test_kubernetes_validate_strict(variant, rendered, validator_installed):
                   and not o["apiVersion"].split("/")[0].endswith(".k8s.io"))
     assert sorted(report.by_own_schema) == crds
     if variant in MODEL_VARIANTS:
-        assert report.by_own_schema == ["servicemonitor/asr"]
+        assert sorted(report.by_own_schema) == ["prometheusrule/asr", "servicemonitor/asr"]
 
 
 def test_validation_catches_mistakes(rendered, validator_installed, tmp_path):
@@ -175,6 +177,8 @@ def test_validation_catches_mistakes(rendered, validator_installed, tmp_path):
             o["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 5   # misspelt field
         if o["kind"] == "ServiceMonitor":
             o["spec"]["endpoints"][0]["intervall"] = "15s"                       # misspelt field
+        if o["kind"] == "PrometheusRule":
+            o["spec"]["groups"][0]["rules"][0]["labelz"] = {"severity": "page"}  # misspelt field
     unknown_crd = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
                    "metadata": {"name": "asr", "namespace": "asr"}, "spec": {}}
     adapter = copy.deepcopy(kv.load_objects(rendered["prometheus-adapter"].read_text())[0])
@@ -184,6 +188,7 @@ def test_validation_catches_mistakes(rendered, validator_installed, tmp_path):
     errors = "\n".join(kv.validate_file("bad", bad).errors)
     assert "terminationGracePeriodSecond" in errors
     assert "servicemonitor/asr" in errors and "intervall" in errors
+    assert "prometheusrule/asr" in errors and "labelz" in errors
     assert "podmonitor/asr" in errors and "no schema" in errors
     assert "configmap/asr-prometheus-adapter" in errors and "metricQuery" in errors
 
@@ -400,6 +405,87 @@ def test_objects_select_the_instances(variant, objects):
     assert config_name.startswith("asr-config-"), "generated with a content hash: a config change rolls the pods"
 
 
+# -- the Ingress, sized like the host's nginx -------------------------------------------------------
+
+INGRESS = "nginx.ingress.kubernetes.io/"
+
+
+def host_nginx_directive(name: str) -> str:
+    """A directive's value in the host's nginx template (deploy/nginx/nginx.conf.j2)."""
+    text = (REPO / "deploy" / "nginx" / "nginx.conf.j2").read_text()
+    return re.search(rf"^\s*{name} ([^;]+);", text, re.M)[1]
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS)
+def test_ingress_is_sized_like_the_hosts_nginx(variant, objects, tmp_path):
+    objs = objects[variant]
+    ingress = one(objs, "Ingress")
+    notes = {k.removeprefix(INGRESS): v for k, v in ingress["metadata"]["annotations"].items()}
+    settings = pod_settings(objs, tmp_path)
+    assert int(notes["proxy-body-size"]) == settings.max_upload_bytes
+    assert int(notes["proxy-read-timeout"]) == settings.request_timeout_seconds
+    assert int(notes["proxy-next-upstream-timeout"]) == settings.request_timeout_seconds
+    assert notes["proxy-next-upstream"] == host_nginx_directive("proxy_next_upstream")
+    assert notes["proxy-request-buffering"] == host_nginx_directive("proxy_request_buffering") == "on"
+    assert notes["client-body-buffer-size"] == host_nginx_directive("client_body_buffer_size")
+    assert int(notes["proxy-next-upstream-tries"]) == 3  # the host's cap (render.py: min(instances, 3))
+    # A per-client rate with the host's burst (rate_limit_burst).
+    assert int(notes["limit-rps"]) * int(notes["limit-burst-multiplier"]) == Settings().rate_limit_burst
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS)
+def test_ingress_routes_the_client_routes_only(variant, objects):
+    from app.openapi import OPERATIONS
+
+    for module in ("app.api", "app.openai_api", "app.probes"):
+        importlib.import_module(module)  # each registers its routes' OpenAPI operations
+
+    objs = objects[variant]
+    service = one(objs, "Service")
+    paths = {p["path"]: p for rule in one(objs, "Ingress")["spec"]["rules"] for p in rule["http"]["paths"]}
+    for path in paths.values():
+        backend = path["backend"]["service"]
+        assert backend["name"] == service["metadata"]["name"]
+        assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+
+    def routed(route: str) -> bool:
+        return any(route == p or (x["pathType"] == "Prefix" and route.startswith(p.rstrip("/") + "/"))
+                   for p, x in paths.items())
+
+    for route in {op.path for op in OPERATIONS} | {"/", "/openapi.json", "/docs/", "/static/page.js"}:
+        assert routed(route), route
+    for route in ("/admin/drain", "/metrics", "/auth", "/nginx_status"):
+        assert not routed(route), route
+
+
+def test_ingress_asks_the_service_for_api_keys(objects):
+    notes = one(objects["cpu"], "Ingress")["metadata"]["annotations"]
+    service = one(objects["cpu"], "Service")
+    url = re.fullmatch(r"http://([^/]+)(/\S*)", notes[INGRESS + "auth-url"])
+    assert url[1] == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert url[2] == "/auth" and notes[INGRESS + "auth-method"] == "GET"
+
+
+def test_auth_route_checks_the_hosts_api_keys(tmp_path):
+    from flask import Flask
+
+    from app import auth
+
+    keys = tmp_path / "keys"
+    keys.write_text("# the ops team\n" + "a" * 24 + "\n" + "b" * 24 + "\n")
+    for keys_file, answers in ((str(keys), {"Bearer " + "b" * 24: 204, "Bearer " + "c" * 24: 401, "": 401,
+                                            "Bearer " + "a" * 23: 401}),
+                               ("", {"": 204, "Bearer anything": 204})):
+        flask_app = Flask("auth")
+        auth.init_app(flask_app, load_settings(env={}, overrides={"api_keys_file": keys_file}))
+        client = flask_app.test_client()
+        for header, status in answers.items():
+            response = client.get("/auth", headers={"Authorization": header} if header else {})
+            assert response.status_code == status, (keys_file, header)
+            if status == 401:
+                assert response.json["error"]["code"] == "unauthorized" and "Bearer" in response.headers["WWW-Authenticate"]
+
+
 # -- autoscaling ---------------------------------------------------------------------------------
 
 def adapter_rules(objects) -> list[dict]:
@@ -424,6 +510,8 @@ def test_hpa_scales_on_cpu_and_queue_depth(variant, objects, tmp_path):
     assert pods["target"]["type"] == "AverageValue"
     # Scale out before instances fill up and refuse requests with 503.
     assert 0 < quantity(pods["target"]["averageValue"]) < pod_settings(objs, tmp_path).max_queue
+    # The pods export max_instances for the AsrAutoscalerAtMax alert: it must be the HPA's ceiling.
+    assert pod_settings(objs, tmp_path).max_instances == hpa["maxReplicas"]
 
 
 def test_adapter_rule_serves_the_hpa_metric(objects):
@@ -472,3 +560,18 @@ def test_autoscaling_metrics_are_what_the_app_exports(objects, tmp_path):
                 assert exported.get(m["pods"]["metric"]["name"]) == "gauge", m
     for rule in adapter_rules(objects):
         assert exported.get(re.match(r"\w+", rule["seriesQuery"])[0]) == "gauge"
+
+
+def test_readme_docker_commands_use_the_images_they_build(objects):
+    """`docker run` and the overlays name the image `docker build -t` makes (push goes by a tag of it)."""
+    lines = [line.split("#")[0] for line in (REPO / "README.md").read_text().splitlines()
+             if line.startswith("docker ")]
+    image = r"(\S*asr-service:\S+)"
+    built = {m[1] for line in lines if line.startswith("docker build") for m in [re.search(r"-t " + image, line)]}
+    tagged = {m[2] for line in lines if line.startswith("docker tag") for m in [re.search(image + " " + image, line)]}
+    runs = [re.findall(image, line)[-1] for line in lines if line.startswith("docker run")]
+    pushed = [re.search(image, line)[1] for line in lines if line.startswith("docker push")]
+    assert built and runs and pushed
+    assert set(runs) <= built and set(pushed) <= built | tagged
+    for variant in MODEL_VARIANTS:
+        assert container(objects[variant])["image"] in built, variant

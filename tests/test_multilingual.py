@@ -15,7 +15,7 @@ import requests
 import random_multilingual
 from app.engines import load_engine
 from app.engines.base import DecodeOptions
-from app.formats import LANGUAGE_NAMES
+from app.languages import LANGUAGE_NAMES
 from support import SPEECH, bring_up, manifest, read_16k_mono
 
 pytestmark = pytest.mark.integration
@@ -120,6 +120,22 @@ def test_detection_translation_and_languages_through_nginx(service):
 
     unknown = post(service, "/asr", GERMAN, language="xx")
     assert unknown.status_code == 422 and "not a language the model knows" in unknown.json()["error"]["message"]
+
+
+def test_beam_size_temperature_and_language_names_reach_the_model_through_nginx(service):
+    # Random weights make every decoding choice a close call, so each option shows in the words.
+    def text(**params) -> str:
+        response = post(service, "/asr", GERMAN, output="json", **params)
+        assert response.status_code == 200, response.text
+        return response.json()["text"]
+
+    greedy = text(language="de", beam_size="1")
+    assert text(language="de", beam_size="5") != greedy
+    assert {text(language="de", beam_size="1", temperature="1.0") for _ in range(3)} - {greedy}
+    # The recipes' clients name languages, or ask for detection with "auto".
+    assert text(language="German", beam_size="1") == greedy
+    detected = post(service, "/detect-language", GERMAN).json()["language"]
+    assert post(service, "/asr", GERMAN, language="auto").json()["language"] == detected
 
 
 def test_openai_translation_endpoint(service):

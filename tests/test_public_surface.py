@@ -20,7 +20,7 @@ from support import bring_up
 pytestmark = pytest.mark.integration
 
 # Paths that no route of the app serves, but that a scan of a service would try.
-PROBED = ["/metrics", "/nginx_status", "/_asr/generation", "/admin/drain", "/admin/undrain", "/v1/models",
+PROBED = ["/metrics", "/nginx_status", "/nginx_metrics", "/_asr/generation", "/admin/drain", "/admin/undrain", "/v1/models",
           "/docs", "/docs/index.css", "/openapi.json", "/", "/favicon.ico", "/server-status", "/asr/../metrics",
           "/%2e%2e/metrics", "/ASR", "/asr/", "/health/", "/v1/audio/transcriptions", "/v1/audio/speech"]
 
@@ -92,6 +92,7 @@ def test_monitoring_and_the_configuration_generation_answer_on_loopback(service)
     metrics = inside.get(service.url + "/metrics", timeout=30)
     assert metrics.status_code == 200 and "asr_requests_total" in metrics.text
     assert inside.get(service.url + "/nginx_status", timeout=30).text.startswith("Active connections")
+    assert "nginx_connections_active" in inside.get(service.url + "/nginx_metrics", timeout=30).text
     generation = inside.get(service.url + "/_asr/generation", timeout=30)
     assert int(generation.text) == rendered_generation(RunPaths.at(service.run_dir)) > 0
 

@@ -31,7 +31,7 @@ from app.engines.models import display_name, resolve_model
 SETTING_FLAGS = {
     "instances": int, "port": int, "base_port": int, "host": str, "engine": str, "model": str,
     "device": str, "compute_type": str, "beam_size": int, "max_audio_seconds": float, "max_queue": int,
-    "weights": str, "gpu_map": str, "cpu_threads": int,
+    "weights": str, "gpu_map": str, "cpu_threads": int, "aligner_model": str, "chunk_seconds": float,
 }
 
 

@@ -25,6 +25,7 @@ class RunPaths:
     nginx_pid = property(lambda self: self.root / "nginx.pid")
     nginx_generation = property(lambda self: self.root / "nginx" / "generation")
     lock = property(lambda self: self.root / "control.lock")
+    prometheus = property(lambda self: self.root / "prometheus")  # file_sd targets (app.control.prometheus_sd)
 
     def program_file(self, name: str) -> Path:
         return self.programs / f"{name}.conf"

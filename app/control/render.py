@@ -12,6 +12,7 @@ import jinja2
 
 from app.config import Settings
 from app.public_routes import PUBLIC_ROUTES
+from app.control import prometheus_sd
 from app.control.paths import RunPaths
 from app.control.placement import (
     GpuInfo, Placement, available_cores, capacity_weights, format_cores, plan_placement, resolve_device,
@@ -133,6 +134,7 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
     for stale in set(paths.programs.glob("*.conf")) - wanted:
         stale.unlink()
     render_nginx(settings, upstream, paths, env)
+    prometheus_sd.write_targets(settings, paths, instances)
     return paths
 
 

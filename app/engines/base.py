@@ -57,12 +57,14 @@ class Transcript:
 class Engine(Protocol):
     """A loaded model instance. ``transcribe`` is called from one inference thread at a time."""
 
-    name: str            # "ctranslate2" | "transformers"
+    name: str            # "ctranslate2" | "transformers" | "qwen3-asr"
     model_name: str      # what the operator configured, for responses and metrics
     device: str          # "cpu" | "cuda"
-    compute_type: str    # e.g. "int8", "float16", "float32"
+    compute_type: str    # e.g. "int8", "float16", "bfloat16", "float32"
     multilingual: bool
     languages: frozenset[str]  # language codes the model accepts
+    can_translate: bool        # whether task="translate" means anything to the model
+    word_timestamps: bool      # whether words can be timed (Qwen3-ASR: only with a forced aligner)
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript: ...
 
@@ -70,7 +72,8 @@ class Engine(Protocol):
         self, audios: Sequence[np.ndarray], options: Sequence[DecodeOptions]
     ) -> list[Transcript]: ...
 
-    def detect_language(self, audios: Sequence[np.ndarray]) -> list[tuple[str, float]]:
+    def detect_language(self, audios: Sequence[np.ndarray]) -> list[tuple[str, float | None]]:
         """(language code, probability) per clip, from its first 30 s. An English-only model
-        answers ("en", 1.0): it knows no other language to tell apart."""
+        answers ("en", 1.0): it knows no other language to tell apart. The probability is None where
+        the model names a language without one (Qwen3-ASR); "und" where it names none it knows."""
         ...

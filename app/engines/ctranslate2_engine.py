@@ -34,6 +34,7 @@ _LOG_PROB_THRESHOLD = -1.0        # ... and the average log-probability of its t
 
 class CTranslate2Engine:
     name = "ctranslate2"
+    word_timestamps = True
 
     def __init__(self, model, model_name: str, device: str, compute_type: str):
         from faster_whisper.tokenizer import _LANGUAGE_CODES
@@ -44,6 +45,7 @@ class CTranslate2Engine:
         self.compute_type = compute_type
         self.multilingual = bool(model.model.is_multilingual)
         self.languages = frozenset(_LANGUAGE_CODES) if self.multilingual else frozenset({"en"})
+        self.can_translate = self.multilingual
         self._suppress: tuple[int, ...] | None = None
 
     @classmethod

@@ -17,21 +17,13 @@ import numpy as np
 import torch
 
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript, Word
+from app.engines.torch_common import TORCH_DTYPES, resolve_compute_type
 
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's encoder sees 30 s at a time
 _TEXT_CONTEXT = 448                # Whisper's decoder positions: prompt, start sequence and new tokens
 _PROMPT_TOKENS = _TEXT_CONTEXT // 2 - 1  # the most of an initial prompt kept (its end), as whisper does
 _SENTENCE_ENDS = set(".。!！?？")
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _UNDETERMINED = "und"  # ISO 639-2 code for a language the model cannot report
-
-
-def _resolve_compute_type(compute_type: str, device: str) -> str:
-    if compute_type == "auto":
-        return "float16" if device == "cuda" else "float32"
-    if compute_type not in _TORCH_DTYPES:
-        raise ValueError(f"compute_type {compute_type!r}: the transformers engine runs {sorted(_TORCH_DTYPES)}")
-    return compute_type
 
 
 class TransformersEngine:
@@ -46,6 +38,8 @@ class TransformersEngine:
         self._runner = runner
         self.multilingual = runner.multilingual
         self.languages = runner.languages
+        self.can_translate = runner.multilingual
+        self.word_timestamps = isinstance(runner, _WhisperRunner)
 
     @classmethod
     def load(
@@ -57,8 +51,8 @@ class TransformersEngine:
         if cpu_threads > 0:
             torch.set_num_threads(cpu_threads)
         device_type = torch.device(device).type
-        compute_type = _resolve_compute_type(compute_type, device_type)
-        dtype = _TORCH_DTYPES[compute_type]
+        compute_type = resolve_compute_type(compute_type, device_type)
+        dtype = TORCH_DTYPES[compute_type]
         config = AutoConfig.from_pretrained(model, local_files_only=True)
         if config.model_type == "whisper":
             runner = _WhisperRunner(model, device, dtype)

@@ -48,6 +48,7 @@ SCHEMAS = HERE / "schemas"
 # Custom resources kubernetes-validate cannot check: (apiVersion, kind) -> our schema.
 CRD_SCHEMAS: dict[tuple[str, str], Path] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SCHEMAS / "servicemonitor-monitoring.coreos.com-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): SCHEMAS / "prometheusrule-monitoring.coreos.com-v1.json",
 }
 # Configuration files carried in ConfigMaps: (ConfigMap name, data key) -> schema of the YAML in it.
 EMBEDDED_SCHEMAS: dict[tuple[str, str], Path] = {
