@@ -14,11 +14,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+KINDS = ("api", "probe", "docs")
+
+
 @dataclass(frozen=True)
 class PublicRoute:
     path: str
     kind: str            # api | probe | docs
     prefix: bool = False  # True: every path under ``path`` (which ends with "/")
+
+    def __post_init__(self):
+        # nginx's template has a block for each kind: a new kind (a route that creates a job, say)
+        # needs its own there, with the API's keys and limits but without the retry.
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.path}: unknown route kind {self.kind!r}; add it to deploy/nginx/nginx.conf.j2")
 
     def matches(self, path: str) -> bool:
         return path.startswith(self.path) if self.prefix else path == self.path
