@@ -2,8 +2,9 @@
 
 What Kubernetes' livenessProbe does in a cluster, on one host: every ``liveness_interval_seconds`` it
 asks each running instance for ``/health`` with a ``liveness_timeout_seconds`` deadline (the probe is
-answered by a request thread of its own, so a long inference does not delay it). After
-``liveness_failures`` misses in a row the instance is frozen or deadlocked: its gunicorn master is
+answered by a request thread of its own, so a long inference does not delay it). Once an instance
+has been ready (as a startupProbe would, the model load is not judged), ``liveness_failures`` misses
+in a row mean it is frozen or deadlocked: its gunicorn master is
 killed (its worker dies with it, so nginx sees the requests it held fail and resends them to another
 instance), it leaves nginx's upstream, supervisord restarts it, and it rejoins once ``/ready`` answers
 from the process supervisord started.
@@ -42,6 +43,9 @@ class Watcher:
         self.client = actuator.client
         self.paths = RunPaths.at(settings.run_dir)
         self.misses: dict[str, int] = {}
+        # name -> the pid that has been ready once: like Kubernetes' startupProbe, an instance is only
+        # judged live or not after its model has loaded (a load can hold it up on a busy host).
+        self.live: dict[str, int] = {}
         self.restarting: dict[str, tuple[int, float]] = {}   # name -> (killed pid, when)
         self.nginx_pid: int | None = None
         self.last_scan = 0.0
@@ -91,9 +95,14 @@ class Watcher:
     # -- instances --
 
     def _probe(self, pool: Pool, spec, info: dict) -> None:
-        if probe(spec.port, self.settings.liveness_timeout_seconds):
+        health = probe(spec.port, self.settings.liveness_timeout_seconds)
+        if health is not None:
             self.misses.pop(spec.name, None)
+            if health.get("state") in ("ready", "draining"):
+                self.live[spec.name] = info["pid"]
             return
+        if self.live.get(spec.name) != info["pid"]:
+            return  # still starting (loading its model, on a busy host maybe slow to answer): not judged yet
         misses = self.misses[spec.name] = self.misses.get(spec.name, 0) + 1
         if misses >= self.settings.liveness_failures:
             self._restart(pool, spec, info)
@@ -170,9 +179,15 @@ class Watcher:
                     len(found), ", ".join(str(p.pid) for p in found), pid)
 
 
-def probe(port: int, timeout: float) -> bool:
+def probe(port: int, timeout: float) -> dict | None:
+    """The instance's /health within ``timeout``, or None."""
     r = _get(port, "/health", timeout)
-    return r is not None and r.status_code == 200
+    if r is None or r.status_code != 200:
+        return None
+    try:
+        return r.json()
+    except ValueError:
+        return None
 
 
 def _get(port: int, path: str, timeout: float):
