@@ -30,10 +30,12 @@ RUN case "$TORCH_VARIANT" in \
     esac \
     && pip install --no-cache-dir --index-url "$index_url" "torch==$TORCH_VERSION"
 
-# The dependencies, from pyproject.toml alone: this layer is rebuilt only when they change.
+# The dependencies, from pyproject.toml alone: this layer is rebuilt only when they change. Both
+# engines (the `transformers` extra); the CUDA variants also get the `gpu` extra: CTranslate2 opens
+# libcublas.so.12 (CUDA 12) by name, which torch's CUDA 13 wheels do not bring.
 WORKDIR /src
 COPY pyproject.toml ./
-RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+RUN python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extras = ["transformers"] + (["gpu"] if sys.argv[1] != "cpu" else []); print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' "$TORCH_VARIANT" \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 
@@ -69,7 +71,7 @@ RUN groupadd --system --gid 10001 asr \
 COPY --from=builder /opt/venv /opt/venv
 
 # CTranslate2 (faster-whisper) loads cuBLAS and cuDNN by name at run time; in the CUDA variant they
-# come as pip wheels beside torch. Register their directories with the dynamic loader (nothing to
+# come as pip wheels (the `gpu` extra). Register their directories with the dynamic loader (nothing to
 # register in the CPU variant).
 RUN nvidia=/opt/venv/lib/python3.11/site-packages/nvidia \
     && if [ -d "$nvidia" ]; then \

@@ -19,6 +19,9 @@ from typing import Any, Mapping
 ENV_PREFIX = "ASR_"
 CONFIG_ENV = "ASR_CONFIG"
 
+# Allowed on top of the audio-proportional part of an engine call: loading the window, the first step.
+DECODE_START_SECONDS = 30
+
 # Worst-case bytes per second of audio an upload may carry: uncompressed 48 kHz stereo 16-bit WAV.
 _WORST_CASE_BYTES_PER_SECOND = 48_000 * 2 * 2
 
@@ -51,6 +54,8 @@ class Settings:
     # Placement: which GPU or CPU cores an instance gets.
     gpu_map: str = ""                    # e.g. "0,0,1": instance i -> GPU gpu_map[i]; "" = most free memory
     cpu_threads: int = 0                 # threads per instance on CPU; 0 = its share of the cores
+    instance_gpu_memory_mb: int = 2048   # GPU memory one instance holds, until one has loaded and measured it
+    gpu_headroom_mb: int = 512           # free memory a GPU keeps beyond the instances placed on it
 
     # Limits that size every timeout and buffer in the chain.
     max_audio_seconds: float = 600.0
@@ -98,6 +103,7 @@ class Settings:
     instance_host: str = "127.0.0.1"     # loopback: nginx is the public entry (a pod binds 0.0.0.0)
     instance_port: int = 0
     cpu_cores: str = ""                  # e.g. "0-3" or "0,2"; "" = no pinning
+    gpu_uuid: str = ""                   # the GPU placement chose (checked against CUDA's device 0)
 
     # Cache for converted models (the transformers engine's copy of the embedded model).
     model_cache: str = field(default_factory=lambda: str(Path.home() / ".cache" / "asr-service"))
@@ -113,7 +119,7 @@ class Settings:
     @property
     def max_inference_seconds(self) -> int:
         """The longest one request may take inside the engine, start-up of decoding included."""
-        return math.ceil(self.max_audio_seconds * self.slowest_realtime_factor) + 30
+        return math.ceil(self.max_audio_seconds * self.slowest_realtime_factor) + DECODE_START_SECONDS
 
     @property
     def request_timeout_seconds(self) -> int:
@@ -196,7 +202,7 @@ class Settings:
 
 _ADDRESS = re.compile(r"[0-9A-Fa-f.:]+(/[0-9]{1,3})?")
 _API_KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
-_PER_INSTANCE = {"instance_id", "instance_host", "instance_port", "cpu_cores"}
+_PER_INSTANCE = {"instance_id", "instance_host", "instance_port", "cpu_cores", "gpu_uuid"}
 
 
 class ConfigError(ValueError):
@@ -255,6 +261,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("min_instances must be at least 1 and at most max_instances")
     if s.max_audio_seconds <= 0 or s.max_queue < 1:
         raise ConfigError("max_audio_seconds and max_queue must be positive")
+    if s.instance_gpu_memory_mb < 1 or s.gpu_headroom_mb < 0:
+        raise ConfigError("instance_gpu_memory_mb must be at least 1 and gpu_headroom_mb not negative")
     if s.max_batch < 0 or s.max_wait_ms < 0:
         raise ConfigError("max_batch and max_wait_ms must not be negative (max_batch 0 = auto)")
     if any(w < 1 for w in s.weight_list()):

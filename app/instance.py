@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 
-from app.config import Settings
-from app.control.placement import parse_cores
+from app import cuda, gpu
+from app.config import DECODE_START_SECONDS, Settings
+from app.devices import parse_cores, pinned_gpu
 from app.engines import load_engine
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Engine
 from app.engines.models import display_name, resolve_model
@@ -41,6 +42,7 @@ class ModelInstance:
         self.started_at = time.time()
         self.load_seconds: float | None = None
         self.requests_in_flight = 0  # /asr requests between arrival and answer, decode included
+        self.gpu: dict | None = None  # on cuda: the GPU CUDA really uses, and the memory this holds
         self._count_lock = threading.Lock()
 
     @property
@@ -78,20 +80,80 @@ class ModelInstance:
         try:
             threads = pin_to_cores(s.cpu_cores, s.cpu_threads) if self.device == "cpu" else 0
             model = resolve_model(s.engine, s.model, s.model_cache)
+            if self.device == "cuda":
+                self.gpu = self._check_gpu()
             self.engine = load_engine(s.engine, model, self.device, s.compute_type, threads,
                                       aligner_model=s.aligner_model, chunk_seconds=s.chunk_seconds)
-            # One short greedy decode so the first client does not pay for lazy initialisation.
-            self.engine.transcribe(np.zeros(SAMPLE_RATE, np.float32), DecodeOptions(beam_size=1))
+            self._warm_up()
+            if self.device == "cuda":
+                self.gpu.update(self._measure_gpu_memory())
+                self.gpu.pop("_used_before_mb", None)
         except Exception as e:  # noqa: BLE001 - any load failure makes the instance unusable
             log.exception("model load failed")
             self.error, self.state = f"{type(e).__name__}: {e}", FAILED
             return
         self.load_seconds = time.monotonic() - t0
         self.queue.start(self.engine)
-        # A batch may hold max_batch clips of the longest allowed length.
-        Watchdog(self.queue, s.max_inference_seconds * self.queue.max_batch).start()
+        # An engine call may run as long as its audio allows, and never past the request timeout.
+        Watchdog(self.queue, s.request_timeout_seconds, seconds_per_audio_second=s.slowest_realtime_factor,
+                 base_seconds=DECODE_START_SECONDS).start()
         self.state = READY
-        log.info("model %s loaded on %s in %.1f s", self.model_name, self.device, self.load_seconds)
+        where = self.device if not self.gpu else f"{self.gpu['name']} {self.gpu['uuid']}"
+        log.info("model %s loaded on %s in %.1f s%s", self.model_name, where, self.load_seconds,
+                 f", holding {self.gpu['memory_mb']} MB of GPU memory" if self.gpu and self.gpu["memory_mb"] else "")
+
+    def _warm_up(self) -> None:
+        """The first client must not pay for lazy initialisation. On a GPU, one batch as large as the
+        queue will run, of full 30 s windows, so kernels for that shape are ready and the memory
+        measured afterwards is what a full batch holds; on CPU one short greedy decode."""
+        if self.device != "cuda" or self.queue.max_batch == 1:
+            self.engine.transcribe(np.zeros(SAMPLE_RATE, np.float32), DecodeOptions(beam_size=1))
+            return
+        window = np.zeros(30 * SAMPLE_RATE, np.float32)
+        n = self.queue.max_batch
+        self.engine.transcribe_batch([window] * n, [DecodeOptions(beam_size=self.settings.beam_size)] * n)
+
+    def _check_gpu(self) -> dict:
+        """The GPU CUDA gives this process as device 0, which must be the one placement chose."""
+        seen = cuda.current_device()
+        planned = self.settings.gpu_uuid
+        if seen and planned and seen["uuid"] and seen["uuid"].lower() != planned.lower():
+            raise RuntimeError(f"CUDA's device 0 is {seen['name']} {seen['uuid']}, but this instance was placed "
+                               f"on {planned} (CUDA_VISIBLE_DEVICES={pinned_gpu()!r})")
+        ident = (seen or {}).get("uuid") or planned or pinned_gpu() or "0"
+        info = gpu.gpu(ident)
+        return {"uuid": (seen or {}).get("uuid") or (info.uuid if info else "") or None,
+                "name": (seen or {}).get("name") or (info.name if info else "") or None,
+                "index": info.index if info and info.index >= 0 else None,
+                "pci_bus_id": (seen or {}).get("pci_bus_id") or (info.pci_bus_id if info else "") or None,
+                "pinned": pinned_gpu(), "seen_by": "cuda" if seen else "nvml",
+                "memory_mb": None, "memory_source": None,
+                "_used_before_mb": info.memory_used_mb if info else None}
+
+    def _measure_gpu_memory(self) -> dict:
+        """GPU memory this process holds after load and warm-up: NVML's per-process figure, else the
+        engine's own (torch's reserved memory), else None (the control plane keeps its estimate)."""
+        ident = self.gpu.get("uuid") or pinned_gpu() or "0"
+        memory = gpu.process_memory_mb(ident, os.getpid())
+        if memory is not None:
+            return {"memory_mb": memory, "memory_source": "nvml"}
+        own = getattr(self.engine, "gpu_memory_mb", None)
+        memory = own() if callable(own) else None
+        if memory is not None:
+            return {"memory_mb": memory, "memory_source": "engine"}
+        # A container whose process ids NVML does not see, and an engine with no figure of its own
+        # (CTranslate2): the GPU's used memory now minus before loading. Another process loading on the
+        # same GPU meanwhile makes this too high, which errs on the safe side for placement.
+        before, now = self.gpu.get("_used_before_mb"), gpu.gpu(ident)
+        if before is not None and now is not None and now.memory_used_mb is not None and now.memory_used_mb > before:
+            return {"memory_mb": now.memory_used_mb - before, "memory_source": "nvml-device-delta"}
+        return {"memory_mb": None, "memory_source": None}
+
+    def gpu_identity(self) -> str | None:
+        """What /metrics reads NVML by: the GPU CUDA uses once known, else the pin."""
+        if self.gpu and self.gpu.get("uuid"):
+            return self.gpu["uuid"]
+        return self.settings.gpu_uuid or pinned_gpu() or ("0" if self.device == "cuda" else None)
 
 
 def pin_to_cores(cores_spec: str, cpu_threads: int) -> int:

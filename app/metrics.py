@@ -7,14 +7,13 @@ scraped rather than tracked on every change.
 """
 from __future__ import annotations
 
-import os
 import time
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from app import context
+from app import context, gpu
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -26,7 +25,7 @@ class InstanceCollector:
 
     def __init__(self, instance):
         self.instance = instance
-        self._gpu = _GpuReader() if instance.device == "cuda" else None
+        self._gpu = _GpuReader(instance) if instance.device == "cuda" else None
 
     def collect(self):
         inst = self.instance
@@ -52,28 +51,33 @@ class InstanceCollector:
 
 
 class _GpuReader:
-    """The instance's own GPU (the first of CUDA_VISIBLE_DEVICES), through NVML."""
+    """The instance's own GPU through ``app.gpu`` (NVML): the GPU CUDA uses once the model has loaded,
+    the pinned one before. An NVML fault gives ``asr_gpu_nvml_up 0`` and no figures, never a 500."""
 
-    def __init__(self):
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
-            self._handle = (pynvml.nvmlDeviceGetHandleByUUID(visible) if visible.startswith(("GPU-", "MIG-"))
-                            else pynvml.nvmlDeviceGetHandleByIndex(int(visible)))
-            self._nvml = pynvml
-        except Exception:  # noqa: BLE001 - no driver, no GPU metrics; the instance still serves
-            self._nvml = None
+    def __init__(self, instance):
+        self.instance = instance
 
     def collect(self):
-        if not self._nvml:
+        ident = self.instance.gpu_identity()
+        info = gpu.gpu(ident) if ident else None
+        up = info is not None and not info.fault
+        yield GaugeMetricFamily("asr_gpu_nvml_up", "1 when NVML answered for this instance's GPU, 0 on a fault",
+                                value=1 if up else 0)
+        if info is not None and (info.uuid or info.name):
+            labels = GaugeMetricFamily("asr_gpu_info", "The GPU this instance computes on", labels=["uuid", "name", "index"])
+            labels.add_metric([info.uuid, info.name, str(info.index)], 1)
+            yield labels
+        measured = (self.instance.gpu or {}).get("memory_mb")
+        if measured is not None:
+            yield GaugeMetricFamily("asr_gpu_instance_memory_bytes",
+                                    "GPU memory this instance held after loading and warming up", value=measured * 2**20)
+        if not up:
             return
-        util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
-        mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
-        yield GaugeMetricFamily("asr_gpu_utilization_percent", "GPU busy percentage", value=util.gpu)
-        yield GaugeMetricFamily("asr_gpu_memory_used_bytes", "GPU memory in use", value=mem.used)
-        yield GaugeMetricFamily("asr_gpu_memory_total_bytes", "GPU memory in all", value=mem.total)
+        if info.utilization_pct is not None:
+            yield GaugeMetricFamily("asr_gpu_utilization_percent", "GPU busy percentage", value=info.utilization_pct)
+        if info.memory_used_mb is not None:
+            yield GaugeMetricFamily("asr_gpu_memory_used_bytes", "GPU memory in use", value=info.memory_used_mb * 2**20)
+            yield GaugeMetricFamily("asr_gpu_memory_total_bytes", "GPU memory in all", value=info.memory_total_mb * 2**20)
 
 
 def init_app(app: Flask, instance) -> None:

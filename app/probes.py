@@ -33,6 +33,7 @@ def health():
         port=inst.port,
         device=inst.device,
         cpu_cores=inst.settings.cpu_cores or None,
+        gpu=inst.gpu,
         pid=os.getpid(),
         state=inst.state,
         error=inst.error,

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from app.engines.base import DecodeOptions, Engine
+from app.engines.base import SAMPLE_RATE, DecodeOptions, Engine
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class InferenceQueue:
         self._pending = 0          # waiting + running
         self._running = 0
         self.busy_since: float | None = None  # monotonic start of the engine call in progress
+        self.busy_audio_seconds = 0.0         # audio that engine call holds (all its clips)
         self._thread: threading.Thread | None = None
 
     @property
@@ -141,6 +142,7 @@ class InferenceQueue:
         started = time.monotonic()
         with self._lock:
             self._running = len(batch)
+            self.busy_audio_seconds = sum(len(job.audio) for job in batch) / SAMPLE_RATE
             self.busy_since = started
         if self.observer is not None:
             try:

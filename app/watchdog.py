@@ -27,10 +27,26 @@ def exit_worker(elapsed: float) -> None:
 
 
 class Watchdog:
+    """Ends the worker when one engine call runs past its deadline.
+
+    The deadline is ``limit_seconds`` (the request timeout: past it, every request of the call has
+    already been answered 504, so nobody waits for the call any more); with
+    ``seconds_per_audio_second``, it is tighter: ``base_seconds`` plus that rate times the audio the
+    call holds, so a call on a few short clips is not given the time of a batch of the longest ones.
+    """
+
     def __init__(self, queue: InferenceQueue, limit_seconds: float,
-                 on_stuck: Callable[[float], None] = exit_worker, interval: float = 1.0):
+                 on_stuck: Callable[[float], None] = exit_worker, interval: float = 1.0,
+                 seconds_per_audio_second: float | None = None, base_seconds: float = 0.0):
         self.queue, self.limit, self.on_stuck, self.interval = queue, limit_seconds, on_stuck, interval
+        self.rate, self.base = seconds_per_audio_second, base_seconds
         self._stop = threading.Event()
+
+    def deadline(self) -> float:
+        """Seconds the engine call in progress may run."""
+        if self.rate is None:
+            return self.limit
+        return min(self.limit, self.base + self.rate * self.queue.busy_audio_seconds)
 
     def start(self) -> None:
         threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
@@ -41,6 +57,6 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
             since = self.queue.busy_since
-            if since is not None and time.monotonic() - since > self.limit:
+            if since is not None and time.monotonic() - since > self.deadline():
                 self.on_stuck(time.monotonic() - since)
                 return

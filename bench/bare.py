@@ -23,16 +23,23 @@ class BareEngine:
     """A pinned child process holding one engine; ask it to transcribe clips, one call at a time."""
 
     def __init__(self, name: str, clips: list[Clip], cores: str, threads: int, engine: str, model: str,
-                 compute_type: str, beam_size: int, model_cache: str, max_audio_seconds: float):
+                 compute_type: str, beam_size: int, model_cache: str, max_audio_seconds: float,
+                 device: str = "cpu", gpu: str = ""):
         self.name = name
         self.cores, self.threads = cores, threads
         self._index = {c.name: i for i, c in enumerate(clips)}
         self._clips = clips
+        if device == "cuda":
+            # The child's dynamic loader reads LD_LIBRARY_PATH when it starts: CTranslate2 opens
+            # libcublas.so.12 from pip's nvidia-* wheels as a served instance does.
+            from app import cuda
+
+            os.environ["LD_LIBRARY_PATH"] = cuda.library_path(os.environ.get("LD_LIBRARY_PATH", ""))
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_serve, name=f"bare-{name}", daemon=True, args=(
             child, [c.data for c in clips], cores, threads, engine, model, compute_type, beam_size,
-            model_cache, max_audio_seconds))
+            model_cache, max_audio_seconds, device, gpu))
         self._process.start()
         child.close()
         reply = self._conn.recv()
@@ -70,8 +77,10 @@ class BareEngine:
         self.close()
 
 
-def _serve(conn, datas, cores, threads, engine_name, model, compute_type, beam_size, model_cache, max_seconds):
-    """The child: pin, load, warm up exactly as an instance does, then answer requests until told to stop."""
+def _serve(conn, datas, cores, threads, engine_name, model, compute_type, beam_size, model_cache, max_seconds,
+           device="cpu", gpu=""):
+    """The child: pin, load, warm up exactly as an instance does, then answer requests until told to stop.
+    On ``cuda`` it is pinned to the served instance's GPU the way asrctl pins an instance."""
     try:
         import numpy as np
 
@@ -81,15 +90,18 @@ def _serve(conn, datas, cores, threads, engine_name, model, compute_type, beam_s
         from app.engines.models import resolve_model
         from app.instance import pin_to_cores
 
-        from app.control.placement import parse_cores
+        from app.devices import gpu_environment, parse_cores
 
         t0 = time.monotonic()
         # What asrctl puts in an instance's environment, then the instance's own pinning, before the
         # engine loads: its threads inherit both.
         os.environ["OMP_NUM_THREADS"] = str(len(parse_cores(cores)))
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        threads = pin_to_cores(cores, threads)
-        engine = load_engine(engine_name, resolve_model(engine_name, model, model_cache), "cpu", compute_type, threads)
+        if device == "cuda":
+            os.environ.update(gpu_environment(0, gpu))
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        threads = pin_to_cores(cores, threads) if device == "cpu" else 0
+        engine = load_engine(engine_name, resolve_model(engine_name, model, model_cache), device, compute_type, threads)
         options = DecodeOptions(beam_size=beam_size)
         engine.transcribe(np.zeros(SAMPLE_RATE, np.float32), options)
         samples, decode_seconds = [], []

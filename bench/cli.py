@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-seconds", dest="max_seconds", type=float,
                      help="no new work after this many seconds (default 720; quick 150)")
     run.add_argument("--engine")
+    run.add_argument("--device", help="auto (default: cuda where NVML finds a GPU), cpu or cuda")
     run.add_argument("--model")
     run.add_argument("--compute-type", dest="compute_type")
     run.add_argument("--beam-size", dest="beam_size", type=int)

@@ -48,6 +48,7 @@ class Plan:
     passes: int = 1            # passes over the clips per block
     max_seconds: float = 720.0 # the whole run stops starting new work after this
     engine: str = "ctranslate2"
+    device: str = "auto"       # auto: cuda where NVML finds a GPU; the bare engine runs where the service does
     model: str = "embedded"
     compute_type: str = "auto"
     beam_size: int = 5
@@ -71,19 +72,20 @@ def run_benchmark(plan: Plan) -> tuple[dict, Path]:
     clips = load_clips(plan.clips_dir, plan.clip_limit)
     uploads = Uploads(clips)
     cores = sorted(os.sched_getaffinity(0))
-    batch = _batch_size(plan)
+    device = _device(plan)
+    batch = _batch_size(plan, device)
     notes: list[str] = []
     loadavg_start = os.getloadavg()[0]
 
     work = Path(tempfile.mkdtemp(prefix="asr-bench-"))
-    flags = ["--engine", plan.engine, "--model", plan.model, "--compute-type", plan.compute_type,
+    flags = ["--engine", plan.engine, "--device", device, "--model", plan.model, "--compute-type", plan.compute_type,
              "--beam-size", str(plan.beam_size), "--max-queue", str(plan.max_queue)]
     env = {"ASR_MAX_BATCH": str(plan.max_batch), "ASR_MAX_WAIT_MS": str(plan.max_wait_ms)}
     full = Service(f"1 instance x {len(cores)} cores", work / "full", 1, 0, flags, env)
     scaled = [Service(f"{n} x 1 core", work / f"scaled-{n}", n, 1, flags, env) for n in plan.instances]
     services = [full, *scaled]
     common = dict(engine=plan.engine, model=plan.model, compute_type=plan.compute_type, beam_size=plan.beam_size,
-                  model_cache=_model_cache(), max_audio_seconds=600.0)
+                  model_cache=_model_cache(), max_audio_seconds=600.0, device=device)
     bares: dict[str, BareEngine] = {}
     bare_all_summary = bare_one_summary = None
     health_full: dict = {}
@@ -95,6 +97,9 @@ def run_benchmark(plan: Plan) -> tuple[dict, Path]:
         with ThreadPoolExecutor(max_workers=len(services) + 2) as pool:
             progress.set_description("bringing up services and bare engines")
             ups = [pool.submit(s.up) for s in services]
+            if device == "cuda":  # the bare engine on the very GPU the served instance uses
+                ups[0].result()
+                common["gpu"] = (full.health()[0].get("gpu") or {}).get("uuid") or ""
             bare_all = pool.submit(BareEngine, "all_cores", clips, _spec(cores), len(cores), **common)
             bare_one = pool.submit(BareEngine, "one_core", clips, _spec(cores[:1]), 1, **common) if scaled else None
             # One more single-core bare engine per extra core, to run side by side with the first.
@@ -243,6 +248,7 @@ def run_benchmark(plan: Plan) -> tuple[dict, Path]:
             "cores": len(cores),
             "python": platform.python_version(),
             "engine": plan.engine,
+            "device": device,
             "model": plan.model,
             "compute_type": plan.compute_type,
             "beam_size": plan.beam_size,
@@ -252,7 +258,7 @@ def run_benchmark(plan: Plan) -> tuple[dict, Path]:
             "clip_audio_s": sum(c.duration for c in clips),
             "clip_names": [c.name for c in clips],
             "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.__dict__.items()},
-            "instance_health": {k: health_full.get(k) for k in ("cpu_cores", "engine", "model", "device")},
+            "instance_health": {k: health_full.get(k) for k in ("cpu_cores", "engine", "model", "device", "gpu")},
             "loadavg_start": loadavg_start,
             "loadavg_end": os.getloadavg()[0],
             "duration_s": round((datetime.now() - started).total_seconds(), 1),
@@ -351,11 +357,20 @@ def _bare_summary(name: str, blocks: list, c1_latencies: list[float], cores: lis
                           concurrency=1, batch=batch)
 
 
-def _batch_size(plan: Plan) -> int:
+def _batch_size(plan: Plan, device: str) -> int:
     from app.config import load_settings
 
     settings = load_settings(env={}, overrides={"max_batch": plan.max_batch, "max_queue": plan.max_queue})
-    return settings.batch_size("cpu")
+    return settings.batch_size(device)
+
+
+def _device(plan: Plan) -> str:
+    """Where the services run, so the bare engine runs there too (a GPU service against a CPU bare
+    engine measures the hardware, not the service)."""
+    from app.control.placement import resolve_device
+    from app.gpu import detect_gpus
+
+    return resolve_device(plan.device, detect_gpus())
 
 
 def _model_cache() -> str:

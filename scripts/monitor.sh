@@ -24,6 +24,8 @@ setting() {  # a value from the run directory's asr.toml
   sed -n "s/^$1 = \"\{0,1\}\([^\"]*\)\"\{0,1\}$/\1/p" "$run_dir/asr.toml" | head -n 1
 }
 
+trim() { local s=$1; s=${s#"${s%%[![:space:]]*}"}; printf '%s' "${s%"${s##*[![:space:]]}"}"; }
+
 metric() {  # sum of a Prometheus metric's samples whose line matches an optional label filter
   awk -v name="$1" -v filter="${2:-}" '
     $1 ~ "^"name"([{]|$)" && (filter == "" || index($1, filter)) { sum += $NF }
@@ -42,8 +44,9 @@ printf 'host   load %s %s %s  cores %s  memory %s\n' "$l1" "$l5" "$l15" "$(nproc
 
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=index,name,utilization.gpu,memory.used,memory.total --format=csv,noheader,nounits 2>/dev/null |
-    while IFS=', ' read -r idx name util used total; do
-      printf 'gpu%-2s  %-22s util %3s%%  memory %s/%s MiB\n' "$idx" "$name" "$util" "$used" "$total"
+    while IFS=',' read -r idx name util used total; do  # commas only: GPU names have spaces
+      printf 'gpu%-2s  %-26s util %4s%%  memory %s/%s MiB\n' "$(trim "$idx")" "$(trim "$name")" "$(trim "$util")" \
+        "$(trim "$used")" "$(trim "$total")"
     done
 fi
 

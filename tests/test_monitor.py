@@ -38,3 +38,25 @@ def test_monitor_reports_the_service_and_fails_when_an_instance_is_down(tmp_path
         assert f"DOWN: {victim} is STOPPED" in down.stdout
     finally:
         service.asrctl("down")
+
+
+def test_monitor_shows_gpu_names_with_spaces_whole(tmp_path):
+    """nvidia-smi's CSV names GPUs with spaces ("NVIDIA H100 80GB HBM3"): split on commas only.
+    nvidia-smi is faked on PATH (no GPU here); the run directory has no supervisord, so it exits 2."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 37, 30000, 81559'\necho '1, NVIDIA L4, 5, 500, 23034'\n")
+    smi.chmod(0o755)
+    run_dir = tmp_path / "run"
+    (run_dir / "supervisor").mkdir(parents=True)
+    (run_dir / "supervisor" / "supervisord.conf").write_text("")
+    (run_dir / "asr.toml").write_text('port = 7860\nhost = "127.0.0.1"\n')
+    import os
+    result = subprocess.run(["bash", str(REPO / "scripts" / "monitor.sh"), str(run_dir)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                                        "SUPERVISORCTL": "/bin/false"})
+    assert result.returncode == 2
+    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("gpu")]
+    assert lines[0][:5] == ["gpu0", "NVIDIA", "H100", "80GB", "HBM3"] and lines[0][-3:] == ["memory", "30000/81559", "MiB"]
+    assert lines[1][:3] == ["gpu1", "NVIDIA", "L4"] and "5%" in lines[1]

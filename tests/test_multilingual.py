@@ -2,7 +2,7 @@
 language, translate, on both engines, in-process and through nginx.
 
 No multilingual weights can be had offline, so these tests run a small Whisper with random weights
-(tests/random_multilingual.py), converted for both engines. It says nothing meaningful about the
+(bench/random_whisper.py), converted for both engines. It says nothing meaningful about the
 speech; what the tests check is what crosses the interfaces: both engines, given the same weights,
 detect the same language with the same probability and decode the same tokens, and the task and
 language a request names reach the model (changing either changes the tokens decoded).
@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-import random_multilingual
+from bench import random_whisper as random_multilingual
 from app.engines import load_engine
 from app.engines.base import DecodeOptions
 from app.languages import LANGUAGE_NAMES

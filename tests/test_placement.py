@@ -25,11 +25,19 @@ def test_explicit_thread_count_caps_each_set():
 
 
 def test_gpu_instances_go_where_memory_is_free():
-    gpus = [GpuInfo(0, "A", 80_000, 10_000), GpuInfo(1, "B", 80_000, 70_000)]
+    gpus = [GpuInfo(0, "A", 80_000, 40_000), GpuInfo(1, "B", 80_000, 70_000)]
     plan = plan_placement(3, "cuda", gpus, cpu_cores=[0], instance_memory_mb=30_000)
-    # 70 GB free on GPU 1 takes two 30 GB instances before GPU 0's 10 GB wins.
-    assert [p.gpu for p in plan] == [1, 1, 0]
+    # 70 GB free on GPU 1 takes a 30 GB instance; then GPU 0's 40 GB beats GPU 1's 40 GB left by index.
+    assert [p.gpu for p in plan] == [1, 0, 1]
     assert all(p.device == "cuda" for p in plan)
+
+
+def test_gpu_instances_that_do_not_fit_are_refused_with_what_is_free():
+    gpus = [GpuInfo(0, "A", 80_000, 10_000), GpuInfo(1, "B", 80_000, 70_000)]
+    with pytest.raises(ConfigError) as err:
+        plan_placement(3, "cuda", gpus, cpu_cores=[0], instance_memory_mb=30_000, headroom_mb=512)
+    assert "room on the GPUs for 2 of 3 instances" in str(err.value)
+    assert "gpu0 10000 MB free" in str(err.value) and "an instance needs 30512 MB" in str(err.value)
 
 
 def test_explicit_gpu_map_is_obeyed_and_checked():

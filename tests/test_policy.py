@@ -122,7 +122,7 @@ def run_trace(cfg: ScalingConfig, loads: list[int], *, start: int = 1,
                 free_sets -= 1
                 assert free_sets >= 0, "placed on a CPU core set that was not free"
             else:
-                assert gpu_free[where] >= cfg.gpu_min_free_mb, f"placed on full gpu{where}"
+                assert gpu_free[where] >= cfg.instance_memory_mb + cfg.gpu_headroom_mb, f"placed on full gpu{where}"
                 gpu_free[where] -= cfg.instance_memory_mb
         assert len(pool) == decision.desired
         if decision.placement or decision.remove:
@@ -447,7 +447,7 @@ def test_defaults_are_valid_and_frozen():
     (dict(cpu_high_pct=101), "cpu_high_pct (101) is a percentage"),
     (dict(gpu_util_high_pct=150), "gpu_util_high_pct (150) is a percentage"),
     (dict(instance_memory_mb=0), "instance_memory_mb must be at least 1"),
-    (dict(gpu_min_free_mb=1024, instance_memory_mb=2048), "gpu_min_free_mb (1024) is below"),
+    (dict(gpu_headroom_mb=-1), "gpu_headroom_mb must be at least 0"),
 ])
 def test_config_rejects_bad_bounds(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -458,7 +458,7 @@ def test_config_rejects_bad_bounds(overrides, message):
 
 def test_config_accepts_edge_values():
     config(min_instances=3, max_instances=3, downscale_threshold=0.0, upscale_threshold=1.0,
-           cpu_high_pct=100, gpu_util_high_pct=100, gpu_min_free_mb=2048,
+           cpu_high_pct=100, gpu_util_high_pct=100, gpu_headroom_mb=0,
            instance_memory_mb=2048)
 
 

@@ -149,3 +149,8 @@ def test_checkpoints_that_would_serve_random_weights_are_refused(kind, qwen_mode
     with pytest.raises(CheckpointError, match="Qwen3-ASR-1.7B-hf") as refused:
         load_engine("qwen3-asr", str(path), "cpu")
     assert str(path) in str(refused.value)
+
+
+def test_asked_for_cuda_without_a_gpu_it_fails_loudly_instead_of_serving_from_the_cpu(qwen_models):
+    with pytest.raises(Exception, match="(?i)cuda|nvidia"):
+        load_engine("qwen3-asr", str(qwen_models[0]), "cuda")

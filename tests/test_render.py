@@ -81,7 +81,13 @@ def test_gpu_instances_get_their_own_visible_device(settings):
     paths = render_all(settings, instances)
     env = instances[0].environment(paths)
     assert env["ASR_DEVICE"] == "cuda" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    # Without a UUID the index is NVML's, which is PCI bus order: CUDA must number GPUs the same way.
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert "ASR_CPU_CORES" not in env
+    # With NVML's UUID the pin is unambiguous whatever the numbering.
+    gpus = [GpuInfo(0, "H100", 80_000, 20_000, uuid="GPU-aaaa"), GpuInfo(1, "L4", 24_000, 20_000, uuid="GPU-bbbb")]
+    env = plan_instances(settings, gpus)[0].environment(paths)
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa" and env["ASR_GPU_UUID"] == "GPU-aaaa"
 
 
 def test_rerender_with_fewer_instances_removes_their_programs(settings):

@@ -56,3 +56,29 @@ def test_calls_within_the_deadline_do_not_trip_it():
     time.sleep(0.4)
     watchdog.stop()
     assert stuck == [] and queue.busy_since is None
+
+
+def test_the_deadline_follows_the_audio_of_the_call_and_is_capped_by_the_request_timeout():
+    """The old limit, max_inference_seconds x max_batch, was 2640 s on a GPU with the defaults: a stuck
+    call held the instance for 44 minutes, long after every request of it had been answered 504."""
+    from app.config import DECODE_START_SECONDS, load_settings
+
+    settings = load_settings(env={}, overrides={"max_batch": 8})
+    engine = _HangingEngine()
+    engine.hang.set()
+    queue = InferenceQueue(max_pending=8, max_batch=8)
+    queue.start(engine)
+    watchdog = Watchdog(queue, settings.request_timeout_seconds,
+                        seconds_per_audio_second=settings.slowest_realtime_factor, base_seconds=DECODE_START_SECONDS)
+    try:
+        queue.submit(np.zeros(16000 * 20, np.float32), DecodeOptions())
+        deadline = time.monotonic() + 5
+        while queue.busy_since is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert queue.busy_audio_seconds == 20
+        assert watchdog.deadline() == 30 + 0.5 * 20                    # 40 s for a 20 s clip
+        queue.busy_audio_seconds = 8 * settings.max_audio_seconds      # a batch of 8 of the longest
+        assert watchdog.deadline() == settings.request_timeout_seconds  # 660 s, not 2640 s
+        assert settings.request_timeout_seconds < settings.max_inference_seconds * 8
+    finally:
+        engine.release.set()

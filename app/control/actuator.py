@@ -17,10 +17,11 @@ from app.config import Settings
 from app.control import nginx, processes
 from app.control.heal import control_lock, retire_nginx_orphans
 from app.control.paths import RunPaths
-from app.control.placement import GpuInfo, available_cores, place_one
+from app.control.placement import GpuInfo, place_one, resolve_device
 from app.control.pool import Pool, load_unhealthy
 from app.control.render import InstanceSpec, instance_weights, render_all
 from app.control.supervisor import SupervisorClient
+from app.devices import available_cores
 
 
 class ActuationError(RuntimeError):
@@ -65,10 +66,13 @@ class Actuator:
     # -- one instance at a time --
 
     def scale_up(self, pool: Pool, gpu: int | None = None) -> InstanceSpec:
-        device = pool.instances[0].placement.device if pool.instances else "cpu"
+        device = pool_device(pool, self.settings, self.gpus)
         threads = self.settings.cpu_threads or min((i.placement.threads for i in pool.instances), default=1)
         placement = place_one([i.placement for i in pool.instances], device, self.gpus, available_cores(),
-                              threads, gpu=gpu)
+                              threads, gpu=gpu,
+                              instance_memory_mb=measured_memory_mb(pool) or self.settings.instance_gpu_memory_mb,
+                              starting=[i.placement for i in pool.instances if i.name in pool.starting],
+                              headroom_mb=self.settings.gpu_headroom_mb)
         spec = pool.add(pool.next_port(self.settings.base_port), 1, placement)
         pool.starting.add(spec.name)
         self.log(f"scale up: starting {spec.name} on {placement.describe()}")
@@ -120,6 +124,23 @@ class Actuator:
 
     def _reweigh(self, pool: Pool) -> None:
         pool.with_weights(instance_weights(self.settings, [i.placement for i in pool.instances], self.gpus))
+
+
+def pool_device(pool: Pool, settings: Settings, gpus: list[GpuInfo]) -> str:
+    """What the pool runs on: its instances' device, or for an empty pool what the settings resolve to."""
+    if pool.instances:
+        return pool.instances[0].placement.device
+    return resolve_device(settings.device, gpus)
+
+
+def measured_memory_mb(pool: Pool, healths: list[dict | None] | None = None) -> int | None:
+    """The most GPU memory any instance of the pool reports holding after load and warm-up (its
+    /health); None until one has loaded, when placement keeps the configured estimate."""
+    if healths is None:
+        healths = [get_json(i.port, "/health") for i in pool.instances if i.placement.device == "cuda"]
+    figures = [h["gpu"]["memory_mb"] for h in healths
+               if h and isinstance(h.get("gpu"), dict) and isinstance(h["gpu"].get("memory_mb"), int)]
+    return max(figures, default=None)
 
 
 def least_loaded(pool: Pool) -> str:

@@ -16,12 +16,14 @@ import time
 import psutil
 
 from app.config import Settings
-from app.control.actuator import Actuator, get_json
-from app.control.placement import GpuInfo, available_cores, core_usage, detect_gpus, free_core_sets
+from app.gpu import detect_gpus
+from app.control.actuator import Actuator, get_json, measured_memory_mb, pool_device
+from app.control.placement import GpuInfo, core_usage, free_core_sets
 from app.control.policy import (
     Decision, GpuLoad, HostLoad, InstanceLoad, PolicyState, ScalingConfig, ScalingContext, decide,
 )
 from app.control.pool import Pool
+from app.devices import available_cores
 
 log = logging.getLogger("asr.autoscale")
 
@@ -35,15 +37,22 @@ def scaling_config(settings: Settings) -> ScalingConfig:
         downscale_delay_s=settings.downscale_delay_seconds,
         cooldown_s=settings.cooldown_seconds,
         loop_interval_s=settings.autoscale_interval_seconds,
+        instance_memory_mb=settings.instance_gpu_memory_mb,
+        gpu_headroom_mb=settings.gpu_headroom_mb,
     )
 
 
 def observe(pool: Pool, settings: Settings, gpus: list[GpuInfo], now: float,
             last_change_at: float | None) -> ScalingContext:
-    """A snapshot of load from each instance's /health, NVML and the host's CPU."""
-    loads = []
+    """A snapshot of load from each instance's /health, NVML and the host's CPU.
+
+    The GPUs count only for a pool of GPU instances: a ``device = "cpu"`` pool on a GPU host grows
+    onto free CPU core sets, never onto a GPU.
+    """
+    loads, healths = [], []
     for spec in pool.instances:
         health = get_json(spec.port, "/health") or {}
+        healths.append(health)
         queue = health.get("queue", {})
         ready = health.get("state") == "ready" and spec.name not in pool.starting | pool.draining
         loads.append(InstanceLoad(spec.name, in_flight=queue.get("running", 0),
@@ -53,8 +62,12 @@ def observe(pool: Pool, settings: Settings, gpus: list[GpuInfo], now: float,
     cores = available_cores()
     host = HostLoad(cpu_pct=idle_core_busy_pct(placements, cores),
                     free_core_sets=free_core_sets(placements, cores, threads))
-    gpu_loads = tuple(GpuLoad(g.index, g.utilization_pct, g.memory_free_mb, g.memory_total_mb) for g in gpus)
-    return ScalingContext(tuple(loads), gpu_loads, host, now, last_change_at)
+    on_gpu = pool_device(pool, settings, gpus) == "cuda"
+    gpu_loads = tuple(GpuLoad(g.index, g.utilization_pct, g.memory_free_mb, g.memory_total_mb, g.fault)
+                      for g in gpus) if on_gpu else ()
+    return ScalingContext(tuple(loads), gpu_loads, host, now, last_change_at,
+                          instance_memory_mb=measured_memory_mb(pool, healths) if on_gpu else None,
+                          gpu_pool=on_gpu)
 
 
 def idle_core_busy_pct(placements, cores: list[int]) -> float:

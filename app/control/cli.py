@@ -21,10 +21,11 @@ from app.config import ConfigError, Settings, load_settings
 from app.control import heal, nginx, processes
 from app.control.actuator import ActuationError, Actuator, get_json, wait_ready
 from app.control.paths import RunPaths
-from app.control.placement import detect_gpus
+from app.gpu import detect_gpus, inventory
 from app.control.pool import Pool, save_unhealthy
 from app.control.render import CONTROL_PROGRAMS, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all
 from app.control.supervisor import SupervisorClient, SupervisorError, start_supervisord
+from app.engines import missing_modules
 from app.engines.models import display_name, resolve_model
 
 # Flags that map one-to-one onto settings.
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_up(args) -> int:
     settings = _settings(args)
+    missing = missing_modules(settings.engine)
+    if missing:
+        raise CommandError(f"engine {settings.engine} needs {' and '.join(missing)}, which this environment lacks: "
+                           "scripts/setup.sh installs them (or pip install -e '.[transformers]')")
     # The transformers engine's copy of the embedded model is converted once here, not by N
     # instances racing at start.
     resolve_model(settings.engine, settings.model, settings.model_cache)
@@ -151,14 +156,18 @@ def cmd_status(args) -> int:
             print("not running")
         return 3
     rows = instance_status(client)
+    gpus = inventory()
     if args.json:
         print(json.dumps({"running": True, "public": f"http://{nginx.public_host(settings)}:{settings.port}",
-                          "instances": rows}, indent=2))
+                          "instances": rows, "gpus": [g.as_dict() for g in gpus.gpus],
+                          "nvml_error": gpus.error or None}, indent=2))
     else:
-        print(f"{'NAME':<12} {'PORT':>5}  {'DEVICE':<10} {'STATE':<9} {'READY':<5} {'PID':>7} {'UPTIME':>8}")
+        print(f"{'NAME':<12} {'PORT':>5}  {'DEVICE':<10} {'STATE':<9} {'READY':<5} {'PID':>7} {'UPTIME':>8}  GPU")
         for r in rows:
             print(f"{r['name']:<12} {r['port'] or '-':>5}  {r['device'] or '-':<10} {r['state']:<9} "
-                  f"{'yes' if r['ready'] else 'no':<5} {r['pid'] or '-':>7} {_duration(r['uptime_seconds']):>8}")
+                  f"{'yes' if r['ready'] else 'no':<5} {r['pid'] or '-':>7} {_duration(r['uptime_seconds']):>8}  "
+                  f"{_gpu_column(r['gpu'])}")
+        _print_gpus(gpus, any(r["device"] == "cuda" for r in rows))
     return 0 if all(r["ready"] for r in rows if r["port"]) else 2
 
 
@@ -272,6 +281,7 @@ def instance_status(client: SupervisorClient) -> list[dict]:
             "name": name,
             "port": port,
             "device": _device(health) if health else None,
+            "gpu": health.get("gpu") if health else None,   # read inside the instance: what CUDA uses
             "state": p["statename"],
             "instance_state": health.get("state") if health else None,
             "ready": ready,
@@ -279,6 +289,27 @@ def instance_status(client: SupervisorClient) -> list[dict]:
             "uptime_seconds": round(now - p["start"]) if p["statename"] == "RUNNING" else 0,
         })
     return rows
+
+
+def _gpu_column(gpu: dict | None) -> str:
+    """The GPU an instance computes on, as it reported it: name, UUID, memory it holds."""
+    if not gpu:
+        return "-"
+    memory = f" {gpu['memory_mb']} MB" if gpu.get("memory_mb") is not None else ""
+    return f"{gpu.get('name') or '?'} {gpu.get('uuid') or gpu.get('pinned') or '?'}{memory}"
+
+
+def _print_gpus(gpus, wanted: bool) -> None:
+    """The host's GPUs from NVML, a fault on its own line rather than a traceback."""
+    if not gpus.gpus:
+        if wanted or (gpus.error and "Not Found" not in gpus.error):
+            print(f"\nGPUs: no figures from NVML ({gpus.error or 'no GPU'})")
+        return
+    print(f"\n{'GPU':<4} {'NAME':<24} {'UUID':<40} {'MEMORY USED/TOTAL':>18} {'UTIL':>5}  NVML")
+    for g in gpus.gpus:
+        memory = f"{g.memory_used_mb}/{g.memory_total_mb} MB" if g.memory_total_mb is not None else "-"
+        util = f"{g.utilization_pct:.0f}%" if g.utilization_pct is not None else "-"
+        print(f"{g.index:<4} {g.name or '?':<24} {g.uuid or '-':<40} {memory:>18} {util:>5}  {g.fault or 'ok'}")
 
 
 def _device(health: dict) -> str:

@@ -21,9 +21,12 @@ The steps, always applied in this order:
    only once the count passes ``delay_s / loop_interval_s`` ticks.
 5. Cooldown: no change within ``cooldown_s`` of ``last_change_at``.
 6. Room (up only): each new instance goes to the GPU with the most free memory that still has
-   ``gpu_min_free_mb`` and is below ``gpu_util_high_pct`` (counting instances placed earlier in the
-   same decision, and instances still starting, at ``instance_memory_mb`` each), or, on a host with
-   no GPUs, to a free CPU core set. Without room for all, the pool grows only as far as room allows.
+   room for one instance plus ``gpu_headroom_mb`` and is below ``gpu_util_high_pct``
+   (``app.control.placement.choose_gpus``, the one placement rule; instances placed earlier in the
+   same decision and instances still starting are charged, as NVML does not show them yet). One
+   instance's memory is what running instances measured after loading (``ctx.instance_memory_mb``),
+   or ``instance_memory_mb`` until one has. A GPU with an NVML fault takes none. On a pool of CPU
+   instances, a free CPU core set. Without room for all, the pool grows only as far as room allows.
 7. Removal (down only): drain not-ready instances first (they hold no requests and serve nothing),
    then the least loaded ready ones, ties broken by name.
 
@@ -39,6 +42,7 @@ import math
 from dataclasses import dataclass
 
 from app.config import ConfigError
+from app.control.placement import choose_gpus
 
 # Float slack for "ceil" and "ticks": 5.000000001 requests must not become 6 instances.
 _EPS = 1e-9
@@ -69,9 +73,9 @@ class ScalingConfig:
     cooldown_s: float = 60.0
     loop_interval_s: float = 10.0
     cpu_high_pct: float = 90.0           # host CPU at or above this: no new CPU instance
-    gpu_min_free_mb: int = 2560          # a GPU needs this much free memory to take an instance
+    gpu_headroom_mb: int = 512           # free memory a GPU keeps beyond the instances it takes
     gpu_util_high_pct: float = 90.0      # a GPU at or above this utilization takes no new instance
-    instance_memory_mb: int = 2048       # estimated GPU memory one instance uses
+    instance_memory_mb: int = 2048       # GPU memory one instance holds, until one has measured it
 
     def __post_init__(self) -> None:
         _require_int("min_instances", self.min_instances, low=1)
@@ -101,11 +105,7 @@ class ScalingConfig:
             if value > 100:
                 raise ConfigError(f"{name} ({value}) is a percentage: at most 100")
         _require_int("instance_memory_mb", self.instance_memory_mb, low=1)
-        _require_int("gpu_min_free_mb", self.gpu_min_free_mb, low=0)
-        if self.gpu_min_free_mb < self.instance_memory_mb:
-            raise ConfigError(
-                f"gpu_min_free_mb ({self.gpu_min_free_mb}) is below instance_memory_mb "
-                f"({self.instance_memory_mb}): a GPU could take an instance it has no room for")
+        _require_int("gpu_headroom_mb", self.gpu_headroom_mb, low=0)
 
 
 def _require_int(name: str, value: object, low: int) -> None:
@@ -152,10 +152,17 @@ class InstanceLoad:
 
 @dataclass(frozen=True)
 class GpuLoad:
+    """One GPU's figures from NVML; None where NVML gave none (``fault`` says why)."""
+
     index: int
-    utilization_pct: float
-    memory_free_mb: int
-    memory_total_mb: int
+    utilization_pct: float | None
+    memory_free_mb: int | None
+    memory_total_mb: int | None
+    fault: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return not self.fault and self.memory_free_mb is not None
 
 
 @dataclass(frozen=True)
@@ -169,10 +176,12 @@ class ScalingContext:
     """A snapshot: the pool (starting instances included), the GPUs, the host, and the time."""
 
     instances: tuple[InstanceLoad, ...]
-    gpus: tuple[GpuLoad, ...]
+    gpus: tuple[GpuLoad, ...]           # empty on a pool of CPU instances, whatever the host has
     host: HostLoad
     now: float
     last_change_at: float | None = None
+    instance_memory_mb: int | None = None  # measured by the running instances; None: none has yet
+    gpu_pool: bool | None = None        # the pool runs on GPUs; None: it does when ``gpus`` lists any
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "instances", tuple(self.instances))
@@ -375,7 +384,9 @@ def _place(count: int, ctx: ScalingContext, config: ScalingConfig) -> tuple[list
 
     The note is empty when all fit, else it says what ran out.
     """
-    if ctx.gpus:
+    if ctx.gpu_pool or (ctx.gpu_pool is None and ctx.gpus):
+        if not ctx.gpus:
+            return [], _room_note(0, count, "no GPU figures from NVML")
         return _place_on_gpus(count, ctx, config)
     return _place_on_cpu(count, ctx.host, config)
 
@@ -384,38 +395,20 @@ def _place_on_gpus(count: int, ctx: ScalingContext,
                    config: ScalingConfig) -> tuple[list[int | None], str]:
     """Each new instance to the GPU with the most free memory that can still take one.
 
-    Free memory is charged ``instance_memory_mb`` for every instance placed earlier in this
-    decision, and for every instance still starting on that GPU: its model may not be loaded yet,
-    so the measured free memory does not show it.
+    Instances still starting are charged one instance's memory on their GPU: their model may not be
+    loaded yet, so the measured free memory does not show it.
     """
-    free = {g.index: g.memory_free_mb for g in ctx.gpus}
+    instance_mb = ctx.instance_memory_mb or config.instance_memory_mb
+    reserved: dict[int, int] = {}
     for inst in ctx.instances:
-        if not inst.ready and inst.gpu in free:
-            free[inst.gpu] -= config.instance_memory_mb
-    busy = {g.index for g in ctx.gpus if g.utilization_pct >= config.gpu_util_high_pct}
-
-    placement: list[int | None] = []
-    for _ in range(count):
-        fits = [i for i in free if i not in busy and free[i] >= config.gpu_min_free_mb]
-        if not fits:
-            break
-        best = max(fits, key=lambda i: (free[i], -i))
-        free[best] -= config.instance_memory_mb
-        placement.append(best)
+        if not inst.ready and inst.gpu is not None:
+            reserved[inst.gpu] = reserved.get(inst.gpu, 0) + instance_mb
+    room = choose_gpus(count, list(ctx.gpus), instance_mb, config.gpu_headroom_mb, reserved,
+                       config.gpu_util_high_pct)
+    placement: list[int | None] = list(room.chosen)
     if len(placement) == count:
         return placement, ""
-
-    util = {g.index: g.utilization_pct for g in ctx.gpus}
-    full = [i for i in sorted(free) if i not in busy and free[i] < config.gpu_min_free_mb]
-    problems = []
-    if full:
-        problems.append("GPU memory full (" + ", ".join(
-            f"gpu{i} {free[i]} MB free" for i in full)
-            + f"; an instance needs {config.gpu_min_free_mb} MB)")
-    if busy:
-        problems.append("GPU busy (" + ", ".join(f"gpu{i} at {_num(util[i])}%" for i in sorted(busy))
-                        + f" >= {_num(config.gpu_util_high_pct)}%)")
-    return placement, _room_note(len(placement), count, " and ".join(problems))
+    return placement, _room_note(len(placement), count, room.problems())
 
 
 def _place_on_cpu(count: int, host: HostLoad,

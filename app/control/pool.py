@@ -91,12 +91,12 @@ def save_unhealthy(paths: RunPaths, names: set[str]) -> None:
 
 def _spec(i: dict) -> InstanceSpec:
     return InstanceSpec(i["name"], i["port"], i["weight"],
-                        Placement(i["device"], i.get("gpu"), tuple(i.get("cpu_cores", ()))))
+                        Placement(i["device"], i.get("gpu"), tuple(i.get("cpu_cores", ())), i.get("gpu_uuid", "")))
 
 
 def _record(i: InstanceSpec) -> dict:
     return {"name": i.name, "port": i.port, "weight": i.weight, "device": i.placement.device,
-            "gpu": i.placement.gpu, "cpu_cores": list(i.placement.cpu_cores)}
+            "gpu": i.placement.gpu, "gpu_uuid": i.placement.gpu_uuid, "cpu_cores": list(i.placement.cpu_cores)}
 
 
 def _write_json(path, data) -> None:

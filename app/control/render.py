@@ -10,13 +10,13 @@ from pathlib import Path
 
 import jinja2
 
+from app import cuda
 from app.config import Settings
 from app.public_routes import PUBLIC_ROUTES
 from app.control import prometheus_sd
 from app.control.paths import RunPaths
-from app.control.placement import (
-    GpuInfo, Placement, available_cores, capacity_weights, format_cores, plan_placement, resolve_device,
-)
+from app.control.placement import GpuInfo, Placement, capacity_weights, plan_placement, resolve_device
+from app.devices import available_cores, format_cores, gpu_environment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy"
@@ -44,7 +44,13 @@ class InstanceSpec:
             "ASR_DEVICE": self.placement.device,
         }
         if self.placement.device == "cuda":
-            env["CUDA_VISIBLE_DEVICES"] = str(self.placement.gpu)
+            # Pinned by UUID (PCI order for an index), and CUDA 12 libraries from pip's nvidia-*
+            # wheels on the loader's path: CTranslate2 opens libcublas.so.12 by name.
+            env.update(gpu_environment(self.placement.gpu, self.placement.gpu_uuid))
+            env["ASR_GPU_UUID"] = self.placement.gpu_uuid
+            library_path = cuda.library_path(os.environ.get("LD_LIBRARY_PATH", ""))
+            if library_path:
+                env["LD_LIBRARY_PATH"] = library_path
         else:
             # No GPU for a CPU instance, its own cores, and math libraries sized to them.
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -60,7 +66,9 @@ def instance_name(port: int) -> str:
 def plan_instances(settings: Settings, gpus: list[GpuInfo], cores: list[int] | None = None) -> list[InstanceSpec]:
     device = resolve_device(settings.device, gpus)
     placements = plan_placement(settings.instances, device, gpus, cores or available_cores(),
-                                gpu_map=settings.gpu_list(), cpu_threads=settings.cpu_threads)
+                                gpu_map=settings.gpu_list(), cpu_threads=settings.cpu_threads,
+                                instance_memory_mb=settings.instance_gpu_memory_mb,
+                                headroom_mb=settings.gpu_headroom_mb)
     weights = instance_weights(settings, placements, gpus)
     return [
         InstanceSpec(instance_name(port), port, weight, placement)

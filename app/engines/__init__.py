@@ -6,6 +6,17 @@ from app.engines.base import DecodeOptions, Engine, Segment, Transcript
 __all__ = ["DecodeOptions", "ENGINES", "Engine", "Segment", "Transcript", "load_engine"]
 
 ENGINES = ("ctranslate2", "transformers", "qwen3-asr")
+# What each engine imports beyond the base install: torch and transformers are the `transformers`
+# extra, which a ctranslate2-only install (scripts/setup.sh --engine ctranslate2) leaves out.
+ENGINE_MODULES = {"ctranslate2": ("faster_whisper",), "transformers": ("torch", "transformers"),
+                  "qwen3-asr": ("torch", "transformers")}
+
+
+def missing_modules(engine: str) -> list[str]:
+    """The modules ``engine`` needs that this environment lacks (checked without importing them)."""
+    import importlib.util
+
+    return [m for m in ENGINE_MODULES.get(engine, ()) if importlib.util.find_spec(m) is None]
 
 
 def load_engine(engine: str, model: str, device: str, compute_type: str = "auto", cpu_threads: int = 0,

@@ -9,7 +9,9 @@ language probability. So this engine:
 - reports ``language_probability`` as None: the model gives none, and none is invented;
 - cuts audio longer than ``chunk_seconds`` at quiet points (``app.chunking``), decodes every chunk of
   every clip in the batch as one left-padded ``generate()`` call, and joins them on one timeline;
-  each chunk is a segment, from the first to the last speech Silero VAD hears in it;
+  each chunk is a segment: a short clip is one, from its start to its end; a cut one's chunks run
+  from the first to the last speech Silero VAD heard in each (VAD runs only where there is cutting
+  to do: it costs CPU time in the inference thread);
 - times words with a Qwen3-ForcedAligner (``aligner_model``) when one is configured; without one,
   word timestamps are refused rather than guessed.
 
@@ -29,7 +31,7 @@ import torch
 
 from app import chunking, vad
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript, Word
-from app.engines.torch_common import TORCH_DTYPES, resolve_compute_type
+from app.engines.torch_common import TORCH_DTYPES, reserved_gpu_memory_mb, resolve_compute_type
 
 ARCHITECTURE = "qwen3_asr"
 UNDETERMINED = "und"
@@ -65,7 +67,7 @@ class _Piece:
     chunk: chunking.Chunk
     audio: np.ndarray
     options: DecodeOptions
-    speech: list[dict]         # VAD's stretches inside this chunk, in the chunk's own samples
+    speech: list[dict] | None  # VAD's stretches inside this chunk, in its own samples; None: not cut, VAD not run
 
 
 class Qwen3AsrEngine:
@@ -143,6 +145,10 @@ class Qwen3AsrEngine:
         parsed = self.processor.decode(generated, return_format="parsed")
         return [(self._code(p["language"]), None) for p in parsed]
 
+    def gpu_memory_mb(self) -> int | None:
+        """What torch's allocator holds here, for placement where NVML cannot see this process."""
+        return reserved_gpu_memory_mb(self.device)
+
     # Decoding -----------------------------------------------------------------------------------
 
     def _check_options(self, options: DecodeOptions) -> None:
@@ -157,9 +163,11 @@ class Qwen3AsrEngine:
 
     def _pieces(self, clip: int, audio: np.ndarray, options: DecodeOptions) -> list[_Piece]:
         """The clip's chunks, cut at quiet points when it is longer than ``chunk_seconds``."""
-        speech = vad.speech_stretches(audio) if len(audio) else []
-        chunks = chunking.plan_chunks(audio, self.chunk_seconds, speech) or [chunking.Chunk(0, len(audio), False)]
-        return [_Piece(clip, c, audio[c.start:c.end], options, _inside(speech, c)) for c in chunks]
+        if len(audio) <= self.chunk_seconds * SAMPLE_RATE:
+            return [_Piece(clip, chunking.Chunk(0, len(audio), True), audio, options, None)]
+        speech = vad.speech_stretches(audio)
+        return [_Piece(clip, c, audio[c.start:c.end], options, _inside(speech, c))
+                for c in chunking.plan_chunks(audio, self.chunk_seconds, speech)]
 
     def _decode(self, pieces: list[_Piece]) -> list[tuple[str | None, str]]:
         """(language name or None, text) per piece. Pieces that decode alike share one generate() call:
@@ -220,8 +228,8 @@ class Qwen3AsrEngine:
             if words:
                 segments.append(Segment(words[0].start, words[-1].end, text, words))
             else:
-                start = piece.speech[0]["start"] / SAMPLE_RATE if piece.speech else 0.0
-                end = piece.speech[-1]["end"] / SAMPLE_RATE if piece.speech else duration
+                start = piece.speech[0]["start"] / SAMPLE_RATE if piece.speech else 0.0  # None or no speech:
+                end = piece.speech[-1]["end"] / SAMPLE_RATE if piece.speech else duration    # the whole chunk
                 segments.append(Segment(round(start, 3), round(min(end, duration), 3), text))
         return Transcript(text=text, language=code, duration=duration, segments=segments, language_probability=None)
 

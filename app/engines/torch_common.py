@@ -13,3 +13,11 @@ def resolve_compute_type(compute_type: str, device: str, gpu_default: str = "flo
     if compute_type not in TORCH_DTYPES:
         raise ValueError(f"compute_type {compute_type!r}: torch engines run {sorted(TORCH_DTYPES)}")
     return compute_type
+
+
+def reserved_gpu_memory_mb(device: str) -> int | None:
+    """GPU memory torch's caching allocator holds for this process, on cuda only: what an instance
+    reports where NVML cannot see the process's own figure (some containers)."""
+    if device != "cuda":
+        return None
+    return int(torch.cuda.memory_reserved()) // 2**20

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript, Word
-from app.engines.torch_common import TORCH_DTYPES, resolve_compute_type
+from app.engines.torch_common import TORCH_DTYPES, reserved_gpu_memory_mb, resolve_compute_type
 
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's encoder sees 30 s at a time
 _TEXT_CONTEXT = 448                # Whisper's decoder positions: prompt, start sequence and new tokens
@@ -74,6 +74,9 @@ class TransformersEngine:
 
     def detect_language(self, audios: Sequence[np.ndarray]) -> list[tuple[str, float]]:
         return self._runner.detect_language([np.asarray(a[:WINDOW_SAMPLES], dtype=np.float32) for a in audios])
+
+    def gpu_memory_mb(self) -> int | None:
+        return reserved_gpu_memory_mb(self.device)
 
     def _check_options(self, options: DecodeOptions) -> None:
         if options.language is not None and options.language not in self.languages:

@@ -1,8 +1,11 @@
-"""A small multilingual Whisper with random weights, in both engines' formats, for the multilingual
-code paths (language detection, a requested language, translate) that the English-only embedded model
-never reaches. No multilingual weights can be had offline, so this model transcribes nothing
-meaningful: tests use it for what crosses the interfaces (the task and language reach the model, both
-engines detect the same language from the same weights), never for accuracy.
+"""A multilingual Whisper with random weights, built in place: no weights can be had offline.
+
+``build(out)`` writes a small one in both engines' formats for the multilingual code paths (language
+detection, a requested language, translate) that the English-only embedded model never reaches
+(tests/test_multilingual.py). ``build(out, "large-v3", ct2=False)`` writes one of whisper-large-v3's
+shape (1.5 B parameters, 128 mel bins) for the GPU self-check's batching throughput
+(``bench/gpu_check.py``): what a batch costs depends on the shape, not on the weights. These models
+transcribe nothing meaningful: they serve what crosses the interfaces and what takes time, never accuracy.
 
 Its tokenizer is the embedded model's byte-level BPE with the special tokens laid out as in Whisper's
 multilingual vocabulary (<|endoftext|> at 50257, 99 languages from 50259, timestamps from 50364).
@@ -17,17 +20,21 @@ EOT, SOT = 50_257, 50_258
 TIMESTAMP_BEGIN = 50_364
 
 
-def build(out: Path) -> tuple[Path, Path]:
-    """Write the model to ``out``/hf (transformers) and ``out``/ct2 (CTranslate2); return both."""
-    import ctranslate2
+# name -> (d_model, layers, heads, ffn, mel bins); "large-v3" is openai/whisper-large-v3's shape.
+SHAPES = {"test": (64, 2, 4, 256, 80), "tiny": (384, 4, 6, 1536, 80), "large-v3": (1280, 32, 20, 5120, 128)}
+
+
+def build(out: Path, shape: str = "test", ct2: bool = True, device: str = "cpu",
+          dtype: str = "float32") -> tuple[Path, Path | None]:
+    """Write the model to ``out``/hf (transformers) and, with ``ct2``, ``out``/ct2 (CTranslate2); return
+    both. ``device`` is where the random weights are drawn (a GPU draws 1.5 B of them in a moment)."""
     import torch
     from tokenizers import Tokenizer
-    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration, WhisperTokenizer)
+    from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
 
     from app.engines.models import embedded_ct2_dir
 
-    hf, ct2 = out / "hf", out / "ct2"
+    hf, ct2_dir = out / "hf", out / "ct2"
     hf.mkdir(parents=True)
     specials = _write_tokenizer_json(embedded_ct2_dir() / "tokenizer.json", hf / "tokenizer.json")
     (hf / "normalizer.json").write_text("{}\n")
@@ -39,26 +46,42 @@ def build(out: Path) -> tuple[Path, Path]:
     tokenizer.save_pretrained(hf)
 
     suppress = [1, 2, 7, 8, 9, 10, 14, 25, 26, 27, 28, 29, 31, 58, 59, 60, 61, 62, 63, 90, 91, 92, 93, 357, 366]
-    config = WhisperConfig(vocab_size=VOCAB, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
-                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256,
-                           decoder_ffn_dim=256, max_source_positions=1500, max_target_positions=448,
-                           decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
-                           suppress_tokens=suppress, begin_suppress_tokens=[220, EOT])
+    _, layers, heads, _, mels = SHAPES[shape]
+    config = whisper_config(shape, suppress)
     torch.manual_seed(0)
-    WhisperForConditionalGeneration(config).save_pretrained(hf)
+    with torch.device(device):
+        model = WhisperForConditionalGeneration(config).to(getattr(torch, dtype))
+    model.save_pretrained(hf)
+    del model
     languages = [t for t in specials if t.strip("<|>") not in _NON_LANGUAGE]
     GenerationConfig(
         decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT, max_length=448,
         suppress_tokens=suppress, begin_suppress_tokens=[220, EOT], no_timestamps_token_id=TIMESTAMP_BEGIN - 1,
         prev_sot_token_id=tokenizer.convert_tokens_to_ids("<|startofprev|>"), max_initial_timestamp_index=50,
-        is_multilingual=True, alignment_heads=[[1, 0], [1, 1], [1, 2], [1, 3]],
+        is_multilingual=True, alignment_heads=[[layers - 1, h] for h in range(min(heads, 4))],
         lang_to_id={t: tokenizer.convert_tokens_to_ids(t) for t in languages},
         task_to_id={task: tokenizer.convert_tokens_to_ids(f"<|{task}|>") for task in ("translate", "transcribe")},
     ).save_pretrained(hf)
-    WhisperFeatureExtractor(feature_size=80).save_pretrained(hf)
+    WhisperFeatureExtractor(feature_size=mels).save_pretrained(hf)
+    if not ct2:
+        return hf, None
+    import ctranslate2
+
     ctranslate2.converters.TransformersConverter(
-        str(hf), copy_files=["tokenizer.json", "preprocessor_config.json"]).convert(str(ct2), quantization="float32")
-    return hf, ct2
+        str(hf), copy_files=["tokenizer.json", "preprocessor_config.json"]).convert(str(ct2_dir), quantization="float32")
+    return hf, ct2_dir
+
+
+def whisper_config(shape: str, suppress: list[int] = ()):
+    """transformers' WhisperConfig of ``shape`` with this vocabulary's special tokens."""
+    from transformers import WhisperConfig
+
+    d_model, layers, heads, ffn, mels = SHAPES[shape]
+    return WhisperConfig(vocab_size=VOCAB, num_mel_bins=mels, d_model=d_model, encoder_layers=layers,
+                         decoder_layers=layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
+                         encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, max_source_positions=1500, max_target_positions=448,
+                         decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
+                         suppress_tokens=list(suppress), begin_suppress_tokens=[220, EOT])
 
 
 _NON_LANGUAGE = {"endoftext", "startoftranscript", "translate", "transcribe", "startoflm", "startofprev",

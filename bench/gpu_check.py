@@ -1,0 +1,336 @@
+"""``python -m bench.gpu_check``: the GPU host self-check that ``scripts/gpu-check.sh`` runs.
+
+It proves, on the host at hand, what no CPU machine can: that the real stack (nginx, supervisord, two
+gunicorn instances) comes up on the GPU with the right libraries, that each instance computes on the
+GPU it was pinned to and says so, that NVML's figures reach ``/metrics``, how long an instance takes
+from spawn to ready, and what dynamic batching buys on whisper-large-v3's shape. Everything goes into
+one JSON report; the exit code is 0 when every check passed, 1 when one failed.
+
+Phases, each bounded by what is left of ``--deadline`` seconds:
+
+1. **host**: NVML's GPUs (``app.gpu``), CUDA's device 0 (``app.cuda``), torch and CTranslate2's view.
+2. **stack** per engine (``--engines``): ``asrctl up`` with 2 instances on free loopback ports, the
+   JFK clip through nginx, each instance's ``/health`` and ``/metrics``, ``asrctl status --json``,
+   ``asrctl down``. The embedded model's real weights (tiny.en; converted for transformers).
+3. **batching**: random weights of ``--shape`` built in place (``bench/random_whisper.py``), loaded by the
+   transformers engine in float16 (float32 on CPU), fed ``--clips`` clips of speech at once through
+   the instance's own queue (``app/queue.py``) with ``max_batch`` 1 and then 8: throughput ratio.
+
+On a CPU host ``--device cpu --shape tiny`` runs the same code small (tests/test_gpu_check.py), so
+the script is not first run on the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+JFK = REPO / "tests" / "data" / "jfk.flac"
+JFK_WORDS = "ask not what your country can do for you ask what you can do for your country"
+BATCHING_GOAL = 5.0   # batch-8 throughput over batch-1 on large-v3's shape, float16
+
+
+class Report:
+    """The one JSON document: what was seen, what was measured, and each check with its verdict."""
+
+    def __init__(self, path: Path, deadline_s: float):
+        self.path = path
+        self.started = time.monotonic()
+        self.deadline = self.started + deadline_s
+        self.data: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "host": {}, "stacks": {}, "batching": None, "checks": [], "notes": []}
+
+    def check(self, name: str, ok: bool, detail: object = None) -> bool:
+        self.data["checks"].append({"name": name, "ok": bool(ok), "detail": detail})
+        return bool(ok)
+
+    def note(self, text: str) -> None:
+        self.data["notes"].append(text)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @property
+    def passed(self) -> bool:
+        return all(c["ok"] for c in self.data["checks"])
+
+    def write(self) -> Path:
+        self.data["duration_s"] = round(time.monotonic() - self.started, 1)
+        self.data["passed"] = self.passed
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+        return self.path
+
+
+# -- 1. host -----------------------------------------------------------------------------------------
+
+
+def check_host(report: Report, device: str) -> None:
+    from app import cuda, gpu
+
+    found = gpu.inventory()
+    host = {"python": platform.python_version(), "platform": platform.platform(),
+            "nvml_error": found.error or None, "gpus": [g.as_dict() for g in found.gpus],
+            "cuda_device0": cuda.current_device(), "nvidia_library_dirs": cuda.library_dirs()}
+    try:
+        import torch
+
+        host["torch"] = {"version": torch.__version__, "cuda_build": torch.version.cuda,
+                         "cuda_available": torch.cuda.is_available()}
+    except ImportError:
+        host["torch"] = None
+    try:
+        import ctranslate2
+
+        host["ctranslate2"] = {"version": ctranslate2.__version__,
+                               "cuda_devices": ctranslate2.get_cuda_device_count()}
+    except ImportError:
+        host["ctranslate2"] = None
+    report.data["host"] = host
+    if device == "cuda":
+        report.check("NVML sees a GPU", bool(found.gpus), found.error or len(found.gpus))
+        report.check("CUDA's device 0 answers", host["cuda_device0"] is not None, host["cuda_device0"])
+        if host["ctranslate2"]:
+            report.check("CTranslate2 sees a GPU", host["ctranslate2"]["cuda_devices"] > 0, host["ctranslate2"])
+
+
+# -- 2. the stack ------------------------------------------------------------------------------------
+
+
+def check_stack(report: Report, engine: str, device: str, work: Path) -> None:
+    """Two instances behind nginx under supervisord, brought up and down with the real asrctl."""
+    import requests
+
+    from bench.service import free_ports
+
+    ports = free_ports(3)
+    run_dir = work / f"run-{engine}"
+    stack: dict = {"engine": engine, "device": device}
+    report.data["stacks"][engine] = stack
+    up = ["up", "--run-dir", str(run_dir), "--instances", "2", "--engine", engine, "--device", device,
+          "--host", "127.0.0.1", "--port", str(ports[0]), "--base-port", str(ports[1]), "--quiet",
+          "--timeout", str(max(60, int(report.left() - 60)))]
+    t0 = time.monotonic()
+    result = _asrctl(*up, timeout=max(90, report.left()))
+    stack["up_seconds"] = round(time.monotonic() - t0, 2)     # spawn to ready: supervisord, 2 models, nginx
+    if not report.check(f"{engine}: asrctl up", result.returncode == 0, _tail(result)):
+        _asrctl("down", "--run-dir", str(run_dir), "--quiet", timeout=120)
+        return
+    try:
+        healths = [requests.get(f"http://127.0.0.1:{p}/health", timeout=5).json() for p in ports[1:]]
+        stack["instances"] = [{k: h.get(k) for k in ("instance", "device", "gpu", "model", "model_load_seconds")}
+                              | {"compute_type": h["model_config"]["compute_type"]} for h in healths]
+        report.check(f"{engine}: both instances on {device}", all(h["device"] == device for h in healths),
+                     [h["device"] for h in healths])
+        if device == "cuda":
+            gpus = [h.get("gpu") or {} for h in healths]
+            report.check(f"{engine}: each instance names the GPU CUDA uses",
+                         all(g.get("uuid") and g.get("seen_by") == "cuda" for g in gpus), gpus)
+            report.check(f"{engine}: the GPU CUDA uses is the pinned one",
+                         all((g.get("uuid") or "").lower() == (g.get("pinned") or "-").lower() for g in gpus), gpus)
+            report.check(f"{engine}: each instance measured its GPU memory",
+                         all(isinstance(g.get("memory_mb"), int) and g["memory_mb"] > 0 for g in gpus), gpus)
+            report.check(f"{engine}: float16 on the GPU",
+                         all(h["model_config"]["compute_type"] == "float16" for h in healths),
+                         [h["model_config"]["compute_type"] for h in healths])
+        t1 = time.monotonic()
+        answer = requests.post(f"http://127.0.0.1:{ports[0]}/asr", files={"audio": ("jfk.flac", JFK.read_bytes())},
+                               timeout=120)
+        text = answer.json().get("text", "") if answer.ok else answer.text[:500]
+        stack["jfk"] = {"status": answer.status_code, "text": text, "seconds": round(time.monotonic() - t1, 3),
+                        "instance": answer.headers.get("X-ASR-Instance")}
+        report.check(f"{engine}: JFK through nginx", answer.ok and JFK_WORDS in _words(text), text)
+        stack["metrics"] = [_gpu_metrics(requests.get(f"http://127.0.0.1:{p}/metrics", timeout=5).text)
+                            for p in ports[1:]]
+        if device == "cuda":
+            report.check(f"{engine}: NVML figures on /metrics",
+                         all(m.get("asr_gpu_nvml_up") == 1 and m.get("asr_gpu_memory_used_bytes", 0) > 0
+                             for m in stack["metrics"]), stack["metrics"])
+        status = _asrctl("status", "--run-dir", str(run_dir), "--json", timeout=60)
+        stack["status"] = json.loads(status.stdout) if status.stdout.strip().startswith("{") else _tail(status)
+        report.check(f"{engine}: asrctl status", status.returncode == 0, status.returncode)
+    except Exception as e:  # noqa: BLE001 - a failure of this phase is a result, reported as such
+        report.check(f"{engine}: stack", False, f"{type(e).__name__}: {e}")
+    finally:
+        down = _asrctl("down", "--run-dir", str(run_dir), "--quiet", timeout=180)
+        report.check(f"{engine}: asrctl down", down.returncode == 0, _tail(down))
+
+
+def _asrctl(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([str(BIN / "asrctl"), *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(e.cmd, 124, e.stdout or "", f"timed out after {timeout:.0f} s")
+
+
+def _tail(result: subprocess.CompletedProcess) -> str:
+    return ((result.stdout or "") + (result.stderr or ""))[-2000:]
+
+
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z' ]", " ", text.lower()).split())
+
+
+def _gpu_metrics(text: str) -> dict:
+    """The asr_gpu_* samples of a /metrics answer (labels dropped)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("asr_gpu_"):
+            name, value = line.split("{")[0].split()[0], line.rsplit(" ", 1)[1]
+            out[name] = float(value)
+    return out
+
+
+# -- 3. batching -------------------------------------------------------------------------------------
+
+
+def measure_batching(report: Report, device: str, shape: str, clips: int, seconds: float, work: Path,
+                     batches: tuple[int, ...] = (1, 8), beam_size: int = 1) -> None:
+    """Throughput of the instance's queue with ``max_batch`` 1, then 8, on random weights of ``shape``."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        report.note("batching not measured: torch is not installed (a ctranslate2-only install)")
+        return
+    from app.engines.transformers_engine import TransformersEngine
+    from bench.random_whisper import build
+
+    dtype = "float16" if device == "cuda" else "float32"
+    t0 = time.monotonic()
+    hf, _ = build(work / f"random-{shape}", shape, ct2=False, device=device, dtype=dtype)
+    engine = TransformersEngine.load(str(hf), device=device, compute_type=dtype)
+    result: dict = {"shape": shape, "device": device, "dtype": dtype, "clips": clips, "clip_seconds": seconds,
+                    "beam_size": beam_size, "build_and_load_seconds": round(time.monotonic() - t0, 1), "runs": {}}
+    report.data["batching"] = result
+    audio = _speech(clips, seconds)
+    for batch in batches:
+        if report.left() < 30:
+            report.note(f"batching: out of time before max_batch {batch}")
+            break
+        result["runs"][str(batch)] = _throughput(engine, audio, batch, beam_size)
+    runs = result["runs"]
+    if "1" in runs and str(batches[-1]) in runs:
+        ratio = runs[str(batches[-1])]["clips_per_s"] / runs["1"]["clips_per_s"]
+        result["speedup"] = round(ratio, 2)
+        if device == "cuda" and shape == "large-v3":
+            result["goal"] = BATCHING_GOAL
+            report.check(f"batching: max_batch {batches[-1]} >= {BATCHING_GOAL:g}x max_batch 1", ratio >= BATCHING_GOAL,
+                         round(ratio, 2))
+    report.check("batching: every clip transcribed", all(r["ok"] == clips for r in runs.values()),
+                 {b: r["ok"] for b, r in runs.items()})
+    if device == "cuda":
+        import torch
+
+        result["max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() // 2**20
+
+
+def _throughput(engine, audio: list, max_batch: int, beam_size: int) -> dict:
+    """All clips queued at once, as a burst of requests would be; wall time until the last answer."""
+    from app.engines.base import DecodeOptions
+    from app.queue import InferenceQueue
+
+    options = DecodeOptions(language="en", beam_size=beam_size)
+    queue = InferenceQueue(max_pending=len(audio) + max_batch, max_batch=max_batch, max_wait_ms=10)
+    sizes: list[int] = []
+    queue.observer = lambda size, _waits: sizes.append(size)
+    queue.start(engine)
+    try:
+        warm = [queue.submit(a, options) for a in audio[:max_batch]]   # kernels for this batch shape
+        for f in warm:
+            f.result(timeout=600)
+        sizes.clear()
+        t0 = time.monotonic()
+        futures = [queue.submit(a, options) for a in audio]
+        ok = 0
+        for f in futures:
+            try:
+                f.result(timeout=600)
+                ok += 1
+            except Exception:  # noqa: BLE001 - counted, not raised
+                pass
+        wall = time.monotonic() - t0
+    finally:
+        queue.stop()
+    return {"wall_s": round(wall, 3), "ok": ok, "clips_per_s": round(len(audio) / wall, 3),
+            "audio_s_per_s": round(sum(len(a) for a in audio) / 16000 / wall, 2),
+            "batch_sizes": sizes}
+
+
+def _speech(count: int, seconds: float) -> list:
+    """``count`` clips of real speech, ``seconds`` long each, cut from the test clips in turn."""
+    import numpy as np
+
+    from bench.clips import load_clips
+    from app.audio import decode_audio
+
+    sources = [decode_audio(c.data, 600).samples for c in load_clips(None, None)]
+    n = int(seconds * 16000)
+    out = []
+    for i in range(count):
+        s = sources[i % len(sources)]
+        start = (i // len(sources)) * n % max(1, len(s) - n)
+        clip = s[start:start + n]
+        out.append(np.pad(clip, (0, n - len(clip))).astype(np.float32))
+    return out
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from app.control.placement import resolve_device
+    from app.gpu import detect_gpus
+
+    # "cuda" stays cuda on a host without one: its checks then fail in the report, they do not vanish.
+    device = args.device if args.device != "auto" else resolve_device("auto", detect_gpus())
+    report = Report(Path(args.report), args.deadline)
+    report.data.update(device=device, shape=args.shape, engines=args.engines)
+    with tempfile.TemporaryDirectory(prefix="asr-gpu-check-") as tmp:
+        work = Path(tmp)
+        check_host(report, device)
+        report.write()   # each phase leaves the report on disk, should a later one be killed
+        for engine in args.engines:
+            if report.left() < 90:
+                report.check(f"{engine}: stack", False, "out of time")
+                continue
+            check_stack(report, engine, device, work)
+            report.write()
+        if args.shape != "none":
+            try:
+                measure_batching(report, device, args.shape, args.clips, args.clip_seconds, work,
+                                 beam_size=args.beam_size)
+            except Exception as e:  # noqa: BLE001 - reported, then the report is still written
+                report.check("batching", False, f"{type(e).__name__}: {e}")
+    path = report.write()
+    failed = [c["name"] for c in report.data["checks"] if not c["ok"]]
+    print(f"gpu-check: {'passed' if not failed else 'FAILED: ' + '; '.join(failed)}  report: {path}")
+    return 0 if not failed else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0])
+    p.add_argument("--report", default=str(REPO / "bench" / "results" /
+                                           f"gpu-check-{datetime.now():%Y%m%d-%H%M%S}.json"))
+    p.add_argument("--device", default="cuda", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--engines", type=lambda s: [e for e in s.split(",") if e], default=["transformers", "ctranslate2"])
+    p.add_argument("--shape", default="large-v3", help="random-weight shape for batching: large-v3, tiny, test, none")
+    p.add_argument("--clips", type=int, default=32)
+    p.add_argument("--clip-seconds", dest="clip_seconds", type=float, default=5.0)
+    p.add_argument("--beam-size", dest="beam_size", type=int, default=1)
+    p.add_argument("--deadline", type=float, default=360, help="seconds for all phases (the script's bound)")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

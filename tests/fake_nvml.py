@@ -1,0 +1,106 @@
+"""A fake NVML at the library boundary: the ``pynvml`` module's own functions are swapped for ones that
+answer from a list of fake GPUs, and raise pynvml's real error classes for the faults real GPUs have
+(``GpuIsLost`` for a GPU that fell off the bus, ``NotSupported`` for utilization on MIG or vGPU).
+Everything above pynvml (``app.gpu``, placement, the autoscaler, ``/metrics``, ``asrctl status``) is
+the real code. No GPU exists on the test machines: this is the hardware boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pynvml
+
+MB = 2**20
+
+
+@dataclass
+class FakeGpu:
+    name: str
+    total_mb: int
+    used_mb: int = 0
+    util: int = 0
+    uuid: str = ""
+    pci_bus_id: str = ""
+    processes: dict[int, int] = field(default_factory=dict)   # pid -> MB it holds
+    lost: bool = False              # fell off the bus: every query raises GpuIsLost
+    util_not_supported: bool = False  # MIG / vGPU: utilization raises NotSupported
+
+
+class FakeNvml:
+    def __init__(self, gpus: list[FakeGpu], driver: bool = True):
+        self.gpus = gpus
+        self.driver = driver
+        self.calls = 0
+        for i, g in enumerate(gpus):
+            g.uuid = g.uuid or f"GPU-{i:08x}-0000-0000-0000-{i:012x}"
+            g.pci_bus_id = g.pci_bus_id or f"00000000:{0x10 + i:02X}:00.0"
+
+    def install(self, monkeypatch) -> "FakeNvml":
+        import app.gpu
+
+        for name in ("nvmlInit", "nvmlShutdown", "nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex",
+                     "nvmlDeviceGetHandleByUUID", "nvmlDeviceGetIndex", "nvmlDeviceGetName", "nvmlDeviceGetUUID",
+                     "nvmlDeviceGetPciInfo", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUtilizationRates",
+                     "nvmlDeviceGetComputeRunningProcesses"):
+            monkeypatch.setattr(pynvml, name, getattr(self, name))
+        app.gpu.reset()
+        monkeypatch.setattr(app.gpu, "_reported", set())
+        return self
+
+    # -- pynvml's functions --
+
+    def nvmlInit(self):
+        self.calls += 1
+        if not self.driver:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        if not 0 <= index < len(self.gpus):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self.gpus[index]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for g in self.gpus:
+            if g.uuid == uuid:
+                return g
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def _alive(self, g: FakeGpu) -> FakeGpu:
+        if g.lost:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return g
+
+    def nvmlDeviceGetIndex(self, handle):
+        return self.gpus.index(handle)
+
+    def nvmlDeviceGetName(self, handle):
+        return self._alive(handle).name
+
+    def nvmlDeviceGetUUID(self, handle):
+        return self._alive(handle).uuid
+
+    def nvmlDeviceGetPciInfo(self, handle):
+        return SimpleNamespace(busId=self._alive(handle).pci_bus_id)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        g = self._alive(handle)
+        used = g.used_mb + sum(g.processes.values())
+        return SimpleNamespace(total=g.total_mb * MB, used=used * MB, free=(g.total_mb - used) * MB)
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        g = self._alive(handle)
+        if g.util_not_supported:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return SimpleNamespace(gpu=g.util, memory=0)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        g = self._alive(handle)
+        return [SimpleNamespace(pid=pid, usedGpuMemory=mb * MB) for pid, mb in g.processes.items()]

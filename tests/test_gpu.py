@@ -1,0 +1,324 @@
+"""GPU hosts through a fake NVML at the pynvml boundary (tests/fake_nvml.py), driving the real code:
+``app.gpu``, placement, rendering, the autoscaler, an instance's /health and /metrics, and ``asrctl
+status``. Mixed GPUs, MIG (utilization NotSupported), a GPU lost mid-run, a full GPU, no driver."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from app import gpu
+from app.config import ConfigError, load_settings
+from app.control.actuator import measured_memory_mb
+from app.control.autoscaler import Autoscaler
+from app.control.placement import Placement, place_one
+from app.control.pool import Pool
+from app.control.render import InstanceSpec, plan_instances
+from fake_nvml import FakeGpu, FakeNvml
+
+
+def mixed() -> list[FakeGpu]:
+    """An 80 GB card with 30 GB in use and a 24 GB card nearly empty: different memory, different order."""
+    return [FakeGpu("NVIDIA H100 80GB HBM3", 81_559, used_mb=30_000, util=40),
+            FakeGpu("NVIDIA L4", 23_034, used_mb=500, util=5)]
+
+
+def test_without_a_driver_nvml_gives_no_gpus_and_no_traceback(caplog):
+    gpu.reset()
+    caplog.set_level(logging.INFO, "asr.gpu")
+    found = gpu.inventory()          # the real pynvml on this host: no libnvidia-ml
+    assert found.gpus == [] and found.error
+    assert gpu.gpu("0") is None and gpu.process_memory_mb("0", os.getpid()) is None
+    assert sum("NVML unavailable" in r.message for r in caplog.records) == 1
+    gpu.inventory()
+    assert sum("NVML unavailable" in r.message for r in caplog.records) == 1   # logged once, not per call
+
+
+def test_mixed_gpus_are_read_placed_weighted_and_pinned_by_uuid(monkeypatch, tmp_path):
+    fake = FakeNvml(mixed()).install(monkeypatch)
+    found = gpu.detect_gpus()
+    assert [(g.index, g.name, g.memory_total_mb, g.memory_free_mb, g.utilization_pct) for g in found] == [
+        (0, "NVIDIA H100 80GB HBM3", 81_559, 51_559, 40.0), (1, "NVIDIA L4", 23_034, 22_534, 5.0)]
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "instances": 3, "device": "cuda",
+                                                "instance_gpu_memory_mb": 20_000})
+    specs = plan_instances(settings, found)
+    # 51.5 GB free on the H100 takes two 20 GB instances; then the L4's 22.5 GB beats the 11.5 GB left.
+    assert [s.placement.gpu for s in specs] == [0, 0, 1]
+    assert [s.weight for s in specs] == [10, 10, 3]                  # by the cards' memory
+    from app.control.paths import RunPaths
+    env = specs[2].environment(RunPaths.at(settings.run_dir))
+    assert env["CUDA_VISIBLE_DEVICES"] == fake.gpus[1].uuid == env["ASR_GPU_UUID"]
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    # Pool.json keeps the UUID, so a scale or a re-render pins the same way.
+    pool = Pool(specs)
+    pool.save(RunPaths.at(settings.run_dir))
+    assert Pool.load(RunPaths.at(settings.run_dir)).instances[2].placement.gpu_uuid == fake.gpus[1].uuid
+
+
+def test_a_full_gpu_takes_no_instance_and_up_says_why(monkeypatch, tmp_path):
+    gpus = [FakeGpu("NVIDIA A10", 23_028, used_mb=22_000), FakeGpu("NVIDIA A10", 23_028, used_mb=1_000)]
+    FakeNvml(gpus).install(monkeypatch)
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "instances": 2, "device": "cuda",
+                                                "instance_gpu_memory_mb": 4_000})
+    assert [s.placement.gpu for s in plan_instances(settings, gpu.detect_gpus())] == [1, 1]
+    greedy = load_settings(env={}, overrides={**vars(settings), "instances": 6})
+    with pytest.raises(ConfigError, match=r"room on the GPUs for 5 of 6 instances: GPU memory full \(gpu0 1028 MB free"):
+        plan_instances(greedy, gpu.detect_gpus())
+
+
+def test_mig_without_utilization_still_places_and_serves_figures(monkeypatch):
+    gpus = [FakeGpu("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40_192, used_mb=100, util_not_supported=True)]
+    FakeNvml(gpus).install(monkeypatch)
+    (g,) = gpu.detect_gpus()
+    assert g.usable and g.fault == "" and g.utilization_pct is None and g.memory_free_mb == 40_092
+    placement = place_one([], "cuda", [g], [0], 1, instance_memory_mb=3_000)
+    assert placement.gpu == 0 and placement.gpu_uuid == g.uuid
+
+
+def test_a_gpu_lost_mid_run_degrades_to_a_fault_and_placement_avoids_it(monkeypatch, caplog):
+    fake = FakeNvml(mixed()).install(monkeypatch)
+    caplog.set_level(logging.WARNING, "asr.gpu")
+    assert all(g.usable for g in gpu.detect_gpus())
+    fake.gpus[0].lost = True
+    for _ in range(3):
+        lost, healthy = gpu.detect_gpus()
+    assert not lost.usable and "GPU is lost" in lost.fault and lost.memory_free_mb is None
+    assert healthy.usable
+    assert sum("GPU is lost" in r.message for r in caplog.records) == 1  # one line, not one per tick
+    # The 80 GB card had more room; lost, it takes nothing.
+    assert place_one([], "cuda", [lost, healthy], [0], 1).gpu == 1
+    with pytest.raises(ConfigError, match="NVML fault"):
+        place_one([], "cuda", [lost], [0], 1)
+
+
+def test_measured_memory_replaces_the_estimate_and_starting_instances_are_charged(monkeypatch):
+    fake = FakeNvml([FakeGpu("NVIDIA L40S", 46_068, used_mb=0)]).install(monkeypatch)
+    fake.gpus[0].processes = {os.getpid(): 5_120}
+    assert gpu.process_memory_mb(fake.gpus[0].uuid, os.getpid()) == 5_120
+    assert gpu.process_memory_mb(fake.gpus[0].uuid, 1) is None           # a process not on this GPU
+    healths = [{"gpu": {"memory_mb": 5_120}}, {"gpu": {"memory_mb": 4_900}}, None, {"gpu": None}]
+    assert measured_memory_mb(Pool([]), healths) == 5_120
+    assert measured_memory_mb(Pool([]), [None, {"gpu": None}]) is None
+    # 40948 MB free; instances measured at 5120 MB; starting ones charged (NVML does not show them yet):
+    # 6 starting leave 10228 MB, room for one more; 7 leave 5108 MB, below 5120 + 512 headroom.
+    (g,) = gpu.detect_gpus()
+    starting = [Placement("cuda", gpu=0)] * 6
+    place_one([], "cuda", [g], [0], 1, instance_memory_mb=5_120, starting=starting, headroom_mb=512)
+    with pytest.raises(ConfigError, match="gpu0 5108 MB free; an instance needs 5632 MB"):
+        place_one([], "cuda", [g], [0], 1, instance_memory_mb=5_120, starting=[*starting, starting[0]],
+                  headroom_mb=512)
+
+
+# -- the autoscaler ---------------------------------------------------------------------------------
+
+
+class _NoActuator:
+    """The autoscaler's actuator in a dry run: the tick reads only its run directory."""
+
+    def __init__(self, run_dir: Path):
+        from app.control.paths import RunPaths
+
+        self.paths = RunPaths.at(str(run_dir))
+        self.paths.make_dirs()
+
+
+def _tick(settings, pool) -> str:
+    return Autoscaler(settings, _NoActuator(Path(settings.run_dir))).tick(pool, dry_run=True).reason
+
+
+def _dead_pool(device: str, count: int, gpu_index: int | None = None) -> Pool:
+    """Instances whose ports answer nothing: the tick sees them not ready, with no load."""
+    from support import free_ports
+
+    placement = Placement(device, gpu=gpu_index) if device == "cuda" else Placement("cpu", cpu_cores=(0,))
+    return Pool([InstanceSpec(f"asr-{p}", p, 1, placement) for p in free_ports(count)])
+
+
+def test_autoscaler_grows_a_cpu_pool_on_cpu_even_on_a_gpu_host(monkeypatch, tmp_path):
+    FakeNvml(mixed()).install(monkeypatch)
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "min_instances": 2, "max_instances": 2,
+                                                "device": "cpu"})
+    reason = _tick(settings, _dead_pool("cpu", 1))
+    assert "pool of 1 is below min 2" in reason and "gpu" not in reason
+
+
+def test_autoscaler_tick_survives_a_lost_gpu_and_names_it(monkeypatch, tmp_path):
+    fake = FakeNvml(mixed()).install(monkeypatch)
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "min_instances": 3, "max_instances": 3,
+                                                "device": "cuda"})
+    assert "scaling up 1 -> 3 on gpu0, gpu0" in _tick(settings, _dead_pool("cuda", 1, 0))
+    fake.gpus[0].lost = True
+    assert "scaling up 1 -> 3 on gpu1, gpu1" in _tick(settings, _dead_pool("cuda", 1, 0))
+    fake.gpus[1].used_mb = 22_900                                       # and the other one full
+    reason = _tick(settings, _dead_pool("cuda", 1, 0))
+    assert "no room for 2 new instances" in reason and "GPU memory full (gpu1 134 MB free" in reason
+    assert "NVML fault (gpu0: memory: GPU is lost" in reason
+
+
+def test_autoscaler_on_a_gpu_pool_without_nvml_adds_nothing(monkeypatch, tmp_path):
+    FakeNvml([], driver=False).install(monkeypatch)
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "min_instances": 2, "max_instances": 2})
+    assert "no room for 1 new instance: no GPU figures from NVML" in _tick(settings, _dead_pool("cuda", 1, 0))
+
+
+# -- an instance's /health and /metrics --------------------------------------------------------------
+
+
+def _gpu_app(monkeypatch, tmp_path, pin: str):
+    from app import create_app
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", pin)
+    settings = load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": pin, "instance_port": 1,
+                                                "model_cache": str(tmp_path)})
+    app = create_app(settings)
+    inst = app.extensions["asr_instance"]
+    deadline = time.monotonic() + 60
+    while inst.state == "loading" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return app.test_client(), inst
+
+
+def _metric(text: str, name: str) -> str | None:
+    lines = [line for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{")]
+    return lines[0] if lines else None
+
+
+def test_metrics_and_health_read_the_pinned_gpu_and_survive_its_loss(monkeypatch, tmp_path):
+    fake = FakeNvml(mixed()).install(monkeypatch)
+    l4 = fake.gpus[1]
+    client, inst = _gpu_app(monkeypatch, tmp_path, l4.uuid)
+    # No CUDA on this host: the engine cannot load on cuda, and says so; the instance lives on.
+    assert inst.state == "failed" and client.get("/ready").status_code == 503
+    health = client.get("/health").get_json()
+    assert health["gpu"]["uuid"] == l4.uuid and health["gpu"]["name"] == "NVIDIA L4"
+    assert health["gpu"]["index"] == 1 and health["gpu"]["seen_by"] == "nvml"   # CUDA could not be asked
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert _metric(metrics, "asr_gpu_nvml_up") == "asr_gpu_nvml_up 1.0"
+    assert f'uuid="{l4.uuid}"' in _metric(metrics, "asr_gpu_info")
+    # The L4's figures, not GPU 0's: /metrics reads the GPU by its UUID.
+    assert float(_metric(metrics, "asr_gpu_memory_total_bytes").split()[1]) == 23_034 * 2**20
+    assert float(_metric(metrics, "asr_gpu_utilization_percent").split()[1]) == 5.0
+    l4.lost = True
+    lost = client.get("/metrics")
+    assert lost.status_code == 200
+    text = lost.get_data(as_text=True)
+    assert _metric(text, "asr_gpu_nvml_up") == "asr_gpu_nvml_up 0.0"
+    assert _metric(text, "asr_gpu_memory_used_bytes") is None and _metric(text, "asr_requests_in_flight")
+
+
+def test_metrics_on_mig_leave_out_utilization_only(monkeypatch, tmp_path):
+    fake = FakeNvml([FakeGpu("NVIDIA H100 MIG 1g.10gb", 9_984, util_not_supported=True)]).install(monkeypatch)
+    client, _ = _gpu_app(monkeypatch, tmp_path, fake.gpus[0].uuid)
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert _metric(metrics, "asr_gpu_nvml_up").endswith("1.0")
+    assert _metric(metrics, "asr_gpu_utilization_percent") is None
+    assert float(_metric(metrics, "asr_gpu_memory_total_bytes").split()[1]) == 9_984 * 2**20
+
+
+@pytest.mark.integration
+def test_status_lists_the_gpus_and_their_faults(monkeypatch, tmp_path, capsys):
+    """``asrctl status`` against a real service on a host whose GPU 0 fell off the bus: a row that
+    says so, the other GPU's figures, no traceback."""
+    from app.control import cli
+    from support import bring_up, run_asrctl
+
+    try:
+        service = bring_up(tmp_path, 1, "--device", "cpu")
+        fake = FakeNvml(mixed()).install(monkeypatch)
+        fake.gpus[0].lost = True
+        assert cli.main(["status", "--run-dir", str(service.run_dir)]) == 0
+        text = capsys.readouterr().out
+        assert "GPU is lost" in text and "NVIDIA L4" in text and fake.gpus[1].uuid in text
+        row = next(line for line in text.splitlines() if line.startswith(f"asr-{service.instance_ports[0]}"))
+        assert row.split()[-1] == "-"                                   # a CPU instance: no GPU
+        assert cli.main(["status", "--run-dir", str(service.run_dir), "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert [g["fault"] for g in data["gpus"]] == ["memory: GPU is lost", None]
+        assert data["gpus"][1]["memory_total_mb"] == 23_034 and data["instances"][0]["gpu"] is None
+    finally:  # also when bring_up itself failed: its supervisord must not outlive the test
+        run_asrctl("down", "--run-dir", str(tmp_path / "run"), check=False)
+
+
+# -- the engines on cuda, as far as a CPU host allows ---------------------------------------------------
+
+
+def test_engines_pick_float16_on_cuda_and_refuse_to_fall_back_to_cpu():
+    """``auto`` means float16 on a GPU in both engines; asked for cuda on a host without one, each
+    fails loudly at load (the instance turns 'failed'), never serves from the CPU while saying cuda."""
+    import torch
+
+    from app.engines import load_engine
+    from app.engines.ctranslate2_engine import _DEFAULT_COMPUTE
+    from app.engines.models import resolve_model
+    from app.engines.torch_common import TORCH_DTYPES, reserved_gpu_memory_mb, resolve_compute_type
+
+    assert _DEFAULT_COMPUTE == {"cpu": "int8", "cuda": "float16"}
+    assert resolve_compute_type("auto", "cuda") == "float16" and TORCH_DTYPES["float16"] is torch.float16
+    assert resolve_compute_type("auto", "cpu") == "float32" and TORCH_DTYPES["bfloat16"] is torch.bfloat16
+    with pytest.raises(ValueError, match="int8"):
+        resolve_compute_type("int8", "cuda")
+    assert reserved_gpu_memory_mb("cpu") is None
+    for engine in ("ctranslate2", "transformers"):
+        model = resolve_model(engine, "embedded", load_settings(env={}).model_cache)  # the shared cache
+        with pytest.raises(Exception, match="(?i)cuda"):
+            load_engine(engine, model, "cuda", "auto")
+
+
+def test_up_names_the_missing_engine_packages_of_a_ctranslate2_only_install(monkeypatch, tmp_path, capsys):
+    """A ctranslate2-only install has no torch: asking it for the transformers engine is one clear line."""
+    import importlib.util
+
+    from app.control import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert cli.main(["up", "--run-dir", str(tmp_path / "run"), "--engine", "transformers"]) == 1
+    assert "engine transformers needs torch, which this environment lacks" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "supervisor.sock").exists()
+
+
+def test_an_instance_measures_its_gpu_memory_from_the_best_figure_it_can_get(monkeypatch, tmp_path):
+    """NVML's per-process figure first; in a container whose pids NVML does not see, the engine's own
+    figure; for an engine with none, the GPU's used memory after loading minus before."""
+    from app.instance import ModelInstance
+
+    fake = FakeNvml([FakeGpu("NVIDIA H200", 143_771, used_mb=1_000)]).install(monkeypatch)
+    h200 = fake.gpus[0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", h200.uuid)
+    inst = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": h200.uuid}))
+    inst.gpu = inst._check_gpu()
+    assert inst.gpu["uuid"] == h200.uuid and inst.gpu["_used_before_mb"] == 1_000
+
+    class _Engine:  # an engine with no memory figure of its own, as CTranslate2
+        pass
+
+    inst.engine = _Engine()
+    h200.processes = {os.getpid(): 3_300}
+    assert inst._measure_gpu_memory() == {"memory_mb": 3_300, "memory_source": "nvml"}
+    h200.processes = {999_999: 3_300}            # the same process under the host's pid: unseen
+    assert inst._measure_gpu_memory() == {"memory_mb": 3_300, "memory_source": "nvml-device-delta"}
+    inst.engine.gpu_memory_mb = lambda: 2_900     # torch's reserved memory
+    assert inst._measure_gpu_memory() == {"memory_mb": 2_900, "memory_source": "engine"}
+
+
+def test_an_instance_refuses_a_gpu_other_than_the_one_it_was_placed_on(monkeypatch):
+    """CUDA's device 0 (asked of the driver; faked here, there is no GPU) must be the GPU placement
+    chose: a wrong pin fails the instance with both names, instead of serving from the wrong card."""
+    from app import cuda
+    from app.instance import ModelInstance
+
+    fake = FakeNvml(mixed()).install(monkeypatch)
+    h100, l4 = fake.gpus
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setattr(cuda, "current_device", lambda: {"uuid": h100.uuid.upper(), "name": h100.name,
+                                                         "pci_bus_id": h100.pci_bus_id, "visible": 1})
+    inst = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": l4.uuid}))
+    with pytest.raises(RuntimeError, match=f"CUDA's device 0 is {h100.name} .* placed on {l4.uuid}"):
+        inst._check_gpu()
+    right = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": h100.uuid}))
+    right.gpu = right._check_gpu()
+    assert right.gpu["seen_by"] == "cuda" and right.gpu["index"] == 0 and right.gpu_identity() == h100.uuid.upper()
