@@ -19,7 +19,7 @@
 #                      DIR is what scripts/gpu-carry.sh makes (.gpu-carry). The venv is .gpu-check/venv;
 #                      .venv is left alone. Engines whose packages are not carried (ctranslate2) and
 #                      checks that need the embedded model are skipped, and the report says so.
-#   --nginx-deb FILE   that .deb, named directly
+#   --nginx-deb FILE   that .deb, named directly: used even where the host has an nginx
 #   --report FILE      where the JSON report goes (default $OUT/gpu-check.json when $OUT is set, else
 #                      bench/results/gpu-check-<time>.json)
 #   --deadline S       seconds for the checks themselves (default 360: with set-up from a wheelhouse, the whole run fits in 8 minutes)
@@ -70,10 +70,11 @@ else
   say "GPUs: ${gpus:-listed in /proc/driver/nvidia/gpus}"
 fi
 [ -n "$report" ] || [ -z "${OUT:-}" ] || report=$OUT/gpu-check.json
+named_deb=$nginx_deb
 [ -z "$carried" ] || [ -n "$nginx_deb" ] || nginx_deb=$(ls "$carried"/debs/nginx_*.deb 2>/dev/null | head -n 1)
 
-# 2. nginx: the system's, else unpacked in place from a .deb.
-if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+# nginx: the system's, else unpacked in place from a .deb (always, when --nginx-deb names one).
+if [ -n "$named_deb" ] || { ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; }; then
   [ -n "$nginx_deb" ] || nginx_deb=$(ls "${wheelhouse:-/nonexistent}"/nginx*.deb 2>/dev/null | head -n 1)
   if [ -z "$nginx_deb" ]; then
     say "no nginx on this host and no nginx .deb given (--nginx-deb, or one in the wheelhouse)"
