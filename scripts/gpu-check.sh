@@ -91,7 +91,8 @@ if [ -n "$named_deb" ] || { ! command -v nginx >/dev/null && [ ! -x /usr/sbin/ng
     done
     libs="$root/lib/x86_64-linux-gnu:$root/usr/lib/x86_64-linux-gnu"
   fi
-  printf '#!/bin/sh\n%sexec "%s" "$@"\n' "${libs:+LD_LIBRARY_PATH=$libs }" "$root/usr/sbin/nginx" > "$root/bin/nginx"
+  # -e stderr: the compiled-in /var/log/nginx/error.log need not exist (no nginx-common here).
+  printf '#!/bin/sh\n%sexec "%s" -e stderr "$@"\n' "${libs:+LD_LIBRARY_PATH=$libs }" "$root/usr/sbin/nginx" > "$root/bin/nginx"
   chmod +x "$root/bin/nginx"
   export PATH="$root/bin:$PATH"
   say "nginx unpacked from $nginx_deb${libs:+ with its libraries}: $(nginx -v 2>&1)"
