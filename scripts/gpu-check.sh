@@ -13,7 +13,7 @@
 #   --wheelhouse DIR   install every Python package from DIR, no network (pip --no-index); DIR may
 #                      also hold nginx_*.deb, unpacked in place when the host has no nginx
 #   --carried DIR      a GPU image with its own python3, torch and transformers (python3 -m venv
-#                      --without-pip, a .pth onto the image's site-packages; $ASR_IMAGE_PYTHON picks
+#                      --without-pip, a .pth adding the image's site-packages; $ASR_IMAGE_PYTHON picks
 #                      another python): the few wheels it lacks from DIR/wheels, nginx from DIR/debs
 #                      (and its libraries, if the host lacks them), the service itself with --no-deps.
 #                      DIR is what scripts/gpu-carry.sh makes (.gpu-carry). The venv is .gpu-check/venv;
@@ -108,7 +108,7 @@ if [ -n "$carried" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
   {
     "$image" -m venv --clear --without-pip "$venv" &&
-    "$image" -c 'import site; print("\n".join(site.getsitepackages()))' \
+    "$image" -c 'import site; print("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in site.getsitepackages()))' \
       > "$("$python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_gpu_image.pth" &&
     "$python" -m pip install -q --no-deps --no-compile "$carried"/wheels/*.whl &&
     "$python" -m pip install -q --no-deps --no-build-isolation -e .
