@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
     --python-version) pyver=$2; shift 2 ;;
     --budget-mib) budget_mib=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) echo "gpu-carry: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
 done

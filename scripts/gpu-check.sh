@@ -51,7 +51,7 @@ while [ $# -gt 0 ]; do
     --report) report=$2; shift 2 ;;
     --deadline) deadline=$2; shift 2 ;;
     --system-site-packages) system=--system-site-packages; shift ;;
-    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     --) shift; break ;;
     *) echo "gpu-check: unknown option $1 (see --help)" >&2; exit $EXIT_SETUP ;;
   esac
