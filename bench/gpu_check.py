@@ -148,6 +148,8 @@ def check_stack(report: Report, engine: str, device: str, work: Path, model: str
         healths = [requests.get(f"http://127.0.0.1:{p}/health", timeout=5).json() for p in ports[1:]]
         stack["instances"] = [{k: h.get(k) for k in ("instance", "device", "gpu", "model", "model_load_seconds")}
                               | {"compute_type": h["model_config"]["compute_type"]} for h in healths]
+        ready = [requests.get(f"http://127.0.0.1:{p}/ready", timeout=5).status_code for p in ports[1:]]
+        report.check(f"{engine}: both instances /ready", ready == [200, 200], ready)
         report.check(f"{engine}: both instances on {device}", all(h["device"] == device for h in healths),
                      [h["device"] for h in healths])
         if device == "cuda":

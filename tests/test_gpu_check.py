@@ -36,8 +36,9 @@ def test_harness_on_cpu_brings_up_the_stack_and_measures_batching(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert report["passed"] and all(c["ok"] for c in report["checks"])
     names = [c["name"] for c in report["checks"]]
-    assert {"ctranslate2: asrctl up", "ctranslate2: JFK through nginx", "ctranslate2: asrctl down",
-            "batching: every clip transcribed"} <= set(names)
+    assert {"ctranslate2: asrctl up", "ctranslate2: both instances /ready", "ctranslate2: JFK through nginx",
+            "ctranslate2: asrctl down", "batching: every clip transcribed"} <= set(names)
+    assert {"name": "qwen3-asr batching", "reason": "--qwen-shape none"} in report["skipped"]
     stack = report["stacks"]["ctranslate2"]
     assert len(stack["instances"]) == 2 and {i["device"] for i in stack["instances"]} == {"cpu"}
     assert stack["up_seconds"] > 0 and "ask not what your country" in stack["jfk"]["text"]
