@@ -33,6 +33,10 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)
     app.register_blueprint(openai_api.bp)
+    if settings.jobs:
+        from app.jobs import api as jobs_api
+
+        app.register_blueprint(jobs_api.bp)
     auth.init_app(app, settings)
     pages.init_app(app, settings)  # after the API modules: it documents their routes
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Callable
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from app import formats, languages, metrics, vad
+from app import formats, languages, longform, metrics, peers, vad
 from app.audio import DecodedAudio, decode_audio
-from app.engines.base import DecodeOptions, Transcript
+from app.engines.base import SAMPLE_RATE, DecodeOptions, Transcript
 from app.errors import ApiError
 from app.instance import ModelInstance
 from app.openapi import Operation, register
@@ -83,26 +84,48 @@ def asr():
 
 
 def _asr(inst: ModelInstance):
-    settings = inst.settings
-    values = ASR_PARAMS.parse(settings)
-    output, task, word_timestamps = values["output"], values["task"], values["word_timestamps"]
+    params = asr_params(inst)
     data = read_upload()
     require_ready(inst)
-    options = DecodeOptions(language=language(inst, values["language"]),
-                            task=checked_task(inst, task, "task"), beam_size=values["beam_size"],
-                            temperature=values["temperature"], initial_prompt=values["initial_prompt"],
-                            word_timestamps=checked_words(inst, word_timestamps, "word_timestamps"))
-    transcript, future = transcribe_audio(inst, data, options, values["vad_filter"])
-    response = formats.render(transcript, output, {
+    if request.headers.get(peers.CHUNK_HEADER) and not inst.ready:
+        raise unavailable("draining", "instance is draining: it takes no new chunks", inst)
+    options = params.decode_options(inst)
+    transcript, future = transcribe_audio(inst, data, options, params.vad_filter)
+    response = formats.render(transcript, params.output, {
         "model": inst.model_name,
         "engine": inst.settings.engine,
         "instance": inst.id,
         "device": inst.device,
         "processing_time": round(time.monotonic() - g.request_started, 4),
         "request_id": g.request_id,
-    }, words=word_timestamps)
+    }, words=params.word_timestamps)
     add_server_timing(response, future)
     return response
+
+
+@dataclass(frozen=True)
+class AsrParams:
+    """``/asr``'s parameters, checked; ``/v1/jobs`` takes the same ones."""
+    output: str
+    task: str
+    language: str
+    beam_size: int
+    temperature: float
+    initial_prompt: str
+    word_timestamps: bool
+    vad_filter: bool
+
+    def decode_options(self, inst: ModelInstance) -> DecodeOptions:
+        """Language and task are checked against the loaded model (after ``require_ready``)."""
+        return DecodeOptions(language=language(inst, self.language), task=checked_task(inst, self.task, "task"),
+                             beam_size=self.beam_size, temperature=self.temperature,
+                             initial_prompt=self.initial_prompt,
+                             word_timestamps=checked_words(inst, self.word_timestamps, "word_timestamps"))
+
+
+def asr_params(inst: ModelInstance) -> AsrParams:
+    values = ASR_PARAMS.parse(inst.settings)
+    return AsrParams(**{name: values[name] for name in AsrParams.__dataclass_fields__})
 
 
 @bp.post("/detect-language")
@@ -135,24 +158,46 @@ def detect_language():
 def transcribe_audio(inst: ModelInstance, data: bytes, options: DecodeOptions,
                      vad_filter: bool = False) -> tuple[Transcript, JobFuture | None]:
     """Decode the upload, optionally keep only its speech, queue it for the model and wait for its
-    transcript; the future (None when VAD found no speech and the model was skipped) tells the timing.
+    transcript; the future (None when VAD found no speech and the model was skipped, or the audio went
+    in chunks) tells the timing.
 
-    Callers have already called ``require_ready``: validating the language needs the loaded engine.
+    Audio longer than ``chunk_seconds`` (after VAD) is cut at pauses and its chunks decoded side by
+    side, here and on idle siblings (``app.longform``). Callers have already called
+    ``require_ready``: validating the language needs the loaded engine.
     """
     audio = decoded(inst, data)
-    if not vad_filter:
-        transcript, future = queued(inst, lambda: inst.queue.submit(audio.samples, options))
-    else:
+    samples, speech = audio.samples, None
+    if vad_filter:
         speech = vad.keep_speech(audio.samples)
         if not speech.found:
             # The language of a model with only one (English-only Whisper), else "und": none was heard.
-            languages = inst.engine.languages
-            own = next(iter(languages)) if len(languages) == 1 else "und"
+            known = inst.engine.languages
+            own = next(iter(known)) if len(known) == 1 else "und"
             return vad.silent(audio.duration, options.language or own), None
-        transcript, future = queued(inst, lambda: inst.queue.submit(speech.samples, options))
+        samples = speech.samples
+    settings = inst.settings
+    if settings.chunking and len(samples) > settings.chunk_seconds * SAMPLE_RATE:
+        transcript, future = chunked(inst, samples, options), None
+    else:
+        transcript, future = queued(inst, lambda: inst.queue.submit(samples, options))
+    if speech is not None:
         transcript = vad.restore_times(transcript, speech, audio.duration)
-    metrics.count_audio(current_app, transcript.duration)
+    if not request.headers.get(peers.CHUNK_HEADER):  # a chunk's audio is counted by the request it came from
+        metrics.count_audio(current_app, transcript.duration)
     return transcript, future
+
+
+def chunked(inst: ModelInstance, samples, options: DecodeOptions) -> Transcript:
+    try:
+        transcript, placed = longform.transcribe_long(inst, samples, options, g.request_id)
+    except QueueFull as e:
+        raise unavailable("overloaded", f"instance is busy: {e}", inst) from None
+    except FutureTimeout:
+        raise ApiError(504, "inference_timeout", "the model did not finish in time") from None
+    except ValueError as e:
+        raise ParamError(None, f"the engine refused the request: {e}") from None
+    g.asr_chunks = ", ".join(f"{lane}={count}" for lane, count in sorted(placed.items()))
+    return transcript
 
 
 def decoded(inst: ModelInstance, data: bytes) -> DecodedAudio:
@@ -180,6 +225,8 @@ def add_server_timing(response: Response, future: JobFuture | None) -> None:
     queue_seconds, inference_seconds = (future.queue_seconds, future.inference_seconds) if future else (0.0, 0.0)
     response.headers["Server-Timing"] = (f"queue;dur={queue_seconds * 1000:.2f}, "
                                          f"inference;dur={inference_seconds * 1000:.2f}")
+    if g.get("asr_chunks"):  # where a long recording's chunks were decoded: "asr-9000=3, asr-9001=2"
+        response.headers["X-ASR-Chunks"] = g.asr_chunks
 
 
 def read_upload(fields: tuple[str, ...] = UPLOAD_FIELDS, raw_body: bool = True) -> bytes:

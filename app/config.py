@@ -34,7 +34,8 @@ class Settings:
     device: str = "auto"                 # "auto" | "cpu" | "cuda"
     compute_type: str = "auto"           # auto: int8 (ctranslate2) or float32 on CPU; float16 on GPU, bfloat16 for qwen3-asr
     aligner_model: str = ""              # qwen3-asr: a Qwen3-ForcedAligner-*-hf directory, for word timestamps
-    chunk_seconds: float = 30.0          # qwen3-asr: longer audio is cut at quiet points into chunks this long at most
+    chunk_seconds: float = 30.0          # longer audio is cut at quiet points into chunks this long at most
+                                         # (app/longform.py for every engine; qwen3-asr's engine too)
     beam_size: int = 5                   # same decoding for both engines
     language: str = ""                   # default language; "" = detect where the model can
 
@@ -67,6 +68,17 @@ class Settings:
     # Dynamic batching inside an instance (app/queue.py): one engine call for several requests.
     max_batch: int = 0                   # requests per engine call; 0 = auto: 1 on CPU, 8 on GPU
     max_wait_ms: float = 10.0            # longest a request waits for others to fill its batch
+
+    # Long recordings (app/longform.py): cut at pauses into chunks of chunk_seconds, decoded side by side.
+    chunking: bool = True                # false: window after window on the instance that got it
+    chunk_fanout: bool = True            # also send chunks to idle sibling instances (loopback)
+
+    # Async jobs (app/jobs/): POST /v1/jobs, a supervised runner, SQLite + audio under run_dir/jobs.
+    jobs: bool = True                    # false: no job runner program, /v1/jobs answers 404
+    job_max_audio_seconds: float = 7200.0  # longest job audio (413 beyond); also sizes its upload limit
+    job_max_queued: int = 16             # jobs waiting to start before POST /v1/jobs answers 503
+    job_max_storage_mb: float = 2048.0   # audio of unfinished jobs on disk before 503 (16 kHz mono FLAC)
+    job_retention_seconds: float = 86400.0  # finished jobs (result or error) are removed after this
 
     # nginx balancing.
     weights: str = ""                    # e.g. "2,1": per-instance upstream weight; "" = all 1
@@ -108,6 +120,27 @@ class Settings:
         if self.max_upload_mb > 0:
             return int(self.max_upload_mb * 1024 * 1024)
         return int(self.max_audio_seconds * _WORST_CASE_BYTES_PER_SECOND) + 1024 * 1024
+
+    @property
+    def job_max_upload_bytes(self) -> int:
+        """The /v1/jobs upload limit: ``job_max_audio_seconds`` of the same worst-case WAV as /asr's."""
+        return max(self.max_upload_bytes, int(self.job_max_audio_seconds * _WORST_CASE_BYTES_PER_SECOND) + 1024 * 1024)
+
+    @property
+    def jobs_dir(self) -> Path:
+        """The job database and the audio of unfinished jobs (mode 0700)."""
+        return Path(self.run_dir).resolve() / "jobs"
+
+    @property
+    def peers_file(self) -> Path:
+        """The instances nginx sends traffic to, written by asrctl on every change: where an instance
+        finds its idle siblings and the job runner its instances."""
+        return Path(self.run_dir).resolve() / "upstream.json"
+
+    def chunk_slots(self, max_batch: int) -> int:
+        """Queue slots one long request's chunks may hold in one instance at once: a whole batch on a
+        GPU, but never more than half the queue, so other requests always find room (fairness)."""
+        return max(1, min(max_batch, self.max_queue // 2))
 
     @property
     def max_inference_seconds(self) -> int:
@@ -245,6 +278,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("min_instances must be at least 1 and at most max_instances")
     if s.max_audio_seconds <= 0 or s.max_queue < 1:
         raise ConfigError("max_audio_seconds and max_queue must be positive")
+    if s.job_max_audio_seconds <= 0 or s.job_max_queued < 1:
+        raise ConfigError("job_max_audio_seconds and job_max_queued must be positive")
     if s.instance_gpu_memory_mb < 1 or s.gpu_headroom_mb < 0:
         raise ConfigError("instance_gpu_memory_mb must be at least 1 and gpu_headroom_mb not negative")
     if s.max_batch < 0 or s.max_wait_ms < 0:

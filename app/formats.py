@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from flask import Response, jsonify
 
-from app.engines.base import Segment, Transcript
+from app.engines.base import Segment, Transcript, Word
 from app.languages import LANGUAGE_NAMES
 
 OUTPUTS = ("json", "txt", "srt", "vtt", "tsv")
@@ -27,20 +27,35 @@ def render(transcript: Transcript, output: str, extra: dict, words: bool = False
     """The /asr response for ``output`` (one of OUTPUTS). With ``words``, each JSON segment lists its
     words as whisper does (``word`` keeps its leading space); subtitles stay one cue per segment."""
     if output == "json":
-        return jsonify(
-            text=transcript.text,
-            language=transcript.language,
-            language_probability=transcript.language_probability,
-            duration=round(transcript.duration, 3),
-            segments=[
-                {"id": i, "start": s.start, "end": s.end, "text": s.text,
-                 **({"words": [{"start": w.start, "end": w.end, "word": w.word, "probability": w.probability}
-                               for w in s.words]} if words else {})}
-                for i, s in enumerate(segments(transcript))
-            ],
-            **extra,
-        )
+        return jsonify(**to_dict(transcript, words), **extra)
     return text_response(WRITERS[output](transcript), output)
+
+
+def to_dict(transcript: Transcript, words: bool = False) -> dict:
+    """The transcript part of the JSON answer; ``from_dict`` reads it back (chunks decoded on another
+    instance, job results kept in the job database)."""
+    return {
+        "text": transcript.text,
+        "language": transcript.language,
+        "language_probability": transcript.language_probability,
+        "duration": round(transcript.duration, 3),
+        "segments": [
+            {"id": i, "start": s.start, "end": s.end, "text": s.text,
+             **({"words": [{"start": w.start, "end": w.end, "word": w.word, "probability": w.probability}
+                           for w in s.words]} if words else {})}
+            for i, s in enumerate(segments(transcript))
+        ],
+    }
+
+
+def from_dict(data: dict) -> Transcript:
+    return Transcript(
+        text=data["text"], language=data["language"], duration=float(data["duration"]),
+        language_probability=data.get("language_probability"),
+        segments=[Segment(s["start"], s["end"], s["text"],
+                          tuple(Word(w["start"], w["end"], w["word"], w.get("probability")) for w in s.get("words", ())))
+                  for s in data["segments"]],
+    )
 
 
 def text_response(body: str, output: str) -> Response:

@@ -40,6 +40,8 @@ class InstanceCollector:
                                 value=1 if inst.ready else 0)
         yield GaugeMetricFamily("asr_model_load_seconds", "Seconds the model took to load and warm up",
                                 value=inst.load_seconds or 0)
+        if inst.settings.jobs:
+            yield from _job_counts(inst.settings)
         # For the alert rules (deploy/prometheus/rules/): a model that will not load, and the pool's
         # configured ceiling, which the autoscaler never goes past.
         yield GaugeMetricFamily("asr_model_load_failed", "1 when loading the model failed (see /ready's error)",
@@ -48,6 +50,24 @@ class InstanceCollector:
                                 value=inst.settings.max_instances)
         if self._gpu:
             yield from self._gpu.collect()
+
+
+def _job_counts(settings):
+    """Jobs by state, from the run directory's job database (the same numbers on every instance:
+    aggregate with max, not sum)."""
+    from app.jobs.api import counts
+
+    try:
+        by_state = counts(settings)
+    except Exception:  # noqa: BLE001 - a locked or damaged database must not break the scrape
+        return
+    if by_state is None:
+        return
+    family = GaugeMetricFamily("asr_jobs", "Async jobs by state (the pool's, read from the job database)",
+                               labels=["state"])
+    for state, n in by_state.items():
+        family.add_metric([state], n)
+    yield family
 
 
 class _GpuReader:

@@ -42,7 +42,9 @@ _ERROR_STATUSES = {
     "415": "unsupported_media_type: not audio",
     "422": "invalid_parameter (the message starts with the parameter's name), undecodable_audio, "
            "audio_too_short, invalid_samples, unsupported_sample_rate, unsupported_channels, no_speech",
-    "503": "overloaded, not_ready, no_instance_available; with Retry-After",
+    "503": "overloaded, not_ready, no_instance_available, jobs_full; with Retry-After",
+    "404": "job_not_found (unknown, or removed job_retention_seconds after it finished)",
+    "409": "job_not_finished (with Retry-After), job_failed, job_cancelled",
 }
 
 
@@ -69,6 +71,7 @@ class Operation:
     errors: tuple[str, ...] = ()
     error_schema: str = "Error"
     public: bool = False  # no API key needed, where keys are on (nginx lets probes through)
+    ok_status: str = "200"  # the success status (202 for a job accepted to run later)
 
     def document(self, settings: Settings) -> dict:
         op: dict = {"summary": self.summary, "tags": [self.tag],
@@ -95,7 +98,7 @@ class Operation:
             if self.raw_body:
                 content["audio/*"] = {"schema": {"type": "string", "format": "binary"}}
             op["requestBody"] = {"required": True, "content": content}
-        op["responses"] = {"200": {"description": "OK",
+        op["responses"] = {self.ok_status: {"description": "Accepted" if self.ok_status == "202" else "OK",
                                    "content": {media: {"schema": schema} for media, schema in self.ok.items()}}}
         for status in self.errors:
             op["responses"][status] = {"description": _ERROR_STATUSES[status], "content": {

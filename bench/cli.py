@@ -10,6 +10,11 @@ from bench.run import Plan, run_benchmark
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["long"]:  # long-file latency: its own options (bench/long.py)
+        from bench import long
+
+        return long.main(argv[1:])
     args = _parser().parse_args(argv)
     options = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "quick", "no_progress", "json")}
     if "out" in options:

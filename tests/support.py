@@ -35,6 +35,18 @@ def english_set_a() -> list[dict]:
     return manifest(language="en", set_name="A")
 
 
+def set_a_sequence(gap: float = 1.0, rows: list[dict] | None = None) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+    """English set A (or ``rows``) back to back, ``gap`` seconds of silence apart: (16 kHz samples,
+    [(start, end, reference)]) with each clip's place on the timeline."""
+    pieces, places, at = [], [], 0.0
+    for row in english_set_a() if rows is None else rows:
+        samples = read_16k_mono(SPEECH / row["file"])
+        places.append((at, at + len(samples) / 16000, row["reference"]))
+        pieces += [samples, np.zeros(int(gap * 16000), np.float32)]
+        at += len(samples) / 16000 + gap
+    return np.concatenate(pieces), places
+
+
 def clip_bytes(row: dict) -> bytes:
     return (SPEECH / row["file"]).read_bytes()
 

@@ -9,8 +9,8 @@ import pytest
 import requests
 import srt
 
-from support import JFK_REFERENCE, REPO, SPEECH, bring_up, english_set_a, normalize, read_16k_mono, wav_bytes, \
-    wer
+from support import JFK_REFERENCE, REPO, SPEECH, bring_up, english_set_a, normalize, read_16k_mono, set_a_sequence, \
+    wav_bytes, wer
 
 pytestmark = pytest.mark.integration
 
@@ -72,18 +72,6 @@ def check_times(body: dict, duration: float) -> None:
 
 def jfk() -> bytes:
     return JFK.read_bytes()
-
-
-def set_a_sequence(gap: float = 1.0) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
-    """All of English set A back to back, ``gap`` seconds of silence apart: (samples, [(start, end,
-    reference)]) with each clip's place on the timeline."""
-    pieces, places, at = [], [], 0.0
-    for row in english_set_a():
-        samples = read_16k_mono(SPEECH / row["file"])
-        places.append((at, at + len(samples) / RATE, row["reference"]))
-        pieces += [samples, np.zeros(int(gap * RATE), np.float32)]
-        at += len(samples) / RATE + gap
-    return np.concatenate(pieces), places
 
 
 # The model configuration file ---------------------------------------------------------------------

@@ -45,6 +45,18 @@ def test_cuts_fall_in_the_longest_pauses_never_inside_speech():
         assert any(int(a * S) <= chunk.end <= int(b * S) for a, b in long_pauses), "a short pause won"
 
 
+def test_the_last_clear_pause_wins_over_an_earlier_longer_one():
+    # In the second half of the first 30 s window: a 2 s pause at 16-18 s, a 0.6 s one at 27-27.6 s,
+    # and a breath of 0.3 s at 29 s. The chunk runs to the late clear pause: nearly a whole window.
+    speech = stretches((0.5, 16), (18, 27), (27.6, 29), (29.3, 40))
+    audio = np.zeros(41 * S, np.float32)
+    chunks = plan_chunks(audio, 30, speech)
+    assert chunks[0].end == int(27.3 * S) and covers(chunks, len(audio))
+    # With only breaths in the second half, the longest of them.
+    speech = stretches((0.5, 20), (20.3, 24), (24.4, 40))
+    assert plan_chunks(audio, 30, speech)[0].end == int(24.2 * S)
+
+
 def test_unbroken_speech_is_cut_at_its_quietest_frame():
     rng = np.random.default_rng(0)
     audio = (0.3 * rng.standard_normal(50 * S)).astype(np.float32)
@@ -86,6 +98,15 @@ def test_join_shifts_times_and_keeps_order():
     assert [(s.start, s.end) for s in joined.segments] == [(1.0, 3.0), (12.0, 14.5)]
     assert joined.segments[0].words[0].start == 1.0
     assert joined.duration == 25.0 and joined.language == "en" and joined.language_probability == pytest.approx(0.7)
+
+
+def test_join_keeps_each_chunk_s_times_within_the_chunk():
+    chunks = [Chunk(0, 10 * S, True), Chunk(10 * S, 20 * S, True)]
+    first = Transcript("a b", "en", 10.0, [Segment(8.0, 10.0, "a b", (Word(8.0, 9.0, " a"), Word(9.5, 10.4, " b")))])
+    second = Transcript("c", "en", 10.0, [Segment(0.0, 1.0, "c", (Word(0.0, 1.0, " c"),))])
+    joined = join([first, second], chunks, 20.0)
+    assert [(w.start, w.end) for w in joined.segments[0].words] == [(8.0, 9.0), (9.5, 10.0)]
+    assert joined.segments[1].start == 10.0
 
 
 def test_join_never_invents_a_probability():

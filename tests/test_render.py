@@ -1,4 +1,5 @@
 """Rendered configurations are accepted by the real nginx and supervisord."""
+import json
 import re
 
 import pytest
@@ -62,7 +63,7 @@ def test_supervisord_accepts_the_rendered_config(settings):
     options = ServerOptions()
     options.realize(args=["-c", str(paths.supervisor_conf)])  # supervisord's own parser; exits on error
     programs = {g.name: g.process_configs[0] for g in options.process_group_configs}
-    assert set(programs) == {"asr-19100", "asr-19101", "asr-19102", "nginx"}
+    assert set(programs) == {"asr-19100", "asr-19101", "asr-19102", "nginx", "jobs"}
     first = programs["asr-19100"]
     assert first.environment["ASR_INSTANCE_PORT"] == "19100"
     assert first.environment["ASR_CONFIG"] == str(paths.config)
@@ -72,6 +73,13 @@ def test_supervisord_accepts_the_rendered_config(settings):
     assert first.autorestart and first.stdout_logfile_backups == 5
     assert options.server_configs[0]["chmod"] == 0o700
     assert programs["nginx"].priority > first.priority
+    runner = programs["jobs"]  # the job runner: after the instances, stopped gracefully, reading the same settings
+    assert runner.priority > first.priority and runner.stopwaitsecs == settings.stop_wait_seconds
+    assert runner.environment["ASR_CONFIG"] == str(paths.config)
+    assert f'run_dir = "{paths.root}"' in paths.config.read_text()  # absolute: the jobs database is found from it
+    assert json.loads((paths.root / "upstream.json").read_text()) == [
+        {"name": f"asr-{port}", "port": port} for port in (19100, 19101, 19102)]
+    assert f"client_max_body_size {settings.job_max_upload_bytes};" in paths.nginx_conf.read_text()
 
 
 def test_gpu_instances_get_their_own_visible_device(settings):
@@ -93,7 +101,7 @@ def test_rerender_with_fewer_instances_removes_their_programs(settings):
     render_all(settings, plan_instances(settings, gpus=[]))
     smaller = load_settings(env={}, overrides={**vars(settings), "instances": 1})
     paths = render_all(smaller, plan_instances(smaller, gpus=[]))
-    assert sorted(p.name for p in paths.programs.glob("*.conf")) == ["asr-19100.conf", "nginx.conf"]
+    assert sorted(p.name for p in paths.programs.glob("*.conf")) == ["asr-19100.conf", "jobs.conf", "nginx.conf"]
     assert "19101" not in paths.nginx_conf.read_text()
 
 

@@ -112,7 +112,7 @@ def test_sandbox_exposure_is_low(tmp_path):
 
 @pytest.mark.parametrize("overrides", [
     {},
-    {"max_audio_seconds": 30, "instances": 1, "max_instances": 1},
+    {"max_audio_seconds": 30, "instances": 1, "max_instances": 1, "jobs": False},
     {"max_audio_seconds": 3600, "slowest_realtime_factor": 1.0, "instances": 8, "max_instances": 8, "autoscale": True},
 ], ids=["defaults", "small", "long audio, 8 instances, autoscaler"])
 def test_timeouts_nest(overrides):
@@ -122,7 +122,7 @@ def test_timeouts_nest(overrides):
     # systemd never SIGKILLs before supervisord would have; supervisord never before gunicorn would have.
     assert stop > settings.stop_wait_seconds > settings.graceful_timeout_seconds > settings.max_inference_seconds
     # supervisord stops its groups one after another: the worst case is the sum of their waits.
-    groups = max(settings.instances, settings.max_instances) + 1 + int(settings.autoscale)
+    groups = max(settings.instances, settings.max_instances) + 1 + int(settings.autoscale) + int(settings.jobs)
     assert stop_groups(settings) == groups
     assert stop >= groups * settings.stop_wait_seconds + STOP_MARGIN_SECONDS
     assert _one(unit, "KillMode") == "mixed"  # TERM to supervisord alone, so its order holds

@@ -21,7 +21,9 @@ from app.control.actuator import ActuationError, Actuator, get_json, wait_ready
 from app.control.paths import RunPaths
 from app.gpu import detect_gpus, inventory
 from app.control.pool import Pool
-from app.control.render import AUTOSCALER_PROGRAM, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all
+from app.control.render import (
+    AUTOSCALER_PROGRAM, JOBS_PROGRAM, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all,
+)
 from app.control.supervisor import SupervisorClient, SupervisorError, start_supervisord
 from app.engines import missing_modules
 from app.engines.models import display_name, resolve_model
@@ -88,10 +90,11 @@ def cmd_down(args) -> int:
     # nginx first, gracefully: it stops accepting and lets requests in flight finish; then the
     # instances, each finishing its own request; then supervisord itself.
     processes = client.processes()
-    for name in (AUTOSCALER_PROGRAM, NGINX_PROGRAM):  # nothing may add work while instances stop
+    helpers = (AUTOSCALER_PROGRAM, JOBS_PROGRAM, NGINX_PROGRAM)
+    for name in helpers:  # nothing may add work while instances stop (jobs resume at the next up)
         if name in processes:
             client.stop(name)
-    instances = [name for name in processes if name not in (AUTOSCALER_PROGRAM, NGINX_PROGRAM)]
+    instances = [name for name in processes if name not in helpers]
     for name in instances:
         client.stop(name)
     client.shutdown()
@@ -109,11 +112,12 @@ def cmd_status(args) -> int:
             print("not running")
         return 3
     rows = instance_status(client)
+    jobs = job_counts(settings)
     gpus = inventory()
     if args.json:
         print(json.dumps({"running": True, "public": f"http://{_public_host(settings)}:{settings.port}",
                           "instances": rows, "gpus": [g.as_dict() for g in gpus.gpus],
-                          "nvml_error": gpus.error or None}, indent=2))
+                          "nvml_error": gpus.error or None, "jobs": jobs}, indent=2))
     else:
         print(f"{'NAME':<12} {'PORT':>5}  {'DEVICE':<10} {'STATE':<9} {'READY':<5} {'PID':>7} {'UPTIME':>8}  GPU")
         for r in rows:
@@ -121,6 +125,8 @@ def cmd_status(args) -> int:
                   f"{'yes' if r['ready'] else 'no':<5} {r['pid'] or '-':>7} {_duration(r['uptime_seconds']):>8}  "
                   f"{_gpu_column(r['gpu'])}")
         _print_gpus(gpus, any(r["device"] == "cuda" for r in rows))
+        if jobs is not None:
+            print("JOBS  " + "  ".join(f"{state} {n}" for state, n in jobs.items()))
     return 0 if all(r["ready"] for r in rows if r["port"]) else 2
 
 
@@ -179,7 +185,12 @@ def cmd_restart(args) -> int:
         for spec in pool.instances:
             client.start(spec.name)
         wait_ready(client, pool.instances, args.timeout)
-    _say(args, f"restarted {len(pool.instances)} instance(s){' one at a time' if args.rolling else ''}")
+    if JOBS_PROGRAM in client.processes():
+        # New code for the runner too: it stores chunks in flight before it stops; jobs resume.
+        client.stop(JOBS_PROGRAM)
+        client.start(JOBS_PROGRAM)
+    _say(args, f"restarted {len(pool.instances)} instance(s){' one at a time' if args.rolling else ''}"
+               f"{' and the job runner' if JOBS_PROGRAM in client.processes() else ''}")
     return 0
 
 
@@ -220,6 +231,13 @@ def instance_status(client: SupervisorClient) -> list[dict]:
             "uptime_seconds": round(now - p["start"]) if p["statename"] == "RUNNING" else 0,
         })
     return rows
+
+
+def job_counts(settings: Settings) -> dict[str, int] | None:
+    """Jobs by state, read from the run directory's job database (None: jobs off, or none yet)."""
+    from app.jobs.api import counts
+
+    return counts(settings) if settings.jobs else None
 
 
 def _gpu_column(gpu: dict | None) -> str:

@@ -1,11 +1,12 @@
 """Render every configuration file an operator sees from the templates in ``deploy/``."""
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jinja2
@@ -22,6 +23,7 @@ DEPLOY_DIR = REPO_ROOT / "deploy"
 PROGRAM_PREFIX = "asr-"
 NGINX_PROGRAM = "nginx"
 AUTOSCALER_PROGRAM = "autoscaler"
+JOBS_PROGRAM = "jobs"
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,8 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
         "repo_root": REPO_ROOT,
         "nginx_bin": nginx_binary(),
     }
-    _write(paths.config, settings.to_toml())
+    # Absolute: instances and the job runner find the job database and upstream.json through it.
+    _write(paths.config, replace(settings, run_dir=str(paths.root)).to_toml())
     _write(paths.supervisor_conf, env.get_template("supervisor/supervisord.conf.j2").render(context))
     wanted = {paths.program_file(NGINX_PROGRAM)}
     _write(paths.program_file(NGINX_PROGRAM), env.get_template("supervisor/nginx.conf.j2").render(context))
@@ -130,6 +133,9 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
         wanted.add(paths.program_file(AUTOSCALER_PROGRAM))
         _write(paths.program_file(AUTOSCALER_PROGRAM),
                env.get_template("supervisor/autoscaler.conf.j2").render(context))
+    if settings.jobs:
+        wanted.add(paths.program_file(JOBS_PROGRAM))
+        _write(paths.program_file(JOBS_PROGRAM), env.get_template("supervisor/jobs.conf.j2").render(context))
     for instance in instances:
         path = paths.program_file(instance.name)
         wanted.add(path)
@@ -151,6 +157,9 @@ def render_nginx(settings: Settings, upstream: list[InstanceSpec], paths: RunPat
         next_upstream_tries=max(1, min(len(upstream), 3)),
     )
     _write(paths.nginx_conf, text)
+    # The same instances, for the data path: an instance's idle siblings, the job runner's pool.
+    _write(paths.root / "upstream.json",
+           json.dumps([{"name": i.name, "port": i.port} for i in upstream], indent=2) + "\n")
     if user:  # workers write request bodies to the temp paths
         uid, gid = pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid
         for d in [paths.nginx_temp, *paths.nginx_temp.iterdir()]:

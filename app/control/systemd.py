@@ -23,12 +23,13 @@ _PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
 
 
 def stop_groups(settings: Settings) -> int:
-    """Process groups supervisord may hold: every instance the pool can grow to, nginx, the autoscaler.
+    """Process groups supervisord may hold: every instance the pool can grow to, nginx, the autoscaler,
+    the job runner.
 
     On shutdown supervisord stops one group at a time (highest priority first) and waits up to that
     group's stopwaitsecs before moving on, so the worst case is the sum over the groups.
     """
-    return max(settings.instances, settings.max_instances) + 1 + (1 if settings.autoscale else 0)
+    return max(settings.instances, settings.max_instances) + 1 + int(settings.autoscale) + int(settings.jobs)
 
 
 def timeout_stop_seconds(settings: Settings) -> int:

@@ -1,0 +1,160 @@
+"""``/v1/jobs``: submit a long recording, follow its progress, fetch its result, cancel it.
+
+``POST /v1/jobs`` takes the same upload and parameters as ``/asr`` (the same checks, from
+``app.api``), decodes the audio here (so a damaged file is refused at once, with /asr's errors) and
+stores it with a queued job; the runner program does the rest. Any instance answers for any job: they
+all read the one database in the run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import datetime, timezone
+
+from flask import Blueprint, jsonify, request
+
+from app import api, formats, jobs
+from app.audio import decode_audio
+from app.errors import ApiError
+from app.jobs.store import DONE, FINISHED, Job, JobStore, StoreFull
+from app.openapi import Operation, register
+from app.params import Param, Params, check_names, choice
+
+bp = Blueprint("jobs", __name__)
+
+NO_PARAMS = Params(())
+RESULT_PARAMS = Params((Param("output", "string", choices=formats.OUTPUTS, default="", description=(
+    "json, txt, srt, vtt or tsv, as for /asr; not given: the output the job was posted with.")),))
+_STATUS = {"application/json": {"type": "object", "properties": {
+    "id": {"type": "string"}, "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
+    "progress": {"type": "object", "properties": {"done_seconds": {"type": "number"},
+                                                   "total_seconds": {"type": "number"}, "fraction": {"type": "number"}}},
+    "result_url": {"type": "string"}, "error": {"type": "string", "nullable": True}}}}
+
+register(
+    Operation("post", "/v1/jobs", "Submit a long recording as an async job (answers 202)", "jobs",
+              params=api.ASR_PARAMS, upload="audio_file", raw_body=True, ok=_STATUS, ok_status="202",
+              errors=("400", "413", "415", "422", "503"),
+              description=("The same upload and parameters as /asr, up to job_max_audio_seconds. 202 with the "
+                           "job's status and Location: /v1/jobs/{id}; 503 jobs_full when too many wait.")),
+    Operation("get", "/v1/jobs/{job_id}", "A job's state and progress, and its JSON result once done", "jobs",
+              params=NO_PARAMS, ok=_STATUS, errors=("404",)),
+    Operation("get", "/v1/jobs/{job_id}/result", "A finished job's transcript in any /asr output", "jobs",
+              params=RESULT_PARAMS, errors=("404", "409"),
+              ok={"application/json": {"$ref": "#/components/schemas/Transcript"},
+                  **{formats.CONTENT_TYPES[o].split(";")[0]: {"type": "string"} for o in ("txt", "srt", "vtt", "tsv")}}),
+    Operation("delete", "/v1/jobs/{job_id}", "Cancel a job (200), or remove a finished one (204)", "jobs",
+              params=NO_PARAMS, ok=_STATUS, errors=("404",)),
+)
+
+
+def job_store() -> JobStore:
+    from flask import current_app
+
+    store = current_app.extensions.get("asr_job_store")
+    if store is None:  # opened on first use: an app that never sees a job creates no files
+        store = current_app.extensions["asr_job_store"] = jobs.store(api.instance().settings)
+    return store
+
+
+@bp.post("/v1/jobs")
+def create():
+    inst = api.instance()
+    settings = inst.settings
+    with inst.track_request():
+        request.max_content_length = settings.job_max_upload_bytes  # before the body is read
+        params = api.asr_params(inst)
+        data = api.read_upload()
+        api.require_ready(inst)
+        options = params.decode_options(inst)
+        audio = decode_audio(data, settings.job_max_audio_seconds)
+        del data
+        job_id = uuid.uuid4().hex
+        path = jobs.audio_path(settings, job_id)
+        size = jobs.save_audio(path, audio.samples)
+        stored = dataclasses.asdict(params) | {"language": options.language or ""}
+        try:
+            job = job_store().create(job_id, stored, round(audio.duration, 3), size, settings.job_max_queued,
+                                     int(settings.job_max_storage_mb * 1024 * 1024))
+        except StoreFull as e:
+            path.unlink(missing_ok=True)
+            raise api.unavailable("jobs_full", f"cannot take a job now: {e}", inst) from None
+        response = jsonify(status(job, settings.job_retention_seconds))
+        response.status_code = 202
+        response.headers["Location"] = f"/v1/jobs/{job_id}"
+        return response
+
+
+@bp.get("/v1/jobs/<job_id>")
+def show(job_id: str):
+    NO_PARAMS.parse(api.instance().settings)
+    return jsonify(status(_job(job_id), api.instance().settings.job_retention_seconds))
+
+
+@bp.get("/v1/jobs/<job_id>/result")
+def result(job_id: str):
+    check_names(RESULT_PARAMS.names, {})  # the default output is the job's own, so parsed here
+    job = _job(job_id)
+    output = choice("output", formats.OUTPUTS, job.params.get("output", "json"))
+    if job.state != DONE:
+        if job.state in FINISHED:
+            raise ApiError(409, f"job_{job.state}", f"job {job.id} is {job.state}" + (f": {job.error}" if job.error else ""))
+        raise ApiError(409, "job_not_finished", f"job {job.id} is {job.state}: "
+                       f"{job.done_seconds:.0f} of {job.duration:.0f} s done",
+                       {"Retry-After": str(api.instance().settings.retry_after_seconds)})
+    return formats.render(formats.from_dict(job.result), output, {"job_id": job.id},
+                          words=bool(job.params.get("word_timestamps")))
+
+
+@bp.delete("/v1/jobs/<job_id>")
+def cancel(job_id: str):
+    """Cancel a job that has not finished (200, its state); remove a finished one (204)."""
+    NO_PARAMS.parse(api.instance().settings)
+    job = _job(job_id)
+    store, settings = job_store(), api.instance().settings
+    if job.state in FINISHED:
+        store.delete(job.id)
+        jobs.remove_audio(settings, job.id)
+        return "", 204
+    job = store.cancel(job.id)
+    jobs.remove_audio(settings, job.id)
+    return jsonify(status(job, settings.job_retention_seconds))
+
+
+def status(job: Job, retention_seconds: float) -> dict:
+    body = {
+        "id": job.id,
+        "state": job.state,
+        "progress": {"done_seconds": round(min(job.done_seconds, job.duration), 3),
+                     "total_seconds": job.duration,
+                     "fraction": round(min(1.0, job.done_seconds / job.duration), 4) if job.duration else 1.0},
+        "created_at": _iso(job.created),
+        "started_at": _iso(job.started),
+        "finished_at": _iso(job.finished),
+        "expires_at": _iso(job.finished + retention_seconds) if job.finished else None,
+        "error": job.error,
+        "result_url": f"/v1/jobs/{job.id}/result",
+    }
+    if job.state == DONE:
+        body["result"] = job.result
+    return body
+
+
+def _job(job_id: str) -> Job:
+    job = job_store().get(job_id) if jobs.valid_id(job_id) else None
+    if job is None:
+        raise ApiError(404, "job_not_found", "no such job (finished jobs are removed after job_retention_seconds)")
+    return job
+
+
+def _iso(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def counts(settings) -> dict[str, int] | None:
+    """Jobs by state for /metrics, or None before the first job (the database is not created here)."""
+    path = jobs.db_path(settings)
+    return JobStore(path).counts() if path.exists() else None
+

@@ -1,0 +1,146 @@
+"""Long recordings through the real service (asrctl, supervisord, nginx, two gunicorn instances with
+the real model): a long /asr request decoded on both instances, and an async job that survives
+``asrctl restart --rolling`` (instances and the job runner) without losing a finished chunk."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import srt
+
+from app.jobs.store import JobStore
+from support import bring_up, english_set_a, set_a_sequence, wav_bytes, wer
+
+pytestmark = pytest.mark.integration
+
+RATE = 16_000
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    # /asr takes at most 100 s; a job takes the 135 s recording, uploaded as 48 kHz stereo (26 MB, over
+    # /asr's upload limit): nginx and the instance size /v1/jobs' limit from job_max_audio_seconds.
+    svc = bring_up(tmp_path_factory.mktemp("long"), 2, "--max-audio-seconds", "100",
+                   env={"ASR_JOB_MAX_QUEUED": "1"})
+    try:
+        yield svc
+    finally:
+        svc.asrctl("down", check=False)
+
+
+@pytest.fixture(scope="module")
+def recording() -> tuple[bytes, float, str]:
+    """About 135 s of real speech (English set A, then again in reverse order), as 48 kHz stereo WAV."""
+    forward, places = set_a_sequence(gap=1.0)
+    backward, places_back = set_a_sequence(gap=0.6, rows=english_set_a()[::-1])
+    samples = np.concatenate([forward, backward])
+    stereo = np.repeat(samples, 3)[:, None].repeat(2, axis=1)  # 16 -> 48 kHz, two channels
+    return wav_bytes(stereo, 3 * RATE), len(samples) / RATE, " ".join(r for *_, r in places + places_back)
+
+
+def test_a_long_request_is_decoded_on_both_instances(service):
+    samples, places = set_a_sequence(gap=1.0)  # about 70 s: 3-4 chunks
+    data, duration, reference = wav_bytes(samples, RATE), len(samples) / RATE, " ".join(r for *_, r in places)
+    response = requests.post(f"{service.url}/asr", files={"audio": ("long.wav", data)},
+                             data={"word_timestamps": "true"}, timeout=600)
+    assert response.status_code == 200, response.text
+    placed = dict(part.split("=") for part in response.headers["X-ASR-Chunks"].split(", "))
+    assert set(placed) == {f"asr-{port}" for port in service.instance_ports}, placed
+    body = response.json()
+    assert wer([reference], [body["text"]]) < 0.1
+    starts = [s["start"] for s in body["segments"]]
+    words = [w for s in body["segments"] for w in s["words"]]
+    assert starts == sorted(starts) and [w["start"] for w in words] == sorted(w["start"] for w in words)
+    assert body["segments"][-1]["end"] > duration - 10 and all(s["end"] <= duration for s in body["segments"])
+
+
+def test_a_job_survives_a_rolling_restart_and_loses_no_finished_chunk(service, recording):
+    data, duration, reference = recording
+    too_large = requests.post(f"{service.url}/asr", files={"audio": ("long.wav", data)}, timeout=120)
+    assert too_large.status_code == 413, too_large.text
+    posted = requests.post(f"{service.url}/v1/jobs", files={"audio": ("long.wav", data)},
+                           data={"output": "srt"}, timeout=120)
+    assert posted.status_code == 202, posted.text
+    job = posted.json()
+    assert posted.headers["Location"] == f"/v1/jobs/{job['id']}" and job["state"] == "queued"
+    assert job["progress"]["total_seconds"] == pytest.approx(duration, abs=0.01)
+
+    # One job may wait (job_max_queued = 1): the next is refused at once, then the waiting one cancelled.
+    waiting = _wait_for(service, job["id"], lambda j: j["state"] == "running", 60)
+    second = requests.post(f"{service.url}/v1/jobs", files={"audio": ("long.wav", data)}, timeout=120)
+    third = requests.post(f"{service.url}/v1/jobs", files={"audio": ("long.wav", data)}, timeout=120)
+    assert second.status_code == 202 and third.status_code == 503, third.text
+    assert third.json()["error"]["code"] == "jobs_full" and int(third.headers["Retry-After"]) > 0
+    cancelled = requests.delete(f"{service.url}/v1/jobs/{second.json()['id']}", timeout=10)
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+
+    store = JobStore(service.run_dir / "jobs" / "jobs.sqlite3")
+    _wait_for(service, job["id"], lambda j: j["progress"]["done_seconds"] > waiting["progress"]["done_seconds"], 120)
+    before = {c.idx: c.finished for c in store.chunks(job["id"]) if c.result is not None}
+    assert before, "no chunk finished before the restart"
+    progress: list[float] = []
+    restart = threading.Thread(target=lambda: service.asrctl("restart", "--rolling", timeout=300))
+    restart.start()
+    final = _wait_for(service, job["id"], lambda j: j["state"] not in ("queued", "running"), 400, progress)
+    restart.join(timeout=300)
+    assert final["state"] == "done", final
+    assert progress == sorted(progress), "progress went backwards"
+    chunks = store.chunks(job["id"])
+    assert all(c.result is not None for c in chunks if c.speech)
+    for chunk in chunks:
+        if chunk.idx in before:  # finished before the restart: kept, never decoded again
+            assert chunk.finished == before[chunk.idx] and chunk.attempts == 1
+    assert len({c.instance for c in chunks if c.instance}) >= 2
+
+    # The result in any format; the JSON status carries it too.
+    assert wer([reference], [final["result"]["text"]]) < 0.1
+    cues = list(srt.parse(requests.get(f"{service.url}{final['result_url']}", timeout=10).text))
+    assert [c.start for c in cues] == sorted(c.start for c in cues) and cues[-1].end.total_seconds() <= duration
+    text = requests.get(f"{service.url}{final['result_url']}", params={"output": "txt"}, timeout=10)
+    assert text.headers["Content-Type"].startswith("text/plain") and text.text.strip() == final["result"]["text"]
+
+    status = json.loads(service.asrctl("status", "--json", check=False).stdout)
+    assert status["jobs"]["done"] == 1 and status["jobs"]["cancelled"] == 1
+    metrics = requests.get(f"http://127.0.0.1:{service.instance_ports[0]}/metrics", timeout=10).text
+    assert 'asr_jobs{state="done"} 1.0' in metrics and 'asr_jobs{state="cancelled"} 1.0' in metrics
+    assert not list((service.run_dir / "jobs" / "audio").glob("*.flac")), "finished jobs' audio was kept"
+
+    assert requests.delete(f"{service.url}/v1/jobs/{job['id']}", timeout=10).status_code == 204
+    gone = requests.get(f"{service.url}/v1/jobs/{job['id']}", timeout=10)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "job_not_found"
+
+
+def test_job_requests_are_checked_like_asr(service):
+    samples, _ = set_a_sequence(gap=1.0)
+    data = wav_bytes(samples, RATE)
+    cases = {
+        "not audio": ({"files": {"audio": ("a.wav", b"hello " * 100)}}, 415, "unsupported_media_type"),
+        "damaged": ({"files": {"audio": ("a.wav", data[:3000])}}, 422, "audio_too_short"),
+        "unknown parameter": ({"files": {"audio": ("a.wav", data)}, "data": {"speed": "2"}}, 422, "invalid_parameter"),
+        "bad language": ({"files": {"audio": ("a.wav", data)}, "data": {"language": "xx"}}, 422, "invalid_parameter"),
+        "no file": ({"files": {"output": (None, "txt")}}, 400, "missing_audio"),
+    }
+    for name, (kwargs, status, code) in cases.items():
+        response = requests.post(f"{service.url}/v1/jobs", timeout=60, **kwargs)
+        same_on_asr = requests.post(f"{service.url}/asr", timeout=60, **kwargs)
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), name
+        assert same_on_asr.json()["error"] == response.json()["error"], name
+    for job_id in ("0" * 32, "../../etc/passwd", "x"):
+        assert requests.get(f"{service.url}/v1/jobs/{job_id}", timeout=10).status_code == 404
+    assert requests.get(f"{service.url}/ready", timeout=5).status_code == 200
+
+
+def _wait_for(service, job_id: str, condition, timeout: float, progress: list | None = None) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = requests.get(f"{service.url}/v1/jobs/{job_id}", timeout=10).json()
+        if progress is not None:
+            progress.append(job["progress"]["done_seconds"])
+        if condition(job):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} did not get there in {timeout} s: {job}"
+        time.sleep(0.3)
