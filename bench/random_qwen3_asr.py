@@ -2,7 +2,7 @@
 
 ``build(out, "1.7b", device="cuda", dtype="bfloat16")`` writes, in the transformers (-hf) layout, a
 model of ``Qwen3ASRConfig``'s defaults (a 24-layer audio encoder feeding a 28-layer Qwen3 of hidden
-size 2048, 151,936 tokens, about 2.3 B parameters with the tied head) for the GPU self-check's batching
+size 2048, 151,936 tokens, 2.04 B parameters counted with the head tied to the embedding) for the GPU self-check's batching
 throughput and bf16 memory (``bench/gpu_check.py``): what a batch costs depends on the shape, not on
 the weights. ``"tiny"`` is the same layout and vocabulary with tiny layers, for a CPU rehearsal.
 
