@@ -254,10 +254,7 @@ def cmd_restart(args) -> int:
 def cmd_watch(args) -> int:
     from app.control.watcher import Watcher
 
-    settings = _settings(args, from_run_dir=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    _client, _pool, actuator = _running(settings, args)
-    actuator.log = logging.getLogger("asr.watch").info
+    settings, _pool, actuator = _control_program(args, "asr.watch")
     Watcher(settings, actuator).run()
     return 0
 
@@ -265,10 +262,7 @@ def cmd_watch(args) -> int:
 def cmd_autoscale(args) -> int:
     from app.control.autoscaler import Autoscaler
 
-    settings = _settings(args, from_run_dir=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    _client, pool, actuator = _running(settings, args)
-    actuator.log = logging.getLogger("asr.autoscale").info
+    settings, pool, actuator = _control_program(args, "asr.autoscale")
     autoscaler = Autoscaler(settings, actuator)
     if args.once:
         autoscaler.tick(pool, dry_run=args.dry_run)
@@ -278,6 +272,16 @@ def cmd_autoscale(args) -> int:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+def _control_program(args, logger: str):
+    """What a supervised control program (the watcher, the autoscaler) starts from: the run directory's
+    settings, its pool and an actuator that logs to stdout (supervisord rotates it)."""
+    settings = _settings(args, from_run_dir=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    _client, pool, actuator = _running(settings, args)
+    actuator.log = logging.getLogger(logger).info
+    return settings, pool, actuator
+
 
 def instance_status(client: SupervisorClient) -> list[dict]:
     """Per program: supervisord's view plus, for model instances, the instance's own /health and /ready."""
