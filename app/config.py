@@ -103,6 +103,13 @@ class Settings:
     autoscale_interval_seconds: float = 10.0
     drain_timeout_seconds: float = 0.0   # 0 = request_timeout_seconds: the longest a request may take
 
+    # Liveness on one host (asrctl watch, a supervisord program): like Kubernetes' livenessProbe.
+    liveness: bool = True                # watch every instance's /health and restart a frozen one
+    liveness_interval_seconds: float = 0.5
+    liveness_timeout_seconds: float = 1.0  # /health answers from a thread of its own, even mid-inference
+    liveness_failures: int = 3           # missed probes in a row before the instance is restarted
+    monitor_allow: str = ""              # addresses or CIDRs besides loopback that may read /metrics, /nginx_status
+
     # Per-instance values, set by supervisord in each program's environment.
     instance_id: str = ""
     instance_host: str = "127.0.0.1"     # loopback: nginx is the public entry (a pod binds 0.0.0.0)
@@ -200,6 +207,14 @@ class Settings:
             raise ConfigError("api_keys_file: each key must be 16-256 characters of A-Z a-z 0-9 . _ ~ + / = -")
         return keys
 
+    def monitor_addresses(self) -> list[str]:
+        """Who may read /metrics and /nginx_status through nginx: loopback, then ``monitor_allow``."""
+        extra = [a.strip() for a in self.monitor_allow.split(",") if a.strip()]
+        bad = [a for a in extra if not _ADDRESS.fullmatch(a)]
+        if bad:
+            raise ConfigError(f"monitor_allow: not an address or CIDR: {', '.join(bad)}")
+        return ["127.0.0.1", "::1", *extra]
+
     def weight_list(self) -> list[int]:
         return _per_instance(self.weights, self.instances, default=1, name="weights")
 
@@ -218,6 +233,7 @@ class Settings:
         return "\n".join(lines) + "\n"
 
 
+_ADDRESS = re.compile(r"[0-9A-Fa-f.:]+(/[0-9]{1,3})?")
 _API_KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
 _PER_INSTANCE = {"instance_id", "instance_host", "instance_port", "cpu_cores", "gpu_uuid"}
 
@@ -287,6 +303,10 @@ def validate(s: Settings) -> None:
     if any(w < 1 for w in s.weight_list()):
         raise ConfigError("weights must be at least 1")
     s.gpu_list()  # raises on a malformed map
+    s.monitor_addresses()  # raises on a malformed address
+    if s.liveness_interval_seconds <= 0 or s.liveness_timeout_seconds <= 0 or s.liveness_failures < 1:
+        raise ConfigError("liveness_interval_seconds and liveness_timeout_seconds must be positive, "
+                          "liveness_failures at least 1")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
+import logging
+
 from flask import Flask, jsonify
-from flask_swagger_ui import get_swaggerui_blueprint
 
 from app import openapi
+
+log = logging.getLogger(__name__)
 
 DOCS_URL = "/docs"
 OPENAPI_URL = "/openapi.json"
@@ -28,5 +31,15 @@ def init_app(app: Flask, settings) -> None:
     def openapi_json():
         return jsonify(document)
 
+    try:  # an install without the page (the GPU self-check's carried set) still serves the API
+        from flask_swagger_ui import get_swaggerui_blueprint
+    except ImportError:
+        log.warning("flask-swagger-ui is not installed: no Swagger UI at %s (%s is served)", DOCS_URL, OPENAPI_URL)
+
+        @app.get(DOCS_URL)
+        def docs_missing():
+            return jsonify(error={"code": "docs_not_installed", "message":
+                                  f"Swagger UI needs the flask-swagger-ui package; the document is at {OPENAPI_URL}"}), 404
+        return
     app.register_blueprint(get_swaggerui_blueprint(DOCS_URL, OPENAPI_URL, config={
         "app_name": "asr-service", "displayRequestDuration": True}))

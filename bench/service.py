@@ -11,6 +11,8 @@ from pathlib import Path
 
 import requests
 
+from app.control.processes import port_free
+
 BIN = Path(sys.executable).parent
 
 
@@ -66,18 +68,11 @@ def free_ports(count: int) -> list[int]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             base = s.getsockname()[1]
-        if base + count < 65000 and all(_port_free(base + i) for i in range(count)):
+        if base + count < 65000 and all(port_free(base + i) for i in range(count)):
             return [base + i for i in range(count)]
     raise RuntimeError("no free range of loopback ports")
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def tree_cpu_seconds(root: int) -> float:

@@ -66,6 +66,9 @@ printf 'nginx  %-8s http://%s:%s  /ready %s  connections %s\n' "${nginx_state:-M
 
 auto=$(grep '^autoscaler ' <<<"$status" | awk '{print $2}')
 [ -n "$auto" ] && printf 'autoscaler %s\n' "$auto"
+watcher=$(grep '^watcher ' <<<"$status" | awk '{print $2}')
+[ -n "$watcher" ] && printf 'watcher %s\n' "$watcher"
+[ -z "$watcher" ] || [ "$watcher" = RUNNING ] || problems+=("the liveness watcher is $watcher")
 
 printf '\n%-12s %5s  %-9s %-5s %9s %5s %9s %6s %9s\n' INSTANCE PORT STATE READY IN_FLIGHT QUEUE REQUESTS ERRORS AUDIO_S
 while read -r name state _; do

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.random_qwen3_asr import ASR_TEMPLATE
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
            "<timestamp>"]
 ALIGNER_CLASSES = 400  # 80 ms each: 32 s of audio, more than a chunk
@@ -24,18 +26,7 @@ _CORPUS = [
     "我们今天讨论的问题是语音识别。", "Guten Tag, wie geht es Ihnen?",
 ]
 
-_ASR_TEMPLATE = (
-    "{%- if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- for content in message['content'] %}"
-    "{%- if content['type'] == 'audio' %}{{ '<|audio_start|><|audio_pad|><|audio_end|>' }}"
-    "{%- elif content['type'] == 'text' %}{{ content['text'] }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if not (loop.last and message['role'] == 'assistant') %}{{ '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+_ASR_TEMPLATE = ASR_TEMPLATE  # the released checkpoints' layout (bench/random_qwen3_asr.py)
 _ALIGNER_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- for content in message['content'] %}"

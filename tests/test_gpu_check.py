@@ -32,12 +32,13 @@ def _harness(tmp_path, *args):
 
 def test_harness_on_cpu_brings_up_the_stack_and_measures_batching(tmp_path):
     result, report = _harness(tmp_path, "--device", "cpu", "--engines", "ctranslate2", "--shape", "test",
-                              "--clips", "3", "--clip-seconds", "1", "--deadline", "300")
+                              "--qwen-shape", "none", "--clips", "3", "--clip-seconds", "1", "--deadline", "300")
     assert result.returncode == 0, result.stdout + result.stderr
     assert report["passed"] and all(c["ok"] for c in report["checks"])
     names = [c["name"] for c in report["checks"]]
-    assert {"ctranslate2: asrctl up", "ctranslate2: JFK through nginx", "ctranslate2: asrctl down",
-            "batching: every clip transcribed"} <= set(names)
+    assert {"ctranslate2: asrctl up", "ctranslate2: both instances /ready", "ctranslate2: JFK through nginx",
+            "ctranslate2: asrctl down", "batching: every clip transcribed"} <= set(names)
+    assert {"name": "qwen3-asr batching", "reason": "--qwen-shape none"} in report["skipped"]
     stack = report["stacks"]["ctranslate2"]
     assert len(stack["instances"]) == 2 and {i["device"] for i in stack["instances"]} == {"cpu"}
     assert stack["up_seconds"] > 0 and "ask not what your country" in stack["jfk"]["text"]
@@ -51,7 +52,8 @@ def test_harness_on_cpu_brings_up_the_stack_and_measures_batching(tmp_path):
 
 
 def test_harness_asked_for_cuda_on_a_cpu_host_fails_its_checks_in_the_report(tmp_path):
-    result, report = _harness(tmp_path, "--device", "cuda", "--engines", "", "--shape", "none")
+    result, report = _harness(tmp_path, "--device", "cuda", "--engines", "", "--shape", "none",
+                              "--qwen-shape", "none")
     assert result.returncode == 1 and "FAILED: NVML sees a GPU" in result.stdout
     assert report["passed"] is False and report["host"]["gpus"] == []
 

@@ -123,13 +123,12 @@ def test_metric_names_are_read_from_expressions():
 def gpu_metric_names(monkeypatch) -> set[str]:
     """What a GPU instance adds, from app.metrics with NVML faked (no GPU here: the hardware boundary)."""
     from app import metrics
+    from fake_nvml import FakeGpu, FakeNvml
 
-    fake = types.SimpleNamespace(
-        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetHandleByUUID=lambda u: u,
-        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=50, memory=10),
-        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=1, total=2, free=1))
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    return {family.name for family in metrics._GpuReader().collect()}
+    h200 = FakeNvml([FakeGpu("NVIDIA H200", 143_771, used_mb=1_000)]).install(monkeypatch).gpus[0]
+    instance = types.SimpleNamespace(gpu_identity=lambda: h200.uuid, gpu={"uuid": h200.uuid, "name": h200.name,
+                                                                          "index": 0, "memory_mb": 900})
+    return {family.name for family in metrics._GpuReader(instance).collect()}
 
 
 class Prometheus:

@@ -29,7 +29,7 @@ def test_nginx_accepts_the_rendered_config(settings):
     assert "proxy_next_upstream_tries 3;" in text
     assert f"client_max_body_size {settings.max_upload_bytes};" in text
     assert f"proxy_read_timeout {settings.request_timeout_seconds}s;" in text
-    assert "listen 127.0.0.1:17860;" in text
+    assert "listen 127.0.0.1:17860 reuseport;" in text
     assert f"pid {paths.nginx_pid};" in text
     assert "zone asr_instances" in text           # max_conns and failures shared by all workers
     assert "Bearer" not in text and "limit_req " not in text  # both off unless configured
@@ -63,7 +63,7 @@ def test_supervisord_accepts_the_rendered_config(settings):
     options = ServerOptions()
     options.realize(args=["-c", str(paths.supervisor_conf)])  # supervisord's own parser; exits on error
     programs = {g.name: g.process_configs[0] for g in options.process_group_configs}
-    assert set(programs) == {"asr-19100", "asr-19101", "asr-19102", "nginx", "jobs"}
+    assert set(programs) == {"asr-19100", "asr-19101", "asr-19102", "nginx", "jobs", "watcher"}
     first = programs["asr-19100"]
     assert first.environment["ASR_INSTANCE_PORT"] == "19100"
     assert first.environment["ASR_CONFIG"] == str(paths.config)
@@ -80,6 +80,7 @@ def test_supervisord_accepts_the_rendered_config(settings):
     assert json.loads((paths.root / "upstream.json").read_text()) == [
         {"name": f"asr-{port}", "port": port} for port in (19100, 19101, 19102)]
     assert f"client_max_body_size {settings.job_max_upload_bytes};" in paths.nginx_conf.read_text()
+    assert programs["watcher"].priority > programs["nginx"].priority  # started after, stopped before
 
 
 def test_gpu_instances_get_their_own_visible_device(settings):
@@ -101,7 +102,8 @@ def test_rerender_with_fewer_instances_removes_their_programs(settings):
     render_all(settings, plan_instances(settings, gpus=[]))
     smaller = load_settings(env={}, overrides={**vars(settings), "instances": 1})
     paths = render_all(smaller, plan_instances(smaller, gpus=[]))
-    assert sorted(p.name for p in paths.programs.glob("*.conf")) == ["asr-19100.conf", "jobs.conf", "nginx.conf"]
+    assert sorted(p.name for p in paths.programs.glob("*.conf")) == ["asr-19100.conf", "jobs.conf", "nginx.conf",
+                                                                     "watcher.conf"]
     assert "19101" not in paths.nginx_conf.read_text()
 
 

@@ -87,7 +87,7 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path, overrides):
 def test_systemd_analyze_verify_would_catch_a_broken_unit(tmp_path):
     """So that the check above means something on this systemd version."""
     text = _render()
-    broken = (text.replace("KillMode=mixed", "KillMode=bogus")
+    broken = (text.replace("KillMode=process", "KillMode=bogus")
               .replace("ProtectSystem=strict", "ProtectSytem=strict")
               .replace(f"{BIN}/supervisord", "/nonexistent/supervisord"))
     output = (lambda r: r.stdout + r.stderr)(_verify(_write(tmp_path, broken)))
@@ -125,7 +125,8 @@ def test_timeouts_nest(overrides):
     groups = max(settings.instances, settings.max_instances) + 1 + int(settings.autoscale) + int(settings.jobs)
     assert stop_groups(settings) == groups
     assert stop >= groups * settings.stop_wait_seconds + STOP_MARGIN_SECONDS
-    assert _one(unit, "KillMode") == "mixed"  # TERM to supervisord alone, so its order holds
+    # TERM to supervisord alone, so its order holds; and its death leaves the service serving.
+    assert _one(unit, "KillMode") == "process"
     # ExecReload waits up to --timeout; TimeoutStartSec (which bounds reloads too) is longer.
     reload = _one(unit, "ExecReload").split()
     assert int(_one(unit, "TimeoutStartSec")) > float(reload[reload.index("--timeout") + 1])
@@ -135,7 +136,10 @@ def test_the_unit_runs_supervisord_on_the_run_directory():
     unit = _parse(_render())
     paths = RunPaths.at(RUN_DIR)
     assert _one(unit, "ExecStart") == f"{BIN}/supervisord -n -c {paths.supervisor_conf}"
-    assert _one(unit, "ExecStartPre") == f"{BIN}/asrctl render --quiet --run-dir {paths.root}"
+    create, render = unit["Service"]["ExecStartPre"]
+    assert create.startswith("+/usr/bin/install -d -o ") and create.endswith(f" -m 0750 {paths.root} {MODEL_CACHE}")
+    assert render == f"{BIN}/asrctl render --quiet --run-dir {paths.root}"
+    assert _one(unit, "ExecStopPost").endswith(f"exec {BIN}/asrctl down --quiet --run-dir {paths.root}'")
     assert _one(unit, "ExecReload").startswith(f"{BIN}/asrctl reload --quiet --run-dir {paths.root} ")
     assert _one(unit, "Type") == "exec"
     assert _one(unit, "User") == _current_user() and _one(unit, "Group")
@@ -218,3 +222,43 @@ def test_every_setting_says_why_it_is_there():
         lines = paragraph.strip().splitlines()
         if any(not line.startswith("#") for line in lines):
             assert any(line.startswith("#") for line in lines), paragraph
+
+
+# -- the trip points a new operator meets ----------------------------------------------------------
+
+def test_the_run_directory_is_created_for_the_service_user_before_anything_runs():
+    unit = _parse(render_unit(_settings(), "asr", REPO, bin_dir=BIN, group="asr"))
+    create = unit["Service"]["ExecStartPre"][0]
+    # "+": as root, so it can create /srv/... and hand it to the service user.
+    assert create == f"+/usr/bin/install -d -o asr -g asr -m 0750 {RUN_DIR} {MODEL_CACHE}"
+
+
+def test_a_model_cache_under_a_home_directory_becomes_systemd_s_cache_directory():
+    """ProtectHome=read-only would make ~/.cache/asr-service unwritable: the unit uses /var/cache."""
+    unit = _parse(render_unit(_settings(model_cache="/home/asr/.cache/asr-service"), "asr", REPO, bin_dir=BIN))
+    service = unit["Service"]
+    assert service["CacheDirectory"] == ["asr-service"]
+    assert service["Environment"] == ["ASR_MODEL_CACHE=/var/cache/asr-service"]
+    assert _one(unit, "ProtectHome") == "read-only"
+    assert not any("/home/" in p for p in service["ReadWritePaths"])
+    assert service["ExecStartPre"][0].endswith(f" -m 0750 {RUN_DIR}")
+
+
+def test_flags_given_to_systemd_unit_reach_every_render(tmp_path):
+    """`asrctl systemd-unit --instances 3 --port 8080` must start 3 instances on 8080, not the defaults."""
+    config = tmp_path / "asr.toml"
+    config.write_text("max_queue = 5\n")
+    result = subprocess.run([str(BIN / "asrctl"), "systemd-unit", "--run-dir", RUN_DIR, "--instances", "3",
+                             "--port", "8080", "--config", str(config)], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "ASR_MODEL_CACHE": MODEL_CACHE})
+    assert result.returncode == 0, result.stderr
+    unit = _parse(result.stdout)
+    render = unit["Service"]["ExecStartPre"][1].split()
+    reload = _one(unit, "ExecReload").split()
+    for command in (render, reload):
+        assert {"--instances=3", "--port=8080", f"--config={config}"} <= set(command), command
+    # The flags parse as asrctl's own: the render they make is what the unit promised.
+    from app.control.cli import _parser
+    args = _parser().parse_args(render[1:])
+    assert (args.instances, args.port, args.config) == (3, 8080, str(config))
+    assert "on 0.0.0.0:8080" in _one(unit, "Description", "Unit") and "3 Whisper" in _one(unit, "Description", "Unit")

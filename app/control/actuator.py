@@ -14,10 +14,11 @@ from typing import Callable
 import requests
 
 from app.config import Settings
-from app.control import nginx
+from app.control import nginx, processes
+from app.control.heal import control_lock, retire_nginx_orphans
 from app.control.paths import RunPaths
 from app.control.placement import GpuInfo, place_one, resolve_device
-from app.control.pool import Pool
+from app.control.pool import Pool, load_unhealthy
 from app.control.render import InstanceSpec, instance_weights, render_all
 from app.control.supervisor import SupervisorClient
 from app.devices import available_cores
@@ -38,13 +39,22 @@ class Actuator:
 
     # -- whole-pool operations --
 
-    def publish(self, pool: Pool) -> dict[str, list[str]]:
-        """Render every file for this pool, apply program changes, test and reload nginx, remember it."""
-        self._reweigh(pool)
-        render_all(self.settings, pool.instances, pool.upstream)
-        changes = self.client.apply_config()
-        nginx.reload(self.paths, self.client)
-        pool.save(self.paths)
+    def publish(self, pool: Pool, verify: bool = True) -> dict[str, list[str]]:
+        """Render every file for this pool, apply program changes, test and reload nginx, remember it.
+
+        ``verify``: return only once the public port answers with the configuration just rendered
+        (nginx workers a killed master left behind are retired first: they would answer the old one).
+        """
+        with control_lock(self.paths):
+            pool.unhealthy = load_unhealthy(self.paths)
+            self._reweigh(pool)
+            render_all(self.settings, pool.instances, pool.upstream)
+            changes = self.client.apply_config()
+            nginx.reload(self.paths, self.client)
+            pool.save(self.paths)
+            if verify:
+                retire_nginx_orphans(self.settings, self.paths, self.client, self.log)
+                nginx.verify(self.settings, self.paths)
         return changes
 
     def scale_to(self, pool: Pool, count: int) -> None:
@@ -156,6 +166,7 @@ def wait_ready(client: SupervisorClient, instances: list[InstanceSpec], timeout:
             if state == "RUNNING":
                 ready = get_json(instance.port, "/ready")
                 if ready and ready.get("ready"):
+                    check_answering_process(client, name, instance.port)
                     del pending[name]
                 elif ready and ready.get("state") == "failed":
                     raise ActuationError(f"{name} failed to load its model: {ready['error']['message']}")
@@ -163,6 +174,19 @@ def wait_ready(client: SupervisorClient, instances: list[InstanceSpec], timeout:
             raise ActuationError(f"not ready after {timeout:g} s: {', '.join(pending)}")
         if pending:
             time.sleep(0.25)
+
+
+def check_answering_process(client: SupervisorClient, name: str, port: int) -> int:
+    """The process answering ``port`` must be the one supervisord started for ``name`` (gunicorn's
+    master) or its worker; anything else is an orphan of an earlier run holding the port."""
+    supervised = client.process(name)["pid"]
+    health = get_json(port, "/health") or {}
+    pid = health.get("pid")
+    if pid and (pid == supervised or processes.parent_of(pid) == supervised):
+        return pid
+    raise ActuationError(
+        f"port {port} is answered by pid {pid or 'nobody'}, not by {name} (pid {supervised}) that supervisord "
+        f"started: another process holds the port (asrctl down, then asrctl up, replaces it)")
 
 
 def wait_drained(port: int, timeout: float) -> int:

@@ -6,23 +6,25 @@ own ``asr.toml`` from an earlier ``up``) < ``ASR_*`` environment < flags.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import os
 import sys
 import time
+import xmlrpc.client
 from pathlib import Path
 
 import requests
 
 from app.config import ConfigError, Settings, load_settings
-from app.control import nginx
+from app.control import heal, nginx, processes
 from app.control.actuator import ActuationError, Actuator, get_json, wait_ready
 from app.control.paths import RunPaths
 from app.gpu import detect_gpus, inventory
-from app.control.pool import Pool
+from app.control.pool import Pool, save_unhealthy
 from app.control.render import (
-    AUTOSCALER_PROGRAM, JOBS_PROGRAM, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all,
+    CONTROL_PROGRAMS, JOBS_PROGRAM, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all,
 )
 from app.control.supervisor import SupervisorClient, SupervisorError, start_supervisord
 from app.engines import missing_modules
@@ -44,9 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CommandError, ConfigError, SupervisorError, ActuationError, nginx.NginxConfigError) as e:
-        print(f"asrctl {args.command}: {e}", file=sys.stderr)
-        return 1
+    except (CommandError, ConfigError, SupervisorError, ActuationError, nginx.NginxConfigError,
+            nginx.NginxNotVerified) as e:
+        message = str(e)
+    except xmlrpc.client.Fault as e:
+        message = f"supervisord refused the request: {e.faultString}"
+    except (OSError, http.client.HTTPException) as e:
+        message = f"supervisord or an instance did not answer ({type(e).__name__}: {e})"
+    print(f"asrctl {args.command}: {message}", file=sys.stderr)
+    return 1
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -63,42 +71,73 @@ def cmd_up(args) -> int:
     paths = RunPaths.at(settings.run_dir)
     client = SupervisorClient(paths.socket)
     gpus = detect_gpus()
+    say = lambda m: _say(args, m)  # noqa: E731
     if client.running():
         pool = Pool.load(paths) or Pool(plan_instances(settings, gpus))
-        actuator = Actuator(settings, client, gpus, log=lambda m: _say(args, m))
+        actuator = Actuator(settings, client, gpus, log=say)
         _say(args, f"updated running service: {_describe_changes(actuator.publish(pool))}")
         if args.instances is not None:
             actuator.scale_to(pool, args.instances)
     else:
+        # Orphans of a killed supervisord keep serving while their replacements start on fresh ports.
         pool = Pool(plan_instances(settings, gpus))
-        _render(settings, pool)
+        heal.plan_adoption(settings, pool, say, previous=Pool.load(paths))
+        _render(settings, pool, before_start=True)
         client = start_supervisord(paths)
+        actuator = Actuator(settings, client, gpus, log=say)
+        heal.finish_adoption(settings, client, pool, actuator.publish,
+                             lambda specs: wait_ready(client, specs, args.timeout), say)
     wait_ready(client, pool.instances, args.timeout)
     _wait_public(settings, args.timeout)
+    nginx.verify(settings, paths)
     if not args.quiet:
         _print_summary(settings, pool.instances)
     return 0
 
 
 def cmd_down(args) -> int:
+    """Stop everything of this run directory, from whatever state it is in: supervisord's programs in
+    order (nginx gracefully first, then the instances), then any orphan a killed nginx master or
+    supervisord left behind, until no process of the run directory and no listener on its ports is left."""
     settings = _settings(args, from_run_dir=True)
     paths = RunPaths.at(settings.run_dir)
+    ports = heal.run_ports(settings, Pool.load(paths))
     client = SupervisorClient(paths.socket)
-    if not client.running():
-        _say(args, f"not running (no supervisord on {paths.socket})")
-        return 0
-    # nginx first, gracefully: it stops accepting and lets requests in flight finish; then the
-    # instances, each finishing its own request; then supervisord itself.
-    processes = client.processes()
-    helpers = (AUTOSCALER_PROGRAM, JOBS_PROGRAM, NGINX_PROGRAM)
-    for name in helpers:  # nothing may add work while instances stop (jobs resume at the next up)
-        if name in processes:
+    stopped = []
+    # A stopped (SIGSTOP) process cannot finish anything or even take its TERM: let every one go on.
+    processes.resume(processes.run_processes(paths, ports))
+    if client.running():
+        processes_ = client.processes()
+        for name in (*CONTROL_PROGRAMS, NGINX_PROGRAM):  # nothing may add work while instances stop
+            if name in processes_:
+                client.stop(name)
+        stopped = [name for name in processes_ if name not in (*CONTROL_PROGRAMS, NGINX_PROGRAM)]
+        for name in stopped:
             client.stop(name)
-    instances = [name for name in processes if name not in helpers]
-    for name in instances:
-        client.stop(name)
-    client.shutdown()
-    _say(args, f"stopped {len(instances)} instance(s) and nginx")
+        client.shutdown()
+    retired = []
+    for _round in range(3):  # a stopped supervisord's own orphans show up once it is gone
+        left = processes.orphans(paths, ports, None, include_control=True)
+        if not left:
+            break
+        # nginx first, so that no request reaches an instance that is stopping.
+        left.sort(key=lambda p: p.kind != "nginx")
+        for group in ([p for p in left if p.kind == "nginx"], [p for p in left if p.kind != "nginx"]):
+            if group:
+                processes.retire(group, settings.stop_wait_seconds, log=lambda m: _say(args, m))
+        retired += left
+    listening = processes.listeners(ports)
+    left = processes.orphans(paths, ports, None, include_control=True)
+    if left or listening:
+        holders = ", ".join(p.describe() for p in left) or ", ".join(
+            f"port {port} (pid {', '.join(map(str, pids))})" for port, pids in listening.items())
+        raise CommandError(f"could not stop everything of {paths.root}: still running: {holders}")
+    if not stopped and not retired:
+        _say(args, f"not running (no supervisord on {paths.socket}, no process of {paths.root})")
+    else:
+        extra = f"; retired {len(retired)} orphaned process(es)" if retired else ""
+        _say(args, f"stopped {len(stopped)} instance(s) and nginx{extra}; nothing of {paths.root} is left "
+                   f"running or listening on ports {', '.join(map(str, sorted(ports)))}")
     return 0
 
 
@@ -106,8 +145,15 @@ def cmd_status(args) -> int:
     settings = _settings(args, from_run_dir=True)
     client = SupervisorClient(RunPaths.at(settings.run_dir).socket)
     if not client.running():
+        paths = RunPaths.at(settings.run_dir)
+        left = processes.orphans(paths, heal.run_ports(settings, Pool.load(paths)), None, include_control=True)
         if args.json:
-            print(json.dumps({"running": False, "instances": []}))
+            print(json.dumps({"running": False, "instances": [],
+                              "orphans": [{"pid": p.pid, "kind": p.kind, "ports": p.ports} for p in left]}))
+        elif left:
+            print(f"supervisord is not running, but {len(left)} process(es) of this run directory still run "
+                  f"unsupervised: {', '.join(p.describe() for p in left)}; `asrctl up` adopts them, "
+                  "`asrctl down` stops them")
         else:
             print("not running")
         return 3
@@ -115,7 +161,7 @@ def cmd_status(args) -> int:
     jobs = job_counts(settings)
     gpus = inventory()
     if args.json:
-        print(json.dumps({"running": True, "public": f"http://{_public_host(settings)}:{settings.port}",
+        print(json.dumps({"running": True, "public": f"http://{nginx.public_host(settings)}:{settings.port}",
                           "instances": rows, "gpus": [g.as_dict() for g in gpus.gpus],
                           "nvml_error": gpus.error or None, "jobs": jobs}, indent=2))
     else:
@@ -133,7 +179,13 @@ def cmd_status(args) -> int:
 def cmd_render(args) -> int:
     settings = _settings(args)
     paths = RunPaths.at(settings.run_dir)
-    _render(settings, Pool.load(paths) or Pool(plan_instances(settings, detect_gpus())))
+    pool = Pool.load(paths) or Pool(plan_instances(settings, detect_gpus()))
+    before_start = not SupervisorClient(paths.socket).running()
+    if before_start:
+        # About to be started (the systemd unit's ExecStartPre): plan around a killed supervisord's
+        # orphans; the watcher finishes the adoption once supervisord runs.
+        heal.plan_adoption(settings, pool, lambda m: _say(args, m), previous=pool)
+    _render(settings, pool, before_start)
     _say(args, f"rendered configuration into {paths.root}")
     return 0
 
@@ -167,7 +219,12 @@ def cmd_systemd_unit(args) -> int:
     from app.control.systemd import render_unit
 
     settings = _settings(args)
-    print(render_unit(settings, args.user or getpass.getuser(), Path(__file__).resolve().parents[2]), end="")
+    flags = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in SETTING_FLAGS
+             if getattr(args, name, None) is not None]
+    if args.config:
+        flags.insert(0, f"--config={Path(args.config).resolve()}")
+    print(render_unit(settings, args.user or getpass.getuser(), Path(__file__).resolve().parents[2],
+                      flags=flags), end="")
     return 0
 
 
@@ -194,13 +251,18 @@ def cmd_restart(args) -> int:
     return 0
 
 
+def cmd_watch(args) -> int:
+    from app.control.watcher import Watcher
+
+    settings, _pool, actuator = _control_program(args, "asr.watch")
+    Watcher(settings, actuator).run()
+    return 0
+
+
 def cmd_autoscale(args) -> int:
     from app.control.autoscaler import Autoscaler
 
-    settings = _settings(args, from_run_dir=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    _client, pool, actuator = _running(settings, args)
-    actuator.log = logging.getLogger("asr.autoscale").info
+    settings, pool, actuator = _control_program(args, "asr.autoscale")
     autoscaler = Autoscaler(settings, actuator)
     if args.once:
         autoscaler.tick(pool, dry_run=args.dry_run)
@@ -210,6 +272,16 @@ def cmd_autoscale(args) -> int:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+def _control_program(args, logger: str):
+    """What a supervised control program (the watcher, the autoscaler) starts from: the run directory's
+    settings, its pool and an actuator that logs to stdout (supervisord rotates it)."""
+    settings = _settings(args, from_run_dir=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    _client, pool, actuator = _running(settings, args)
+    actuator.log = logging.getLogger(logger).info
+    return settings, pool, actuator
+
 
 def instance_status(client: SupervisorClient) -> list[dict]:
     """Per program: supervisord's view plus, for model instances, the instance's own /health and /ready."""
@@ -278,10 +350,14 @@ def _settings(args, from_run_dir: bool = False) -> Settings:
     return load_settings(config, overrides=overrides)
 
 
-def _render(settings: Settings, pool: Pool) -> None:
+def _render(settings: Settings, pool: Pool, before_start: bool) -> None:
+    if before_start:  # nobody is restarting anything yet, so no instance stays out of nginx
+        pool.unhealthy = set()
     paths = render_all(settings, pool.instances, pool.upstream)
     nginx.check_config(paths)
     pool.save(paths)
+    if before_start:
+        save_unhealthy(paths, set())
 
 
 def _running(settings: Settings, args) -> tuple[SupervisorClient, Pool, Actuator]:
@@ -294,7 +370,7 @@ def _running(settings: Settings, args) -> tuple[SupervisorClient, Pool, Actuator
 
 
 def _wait_public(settings: Settings, timeout: float) -> None:
-    url = f"http://{_public_host(settings)}:{settings.port}/ready"
+    url = f"http://{nginx.public_host(settings)}:{settings.port}/ready"
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -307,10 +383,6 @@ def _wait_public(settings: Settings, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def _public_host(settings: Settings) -> str:
-    return "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-
-
 def _get_status(port: int, path: str) -> int | None:
     try:
         return requests.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code
@@ -319,7 +391,7 @@ def _get_status(port: int, path: str) -> int | None:
 
 
 def _print_summary(settings: Settings, instances: list[InstanceSpec]) -> None:
-    host = _public_host(settings)
+    host = nginx.public_host(settings)
     print(f"ASR service ready: {len(instances)} instance(s) of {display_name(settings.model)} "
           f"({settings.engine}) behind nginx on http://{host}:{settings.port}")
     for i in instances:
@@ -371,10 +443,11 @@ def _parser() -> argparse.ArgumentParser:
     restart.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
     scale = command("scale", cmd_scale, "grow or shrink the pool: N, +1 or -1 (drains before it stops)")
     scale.add_argument("count", help="the number of instances, or +K / -K")
+    command("watch", cmd_watch, "the liveness watcher: restart an instance that stops answering /health")
     autoscale = command("autoscale", cmd_autoscale, "run the scaling policy loop (or one tick)")
     autoscale.add_argument("--once", action="store_true", help="one decision, then exit")
     autoscale.add_argument("--dry-run", action="store_true", help="log decisions, change nothing")
-    command("down", cmd_down, "stop nginx, then the instances (gracefully), then supervisord")
+    command("down", cmd_down, "stop nginx, then the instances (gracefully), then supervisord and any orphan")
     status = command("status", cmd_status, "state of each program and instance")
     status.add_argument("--json", action="store_true")
     return parser

@@ -23,6 +23,8 @@ class RunPaths:
     nginx_conf = property(lambda self: self.root / "nginx" / "nginx.conf")
     nginx_temp = property(lambda self: self.root / "nginx" / "tmp")
     nginx_pid = property(lambda self: self.root / "nginx.pid")
+    nginx_generation = property(lambda self: self.root / "nginx" / "generation")
+    lock = property(lambda self: self.root / "control.lock")
     prometheus = property(lambda self: self.root / "prometheus")  # file_sd targets (app.control.prometheus_sd)
 
     def program_file(self, name: str) -> Path:

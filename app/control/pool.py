@@ -20,16 +20,23 @@ class Pool:
     instances: list[InstanceSpec]
     draining: set[str] = field(default_factory=set)   # leaving: out of nginx, finishing its requests
     starting: set[str] = field(default_factory=set)   # joining: in supervisord, not in nginx until ready
+    # Orphans of a killed supervisord still serving on their old ports: in nginx's upstream (they have
+    # no program) until the instances that replace them are ready.
+    adopted: list[InstanceSpec] = field(default_factory=list)
+    # Out of nginx because the liveness watcher is restarting them; kept in run/unhealthy.json, which
+    # only the watcher writes, so that other writers of pool.json cannot undo it.
+    unhealthy: set[str] = field(default_factory=set)
 
     @property
     def upstream(self) -> list[InstanceSpec]:
-        return [i for i in self.instances if i.name not in self.draining | self.starting]
+        out = self.draining | self.starting | self.unhealthy
+        return [i for i in self.instances if i.name not in out] + self.adopted
 
     def get(self, name: str) -> InstanceSpec:
         return next(i for i in self.instances if i.name == name)
 
-    def next_port(self, base_port: int) -> int:
-        used = {i.port for i in self.instances}
+    def next_port(self, base_port: int, avoid: set[int] = frozenset()) -> int:
+        used = {i.port for i in self.instances + self.adopted} | set(avoid)
         port = base_port
         while port in used:
             port += 1
@@ -56,25 +63,43 @@ class Pool:
         if not path.exists():
             return None
         data = json.loads(path.read_text())
-        instances = [
-            InstanceSpec(i["name"], i["port"], i["weight"],
-                         Placement(i["device"], i.get("gpu"), tuple(i.get("cpu_cores", ())), i.get("gpu_uuid", "")))
-            for i in data["instances"]
-        ]
-        return cls(instances, set(data.get("draining", ())), set(data.get("starting", ())))
+        instances = [_spec(i) for i in data["instances"]]
+        adopted = [_spec(i) for i in data.get("adopted", ())]
+        return cls(instances, set(data.get("draining", ())), set(data.get("starting", ())), adopted,
+                   load_unhealthy(paths))
 
     def save(self, paths: RunPaths) -> None:
         data = {
-            "instances": [
-                {"name": i.name, "port": i.port, "weight": i.weight, "device": i.placement.device,
-                 "gpu": i.placement.gpu, "gpu_uuid": i.placement.gpu_uuid,
-                 "cpu_cores": list(i.placement.cpu_cores)}
-                for i in self.instances
-            ],
+            "instances": [_record(i) for i in self.instances],
             "draining": sorted(self.draining),
             "starting": sorted(self.starting),
+            "adopted": [_record(i) for i in self.adopted],
         }
-        path = paths.root / "pool.json"
-        tmp = path.with_name("pool.json.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        _write_json(paths.root / "pool.json", data)
+
+
+def load_unhealthy(paths: RunPaths) -> set[str]:
+    try:
+        return set(json.loads((paths.root / "unhealthy.json").read_text()))
+    except (OSError, ValueError):
+        return set()
+
+
+def save_unhealthy(paths: RunPaths, names: set[str]) -> None:
+    _write_json(paths.root / "unhealthy.json", sorted(names))
+
+
+def _spec(i: dict) -> InstanceSpec:
+    return InstanceSpec(i["name"], i["port"], i["weight"],
+                        Placement(i["device"], i.get("gpu"), tuple(i.get("cpu_cores", ())), i.get("gpu_uuid", "")))
+
+
+def _record(i: InstanceSpec) -> dict:
+    return {"name": i.name, "port": i.port, "weight": i.weight, "device": i.placement.device,
+            "gpu": i.placement.gpu, "gpu_uuid": i.placement.gpu_uuid, "cpu_cores": list(i.placement.cpu_cores)}
+
+
+def _write_json(path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -13,6 +13,7 @@ import jinja2
 
 from app import cuda
 from app.config import Settings
+from app.public_routes import PUBLIC_ROUTES
 from app.control import prometheus_sd
 from app.control.paths import RunPaths
 from app.control.placement import GpuInfo, Placement, capacity_weights, plan_placement, resolve_device
@@ -24,6 +25,10 @@ PROGRAM_PREFIX = "asr-"
 NGINX_PROGRAM = "nginx"
 AUTOSCALER_PROGRAM = "autoscaler"
 JOBS_PROGRAM = "jobs"
+WATCHER_PROGRAM = "watcher"
+# Programs that are not model instances, stopped first by ``asrctl down`` (nothing may add work then;
+# jobs resume at the next up).
+CONTROL_PROGRAMS = (AUTOSCALER_PROGRAM, WATCHER_PROGRAM, JOBS_PROGRAM)
 
 
 @dataclass(frozen=True)
@@ -129,13 +134,12 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
     _write(paths.supervisor_conf, env.get_template("supervisor/supervisord.conf.j2").render(context))
     wanted = {paths.program_file(NGINX_PROGRAM)}
     _write(paths.program_file(NGINX_PROGRAM), env.get_template("supervisor/nginx.conf.j2").render(context))
-    if settings.autoscale:
-        wanted.add(paths.program_file(AUTOSCALER_PROGRAM))
-        _write(paths.program_file(AUTOSCALER_PROGRAM),
-               env.get_template("supervisor/autoscaler.conf.j2").render(context))
-    if settings.jobs:
-        wanted.add(paths.program_file(JOBS_PROGRAM))
-        _write(paths.program_file(JOBS_PROGRAM), env.get_template("supervisor/jobs.conf.j2").render(context))
+    # Optional control programs: one template each, rendered when its setting is on.
+    for program, enabled in ((AUTOSCALER_PROGRAM, settings.autoscale), (WATCHER_PROGRAM, settings.liveness),
+                             (JOBS_PROGRAM, settings.jobs)):
+        if enabled:
+            wanted.add(paths.program_file(program))
+            _write(paths.program_file(program), env.get_template(f"supervisor/{program}.conf.j2").render(context))
     for instance in instances:
         path = paths.program_file(instance.name)
         wanted.add(path)
@@ -152,19 +156,34 @@ def render_nginx(settings: Settings, upstream: list[InstanceSpec], paths: RunPat
     paths = paths or RunPaths.at(settings.run_dir)
     env = env or template_environment()
     user = _nginx_user(settings, paths)
+    generation = rendered_generation(paths) + 1
+    control_allow = ["127.0.0.1", "::1"]
+    if settings.host not in ("0.0.0.0", "::", "", *control_allow):
+        control_allow.append(settings.host)  # this host reaching its own address comes from it
     text = env.get_template("nginx/nginx.conf.j2").render(
         settings=settings, paths=paths, upstream=upstream, nginx_user=user, api_keys=settings.api_keys(),
-        next_upstream_tries=max(1, min(len(upstream), 3)),
+        next_upstream_tries=max(1, min(len(upstream), 3)), public_routes=PUBLIC_ROUTES,
+        monitor_allow=settings.monitor_addresses(), scrapers=settings.monitor_addresses()[2:],
+        control_allow=control_allow, generation=generation,
     )
     _write(paths.nginx_conf, text)
     # The same instances, for the data path: an instance's idle siblings, the job runner's pool.
     _write(paths.root / "upstream.json",
            json.dumps([{"name": i.name, "port": i.port} for i in upstream], indent=2) + "\n")
+    _write(paths.nginx_generation, f"{generation}\n")
     if user:  # workers write request bodies to the temp paths
         uid, gid = pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid
         for d in [paths.nginx_temp, *paths.nginx_temp.iterdir()]:
             os.chown(d, uid, gid)
     return paths.nginx_conf
+
+
+def rendered_generation(paths: RunPaths) -> int:
+    """The number of the last nginx configuration rendered here; nginx serves it at /_asr/generation."""
+    try:
+        return int(paths.nginx_generation.read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def _write(path: Path, text: str) -> None:

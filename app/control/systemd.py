@@ -20,6 +20,30 @@ STOP_MARGIN_SECONDS = 30
 RELOAD_TIMEOUT_SECONDS = 600
 # PrivateTmp= gives the service its own /tmp and /var/tmp: a run directory there would be invisible.
 _PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
+# ProtectHome=read-only: a model cache under a home directory (the default, ~/.cache/asr-service)
+# cannot be written by the unit; it gets systemd's own cache directory instead (CacheDirectory=).
+_HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
+CACHE_DIRECTORY = "asr-service"
+
+
+def commands(settings: Settings, run_dir: Path, bin_dir: Path, flags: list[str] = ()) -> dict[str, str]:
+    """The unit's asrctl and supervisord command lines, with the operator's ``asrctl systemd-unit``
+    flags passed on, so that every start renders what the unit was made for."""
+    extra = "".join(f" {flag}" for flag in flags)
+    return {
+        "render": f"{bin_dir}/asrctl render --quiet --run-dir {run_dir}{extra}",
+        "supervisord": f"{bin_dir}/supervisord -n -c {run_dir}/supervisor/supervisord.conf",
+        "reload": f"{bin_dir}/asrctl reload --quiet --run-dir {run_dir}{extra} --timeout {RELOAD_TIMEOUT_SECONDS}",
+        "down": f"{bin_dir}/asrctl down --quiet --run-dir {run_dir}",
+    }
+
+
+def model_cache_for_unit(settings: Settings, checkout: Path) -> Path | None:
+    """The model cache the unit uses: the configured one, or None for systemd's CacheDirectory."""
+    cache = _absolute(str(Path(settings.model_cache).expanduser()), checkout)
+    if any(cache == h or h in cache.parents for h in _HOMES):
+        return None
+    return cache
 
 
 def stop_groups(settings: Settings) -> int:
@@ -37,20 +61,21 @@ def timeout_stop_seconds(settings: Settings) -> int:
 
 
 def render_unit(settings: Settings, user: str, checkout: str | Path, *, group: str | None = None,
-                bin_dir: str | Path | None = None) -> str:
+                bin_dir: str | Path | None = None, flags: list[str] = ()) -> str:
     """The unit file's text.
 
     ``user`` runs the service (a dedicated account; it must own the run directory). ``group`` defaults
     to the user's primary group (or a group of the same name when the user does not exist here).
     ``checkout`` is the repository the service runs from; ``bin_dir`` defaults to its ``.venv/bin``
     (where scripts/setup.sh installs asrctl, supervisord and gunicorn). A relative ``run_dir`` is taken
-    relative to the checkout, the unit's working directory.
+    relative to the checkout, the unit's working directory. ``flags`` (``asrctl systemd-unit``'s own
+    setting flags) are passed on to the unit's ``asrctl render`` and ``asrctl reload``.
     """
     checkout = Path(checkout).resolve()
     bin_dir = Path(bin_dir) if bin_dir else checkout / ".venv" / "bin"
     run_dir = _absolute(settings.run_dir, checkout)
-    model_cache = _absolute(str(Path(settings.model_cache).expanduser()), checkout)
-    for name, path in (("run_dir", run_dir), ("model_cache", model_cache)):
+    model_cache = model_cache_for_unit(settings, checkout)
+    for name, path in (("run_dir", run_dir), ("model_cache", model_cache or Path("/var/cache"))):
         if any(path == t or t in path.parents for t in _PRIVATE_TMP):
             raise ValueError(f"{name} {path} is under {path.parts[1]}, which the unit's PrivateTmp=yes hides "
                              f"from the service; choose a directory elsewhere (e.g. /srv/asr or /var/lib/asr)")
@@ -65,6 +90,8 @@ def render_unit(settings: Settings, user: str, checkout: str | Path, *, group: s
         "bin_dir": bin_dir,
         "run_dir": run_dir,
         "model_cache": model_cache,
+        "cache_directory": CACHE_DIRECTORY,
+        "commands": commands(settings, run_dir, bin_dir, list(flags)),
         "max_instances": max(settings.instances, settings.max_instances),
         "stop_groups": stop_groups(settings),
         "stop_margin": STOP_MARGIN_SECONDS,
