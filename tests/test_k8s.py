@@ -10,6 +10,7 @@ A check skips only when its tool (kustomize/kubectl, kubernetes-validate, hadoli
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.util
 import json
@@ -410,10 +411,21 @@ def test_objects_select_the_instances(variant, objects):
 INGRESS = "nginx.ingress.kubernetes.io/"
 
 
+@functools.cache
+def host_nginx_conf() -> str:
+    """The host's nginx configuration as asrctl renders it with the default settings."""
+    import tempfile
+
+    from app.control.render import plan_instances, render_all
+
+    with tempfile.TemporaryDirectory(prefix="k8s-host-nginx-") as run_dir:
+        settings = Settings(run_dir=run_dir)
+        return render_all(settings, plan_instances(settings, gpus=[])).nginx_conf.read_text()
+
+
 def host_nginx_directive(name: str) -> str:
-    """A directive's value in the host's nginx template (deploy/nginx/nginx.conf.j2)."""
-    text = (REPO / "deploy" / "nginx" / "nginx.conf.j2").read_text()
-    return re.search(rf"^\s*{name} ([^;]+);", text, re.M)[1]
+    """A directive's value in the host's nginx (its first use: the client API's location)."""
+    return re.search(rf"^\s*{name} ([^;]+);", host_nginx_conf(), re.M)[1]
 
 
 @pytest.mark.parametrize("variant", MODEL_VARIANTS)
