@@ -17,28 +17,51 @@ import uuid as uuidlib
 
 
 def current_device() -> dict | None:
-    """{"uuid", "name", "pci_bus_id", "visible"} of CUDA device 0; None without a driver or a GPU."""
+    """{"uuid", "name", "pci_bus_id", "visible"} of CUDA device 0; None on a host without the CUDA
+    driver library. When the driver is there but cannot give a device (no GPU visible, a pin to a GPU
+    that is gone, a driver fault), {"error": ...} with the driver's own error name, so nothing can
+    take the GPU placement meant for the one CUDA uses."""
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return None
-    if cuda.cuInit(0) != 0:
-        return None
     count = ctypes.c_int(0)
     device = ctypes.c_int(0)
-    if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-        return None
-    if cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
-        return None
+    for call, args in (("cuInit", (0,)), ("cuDeviceGetCount", (ctypes.byref(count),)),
+                       ("cuDeviceGet", (ctypes.byref(device), 0))):
+        status = getattr(cuda, call)(*args)
+        if status != 0:
+            return {"error": f"{call}: {_error_name(cuda, status)}"}
+        if call == "cuDeviceGetCount" and count.value < 1:
+            return {"error": "cuDeviceGetCount: no CUDA device visible "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"}
     name = ctypes.create_string_buffer(256)
     cuda.cuDeviceGetName(name, len(name), device)
     raw = ctypes.create_string_buffer(16)
     get_uuid = getattr(cuda, "cuDeviceGetUuid_v2", None) or cuda.cuDeviceGetUuid
+    # CUDA gives 16 bytes; NVML writes a whole GPU's as GPU-<8-4-4-4-12 hex> (a MIG slice's as MIG-...,
+    # which app.gpu also finds under GPU-).
     uuid = "GPU-" + str(uuidlib.UUID(bytes=raw.raw)) if get_uuid(raw, device) == 0 else ""
     bus = ctypes.create_string_buffer(64)
     pci = bus.value.decode() if cuda.cuDeviceGetPCIBusId(bus, len(bus), device) == 0 else ""
     return {"uuid": uuid, "name": name.value.decode(errors="replace"), "pci_bus_id": pci,
             "visible": count.value}
+
+
+def same_gpu(a: str, b: str) -> bool:
+    """Two UUIDs of one device, whatever the case and whether a MIG slice is written GPU- or MIG-."""
+    def bare(u: str) -> str:
+        u = u.strip().lower()
+        return u[4:] if u.startswith(("gpu-", "mig-")) else u
+    return bool(a) and bool(b) and bare(a) == bare(b)
+
+
+def _error_name(cuda, status: int) -> str:
+    """CUDA_ERROR_NO_DEVICE (100), say: the driver's own name for a CUresult."""
+    name = ctypes.c_char_p()
+    if cuda.cuGetErrorName(status, ctypes.byref(name)) == 0 and name.value:
+        return f"{name.value.decode()} ({status})"
+    return f"CUresult {status}"
 
 
 def library_dirs() -> list[str]:

@@ -43,6 +43,7 @@ class ModelInstance:
         self.load_seconds: float | None = None
         self.requests_in_flight = 0  # /asr requests between arrival and answer, decode included
         self.gpu: dict | None = None  # on cuda: the GPU CUDA really uses, and the memory this holds
+        self._gpu_used_before_mb: int | None = None   # the GPU's used memory before this loaded
         self._count_lock = threading.Lock()
 
     @property
@@ -86,8 +87,7 @@ class ModelInstance:
                                       aligner_model=s.aligner_model, chunk_seconds=s.chunk_seconds)
             self._warm_up()
             if self.device == "cuda":
-                self.gpu.update(self._measure_gpu_memory())
-                self.gpu.pop("_used_before_mb", None)
+                self.gpu = {**self.gpu, **self._measure_gpu_memory()}   # one assignment: /health may be reading it
         except Exception as e:  # noqa: BLE001 - any load failure makes the instance unusable
             log.exception("model load failed")
             self.error, self.state = f"{type(e).__name__}: {e}", FAILED
@@ -117,18 +117,27 @@ class ModelInstance:
         """The GPU CUDA gives this process as device 0, which must be the one placement chose."""
         seen = cuda.current_device()
         planned = self.settings.gpu_uuid
-        if seen and planned and seen["uuid"] and seen["uuid"].lower() != planned.lower():
+        if seen is None:
+            raise RuntimeError("device is cuda but this host has no CUDA driver (libcuda.so.1 not found)")
+        if seen.get("error"):
+            raise RuntimeError(f"CUDA cannot give this instance a GPU (CUDA_VISIBLE_DEVICES={pinned_gpu()!r}, "
+                               f"placed on {planned or 'any GPU'}): {seen['error']}")
+        if planned and seen["uuid"] and not cuda.same_gpu(seen["uuid"], planned):
             raise RuntimeError(f"CUDA's device 0 is {seen['name']} {seen['uuid']}, but this instance was placed "
                                f"on {planned} (CUDA_VISIBLE_DEVICES={pinned_gpu()!r})")
-        ident = (seen or {}).get("uuid") or planned or pinned_gpu() or "0"
-        info = gpu.gpu(ident)
-        return {"uuid": (seen or {}).get("uuid") or (info.uuid if info else "") or None,
-                "name": (seen or {}).get("name") or (info.name if info else "") or None,
-                "index": info.index if info and info.index >= 0 else None,
-                "pci_bus_id": (seen or {}).get("pci_bus_id") or (info.pci_bus_id if info else "") or None,
-                "pinned": pinned_gpu(), "seen_by": "cuda" if seen else "nvml",
-                "memory_mb": None, "memory_source": None,
-                "_used_before_mb": info.memory_used_mb if info else None}
+        # NVML's record of the same GPU: its own spelling of the UUID (MIG-... for a slice) names it on
+        # /metrics and in status, and its used memory now is the baseline for the memory measured later.
+        info = gpu.gpu(seen["uuid"]) if seen["uuid"] else None
+        if (info is None or info.fault) and planned:   # (a different planned GPU was refused above)
+            info = gpu.gpu(planned)
+        nvml_ok = info is not None and not info.fault
+        self._gpu_used_before_mb = info.memory_used_mb if nvml_ok else None
+        return {"uuid": (info.uuid if nvml_ok and info.uuid else seen["uuid"]) or None,
+                "name": seen["name"] or (info.name if nvml_ok else "") or None,
+                "index": info.index if nvml_ok and info.index >= 0 else None,
+                "pci_bus_id": seen["pci_bus_id"] or (info.pci_bus_id if nvml_ok else "") or None,
+                "pinned": pinned_gpu(), "seen_by": "cuda",
+                "memory_mb": None, "memory_source": None}
 
     def _measure_gpu_memory(self) -> dict:
         """GPU memory this process holds after load and warm-up: NVML's per-process figure, else the
@@ -144,7 +153,7 @@ class ModelInstance:
         # A container whose process ids NVML does not see, and an engine with no figure of its own
         # (CTranslate2): the GPU's used memory now minus before loading. Another process loading on the
         # same GPU meanwhile makes this too high, which errs on the safe side for placement.
-        before, now = self.gpu.get("_used_before_mb"), gpu.gpu(ident)
+        before, now = self._gpu_used_before_mb, gpu.gpu(ident)
         if before is not None and now is not None and now.memory_used_mb is not None and now.memory_used_mb > before:
             return {"memory_mb": now.memory_used_mb - before, "memory_source": "nvml-device-delta"}
         return {"memory_mb": None, "memory_source": None}

@@ -384,10 +384,11 @@ def _speech(count: int, seconds: float) -> list:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from app.control.placement import resolve_device
-    from app.gpu import detect_gpus
+    from app.gpu import inventory
 
     # "cuda" stays cuda on a host without one: its checks then fail in the report, they do not vanish.
-    device = args.device if args.device != "auto" else resolve_device("auto", detect_gpus())
+    found = inventory() if args.device == "auto" else None
+    device = args.device if found is None else resolve_device("auto", found.gpus, found.error)
     report = Report(Path(args.report), args.deadline)
     report.data.update(device=device, shape=args.shape, qwen_shape=args.qwen_shape, engines=args.engines)
     with tempfile.TemporaryDirectory(prefix="asr-gpu-check-") as tmp:

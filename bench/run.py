@@ -368,9 +368,10 @@ def _device(plan: Plan) -> str:
     """Where the services run, so the bare engine runs there too (a GPU service against a CPU bare
     engine measures the hardware, not the service)."""
     from app.control.placement import resolve_device
-    from app.gpu import detect_gpus
+    from app.gpu import inventory
 
-    return resolve_device(plan.device, detect_gpus())
+    found = inventory()
+    return resolve_device(plan.device, found.gpus, found.error)
 
 
 def _model_cache() -> str:

@@ -6,6 +6,7 @@ the real code. No GPU exists on the test machines: this is the hardware boundary
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -25,15 +26,21 @@ class FakeGpu:
     processes: dict[int, int] = field(default_factory=dict)   # pid -> MB it holds
     lost: bool = False              # fell off the bus: every query raises GpuIsLost
     util_not_supported: bool = False  # MIG / vGPU: utilization raises NotSupported
+    mig: bool | None = None         # MIG mode on (True) or off (False); None: no MIG on this GPU
+    hang: threading.Event | None = None   # until it is set, every query blocks (a GPU falling off the bus)
 
 
 class FakeNvml:
-    def __init__(self, gpus: list[FakeGpu], driver: bool = True):
+    def __init__(self, gpus: list[FakeGpu], driver: bool = True, slices: list[FakeGpu] = (),
+                 init_error: int | None = None):
         self.gpus = gpus
+        self.slices = list(slices)     # MIG slices: found by their MIG-... UUID only, as in NVML
         self.driver = driver
+        self.init_error = init_error   # an NVML error code nvmlInit raises (a broken driver)
         self.calls = 0
         for i, g in enumerate(gpus):
-            g.uuid = g.uuid or f"GPU-{i:08x}-0000-0000-0000-{i:012x}"
+            # Hex letters, as real UUIDs have: a comparison that minds the case would fail.
+            g.uuid = g.uuid or f"GPU-{i:08x}-abcd-ef01-2345-{i:012x}"
             g.pci_bus_id = g.pci_bus_id or f"00000000:{0x10 + i:02X}:00.0"
 
     def install(self, monkeypatch) -> "FakeNvml":
@@ -42,10 +49,10 @@ class FakeNvml:
         for name in ("nvmlInit", "nvmlShutdown", "nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex",
                      "nvmlDeviceGetHandleByUUID", "nvmlDeviceGetIndex", "nvmlDeviceGetName", "nvmlDeviceGetUUID",
                      "nvmlDeviceGetPciInfo", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUtilizationRates",
-                     "nvmlDeviceGetComputeRunningProcesses"):
+                     "nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetMigMode"):
             monkeypatch.setattr(pynvml, name, getattr(self, name))
         app.gpu.reset()
-        monkeypatch.setattr(app.gpu, "_reported", set())
+        monkeypatch.setattr(app.gpu, "_reported", {})
         return self
 
     # -- pynvml's functions --
@@ -54,6 +61,8 @@ class FakeNvml:
         self.calls += 1
         if not self.driver:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+        if self.init_error is not None:
+            raise pynvml.NVMLError(self.init_error)
 
     def nvmlShutdown(self):
         pass
@@ -68,17 +77,21 @@ class FakeNvml:
 
     def nvmlDeviceGetHandleByUUID(self, uuid):
         uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
-        for g in self.gpus:
+        for g in [*self.gpus, *self.slices]:
             if g.uuid == uuid:
                 return g
         raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
 
     def _alive(self, g: FakeGpu) -> FakeGpu:
+        if g.hang is not None:
+            g.hang.wait(60)     # until the test lets it answer (bounded: a broken test must not hang)
         if g.lost:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         return g
 
     def nvmlDeviceGetIndex(self, handle):
+        if handle in self.slices:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return self.gpus.index(handle)
 
     def nvmlDeviceGetName(self, handle):
@@ -104,3 +117,10 @@ class FakeNvml:
     def nvmlDeviceGetComputeRunningProcesses(self, handle):
         g = self._alive(handle)
         return [SimpleNamespace(pid=pid, usedGpuMemory=mb * MB) for pid, mb in g.processes.items()]
+
+    def nvmlDeviceGetMigMode(self, handle):
+        g = self._alive(handle)
+        if g.mig is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        mode = pynvml.NVML_DEVICE_MIG_ENABLE if g.mig else pynvml.NVML_DEVICE_MIG_DISABLE
+        return [mode, mode]

@@ -1,6 +1,7 @@
 """GPU hosts through a fake NVML at the pynvml boundary (tests/fake_nvml.py), driving the real code:
 ``app.gpu``, placement, rendering, the autoscaler, an instance's /health and /metrics, and ``asrctl
-status``. Mixed GPUs, MIG (utilization NotSupported), a GPU lost mid-run, a full GPU, no driver."""
+status``. Mixed GPUs, vGPU (utilization NotSupported), MIG mode and MIG slices, a GPU lost mid-run, a
+full GPU, a hung NVML, no driver and a broken driver; and CUDA's own answer through a fake driver."""
 from __future__ import annotations
 
 import json
@@ -70,13 +71,47 @@ def test_a_full_gpu_takes_no_instance_and_up_says_why(monkeypatch, tmp_path):
         plan_instances(greedy, gpu.detect_gpus())
 
 
-def test_mig_without_utilization_still_places_and_serves_figures(monkeypatch):
-    gpus = [FakeGpu("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40_192, used_mb=100, util_not_supported=True)]
+def test_a_vgpu_without_utilization_still_places_and_serves_figures(monkeypatch, caplog):
+    gpus = [FakeGpu("GRID A100D-40C", 40_192, used_mb=100, util_not_supported=True)]
     FakeNvml(gpus).install(monkeypatch)
+    caplog.set_level(logging.INFO, "asr.gpu")
     (g,) = gpu.detect_gpus()
-    assert g.usable and g.fault == "" and g.utilization_pct is None and g.memory_free_mb == 40_092
+    assert g.usable and g.fault == "" and g.utilization_fault == "" and g.utilization_pct is None
+    assert g.memory_free_mb == 40_092 and not caplog.records          # NotSupported is no fault
     placement = place_one([], "cuda", [g], [0], 1, instance_memory_mb=3_000)
     assert placement.gpu == 0 and placement.gpu_uuid == g.uuid
+
+
+def test_a_gpu_in_mig_mode_is_not_placed_on_and_says_why(monkeypatch, tmp_path):
+    """CUDA computes on a MIG GPU's slices, not on the GPU its UUID names, and the GPU's free memory is
+    no slice's: asrctl places on whole GPUs only, and says so instead of starting instances that fail."""
+    fake = FakeNvml([FakeGpu("NVIDIA A100-SXM4-80GB", 81_920, util_not_supported=True, mig=True),
+                     FakeGpu("NVIDIA A100-SXM4-80GB", 81_920, used_mb=1_000, mig=False)]).install(monkeypatch)
+    mig, whole = gpu.detect_gpus()
+    assert not mig.usable and "MIG mode is on" in mig.fault and whole.usable
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "instances": 2, "device": "cuda"})
+    assert [s.placement.gpu for s in plan_instances(settings, [mig, whole])] == [1, 1]
+    fake.gpus[1].mig = True
+    with pytest.raises(ConfigError, match=r"room on the GPUs for 0 of 2 instances: NVML fault \(gpu0: MIG mode is on"):
+        plan_instances(settings, gpu.detect_gpus())
+
+
+def test_an_instance_given_a_mig_slice_finds_it_under_either_prefix(monkeypatch, tmp_path):
+    """On Kubernetes the device plugin hands a pod one MIG slice. CUDA names it by 16 bytes, written
+    GPU-...; NVML knows it as MIG-...: the instance finds its slice's figures all the same."""
+    from app import cuda
+    from app.instance import ModelInstance
+
+    slice_ = FakeGpu("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40_192, used_mb=13, util_not_supported=True,
+                     uuid="MIG-4b2c9a1e-7d3f-5e60-8a9b-0c1d2e3f4a5b")
+    fake = FakeNvml([FakeGpu("NVIDIA A100-SXM4-80GB", 81_920, mig=True)], slices=[slice_]).install(monkeypatch)
+    monkeypatch.setattr(cuda, "current_device", lambda: {"uuid": "GPU-" + slice_.uuid[4:], "name": slice_.name,
+                                                         "pci_bus_id": "0000:07:00.0", "visible": 1})
+    inst = ModelInstance(load_settings(env={}, overrides={"device": "cuda"}))
+    inst.gpu = inst._check_gpu()
+    assert inst.gpu["uuid"] == slice_.uuid and inst.gpu["seen_by"] == "cuda"   # NVML's own name for it
+    assert inst._gpu_used_before_mb == 13 and inst.gpu_identity() == slice_.uuid
+    assert gpu.gpu(inst.gpu_identity()).memory_total_mb == 40_192 and fake.gpus[0].mig
 
 
 def test_a_gpu_lost_mid_run_degrades_to_a_fault_and_placement_avoids_it(monkeypatch, caplog):
@@ -191,11 +226,12 @@ def test_metrics_and_health_read_the_pinned_gpu_and_survive_its_loss(monkeypatch
     fake = FakeNvml(mixed()).install(monkeypatch)
     l4 = fake.gpus[1]
     client, inst = _gpu_app(monkeypatch, tmp_path, l4.uuid)
-    # No CUDA on this host: the engine cannot load on cuda, and says so; the instance lives on.
+    # No CUDA on this host: the instance cannot compute on a GPU, says so, and names none as its own
+    # (NVML's view of the GPU it was meant for is not the GPU an engine uses); it lives on.
     assert inst.state == "failed" and client.get("/ready").status_code == 503
     health = client.get("/health").get_json()
-    assert health["gpu"]["uuid"] == l4.uuid and health["gpu"]["name"] == "NVIDIA L4"
-    assert health["gpu"]["index"] == 1 and health["gpu"]["seen_by"] == "nvml"   # CUDA could not be asked
+    assert health["gpu"] is None and "no CUDA driver (libcuda.so.1 not found)" in health["error"]
+    # /metrics still reads the GPU it is pinned to.
     metrics = client.get("/metrics").get_data(as_text=True)
     assert _metric(metrics, "asr_gpu_nvml_up") == "asr_gpu_nvml_up 1.0"
     assert f'uuid="{l4.uuid}"' in _metric(metrics, "asr_gpu_info")
@@ -284,14 +320,17 @@ def test_up_names_the_missing_engine_packages_of_a_ctranslate2_only_install(monk
 def test_an_instance_measures_its_gpu_memory_from_the_best_figure_it_can_get(monkeypatch, tmp_path):
     """NVML's per-process figure first; in a container whose pids NVML does not see, the engine's own
     figure; for an engine with none, the GPU's used memory after loading minus before."""
+    from app import cuda
     from app.instance import ModelInstance
 
     fake = FakeNvml([FakeGpu("NVIDIA H200", 143_771, used_mb=1_000)]).install(monkeypatch)
     h200 = fake.gpus[0]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", h200.uuid)
     inst = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": h200.uuid}))
+    monkeypatch.setattr(cuda, "current_device", lambda: {"uuid": h200.uuid, "name": h200.name,
+                                                         "pci_bus_id": "0000:10:00.0", "visible": 1})
     inst.gpu = inst._check_gpu()
-    assert inst.gpu["uuid"] == h200.uuid and inst.gpu["_used_before_mb"] == 1_000
+    assert inst.gpu["uuid"] == h200.uuid and inst._gpu_used_before_mb == 1_000
 
     class _Engine:  # an engine with no memory figure of its own, as CTranslate2
         pass
@@ -321,4 +360,142 @@ def test_an_instance_refuses_a_gpu_other_than_the_one_it_was_placed_on(monkeypat
         inst._check_gpu()
     right = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": h100.uuid}))
     right.gpu = right._check_gpu()
-    assert right.gpu["seen_by"] == "cuda" and right.gpu["index"] == 0 and right.gpu_identity() == h100.uuid.upper()
+    # CUDA wrote the UUID in capitals (the fake's; real drivers may differ from NVML in case): the
+    # GPU is still found, and named as NVML names it.
+    assert right.gpu["seen_by"] == "cuda" and right.gpu["index"] == 0 and right.gpu_identity() == h100.uuid
+
+
+# -- NVML that hangs, a driver that is broken, and CUDA's own answer --------------------------------------
+
+
+def test_a_hung_nvml_is_a_fault_within_its_timeout_and_recovers(monkeypatch, tmp_path, capsys):
+    """A GPU falling off the bus can make NVML calls block. A scrape, a tick or ``asrctl status`` then
+    gets a fault within the timeout, later calls fail at once while the stuck one has not returned,
+    and the figures come back (with one log line) when NVML answers again."""
+    import threading
+
+    fake = FakeNvml(mixed()).install(monkeypatch)
+    monkeypatch.setattr(gpu, "CALL_TIMEOUT_S", 0.5)
+    client, _ = _gpu_app(monkeypatch, tmp_path, fake.gpus[1].uuid)
+    assert all(g.usable for g in gpu.detect_gpus())
+    fake.gpus[0].hang = threading.Event()
+    try:
+        t0 = time.monotonic()
+        stuck = gpu.detect_gpus()
+        assert time.monotonic() - t0 < 3          # one timeout, then every call fails at once
+        assert "did not answer within 0.5 s" in stuck[0].fault or "NVML not answering" in stuck[0].fault
+        assert not any(g.usable for g in stuck)   # NVML answers nothing while a call is stuck
+        t0 = time.monotonic()
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200 and time.monotonic() - t0 < 3
+        assert _metric(metrics.get_data(as_text=True), "asr_gpu_nvml_up") == "asr_gpu_nvml_up 0.0"
+    finally:
+        fake.gpus[0].hang.set()
+    deadline = time.monotonic() + 10
+    while gpu._caller.stuck and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(g.usable for g in gpu.detect_gpus())
+    logged = capsys.readouterr().out       # the instance's JSON log lines (create_app set them up)
+    assert "NVML gpu0: memory: NVML not answering" in logged and "NVML gpu0: cleared" in logged
+
+
+def test_a_broken_driver_is_not_taken_for_a_cpu_host(monkeypatch, tmp_path, capsys, caplog):
+    """NVML failing on a host that has a driver (a library/driver mismatch after an upgrade without a
+    reboot) must not quietly put ``device = auto`` on the CPU: ``asrctl up`` refuses, with NVML's
+    own words; asked for the CPU explicitly, it serves there. No driver at all is a CPU host."""
+    import pynvml
+
+    from app.control import cli
+
+    caplog.set_level(logging.INFO, "asr.gpu")
+    FakeNvml([], init_error=pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH).install(monkeypatch)
+    found = gpu.inventory()
+    assert found.gpus == [] and found.error and not found.no_driver
+    assert any(r.levelno == logging.WARNING and "NVML unavailable" in r.message for r in caplog.records)
+    auto = load_settings(env={}, overrides={"run_dir": str(tmp_path / "run"), "instances": 1})
+    with pytest.raises(ConfigError, match=f"NVML .* failed: {found.error}.* device = \"cpu\""):
+        plan_instances(auto, found.gpus, nvml_error=found.error)
+    cpu = load_settings(env={}, overrides={**vars(auto), "device": "cpu"})
+    assert plan_instances(cpu, found.gpus, nvml_error=found.error)[0].placement.device == "cpu"
+    with pytest.raises(ConfigError, match=f"no NVIDIA GPU is visible \\(NVML: {found.error}\\)"):
+        plan_instances(load_settings(env={}, overrides={**vars(auto), "device": "cuda"}), [], nvml_error=found.error)
+    assert cli.main(["up", "--run-dir", str(tmp_path / "run")]) == 1
+    assert f"NVML (the NVIDIA driver's library) failed: {found.error}" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "supervisor.sock").exists()
+
+    FakeNvml([], driver=False).install(monkeypatch)
+    absent = gpu.inventory()
+    assert absent.no_driver and plan_instances(auto, [], nvml_error=absent.error)[0].placement.device == "cpu"
+
+
+class FakeLibcuda:
+    """The CUDA driver API's few calls ``app.cuda`` makes, answering through the same ctypes
+    arguments the real libcuda.so.1 gets (no GPU here: the hardware boundary)."""
+
+    def __init__(self, devices: list[tuple[str, str, str]], init_status: int = 0):
+        self.devices, self.init_status = devices, init_status   # (name, uuid, pci bus id)
+
+    def cuInit(self, flags):
+        return self.init_status
+
+    def cuGetErrorName(self, status, name_ref):
+        self._name = {100: b"CUDA_ERROR_NO_DEVICE", 999: b"CUDA_ERROR_UNKNOWN"}.get(status)
+        if self._name is None:
+            return 1
+        name_ref._obj.value = self._name
+        return 0
+
+    def cuDeviceGetCount(self, count_ref):
+        count_ref._obj.value = len(self.devices)
+        return 0
+
+    def cuDeviceGet(self, device_ref, ordinal):
+        device_ref._obj.value = ordinal
+        return 0 if ordinal < len(self.devices) else 101
+
+    def cuDeviceGetName(self, buffer, size, device):
+        buffer.value = self.devices[device.value][0].encode()[:size - 1]
+        return 0
+
+    def cuDeviceGetUuid_v2(self, buffer, device):
+        import uuid
+
+        buffer.raw = uuid.UUID(self.devices[device.value][1].split("-", 1)[1]).bytes
+        return 0
+
+    def cuDeviceGetPCIBusId(self, buffer, size, device):
+        buffer.value = self.devices[device.value][2].encode()
+        return 0
+
+
+def test_cuda_names_device_0_as_nvml_does_and_its_errors_by_name(monkeypatch):
+    from app import cuda
+
+    h100 = ("NVIDIA H100 80GB HBM3", "GPU-6f3a0c2e-9b1d-4e57-a8c3-0d2e4f6a8b9c", "0000:3B:00.0")
+    monkeypatch.setattr(cuda.ctypes, "CDLL", lambda name: FakeLibcuda([h100]))
+    assert cuda.current_device() == {"uuid": h100[1], "name": h100[0], "pci_bus_id": h100[2], "visible": 1}
+    monkeypatch.setattr(cuda.ctypes, "CDLL", lambda name: FakeLibcuda([]))
+    assert cuda.current_device()["error"].startswith("cuDeviceGetCount: no CUDA device visible")
+    monkeypatch.setattr(cuda.ctypes, "CDLL", lambda name: FakeLibcuda([h100], init_status=100))
+    assert cuda.current_device() == {"error": "cuInit: CUDA_ERROR_NO_DEVICE (100)"}
+    monkeypatch.setattr(cuda.ctypes, "CDLL", lambda name: FakeLibcuda([h100], init_status=3))
+    assert cuda.current_device() == {"error": "cuInit: CUresult 3"}
+
+    def no_library(name):
+        raise OSError("libcuda.so.1: cannot open shared object file")
+    monkeypatch.setattr(cuda.ctypes, "CDLL", no_library)
+    assert cuda.current_device() is None
+    assert cuda.same_gpu("MIG-" + h100[1][4:], h100[1].upper()) and not cuda.same_gpu(h100[1], "")
+
+
+def test_an_instance_whose_cuda_fails_says_so_and_names_no_gpu(monkeypatch):
+    from app import cuda
+    from app.instance import ModelInstance
+
+    fake = FakeNvml(mixed()).install(monkeypatch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", fake.gpus[1].uuid)
+    monkeypatch.setattr(cuda, "current_device", lambda: {"error": "cuInit: CUDA_ERROR_NO_DEVICE (100)"})
+    inst = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": fake.gpus[1].uuid}))
+    inst.load_now()
+    assert inst.state == "failed" and inst.gpu is None
+    assert "CUDA cannot give this instance a GPU" in inst.error and "CUDA_ERROR_NO_DEVICE" in inst.error

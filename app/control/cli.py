@@ -70,17 +70,18 @@ def cmd_up(args) -> int:
     resolve_model(settings.engine, settings.model, settings.model_cache)
     paths = RunPaths.at(settings.run_dir)
     client = SupervisorClient(paths.socket)
-    gpus = detect_gpus()
+    found = inventory()
+    gpus = found.gpus
     say = lambda m: _say(args, m)  # noqa: E731
     if client.running():
-        pool = Pool.load(paths) or Pool(plan_instances(settings, gpus))
+        pool = Pool.load(paths) or Pool(plan_instances(settings, gpus, nvml_error=found.error))
         actuator = Actuator(settings, client, gpus, log=say)
         _say(args, f"updated running service: {_describe_changes(actuator.publish(pool))}")
         if args.instances is not None:
             actuator.scale_to(pool, args.instances)
     else:
         # Orphans of a killed supervisord keep serving while their replacements start on fresh ports.
-        pool = Pool(plan_instances(settings, gpus))
+        pool = Pool(plan_instances(settings, gpus, nvml_error=found.error))
         heal.plan_adoption(settings, pool, say, previous=Pool.load(paths))
         _render(settings, pool, before_start=True)
         client = start_supervisord(paths)
@@ -179,7 +180,8 @@ def cmd_status(args) -> int:
 def cmd_render(args) -> int:
     settings = _settings(args)
     paths = RunPaths.at(settings.run_dir)
-    pool = Pool.load(paths) or Pool(plan_instances(settings, detect_gpus()))
+    found = inventory()
+    pool = Pool.load(paths) or Pool(plan_instances(settings, found.gpus, nvml_error=found.error))
     before_start = not SupervisorClient(paths.socket).running()
     if before_start:
         # About to be started (the systemd unit's ExecStartPre): plan around a killed supervisord's

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from app.config import ConfigError
 from app.devices import available_cores, format_cores, parse_cores  # noqa: F401  (re-exported)
-from app.gpu import GpuInfo, detect_gpus  # noqa: F401  (re-exported)
+from app.gpu import GpuInfo, detect_gpus, driver_absent  # noqa: F401  (detect_gpus re-exported)
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,21 @@ def choose_gpus(count: int, gpus: list, instance_mb: int, headroom_mb: int = 0,
     return room
 
 
-def resolve_device(device: str, gpus: list[GpuInfo]) -> str:
+def resolve_device(device: str, gpus: list[GpuInfo], nvml_error: str = "") -> str:
+    """``auto`` is cuda where NVML lists GPUs, cpu where the host has no NVIDIA driver. Where the driver
+    is there but NVML fails (a driver upgraded without a reboot, no permission, a hung GPU), the host
+    is not taken for a CPU host: serving on the CPU must be asked for, not fallen into."""
     if device == "auto":
-        return "cuda" if gpus else "cpu"
+        if gpus:
+            return "cuda"
+        if nvml_error and not driver_absent(nvml_error):
+            raise ConfigError(f"device is auto, but NVML (the NVIDIA driver's library) failed: {nvml_error}. "
+                              "This host's NVIDIA driver is not working (nvidia-smi shows the same); fix it, "
+                              "or set device = \"cpu\" to serve on the CPU")
+        return "cpu"
     if device == "cuda" and not gpus:
-        raise ConfigError("device is cuda but no NVIDIA GPU is visible (NVML found none)")
+        raise ConfigError("device is cuda but no NVIDIA GPU is visible "
+                          + (f"(NVML: {nvml_error})" if nvml_error else "(NVML found none)"))
     return device
 
 

@@ -66,8 +66,9 @@ def instance_name(port: int) -> str:
     return f"{PROGRAM_PREFIX}{port}"
 
 
-def plan_instances(settings: Settings, gpus: list[GpuInfo], cores: list[int] | None = None) -> list[InstanceSpec]:
-    device = resolve_device(settings.device, gpus)
+def plan_instances(settings: Settings, gpus: list[GpuInfo], cores: list[int] | None = None,
+                   nvml_error: str = "") -> list[InstanceSpec]:
+    device = resolve_device(settings.device, gpus, nvml_error)
     placements = plan_placement(settings.instances, device, gpus, cores or available_cores(),
                                 gpu_map=settings.gpu_list(), cpu_threads=settings.cpu_threads,
                                 instance_memory_mb=settings.instance_gpu_memory_mb,
