@@ -200,6 +200,69 @@ def test_autoscaler_on_a_gpu_pool_without_nvml_adds_nothing(monkeypatch, tmp_pat
     assert "no room for 1 new instance: no GPU figures from NVML" in _tick(settings, _dead_pool("cuda", 1, 0))
 
 
+class _HealthStubs:
+    """One tiny HTTP server per instance on a free loopback port, answering ``/health`` with what
+    the test sets: what the autoscaler reads of running instances, without loading a model."""
+
+    def __init__(self, answers: list[dict]):
+        import http.server
+        import threading
+
+        self.servers = []
+        for answer in answers:
+            body = json.dumps(answer).encode()
+
+            class Health(http.server.BaseHTTPRequestHandler):
+                def do_GET(self, body=body):
+                    self.send_response(200 if self.path == "/health" else 404)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+                def log_message(self, *args):
+                    pass
+
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self.servers.append(server)
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.server_address[1] for s in self.servers]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+def test_autoscaler_places_by_the_memory_its_gpu_instances_measured(monkeypatch, tmp_path):
+    """``observe`` reads each GPU instance's /health ``gpu.memory_mb`` (the most of them is one
+    instance's memory) into the policy's context, and the tick's room check uses it instead of the
+    configured 2048 MB."""
+    from app.control.autoscaler import observe
+
+    FakeNvml([FakeGpu("NVIDIA L40S", 46_068, used_mb=34_068)]).install(monkeypatch)   # 12000 MB free
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "device": "cuda", "min_instances": 1,
+                                                "max_instances": 8, "upscale_delay_seconds": 0,
+                                                "cooldown_seconds": 0})
+    busy = {"state": "ready", "queue": {"running": 2, "waiting": 8}}
+    stubs = _HealthStubs([{**busy, "gpu": {"memory_mb": 5_120}}, {**busy, "gpu": {"memory_mb": 4_900}}])
+    try:
+        pool = Pool([InstanceSpec(f"asr-{p}", p, 1, Placement("cuda", gpu=0)) for p in stubs.ports])
+        ctx = observe(pool, settings, gpu.detect_gpus(), now=0.0, last_change_at=None)
+        assert ctx.instance_memory_mb == 5_120 and ctx.gpu_pool
+        assert [(i.in_flight, i.queue_depth, i.ready) for i in ctx.instances] == [(2, 8, True)] * 2
+        # 12000 MB free takes two instances of 5120 MB (+ 512 headroom): 12000 -> 6880 -> 1760. The
+        # configured 2048 MB would have let five in.
+        reason = _tick(settings, pool)
+        assert "room for only 2 of 6 new instances" in reason and "scaling up 2 -> 4 on gpu0, gpu0" in reason
+        assert "gpu0 1760 MB free; an instance needs 5632 MB" in reason
+    finally:
+        stubs.close()
+
+
 # -- an instance's /health and /metrics --------------------------------------------------------------
 
 
