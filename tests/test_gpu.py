@@ -19,7 +19,7 @@ from app.control.autoscaler import Autoscaler
 from app.control.placement import Placement, place_one
 from app.control.pool import Pool
 from app.control.render import InstanceSpec, plan_instances
-from fake_nvml import FakeGpu, FakeNvml
+from fake_nvml import FakeGpu, FakeNvml, cuda_sees
 
 
 def mixed() -> list[FakeGpu]:
@@ -405,6 +405,95 @@ def test_an_instance_measures_its_gpu_memory_from_the_best_figure_it_can_get(mon
     assert inst._measure_gpu_memory() == {"memory_mb": 3_300, "memory_source": "nvml-device-delta"}
     inst.engine.gpu_memory_mb = lambda: 2_900     # torch's reserved memory
     assert inst._measure_gpu_memory() == {"memory_mb": 2_900, "memory_source": "engine"}
+
+
+class _WarmingEngine:
+    """An engine on the fake GPU: loading it takes ``loaded_mb`` of this process's GPU memory, and its
+    first batch raises that to ``batch_mb``, as a real warm-up does (activations, cuBLAS workspaces, the
+    caching allocator keeping what the batch used). ``own_mb``: the engine's own figure, if any."""
+
+    name, model_name, device, compute_type = "ctranslate2", "fake", "cuda", "float16"
+    multilingual, languages, can_translate, word_timestamps = False, frozenset({"en"}), False, False
+
+    def __init__(self, g: FakeGpu, loaded_mb: int, batch_mb: int, own_mb: int | None = None):
+        self.g, self.batch_mb, self.batches = g, batch_mb, []
+        g.processes[os.getpid()] = loaded_mb
+        if own_mb is not None:
+            self.gpu_memory_mb = lambda: own_mb
+
+    def transcribe_batch(self, audios, options):
+        from app.engines.base import SAMPLE_RATE, Transcript
+
+        self.batches.append(([len(a) for a in audios], [o.beam_size for o in options]))
+        self.g.processes[os.getpid()] = self.batch_mb
+        return [Transcript(text="", language="en", duration=len(a) / SAMPLE_RATE) for a in audios]
+
+    def transcribe(self, audio, options):
+        return self.transcribe_batch([audio], [options])[0]
+
+
+def _load_on_fake_gpu(monkeypatch, tmp_path, g: FakeGpu, make_engine, **overrides):
+    """A real instance app on ``cuda`` (CUDA's device 0 is ``g``), its engine made by ``make_engine``
+    where the real one would load: (test client, instance, the engine loaded, load_engine's arguments)."""
+    import app.instance
+
+    cuda_sees(monkeypatch, g)
+    loaded = []
+
+    def load_engine(engine, model, device, *args, **kwargs):
+        loaded.append((make_engine(), device))
+        return loaded[-1][0]
+
+    monkeypatch.setattr(app.instance, "load_engine", load_engine)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", g.uuid)
+    settings = load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": g.uuid, "instance_port": 1,
+                                                "model_cache": str(tmp_path), **overrides})
+    from app import create_app
+
+    instance_app = create_app(settings)
+    inst = instance_app.extensions["asr_instance"]
+    deadline = time.monotonic() + 60
+    while inst.state == "loading" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert inst.state == "ready", inst.error
+    (engine, device), = loaded
+    return instance_app.test_client(), inst, engine, device
+
+
+def test_an_instance_measures_its_gpu_memory_after_a_full_warm_up_batch(monkeypatch, tmp_path):
+    """The memory an instance reports is what it holds after warming up on one batch as large as its
+    queue runs, of full 30 s windows: measured right after loading, it would leave out what a batch
+    takes, and placement would put too many instances on the GPU."""
+    from app.engines.base import SAMPLE_RATE
+
+    fake = FakeNvml([FakeGpu("NVIDIA H200", 143_771, used_mb=1_000)]).install(monkeypatch)
+    h200 = fake.gpus[0]
+    client, inst, engine, device = _load_on_fake_gpu(
+        monkeypatch, tmp_path, h200, lambda: _WarmingEngine(h200, loaded_mb=1_500, batch_mb=4_200),
+        max_batch=5, beam_size=3)
+    assert device == "cuda"
+    assert engine.batches == [([30 * SAMPLE_RATE] * 5, [3] * 5)]     # one batch of max_batch 30 s windows
+    health = client.get("/health").get_json()
+    assert health["gpu"]["memory_mb"] == 4_200 and health["gpu"]["memory_source"] == "nvml"
+    assert health["gpu"]["uuid"] == h200.uuid
+
+
+@pytest.mark.parametrize("nvml", ["usedGpuMemory None", "NotSupported"])
+def test_without_nvml_per_process_memory_an_instance_reports_the_engines_figure(monkeypatch, tmp_path, nvml):
+    """MIG and some containers list processes with no memory figure (pynvml's ``usedGpuMemory`` is
+    None), and some GPUs refuse the process list (NotSupported): ``app.gpu.process_memory_mb`` says
+    it does not know, and the instance reports the engine's own figure (torch's reserved memory)."""
+    fake = FakeNvml([FakeGpu("NVIDIA A100-SXM4-80GB", 81_920, used_mb=800)]).install(monkeypatch)
+    a100 = fake.gpus[0]
+    a100.process_memory_hidden = nvml == "usedGpuMemory None"
+    a100.processes_not_supported = nvml == "NotSupported"
+    client, inst, engine, _ = _load_on_fake_gpu(
+        monkeypatch, tmp_path, a100, lambda: _WarmingEngine(a100, loaded_mb=1_500, batch_mb=4_200, own_mb=3_968))
+    assert gpu.process_memory_mb(a100.uuid, os.getpid()) is None
+    reported = client.get("/health").get_json()["gpu"]
+    assert (reported["memory_mb"], reported["memory_source"]) == (3_968, "engine")
+    a100.process_memory_hidden = a100.processes_not_supported = False     # the same GPU, figures given
+    assert gpu.process_memory_mb(a100.uuid, os.getpid()) == 4_200
 
 
 def test_an_instance_refuses_a_gpu_other_than_the_one_it_was_placed_on(monkeypatch):
