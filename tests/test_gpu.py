@@ -367,6 +367,79 @@ def test_engines_pick_float16_on_cuda_and_refuse_to_fall_back_to_cpu():
             load_engine(engine, model, "cuda", "auto")
 
 
+def _capture_to(monkeypatch, model_class) -> list:
+    """``model_class.to`` records where the engine sends the model and leaves it where it is (no GPU
+    here): the last step of loading on cuda, the rest of the load real."""
+    sent = []
+
+    def to(self, *args, **kwargs):
+        sent.append((args, kwargs))
+        return self
+
+    monkeypatch.setattr(model_class, "to", to)
+    return sent
+
+
+def test_ctranslate2_loads_float16_on_cuda_for_auto(monkeypatch):
+    """What faster-whisper's ``WhisperModel`` is asked for: device cuda, float16 for ``auto`` (int8 on
+    CPU), and an explicit precision as given. The model itself is then built on the CPU (no GPU)."""
+    import faster_whisper
+
+    from app.engines import load_engine
+    from app.engines.models import EMBEDDED, resolve_model
+
+    real, asked = faster_whisper.WhisperModel, []
+
+    def whisper_model(model, **kwargs):
+        asked.append(kwargs)
+        return real(model, **{**kwargs, "device": "cpu", "compute_type": "int8"})
+
+    monkeypatch.setattr(faster_whisper, "WhisperModel", whisper_model)
+    model = resolve_model("ctranslate2", EMBEDDED, load_settings(env={}).model_cache)
+    engine = load_engine("ctranslate2", model, "cuda", "auto")
+    assert (asked[-1]["device"], asked[-1]["compute_type"]) == ("cuda", "float16")
+    assert (engine.device, engine.compute_type) == ("cuda", "float16")     # what /health reports
+    load_engine("ctranslate2", model, "cuda", "int8_float16")
+    assert (asked[-1]["device"], asked[-1]["compute_type"]) == ("cuda", "int8_float16")
+    load_engine("ctranslate2", model, "cpu", "auto")
+    assert (asked[-1]["device"], asked[-1]["compute_type"]) == ("cpu", "int8")
+
+
+def test_transformers_loads_whisper_in_float16_on_cuda_for_auto(monkeypatch):
+    """The real checkpoint is loaded in the precision the engine asks for (float16 for ``auto`` on
+    cuda) and then sent to cuda; only that last move is caught, as this host has no GPU."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from app.engines import load_engine
+    from app.engines.models import EMBEDDED, resolve_model
+
+    sent = _capture_to(monkeypatch, WhisperForConditionalGeneration)
+    model = resolve_model("transformers", EMBEDDED, load_settings(env={}).model_cache)   # the shared cache
+    engine = load_engine("transformers", model, "cuda", "auto")
+    assert sent == [(("cuda",), {})]
+    assert engine._runner.model.dtype == torch.float16
+    assert (engine.device, engine.compute_type) == ("cuda", "float16")
+
+
+def test_qwen3_asr_loads_in_bfloat16_on_cuda_for_auto(monkeypatch, tmp_path):
+    """Qwen3-ASR (and its aligner) in bfloat16 on cuda for ``auto``, as its checkpoints are published;
+    built on a tiny random checkpoint (tests/random_qwen3_asr.py)."""
+    import torch
+    from transformers import Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
+
+    import random_qwen3_asr
+    from app.engines import load_engine
+
+    asr, aligner = random_qwen3_asr.build(tmp_path)
+    sent = _capture_to(monkeypatch, Qwen3ASRForConditionalGeneration)
+    sent_aligner = _capture_to(monkeypatch, Qwen3ASRForTokenClassification)
+    engine = load_engine("qwen3-asr", str(asr), "cuda", "auto", aligner_model=str(aligner))
+    assert sent == sent_aligner == [(("cuda",), {})]
+    assert engine.model.dtype == engine.aligner.dtype == torch.bfloat16
+    assert (engine.device, engine.compute_type) == ("cuda", "bfloat16")
+
+
 def test_up_names_the_missing_engine_packages_of_a_ctranslate2_only_install(monkeypatch, tmp_path, capsys):
     """A ctranslate2-only install has no torch: asking it for the transformers engine is one clear line."""
     import importlib.util
