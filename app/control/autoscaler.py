@@ -66,7 +66,7 @@ def observe(pool: Pool, settings: Settings, gpus: list[GpuInfo], now: float,
     gpu_loads = tuple(GpuLoad(g.index, g.utilization_pct, g.memory_free_mb, g.memory_total_mb, g.fault)
                       for g in gpus) if on_gpu else ()
     return ScalingContext(tuple(loads), gpu_loads, host, now, last_change_at,
-                          instance_memory_mb=measured_memory_mb(pool, healths) if on_gpu else None,
+                          instance_memory_mb=measured_memory_mb(pool, settings, healths) if on_gpu else None,
                           gpu_pool=on_gpu)
 
 
