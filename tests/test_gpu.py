@@ -510,8 +510,11 @@ def test_an_instance_whose_cuda_fails_says_so_and_names_no_gpu(monkeypatch):
 def test_scaling_by_several_reads_the_gpus_again_for_each_new_instance(monkeypatch, tmp_path):
     """``asrctl scale 4`` adds instances one after another; each placement must see the memory the
     ones before it took once loaded, not the free memory read before the first."""
+    from app.control import actuator as actuation
     from app.control.actuator import Actuator
 
+    states = {9000: "ready"}       # each instance's /health state, by port
+    monkeypatch.setattr(actuation, "get_json", lambda port, path: {"state": states[port]} if port in states else None)
     fake = FakeNvml([FakeGpu("NVIDIA L4", 23_034, used_mb=7_000)]).install(monkeypatch)   # one instance loaded
     settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "device": "cuda",
                                                 "instance_gpu_memory_mb": 7_000, "gpu_headroom_mb": 512})
@@ -522,7 +525,44 @@ def test_scaling_by_several_reads_the_gpus_again_for_each_new_instance(monkeypat
         assert placement.gpu == 0 and placement.gpu_uuid == fake.gpus[0].uuid
         pool.add(port, 1, placement)
         fake.gpus[0].used_mb += 7_000        # it has loaded: NVML now shows what it holds
+        states[port] = "ready"
     # 23034 - 21000 = 2034 MB free: a fourth 7000 MB instance does not fit, though the snapshot taken
     # before the first scale-up still said 16 GB.
     with pytest.raises(ConfigError, match=r"no room on a GPU for another instance: GPU memory full \(gpu0 2034 MB free"):
         actuator.place_next(pool)
+    # An instance loading its model again (after a crash or the watchdog) holds nothing NVML shows
+    # yet, but will: it is charged. So is one that does not answer; one draining is not (it still
+    # holds its memory, which NVML shows).
+    fake.gpus[0].used_mb -= 14_000            # two of the three are reloading: 16034 MB free
+    states[9001] = "loading"
+    del states[9002]
+    with pytest.raises(ConfigError, match=r"GPU memory full \(gpu0 2034 MB free"):
+        actuator.place_next(pool)
+    states[9002] = "ready"
+    pool.draining.add("asr-9001")              # being stopped: what it holds is going, not coming
+    assert actuator.place_next(pool).gpu == 0
+
+
+def test_the_autoscaler_charges_the_instances_that_do_not_hold_their_memory_yet(monkeypatch, tmp_path):
+    """The autoscaler's room check and asrctl scale charge the same instances: one loading its model
+    again is charged (NVML does not show what it is about to take), one draining is not (it still
+    holds its memory, which NVML shows)."""
+    from app.control import autoscaler
+
+    fake = FakeNvml([FakeGpu("NVIDIA L4", 23_034, used_mb=7_000)]).install(monkeypatch)
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "device": "cuda", "min_instances": 4,
+                                                "max_instances": 4, "instance_gpu_memory_mb": 7_000})
+    pool = Pool([InstanceSpec(f"asr-{p}", p, 1, Placement("cuda", gpu=0, gpu_uuid=fake.gpus[0].uuid))
+                 for p in (9000, 9001)])
+    states = {9000: "ready", 9001: "loading"}
+    monkeypatch.setattr(autoscaler, "get_json", lambda port, path: {"state": states[port], "queue": {}})
+    ctx = autoscaler.observe(pool, settings, gpu.detect_gpus(), now=1_000.0, last_change_at=None)
+    assert [(i.ready, i.holds_its_memory) for i in ctx.instances] == [(True, True), (False, False)]
+    # Two more wanted (min 4). 16034 MB free, less 7000 for the instance loading again: 9034, room for
+    # one 7512 MB instance; were the loading one not charged, there would be room for two.
+    decision, _ = autoscaler.decide(ctx, autoscaler.scaling_config(settings), autoscaler.PolicyState())
+    assert decision.desired == 3 and decision.placement == (0,), decision
+    states[9001] = "ready"
+    pool.draining.add("asr-9001")
+    ctx = autoscaler.observe(pool, settings, gpu.detect_gpus(), now=1_000.0, last_change_at=None)
+    assert [(i.ready, i.holds_its_memory) for i in ctx.instances] == [(True, True), (False, True)]

@@ -71,13 +71,17 @@ class Actuator:
         """Where one more instance goes. On GPUs NVML is read afresh each time: ``asrctl scale 4`` adds
         instances one after another, and each must see the memory the previous one has taken since."""
         device = pool_device(pool, self.settings, self.gpus)
-        if device == "cuda" and gpu is None:
-            self.gpus = detect_gpus()
         threads = self.settings.cpu_threads or min((i.placement.threads for i in pool.instances), default=1)
-        return place_one([i.placement for i in pool.instances], device, self.gpus, available_cores(),
-                         threads, gpu=gpu,
-                         instance_memory_mb=measured_memory_mb(pool, self.settings) or self.settings.instance_gpu_memory_mb,
-                         starting=[i.placement for i in pool.instances if i.name in pool.starting],
+        if device != "cuda" or gpu is not None:
+            return place_one([i.placement for i in pool.instances], device, self.gpus, available_cores(), threads,
+                             gpu=gpu)
+        self.gpus = detect_gpus()
+        on_gpu = [i for i in pool.instances if i.placement.device == "cuda"]
+        healths = [get_json(i.port, "/health") for i in on_gpu]
+        return place_one([i.placement for i in pool.instances], device, self.gpus, available_cores(), threads,
+                         instance_memory_mb=measured_memory_mb(pool, self.settings, healths)
+                         or self.settings.instance_gpu_memory_mb,
+                         starting=[i.placement for i, h in zip(on_gpu, healths) if not_loaded(pool, i.name, h)],
                          headroom_mb=self.settings.gpu_headroom_mb)
 
     def scale_up(self, pool: Pool, gpu: int | None = None) -> InstanceSpec:
@@ -156,6 +160,18 @@ def measured_memory_mb(pool: Pool, settings: Settings, healths: list[dict | None
                if h and isinstance(h.get("gpu"), dict) and isinstance(h["gpu"].get("memory_mb"), int)
                and (h.get("engine"), h.get("model"), (h.get("model_config") or {}).get("max_batch")) == same]
     return max(figures, default=None)
+
+
+def not_loaded(pool: Pool, name: str, health: dict | None) -> bool:
+    """The instance holds less GPU memory now than it will: starting, loading its model again (after
+    a crash, the watchdog or an autorestart) or not answering (a process starting over). NVML's free
+    memory does not show what it is about to take, so placement charges it one instance's figure.
+    A draining instance still holds its memory until it stops."""
+    if name in pool.starting:
+        return True
+    if name in pool.draining:
+        return False
+    return health is None or health.get("state") == "loading"
 
 
 def least_loaded(pool: Pool) -> str:
