@@ -253,7 +253,11 @@ def test_autoscaler_places_by_the_memory_its_gpu_instances_measured(monkeypatch,
     settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "device": "cuda", "min_instances": 1,
                                                 "max_instances": 8, "upscale_delay_seconds": 0,
                                                 "cooldown_seconds": 0})
-    busy = {"state": "ready", "queue": {"running": 2, "waiting": 8}}
+    from app.engines.models import display_name
+
+    # Instances of the model being placed (only their figures count): its engine, model and batch size.
+    busy = {"state": "ready", "queue": {"running": 2, "waiting": 8}, "engine": settings.engine,
+            "model": display_name(settings.model), "model_config": {"max_batch": settings.batch_size("cuda")}}
     stubs = _HealthStubs([{**busy, "gpu": {"memory_mb": 5_120}}, {**busy, "gpu": {"memory_mb": 4_900}}])
     try:
         pool = Pool([InstanceSpec(f"asr-{p}", p, 1, Placement("cuda", gpu=0)) for p in stubs.ports])
