@@ -1,7 +1,9 @@
 """GPU hosts through a fake NVML at the pynvml boundary (tests/fake_nvml.py), driving the real code:
 ``app.gpu``, placement, rendering, the autoscaler, an instance's /health and /metrics, and ``asrctl
 status``. Mixed GPUs, vGPU (utilization NotSupported), MIG mode and MIG slices, a GPU lost mid-run, a
-full GPU, a hung NVML, no driver and a broken driver; and CUDA's own answer through a fake driver."""
+full GPU, a hung NVML, no driver and a broken driver, processes whose memory NVML cannot tell; CUDA's
+own answer through a fake driver; an instance's memory measured after its warm-up; and what each
+engine asks its library for on cuda."""
 from __future__ import annotations
 
 import json
@@ -276,12 +278,12 @@ def test_autoscaler_places_by_the_memory_its_gpu_instances_measured(monkeypatch,
 # -- an instance's /health and /metrics --------------------------------------------------------------
 
 
-def _gpu_app(monkeypatch, tmp_path, pin: str):
+def _gpu_app(monkeypatch, tmp_path, pin: str, **overrides):
     from app import create_app
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", pin)
     settings = load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": pin, "instance_port": 1,
-                                                "model_cache": str(tmp_path)})
+                                                "model_cache": str(tmp_path), **overrides})
     app = create_app(settings)
     inst = app.extensions["asr_instance"]
     deadline = time.monotonic() + 60
@@ -525,19 +527,10 @@ def _load_on_fake_gpu(monkeypatch, tmp_path, g: FakeGpu, make_engine, **override
         return loaded[-1][0]
 
     monkeypatch.setattr(app.instance, "load_engine", load_engine)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", g.uuid)
-    settings = load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": g.uuid, "instance_port": 1,
-                                                "model_cache": str(tmp_path), **overrides})
-    from app import create_app
-
-    instance_app = create_app(settings)
-    inst = instance_app.extensions["asr_instance"]
-    deadline = time.monotonic() + 60
-    while inst.state == "loading" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    client, inst = _gpu_app(monkeypatch, tmp_path, g.uuid, **overrides)
     assert inst.state == "ready", inst.error
     (engine, device), = loaded
-    return instance_app.test_client(), inst, engine, device
+    return client, inst, engine, device
 
 
 def test_an_instance_measures_its_gpu_memory_after_a_full_warm_up_batch(monkeypatch, tmp_path):
