@@ -325,14 +325,15 @@ def _gpu_column(gpu: dict | None) -> str:
 def _print_gpus(gpus, wanted: bool) -> None:
     """The host's GPUs from NVML, a fault on its own line rather than a traceback."""
     if not gpus.gpus:
-        if wanted or (gpus.error and "Not Found" not in gpus.error):
+        if wanted or (gpus.error and not gpus.no_driver):
             print(f"\nGPUs: no figures from NVML ({gpus.error or 'no GPU'})")
         return
     print(f"\n{'GPU':<4} {'NAME':<24} {'UUID':<40} {'MEMORY USED/TOTAL':>18} {'UTIL':>5}  NVML")
     for g in gpus.gpus:
         memory = f"{g.memory_used_mb}/{g.memory_total_mb} MB" if g.memory_total_mb is not None else "-"
         util = f"{g.utilization_pct:.0f}%" if g.utilization_pct is not None else "-"
-        print(f"{g.index:<4} {g.name or '?':<24} {g.uuid or '-':<40} {memory:>18} {util:>5}  {g.fault or 'ok'}")
+        nvml = g.fault or (f"utilization: {g.utilization_fault}" if g.utilization_fault else "ok")
+        print(f"{g.index:<4} {g.name or '?':<24} {g.uuid or '-':<40} {memory:>18} {util:>5}  {nvml}")
 
 
 def _device(health: dict) -> str:
