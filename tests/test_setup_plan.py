@@ -174,3 +174,22 @@ def test_the_check_passes_one_cuda_major_and_fails_two_cudnn_builds(tmp_path, mo
     result = check(site)
     assert result.returncode == 1
     assert "two cuDNN builds installed" in result.stderr and "one CUDA major per environment" in result.stderr
+
+
+def dockerfile_torch_step(variant: str) -> subprocess.CompletedProcess:
+    """The Dockerfile's torch RUN step for TORCH_VARIANT=`variant`, with pip replaced by an echo."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    (step,) = [line[4:] for line in text.splitlines() if line.startswith("RUN case \"$TORCH_VARIANT\"")]
+    return subprocess.run(["bash", "-c", 'pip() { echo pip "$@"; }; ' + step], capture_output=True, text=True,
+                          env={**os.environ, "TORCH_VARIANT": variant, "TORCH_VERSION": "2.13.0"}, timeout=30)
+
+
+def test_the_images_cuda_variant_takes_torchs_cuda12_build():
+    # The image holds both engines (the gpu extra in every CUDA variant): CUDA 12 alone, as setup.sh.
+    for variant, index in (("cuda", CU128), ("cu126", "https://download.pytorch.org/whl/cu126"),
+                           ("cpu", "https://download.pytorch.org/whl/cpu")):
+        result = dockerfile_torch_step(variant)
+        assert result.returncode == 0 and f"--index-url {index} torch==2.13.0" in result.stdout, (variant, result)
+    for variant in ("cu130", "pypi"):
+        result = dockerfile_torch_step(variant)
+        assert result.returncode == 1 and "TORCH_VARIANT must be" in result.stderr, (variant, result)
