@@ -42,7 +42,7 @@ while [ $# -gt 0 ]; do
     --system-site-packages) system=--system-site-packages; shift ;;
     --with-test-tools) test_tools=1; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
 done
