@@ -193,3 +193,45 @@ def test_the_images_cuda_variant_takes_torchs_cuda12_build():
     for variant in ("cu130", "pypi"):
         result = dockerfile_torch_step(variant)
         assert result.returncode == 1 and "TORCH_VARIANT must be" in result.stderr, (variant, result)
+
+
+def test_the_real_run_runs_the_plan_and_stops_on_a_clash(tmp_path):
+    """setup.sh without --dry-run in a copy of the checkout whose .venv has a pip that records what it is
+    asked (nothing can be downloaded here): it runs the plan's commands, then the clash check."""
+    import shutil
+
+    if not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
+        pytest.skip("setup.sh would install nginx with apt")
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(SETUP, root / "scripts")
+    shutil.copy(REPO / "pyproject.toml", root)
+    shutil.copytree(REPO / "app", root / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = root / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "pip").write_text('#!/bin/sh\necho "pip $*" >> "$(dirname "$0")/../pip.log"\n')
+    (venv / "pip").chmod(0o755)
+    (venv / "python").symlink_to(sys.executable)
+
+    def run(*args: str, pythonpath: str = "") -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("ASR_TORCH_INDEX", "PYTHONPATH")}
+        env["PYTHONPATH"] = pythonpath
+        return subprocess.run(["bash", "scripts/setup.sh", *args], capture_output=True, text=True, env=env,
+                              timeout=120, stdin=subprocess.DEVNULL, cwd=root)
+
+    for args in (["--gpu"], ["--gpu", "--engine", "transformers"], ["--cpu", "--engine", "ctranslate2"]):
+        (root / ".venv" / "pip.log").unlink(missing_ok=True)
+        (root / ".venv" / ".setup-stamp").unlink(missing_ok=True)
+        result = run(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        planned = [line for line in run("--dry-run", *args).stdout.splitlines() if line.startswith("pip ")]
+        assert (root / ".venv" / "pip.log").read_text().splitlines() == planned, args
+        assert (root / ".venv" / ".setup-stamp").exists()
+
+    site = tmp_path / "site-packages"
+    dist(site, "nvidia-cudnn-cu12", "9.10.2.21", "nvidia/cudnn/lib/libcudnn.so.9")
+    dist(site, "nvidia-cudnn-cu13", "9.13.0.50", "nvidia/cudnn/lib/libcudnn.so.9")
+    (root / ".venv" / ".setup-stamp").unlink()
+    result = run("--gpu", pythonpath=str(site))
+    assert result.returncode == 1 and "two cuDNN builds installed" in result.stderr
+    assert "remove .venv" in result.stdout and not (root / ".venv" / ".setup-stamp").exists()
