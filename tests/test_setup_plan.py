@@ -235,3 +235,24 @@ def test_the_real_run_runs_the_plan_and_stops_on_a_clash(tmp_path):
     result = run("--gpu", pythonpath=str(site))
     assert result.returncode == 1 and "two cuDNN builds installed" in result.stderr
     assert "remove .venv" in result.stdout and not (root / ".venv" / ".setup-stamp").exists()
+
+
+@pytest.mark.parametrize("cuda, engine, refused", [("13.0", "all", True), ("12.8", "all", False),
+                                                   ("13.0", "transformers", False), (None, "all", False)])
+def test_a_system_torch_is_used_only_within_one_cuda_major(tmp_path, cuda, engine, refused):
+    """--system-site-packages over a GPU image: its torch (here a stand-in module with the image torch's
+    version attributes) is used, not installed, unless it is built for another CUDA major than
+    CTranslate2 beside it."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        f"__version__ = '2.11.0'\nclass version:\n    cuda = {cuda!r}\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env.pop("ASR_TORCH_INDEX", None)
+    result = subprocess.run(["bash", str(SETUP), "--dry-run", "--gpu", "--system-site-packages", "--engine", engine],
+                            capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL, cwd=REPO)
+    if refused:
+        assert result.returncode == 1 and "built for CUDA 13, CTranslate2 for CUDA 12" in result.stdout
+    else:
+        torch, extras = steps(result)
+        assert torch is None and "the system's torch 2.11.0" in result.stdout
+        assert ("gpu" in extras) == (engine == "all")
