@@ -99,7 +99,10 @@ def run_benchmark(plan: Plan) -> tuple[dict, Path]:
             ups = [pool.submit(s.up) for s in services]
             if device == "cuda":  # the bare engine on the very GPU the served instance uses
                 ups[0].result()
-                common["gpu"] = (full.health()[0].get("gpu") or {}).get("uuid") or ""
+                common["gpu"] = (full.health()[0].get("gpu") or {}).get("uuid")
+                if not common["gpu"]:   # pinning "" would put the bare engine on whatever GPU is first
+                    raise RuntimeError("the served instance names no GPU on /health: the bare engine cannot "
+                                       "be put on the same GPU, so the comparison would measure the hardware")
             bare_all = pool.submit(BareEngine, "all_cores", clips, _spec(cores), len(cores), **common)
             bare_one = pool.submit(BareEngine, "one_core", clips, _spec(cores[:1]), 1, **common) if scaled else None
             # One more single-core bare engine per extra core, to run side by side with the first.

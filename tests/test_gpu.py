@@ -135,9 +135,15 @@ def test_measured_memory_replaces_the_estimate_and_starting_instances_are_charge
     fake.gpus[0].processes = {os.getpid(): 5_120}
     assert gpu.process_memory_mb(fake.gpus[0].uuid, os.getpid()) == 5_120
     assert gpu.process_memory_mb(fake.gpus[0].uuid, 1) is None           # a process not on this GPU
-    healths = [{"gpu": {"memory_mb": 5_120}}, {"gpu": {"memory_mb": 4_900}}, None, {"gpu": None}]
-    assert measured_memory_mb(Pool([]), healths) == 5_120
-    assert measured_memory_mb(Pool([]), [None, {"gpu": None}]) is None
+    settings = load_settings(env={}, overrides={"device": "cuda", "model": "large-v3", "engine": "transformers"})
+    of = lambda mb, model="large-v3", engine="transformers", batch=8: {  # noqa: E731 - an instance's /health
+        "gpu": {"memory_mb": mb}, "engine": engine, "model": model, "model_config": {"max_batch": batch}}
+    healths = [of(5_120), of(4_900), None, {"gpu": None}]
+    assert measured_memory_mb(Pool([]), settings, healths) == 5_120
+    assert measured_memory_mb(Pool([]), settings, [None, {"gpu": None}]) is None
+    # Figures of another model, engine or batch size say nothing of this one's: they do not count.
+    assert measured_memory_mb(Pool([]), settings, [of(900, model="whisper-tiny.en"), of(2_000, engine="ctranslate2"),
+                                                   of(3_000, batch=1), of(4_000)]) == 4_000
     # 40948 MB free; instances measured at 5120 MB; starting ones charged (NVML does not show them yet):
     # 6 starting leave 10228 MB, room for one more; 7 leave 5108 MB, below 5120 + 512 headroom.
     (g,) = gpu.detect_gpus()
@@ -499,3 +505,64 @@ def test_an_instance_whose_cuda_fails_says_so_and_names_no_gpu(monkeypatch):
     inst.load_now()
     assert inst.state == "failed" and inst.gpu is None
     assert "CUDA cannot give this instance a GPU" in inst.error and "CUDA_ERROR_NO_DEVICE" in inst.error
+
+
+def test_scaling_by_several_reads_the_gpus_again_for_each_new_instance(monkeypatch, tmp_path):
+    """``asrctl scale 4`` adds instances one after another; each placement must see the memory the
+    ones before it took once loaded, not the free memory read before the first."""
+    from app.control import actuator as actuation
+    from app.control.actuator import Actuator
+
+    states = {9000: "ready"}       # each instance's /health state, by port
+    monkeypatch.setattr(actuation, "get_json", lambda port, path: {"state": states[port]} if port in states else None)
+    fake = FakeNvml([FakeGpu("NVIDIA L4", 23_034, used_mb=7_000)]).install(monkeypatch)   # one instance loaded
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "device": "cuda",
+                                                "instance_gpu_memory_mb": 7_000, "gpu_headroom_mb": 512})
+    pool = Pool([InstanceSpec("asr-9000", 9000, 1, Placement("cuda", gpu=0, gpu_uuid=fake.gpus[0].uuid))])
+    actuator = Actuator(settings, client=None, gpus=gpu.detect_gpus(), log=lambda m: None)
+    for port in (9001, 9002):
+        placement = actuator.place_next(pool)
+        assert placement.gpu == 0 and placement.gpu_uuid == fake.gpus[0].uuid
+        pool.add(port, 1, placement)
+        fake.gpus[0].used_mb += 7_000        # it has loaded: NVML now shows what it holds
+        states[port] = "ready"
+    # 23034 - 21000 = 2034 MB free: a fourth 7000 MB instance does not fit, though the snapshot taken
+    # before the first scale-up still said 16 GB.
+    with pytest.raises(ConfigError, match=r"no room on a GPU for another instance: GPU memory full \(gpu0 2034 MB free"):
+        actuator.place_next(pool)
+    # An instance loading its model again (after a crash or the watchdog) holds nothing NVML shows
+    # yet, but will: it is charged. So is one that does not answer; one draining is not (it still
+    # holds its memory, which NVML shows).
+    fake.gpus[0].used_mb -= 14_000            # two of the three are reloading: 16034 MB free
+    states[9001] = "loading"
+    del states[9002]
+    with pytest.raises(ConfigError, match=r"GPU memory full \(gpu0 2034 MB free"):
+        actuator.place_next(pool)
+    states[9002] = "ready"
+    pool.draining.add("asr-9001")              # being stopped: what it holds is going, not coming
+    assert actuator.place_next(pool).gpu == 0
+
+
+def test_the_autoscaler_charges_the_instances_that_do_not_hold_their_memory_yet(monkeypatch, tmp_path):
+    """The autoscaler's room check and asrctl scale charge the same instances: one loading its model
+    again is charged (NVML does not show what it is about to take), one draining is not (it still
+    holds its memory, which NVML shows)."""
+    from app.control import autoscaler
+
+    fake = FakeNvml([FakeGpu("NVIDIA L4", 23_034, used_mb=7_000)]).install(monkeypatch)
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "device": "cuda", "min_instances": 4,
+                                                "max_instances": 4, "instance_gpu_memory_mb": 7_000})
+    pool = Pool([InstanceSpec(f"asr-{p}", p, 1, Placement("cuda", gpu=0, gpu_uuid=fake.gpus[0].uuid))
+                 for p in (9000, 9001)])
+    states = {9000: "ready", 9001: "loading"}
+    monkeypatch.setattr(autoscaler, "get_json", lambda port, path: {"state": states[port], "queue": {}})
+    ctx = autoscaler.observe(pool, settings, gpu.detect_gpus(), now=1_000.0, last_change_at=None)
+    assert [(i.ready, i.holds_its_memory) for i in ctx.instances] == [(True, True), (False, False)]
+    # Two more wanted (min 4). 16034 MB free, less 7000 for the instance loading again: 9034, room for
+    # one 7512 MB instance; were the loading one not charged, there would be room for two.
+    decision, _ = autoscaler.decide(ctx, autoscaler.scaling_config(settings), autoscaler.PolicyState())
+    assert decision.desired == 3 and decision.placement == (0,), decision
+    states[9001] = "ready"
+    pool.draining.add("asr-9001")
+    ctx = autoscaler.observe(pool, settings, gpu.detect_gpus(), now=1_000.0, last_change_at=None)
+    assert [(i.ready, i.holds_its_memory) for i in ctx.instances] == [(True, True), (False, True)]

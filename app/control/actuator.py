@@ -17,11 +17,13 @@ from app.config import Settings
 from app.control import nginx, processes
 from app.control.heal import control_lock, retire_nginx_orphans
 from app.control.paths import RunPaths
-from app.control.placement import GpuInfo, place_one, resolve_device
+from app.control.placement import GpuInfo, Placement, place_one, resolve_device
 from app.control.pool import Pool, load_unhealthy
 from app.control.render import InstanceSpec, instance_weights, render_all
 from app.control.supervisor import SupervisorClient
 from app.devices import available_cores
+from app.engines.models import display_name
+from app.gpu import detect_gpus
 
 
 class ActuationError(RuntimeError):
@@ -65,14 +67,25 @@ class Actuator:
 
     # -- one instance at a time --
 
-    def scale_up(self, pool: Pool, gpu: int | None = None) -> InstanceSpec:
+    def place_next(self, pool: Pool, gpu: int | None = None) -> Placement:
+        """Where one more instance goes. On GPUs NVML is read afresh each time: ``asrctl scale 4`` adds
+        instances one after another, and each must see the memory the previous one has taken since."""
         device = pool_device(pool, self.settings, self.gpus)
         threads = self.settings.cpu_threads or min((i.placement.threads for i in pool.instances), default=1)
-        placement = place_one([i.placement for i in pool.instances], device, self.gpus, available_cores(),
-                              threads, gpu=gpu,
-                              instance_memory_mb=measured_memory_mb(pool) or self.settings.instance_gpu_memory_mb,
-                              starting=[i.placement for i in pool.instances if i.name in pool.starting],
-                              headroom_mb=self.settings.gpu_headroom_mb)
+        if device != "cuda" or gpu is not None:
+            return place_one([i.placement for i in pool.instances], device, self.gpus, available_cores(), threads,
+                             gpu=gpu)
+        self.gpus = detect_gpus()
+        on_gpu = [i for i in pool.instances if i.placement.device == "cuda"]
+        healths = [get_json(i.port, "/health") for i in on_gpu]
+        return place_one([i.placement for i in pool.instances], device, self.gpus, available_cores(), threads,
+                         instance_memory_mb=measured_memory_mb(pool, self.settings, healths)
+                         or self.settings.instance_gpu_memory_mb,
+                         starting=[i.placement for i, h in zip(on_gpu, healths) if not_loaded(pool, i.name, h)],
+                         headroom_mb=self.settings.gpu_headroom_mb)
+
+    def scale_up(self, pool: Pool, gpu: int | None = None) -> InstanceSpec:
+        placement = self.place_next(pool, gpu)
         spec = pool.add(pool.next_port(self.settings.base_port), 1, placement)
         pool.starting.add(spec.name)
         self.log(f"scale up: starting {spec.name} on {placement.describe()}")
@@ -133,14 +146,32 @@ def pool_device(pool: Pool, settings: Settings, gpus: list[GpuInfo]) -> str:
     return resolve_device(settings.device, gpus)
 
 
-def measured_memory_mb(pool: Pool, healths: list[dict | None] | None = None) -> int | None:
+def measured_memory_mb(pool: Pool, settings: Settings, healths: list[dict | None] | None = None) -> int | None:
     """The most GPU memory any instance of the pool reports holding after load and warm-up (its
-    /health); None until one has loaded, when placement keeps the configured estimate."""
+    /health); None until one has loaded, when placement keeps the configured estimate.
+
+    Only instances of the model, engine and batch size being placed count: after ``asrctl up --model
+    large-v3`` on a running pool of tiny instances, tiny's figure says nothing of what large-v3 holds.
+    """
     if healths is None:
         healths = [get_json(i.port, "/health") for i in pool.instances if i.placement.device == "cuda"]
+    same = (settings.engine, display_name(settings.model), settings.batch_size("cuda"))
     figures = [h["gpu"]["memory_mb"] for h in healths
-               if h and isinstance(h.get("gpu"), dict) and isinstance(h["gpu"].get("memory_mb"), int)]
+               if h and isinstance(h.get("gpu"), dict) and isinstance(h["gpu"].get("memory_mb"), int)
+               and (h.get("engine"), h.get("model"), (h.get("model_config") or {}).get("max_batch")) == same]
     return max(figures, default=None)
+
+
+def not_loaded(pool: Pool, name: str, health: dict | None) -> bool:
+    """The instance holds less GPU memory now than it will: starting, loading its model again (after
+    a crash, the watchdog or an autorestart) or not answering (a process starting over). NVML's free
+    memory does not show what it is about to take, so placement charges it one instance's figure.
+    A draining instance still holds its memory until it stops."""
+    if name in pool.starting:
+        return True
+    if name in pool.draining:
+        return False
+    return health is None or health.get("state") == "loading"
 
 
 def least_loaded(pool: Pool) -> str:

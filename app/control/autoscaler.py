@@ -17,7 +17,7 @@ import psutil
 
 from app.config import Settings
 from app.gpu import detect_gpus
-from app.control.actuator import Actuator, get_json, measured_memory_mb, pool_device
+from app.control.actuator import Actuator, get_json, measured_memory_mb, not_loaded, pool_device
 from app.control.placement import GpuInfo, core_usage, free_core_sets
 from app.control.policy import (
     Decision, GpuLoad, HostLoad, InstanceLoad, PolicyState, ScalingConfig, ScalingContext, decide,
@@ -51,12 +51,14 @@ def observe(pool: Pool, settings: Settings, gpus: list[GpuInfo], now: float,
     """
     loads, healths = [], []
     for spec in pool.instances:
-        health = get_json(spec.port, "/health") or {}
+        answer = get_json(spec.port, "/health")
+        health = answer or {}
         healths.append(health)
         queue = health.get("queue", {})
         ready = health.get("state") == "ready" and spec.name not in pool.starting | pool.draining
         loads.append(InstanceLoad(spec.name, in_flight=queue.get("running", 0),
-                                  queue_depth=queue.get("waiting", 0), ready=ready, gpu=spec.placement.gpu))
+                                  queue_depth=queue.get("waiting", 0), ready=ready, gpu=spec.placement.gpu,
+                                  loaded=not not_loaded(pool, spec.name, answer)))
     threads = settings.cpu_threads or min((i.placement.threads for i in pool.instances), default=1)
     placements = [i.placement for i in pool.instances]
     cores = available_cores()
@@ -66,7 +68,7 @@ def observe(pool: Pool, settings: Settings, gpus: list[GpuInfo], now: float,
     gpu_loads = tuple(GpuLoad(g.index, g.utilization_pct, g.memory_free_mb, g.memory_total_mb, g.fault)
                       for g in gpus) if on_gpu else ()
     return ScalingContext(tuple(loads), gpu_loads, host, now, last_change_at,
-                          instance_memory_mb=measured_memory_mb(pool, healths) if on_gpu else None,
+                          instance_memory_mb=measured_memory_mb(pool, settings, healths) if on_gpu else None,
                           gpu_pool=on_gpu)
 
 

@@ -23,7 +23,8 @@ The steps, always applied in this order:
 6. Room (up only): each new instance goes to the GPU with the most free memory that still has
    room for one instance plus ``gpu_headroom_mb`` and is below ``gpu_util_high_pct``
    (``app.control.placement.choose_gpus``, the one placement rule; instances placed earlier in the
-   same decision and instances still starting are charged, as NVML does not show them yet). One
+   same decision and instances not holding their memory yet, starting or loading again, are
+   charged, as NVML does not show it yet; a draining one still holds its memory and is not). One
    instance's memory is what running instances measured after loading (``ctx.instance_memory_mb``),
    or ``instance_memory_mb`` until one has. A GPU with an NVML fault takes none. On a pool of CPU
    instances, a free CPU core set. Without room for all, the pool grows only as far as room allows.
@@ -139,6 +140,13 @@ class InstanceLoad:
     queue_depth: int
     ready: bool
     gpu: int | None = None
+    # Holds all the GPU memory it will (NVML's free figure shows it): False while it starts or loads
+    # its model again, True while it drains. None: as ``ready`` says.
+    loaded: bool | None = None
+
+    @property
+    def holds_its_memory(self) -> bool:
+        return self.ready if self.loaded is None else self.loaded
 
     def __post_init__(self) -> None:
         if self.in_flight < 0 or self.queue_depth < 0:
@@ -395,13 +403,13 @@ def _place_on_gpus(count: int, ctx: ScalingContext,
                    config: ScalingConfig) -> tuple[list[int | None], str]:
     """Each new instance to the GPU with the most free memory that can still take one.
 
-    Instances still starting are charged one instance's memory on their GPU: their model may not be
-    loaded yet, so the measured free memory does not show it.
+    Instances not holding their memory yet (starting, loading their model again, not answering) are
+    charged one instance's memory on their GPU: the measured free memory does not show it yet.
     """
     instance_mb = ctx.instance_memory_mb or config.instance_memory_mb
     reserved: dict[int, int] = {}
     for inst in ctx.instances:
-        if not inst.ready and inst.gpu is not None:
+        if not inst.holds_its_memory and inst.gpu is not None:
             reserved[inst.gpu] = reserved.get(inst.gpu, 0) + instance_mb
     room = choose_gpus(count, list(ctx.gpus), instance_mb, config.gpu_headroom_mb, reserved,
                        config.gpu_util_high_pct)
