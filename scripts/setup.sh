@@ -58,7 +58,7 @@ log() { printf '[setup] %s\n' "$*"; }
 # The plan: the pip arguments for torch (none when torch is not installed here) and the extras of the
 # service. `python` is the interpreter the new .venv will see packages through (for a system torch).
 plan() {
-  local python=$1 index tag major cuda
+  local python=$1 index tag major cuda spec
   torch_pip=() torch_note="" extras=()
   [ "$engine" = ctranslate2 ] || extras+=(transformers)
   # CTranslate2's CUDA 12 cuBLAS and cuDNN 9, only where CTranslate2 runs on the GPU.
