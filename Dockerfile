@@ -3,8 +3,8 @@
 # pod runs (deploy/k8s). Build the CPU or the CUDA variant:
 #   docker build -t asr-service:0.1.0-cpu .
 #   docker build --build-arg TORCH_VARIANT=cuda -t asr-service:0.1.0-cuda .
-# TORCH_VARIANT: cpu = the CPU build of torch; cuda = its CUDA 12 build (cu128) from the PyTorch index;
-# cu126, cu128, ... = that CUDA 12 build. The image holds both engines, and CTranslate2 is built for
+# TORCH_VARIANT: cpu = the CPU build of torch; cuda = its CUDA 12 build (cu126, torch 2.13's only one)
+# from the PyTorch index; cu12N = that CUDA 12 build (for another TORCH_VERSION). The image holds both engines, and CTranslate2 is built for
 # CUDA 12, so the image holds CUDA 12 alone: PyPI's torch 2.13 (CUDA 13) would bring nvidia-cudnn-cu13,
 # which writes the same libcudnn*.so.9 files as CTranslate2's nvidia-cudnn-cu12 (see scripts/setup.sh).
 # The CUDA variant has not been built or run on a GPU yet. The embedded model (Whisper tiny.en) comes
@@ -28,7 +28,7 @@ RUN python -m venv /opt/venv
 # torch first and alone: the largest layer, and the only one that differs between the variants.
 RUN case "$TORCH_VARIANT" in \
         cpu|cu12[0-9]) index_url="https://download.pytorch.org/whl/$TORCH_VARIANT" ;; \
-        cuda) index_url="https://download.pytorch.org/whl/cu128" ;; \
+        cuda) index_url="https://download.pytorch.org/whl/cu126" ;; \
         *) echo "TORCH_VARIANT must be cpu, cuda or cu12N (CTranslate2 needs CUDA 12), not '$TORCH_VARIANT'" >&2; exit 1 ;; \
     esac \
     && pip install --no-cache-dir --index-url "$index_url" "torch==$TORCH_VERSION"

@@ -20,17 +20,20 @@
 # wheels (the `gpu` extra), and PyPI's torch 2.13 is built for CUDA 13 with nvidia-cudnn-cu13, which
 # installs the very same files (nvidia/cudnn/lib/libcudnn*.so.9) as nvidia-cudnn-cu12: the second
 # silently overwrites the first. So, on a GPU host:
-#   both engines        torch's CUDA 12 build (cu128 from the PyTorch index, or $ASR_TORCH_INDEX),
+#   both engines        torch's CUDA 12 build (cu126 from the PyTorch index, or $ASR_TORCH_INDEX),
 #                       whose own dependencies are the nvidia-*-cu12 wheels CTranslate2 opens, + `gpu`
-#   transformers alone  PyPI's torch (CUDA 13; cu128 when the driver supports only CUDA 12), no `gpu`
+#   transformers alone  PyPI's torch (CUDA 13; cu126 when the driver supports only CUDA 12), no `gpu`
 #   ctranslate2 alone   no torch, the `gpu` extra
+# torch 2.13's only CUDA 12 build is cu126 (PyTorch dropped cu128 in 2.12); like CTranslate2's CUDA 12
+# wheel it has no kernels for Blackwell GPUs (compute capability 10.x, 12.x): there, --engine transformers.
 # After installing, `python -m app.cuda` fails the set-up if two cuDNN builds (or two nvidia-* wheels
 # writing one library file) ended up in the environment. This GPU path has not run on a GPU yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=${ASR_TORCH_VERSION:-2.13.0}
-CU12_INDEX=https://download.pytorch.org/whl/cu128
+# torch 2.13's builds: CUDA 12.6, 13.0 (PyPI's) and 13.2; 12.6 is the one for CUDA 12.
+CU12_INDEX=https://download.pytorch.org/whl/cu126
 engine=all test="" wheelhouse="" gpu="" system="" test_tools=0 dry_run=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -88,7 +91,7 @@ plan() {
     if [ -z "$index" ]; then
       torch_pip=("torch==$TORCH_VERSION") torch_note="PyPI's torch (CUDA 13), driver CUDA ${cuda:-?}"
     else
-      # The exact local version (+cu128) where the index names one: if the index cannot be reached,
+      # The exact local version (+cu126) where the index names one: if the index cannot be reached,
       # pip fails here rather than fall back to PyPI's CUDA 13 build.
       tag=${index%/} tag=${tag##*/}
       case "$tag" in

@@ -15,7 +15,7 @@ import pytest
 from support import REPO
 
 SETUP = REPO / "scripts" / "setup.sh"
-CU128 = "https://download.pytorch.org/whl/cu128"
+CU126 = "https://download.pytorch.org/whl/cu126"
 # The cuDNN wheel the gpu extra brings (pyproject.toml), and what each torch build depends on.
 GPU_EXTRA_CUDNN = {re.match(r"nvidia-cudnn-(cu\d+)", d).group(1)
                    for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
@@ -81,7 +81,7 @@ def test_both_engines_on_a_gpu_take_torchs_cuda12_build_with_ctranslate2s_librar
     # Whatever the driver supports: CTranslate2 is built for CUDA 12, so torch is too.
     for cuda in ("13.0", "12.4"):
         torch, extras = steps(plan(smi=fake_nvidia_smi(tmp_path, cuda)))
-        assert torch == ["--extra-index-url", CU128, "torch==2.13.0+cu128"], cuda
+        assert torch == ["--extra-index-url", CU126, "torch==2.13.0+cu126"], cuda
         assert extras == ["transformers", "gpu", "test"]
         assert cudnn_builds(torch, extras) == {"cu12"}
 
@@ -91,7 +91,7 @@ def test_transformers_alone_on_a_gpu_takes_the_build_its_driver_runs_and_no_gpu_
     assert torch == ["torch==2.13.0"] and extras == ["transformers"]   # PyPI's: CUDA 13
     assert cudnn_builds(torch, extras) == {"cu13"}
     torch, extras = steps(plan("--engine", "transformers", smi=fake_nvidia_smi(tmp_path, "12.4")))
-    assert torch == ["--extra-index-url", CU128, "torch==2.13.0+cu128"] and extras == ["transformers"]
+    assert torch == ["--extra-index-url", CU126, "torch==2.13.0+cu126"] and extras == ["transformers"]
 
 
 def test_ctranslate2_alone_on_a_gpu_has_no_torch_and_the_gpu_extra():
@@ -108,9 +108,9 @@ def test_no_plan_brings_two_cudnn_builds(tmp_path):
 
 
 def test_the_torch_index_override(tmp_path):
-    cu126 = "https://mirror.example/pytorch/whl/cu126/"
-    torch, _ = steps(plan("--gpu", index=cu126))
-    assert torch == ["--extra-index-url", cu126, "torch==2.13.0+cu126"]
+    cu129 = "https://mirror.example/pytorch/whl/cu129/"
+    torch, _ = steps(plan("--gpu", index=cu129))
+    assert torch == ["--extra-index-url", cu129, "torch==2.13.0+cu129"]
     # A CUDA 13 torch beside CTranslate2 would put two cuDNN builds in one environment: refused.
     refused = plan("--gpu", index="https://download.pytorch.org/whl/cu130")
     assert refused.returncode == 1 and "CTranslate2 needs CUDA 12" in refused.stdout
@@ -154,7 +154,7 @@ def test_the_check_passes_one_cuda_major_and_fails_two_cudnn_builds(tmp_path, mo
     from app import cuda
 
     site = tmp_path / "site-packages"
-    # CUDA 12 (torch cu128 with the gpu extra) and CUDA 13's cuBLAS, which has its own folder: no clash.
+    # CUDA 12 (torch cu126 with the gpu extra) and CUDA 13's cuBLAS, which has its own folder: no clash.
     dist(site, "nvidia-cublas-cu12", "12.8.4.1", "nvidia/__init__.py", "nvidia/cublas/lib/libcublas.so.12")
     dist(site, "nvidia-cudnn-cu12", "9.10.2.21", "nvidia/__init__.py", "nvidia/cudnn/lib/libcudnn.so.9")
     dist(site, "nvidia-cublas", "13.1.0.3", "nvidia/cu13/lib/libcublas.so.13")
@@ -186,7 +186,7 @@ def dockerfile_torch_step(variant: str) -> subprocess.CompletedProcess:
 
 def test_the_images_cuda_variant_takes_torchs_cuda12_build():
     # The image holds both engines (the gpu extra in every CUDA variant): CUDA 12 alone, as setup.sh.
-    for variant, index in (("cuda", CU128), ("cu126", "https://download.pytorch.org/whl/cu126"),
+    for variant, index in (("cuda", CU126), ("cu129", "https://download.pytorch.org/whl/cu129"),
                            ("cpu", "https://download.pytorch.org/whl/cpu")):
         result = dockerfile_torch_step(variant)
         assert result.returncode == 0 and f"--index-url {index} torch==2.13.0" in result.stdout, (variant, result)
