@@ -25,6 +25,10 @@ from app.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 LOADING, READY, DRAINING, FAILED = "loading", "ready", "draining", "failed"
+# Where a GPU instance's figure of its own memory comes from, best first; both can be read again later
+# (the third, the GPU's used memory minus before loading, only while nothing else loads beside it).
+_LIVE_MEMORY_SOURCES = ("nvml", "engine")
+GPU_MEMORY_REFRESH_SECONDS = 30.0
 
 
 class ModelInstance:
@@ -98,6 +102,8 @@ class ModelInstance:
         Watchdog(self.queue, s.request_timeout_seconds, seconds_per_audio_second=s.slowest_realtime_factor,
                  base_seconds=DECODE_START_SECONDS).start()
         self.state = READY
+        if self.device == "cuda" and self.gpu.get("memory_source") in _LIVE_MEMORY_SOURCES:
+            threading.Thread(target=self._follow_gpu_memory, name="gpu-memory", daemon=True).start()
         where = self.device if not self.gpu else f"{self.gpu['name']} {self.gpu['uuid']}"
         log.info("model %s loaded on %s in %.1f s%s", self.model_name, where, self.load_seconds,
                  f", holding {self.gpu['memory_mb']} MB of GPU memory" if self.gpu and self.gpu["memory_mb"] else "")
@@ -143,13 +149,10 @@ class ModelInstance:
         """GPU memory this process holds after load and warm-up: NVML's per-process figure, else the
         engine's own (torch's reserved memory), else None (the control plane keeps its estimate)."""
         ident = self.gpu.get("uuid") or pinned_gpu() or "0"
-        memory = gpu.process_memory_mb(ident, os.getpid())
-        if memory is not None:
-            return {"memory_mb": memory, "memory_source": "nvml"}
-        own = getattr(self.engine, "gpu_memory_mb", None)
-        memory = own() if callable(own) else None
-        if memory is not None:
-            return {"memory_mb": memory, "memory_source": "engine"}
+        for source in _LIVE_MEMORY_SOURCES:
+            memory = self._gpu_memory_from(source, ident)
+            if memory is not None:
+                return {"memory_mb": memory, "memory_source": source}
         # A container whose process ids NVML does not see, and an engine with no figure of its own
         # (CTranslate2): the GPU's used memory now minus before loading. Another process loading on the
         # same GPU meanwhile makes this too high, which errs on the safe side for placement.
@@ -157,6 +160,32 @@ class ModelInstance:
         if before is not None and now is not None and now.memory_used_mb is not None and now.memory_used_mb > before:
             return {"memory_mb": now.memory_used_mb - before, "memory_source": "nvml-device-delta"}
         return {"memory_mb": None, "memory_source": None}
+
+    def _gpu_memory_from(self, source: str, ident: str) -> int | None:
+        if source == "nvml":
+            return gpu.process_memory_mb(ident, os.getpid())
+        own = getattr(self.engine, "gpu_memory_mb", None)
+        return own() if callable(own) else None
+
+    def refresh_gpu_memory(self) -> None:
+        """Keep /health's figure the most this instance has held. The warm-up decodes silence, which
+        stops after a few tokens; real speech at a wider beam takes more (the decoder's cache grows
+        with every token), and placement must charge what an instance really comes to hold."""
+        held = self.gpu or {}
+        source = held.get("memory_source")
+        if source not in _LIVE_MEMORY_SOURCES:
+            return
+        now = self._gpu_memory_from(source, held.get("uuid") or pinned_gpu() or "0")
+        if now is not None and now > (held.get("memory_mb") or 0):
+            self.gpu = {**held, "memory_mb": now}     # one assignment: /health may be reading it
+
+    def _follow_gpu_memory(self) -> None:
+        while self.state != FAILED:
+            time.sleep(GPU_MEMORY_REFRESH_SECONDS)
+            try:
+                self.refresh_gpu_memory()
+            except Exception:  # noqa: BLE001 - a figure that cannot be read now is kept as it was
+                log.exception("reading this instance's GPU memory failed")
 
     def gpu_identity(self) -> str | None:
         """What /metrics reads NVML by: the GPU CUDA uses once known, else the pin."""

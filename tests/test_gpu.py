@@ -566,3 +566,32 @@ def test_the_autoscaler_charges_the_instances_that_do_not_hold_their_memory_yet(
     pool.draining.add("asr-9001")
     ctx = autoscaler.observe(pool, settings, gpu.detect_gpus(), now=1_000.0, last_change_at=None)
     assert [(i.ready, i.holds_its_memory) for i in ctx.instances] == [(True, True), (False, True)]
+
+
+def test_an_instance_reports_the_most_gpu_memory_it_has_held(monkeypatch):
+    """Measured after a warm-up on silence, the figure grows with what real decoding takes (checked
+    every GPU_MEMORY_REFRESH_SECONDS on a thread of its own); it never shrinks, as placement must
+    charge what an instance can come to hold."""
+    from app import cuda
+    from app.instance import ModelInstance
+
+    fake = FakeNvml([FakeGpu("NVIDIA H200", 143_771)]).install(monkeypatch)
+    h200 = fake.gpus[0]
+    monkeypatch.setattr(cuda, "current_device", lambda: {"uuid": h200.uuid, "name": h200.name,
+                                                         "pci_bus_id": "0000:10:00.0", "visible": 1})
+    inst = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": h200.uuid}))
+    inst.gpu = inst._check_gpu()
+    h200.processes = {os.getpid(): 3_300}
+    inst.gpu = {**inst.gpu, **inst._measure_gpu_memory()}
+    h200.processes = {os.getpid(): 4_100}        # long transcripts at a wide beam: a larger cache
+    inst.refresh_gpu_memory()
+    assert (inst.gpu["memory_mb"], inst.gpu["memory_source"]) == (4_100, "nvml")
+    h200.processes = {os.getpid(): 3_900}
+    inst.refresh_gpu_memory()
+    assert inst.gpu["memory_mb"] == 4_100
+    # Where the figure was the GPU's used memory minus before loading, nothing reads it again: other
+    # instances' memory would be counted as this one's.
+    inst.gpu = {**inst.gpu, "memory_mb": 2_000, "memory_source": "nvml-device-delta"}
+    h200.processes = {os.getpid(): 9_000}
+    inst.refresh_gpu_memory()
+    assert inst.gpu["memory_mb"] == 2_000
