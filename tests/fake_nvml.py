@@ -1,6 +1,8 @@
 """A fake NVML at the library boundary: the ``pynvml`` module's own functions are swapped for ones that
 answer from a list of fake GPUs, and raise pynvml's real error classes for the faults real GPUs have
-(``GpuIsLost`` for a GPU that fell off the bus, ``NotSupported`` for utilization on MIG or vGPU).
+(``GpuIsLost`` for a GPU that fell off the bus, ``NotSupported`` for utilization on MIG or vGPU and
+for the process list where it is not offered), and answer ``usedGpuMemory=None`` for a process whose
+memory NVML cannot tell (MIG, some containers), as pynvml does.
 Everything above pynvml (``app.gpu``, placement, the autoscaler, ``/metrics``, ``asrctl status``) is
 the real code. No GPU exists on the test machines: this is the hardware boundary.
 """
@@ -28,6 +30,8 @@ class FakeGpu:
     util_not_supported: bool = False  # MIG / vGPU: utilization raises NotSupported
     mig: bool | None = None         # MIG mode on (True) or off (False); None: no MIG on this GPU
     hang: threading.Event | None = None   # until it is set, every query blocks (a GPU falling off the bus)
+    process_memory_hidden: bool = False   # MIG, some containers: processes listed with usedGpuMemory None
+    processes_not_supported: bool = False  # vGPU and others: the process list raises NotSupported
 
 
 class FakeNvml:
@@ -116,7 +120,11 @@ class FakeNvml:
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle):
         g = self._alive(handle)
-        return [SimpleNamespace(pid=pid, usedGpuMemory=mb * MB) for pid, mb in g.processes.items()]
+        if g.processes_not_supported:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        # pynvml gives None where NVML answers NVML_VALUE_NOT_AVAILABLE for a process's memory.
+        return [SimpleNamespace(pid=pid, usedGpuMemory=None if g.process_memory_hidden else mb * MB)
+                for pid, mb in g.processes.items()]
 
     def nvmlDeviceGetMigMode(self, handle):
         g = self._alive(handle)
@@ -124,3 +132,12 @@ class FakeNvml:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         mode = pynvml.NVML_DEVICE_MIG_ENABLE if g.mig else pynvml.NVML_DEVICE_MIG_DISABLE
         return [mode, mode]
+
+
+def cuda_sees(monkeypatch, g: FakeGpu) -> None:
+    """CUDA's device 0 (``app.cuda.current_device``, the CUDA driver's answer) is ``g``: the other half
+    of the hardware boundary, for an instance that loads on ``cuda`` here."""
+    import app.cuda
+
+    monkeypatch.setattr(app.cuda, "current_device", lambda: {"uuid": g.uuid, "name": g.name,
+                                                             "pci_bus_id": g.pci_bus_id, "visible": 1})

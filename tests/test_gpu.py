@@ -1,7 +1,9 @@
 """GPU hosts through a fake NVML at the pynvml boundary (tests/fake_nvml.py), driving the real code:
 ``app.gpu``, placement, rendering, the autoscaler, an instance's /health and /metrics, and ``asrctl
 status``. Mixed GPUs, vGPU (utilization NotSupported), MIG mode and MIG slices, a GPU lost mid-run, a
-full GPU, a hung NVML, no driver and a broken driver; and CUDA's own answer through a fake driver."""
+full GPU, a hung NVML, no driver and a broken driver, processes whose memory NVML cannot tell; CUDA's
+own answer through a fake driver; an instance's memory measured after its warm-up; and what each
+engine asks its library for on cuda."""
 from __future__ import annotations
 
 import json
@@ -19,7 +21,7 @@ from app.control.autoscaler import Autoscaler
 from app.control.placement import Placement, place_one
 from app.control.pool import Pool
 from app.control.render import InstanceSpec, plan_instances
-from fake_nvml import FakeGpu, FakeNvml
+from fake_nvml import FakeGpu, FakeNvml, cuda_sees
 
 
 def mixed() -> list[FakeGpu]:
@@ -206,15 +208,82 @@ def test_autoscaler_on_a_gpu_pool_without_nvml_adds_nothing(monkeypatch, tmp_pat
     assert "no room for 1 new instance: no GPU figures from NVML" in _tick(settings, _dead_pool("cuda", 1, 0))
 
 
+class _HealthStubs:
+    """One tiny HTTP server per instance on a free loopback port, answering ``/health`` with what
+    the test sets: what the autoscaler reads of running instances, without loading a model."""
+
+    def __init__(self, answers: list[dict]):
+        import http.server
+        import threading
+
+        self.servers = []
+        for answer in answers:
+            body = json.dumps(answer).encode()
+
+            class Health(http.server.BaseHTTPRequestHandler):
+                def do_GET(self, body=body):
+                    self.send_response(200 if self.path == "/health" else 404)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+                def log_message(self, *args):
+                    pass
+
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self.servers.append(server)
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.server_address[1] for s in self.servers]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+def test_autoscaler_places_by_the_memory_its_gpu_instances_measured(monkeypatch, tmp_path):
+    """``observe`` reads each GPU instance's /health ``gpu.memory_mb`` (the most of them is one
+    instance's memory) into the policy's context, and the tick's room check uses it instead of the
+    configured 2048 MB."""
+    from app.control.autoscaler import observe
+
+    FakeNvml([FakeGpu("NVIDIA L40S", 46_068, used_mb=34_068)]).install(monkeypatch)   # 12000 MB free
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "device": "cuda", "min_instances": 1,
+                                                "max_instances": 8, "upscale_delay_seconds": 0,
+                                                "cooldown_seconds": 0})
+    from app.engines.models import display_name
+
+    # Instances of the model being placed (only their figures count): its engine, model and batch size.
+    busy = {"state": "ready", "queue": {"running": 2, "waiting": 8}, "engine": settings.engine,
+            "model": display_name(settings.model), "model_config": {"max_batch": settings.batch_size("cuda")}}
+    stubs = _HealthStubs([{**busy, "gpu": {"memory_mb": 5_120}}, {**busy, "gpu": {"memory_mb": 4_900}}])
+    try:
+        pool = Pool([InstanceSpec(f"asr-{p}", p, 1, Placement("cuda", gpu=0)) for p in stubs.ports])
+        ctx = observe(pool, settings, gpu.detect_gpus(), now=0.0, last_change_at=None)
+        assert ctx.instance_memory_mb == 5_120 and ctx.gpu_pool
+        assert [(i.in_flight, i.queue_depth, i.ready) for i in ctx.instances] == [(2, 8, True)] * 2
+        # 12000 MB free takes two instances of 5120 MB (+ 512 headroom): 12000 -> 6880 -> 1760. The
+        # configured 2048 MB would have let five in.
+        reason = _tick(settings, pool)
+        assert "room for only 2 of 6 new instances" in reason and "scaling up 2 -> 4 on gpu0, gpu0" in reason
+        assert "gpu0 1760 MB free; an instance needs 5632 MB" in reason
+    finally:
+        stubs.close()
+
+
 # -- an instance's /health and /metrics --------------------------------------------------------------
 
 
-def _gpu_app(monkeypatch, tmp_path, pin: str):
+def _gpu_app(monkeypatch, tmp_path, pin: str, **overrides):
     from app import create_app
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", pin)
     settings = load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": pin, "instance_port": 1,
-                                                "model_cache": str(tmp_path)})
+                                                "model_cache": str(tmp_path), **overrides})
     app = create_app(settings)
     inst = app.extensions["asr_instance"]
     deadline = time.monotonic() + 60
@@ -289,18 +358,15 @@ def test_status_lists_the_gpus_and_their_faults(monkeypatch, tmp_path, capsys):
 
 
 def test_engines_pick_float16_on_cuda_and_refuse_to_fall_back_to_cpu():
-    """``auto`` means float16 on a GPU in both engines; asked for cuda on a host without one, each
-    fails loudly at load (the instance turns 'failed'), never serves from the CPU while saying cuda."""
-    import torch
-
+    """``auto`` means float16 on a GPU (what each engine then loads: the tests below); asked for cuda
+    on a host without one, each fails loudly at load (the instance turns 'failed'), never serves from
+    the CPU while saying cuda."""
     from app.engines import load_engine
-    from app.engines.ctranslate2_engine import _DEFAULT_COMPUTE
     from app.engines.models import resolve_model
-    from app.engines.torch_common import TORCH_DTYPES, reserved_gpu_memory_mb, resolve_compute_type
+    from app.engines.torch_common import reserved_gpu_memory_mb, resolve_compute_type
 
-    assert _DEFAULT_COMPUTE == {"cpu": "int8", "cuda": "float16"}
-    assert resolve_compute_type("auto", "cuda") == "float16" and TORCH_DTYPES["float16"] is torch.float16
-    assert resolve_compute_type("auto", "cpu") == "float32" and TORCH_DTYPES["bfloat16"] is torch.bfloat16
+    assert resolve_compute_type("auto", "cuda") == "float16"
+    assert resolve_compute_type("auto", "cpu") == "float32"
     with pytest.raises(ValueError, match="int8"):
         resolve_compute_type("int8", "cuda")
     assert reserved_gpu_memory_mb("cpu") is None
@@ -308,6 +374,79 @@ def test_engines_pick_float16_on_cuda_and_refuse_to_fall_back_to_cpu():
         model = resolve_model(engine, "embedded", load_settings(env={}).model_cache)  # the shared cache
         with pytest.raises(Exception, match="(?i)cuda"):
             load_engine(engine, model, "cuda", "auto")
+
+
+def _capture_to(monkeypatch, model_class) -> list:
+    """``model_class.to`` records where the engine sends the model and leaves it where it is (no GPU
+    here): the last step of loading on cuda, the rest of the load real."""
+    sent = []
+
+    def to(self, *args, **kwargs):
+        sent.append((args, kwargs))
+        return self
+
+    monkeypatch.setattr(model_class, "to", to)
+    return sent
+
+
+def test_ctranslate2_loads_float16_on_cuda_for_auto(monkeypatch):
+    """What faster-whisper's ``WhisperModel`` is asked for: device cuda, float16 for ``auto`` (int8 on
+    CPU), and an explicit precision as given. The model itself is then built on the CPU (no GPU)."""
+    import faster_whisper
+
+    from app.engines import load_engine
+    from app.engines.models import EMBEDDED, resolve_model
+
+    real, asked = faster_whisper.WhisperModel, []
+
+    def whisper_model(model, **kwargs):
+        asked.append(kwargs)
+        return real(model, **{**kwargs, "device": "cpu", "compute_type": "int8"})
+
+    monkeypatch.setattr(faster_whisper, "WhisperModel", whisper_model)
+    model = resolve_model("ctranslate2", EMBEDDED, load_settings(env={}).model_cache)
+    engine = load_engine("ctranslate2", model, "cuda", "auto")
+    assert (asked[-1]["device"], asked[-1]["compute_type"]) == ("cuda", "float16")
+    assert (engine.device, engine.compute_type) == ("cuda", "float16")     # what /health reports
+    load_engine("ctranslate2", model, "cuda", "int8_float16")
+    assert (asked[-1]["device"], asked[-1]["compute_type"]) == ("cuda", "int8_float16")
+    load_engine("ctranslate2", model, "cpu", "auto")
+    assert (asked[-1]["device"], asked[-1]["compute_type"]) == ("cpu", "int8")
+
+
+def test_transformers_loads_whisper_in_float16_on_cuda_for_auto(monkeypatch):
+    """The real checkpoint is loaded in the precision the engine asks for (float16 for ``auto`` on
+    cuda) and then sent to cuda; only that last move is caught, as this host has no GPU."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from app.engines import load_engine
+    from app.engines.models import EMBEDDED, resolve_model
+
+    sent = _capture_to(monkeypatch, WhisperForConditionalGeneration)
+    model = resolve_model("transformers", EMBEDDED, load_settings(env={}).model_cache)   # the shared cache
+    engine = load_engine("transformers", model, "cuda", "auto")
+    assert sent == [(("cuda",), {})]
+    assert engine._runner.model.dtype == torch.float16
+    assert (engine.device, engine.compute_type) == ("cuda", "float16")
+
+
+def test_qwen3_asr_loads_in_bfloat16_on_cuda_for_auto(monkeypatch, tmp_path):
+    """Qwen3-ASR (and its aligner) in bfloat16 on cuda for ``auto``, as its checkpoints are published;
+    built on a tiny random checkpoint (tests/random_qwen3_asr.py)."""
+    import torch
+    from transformers import Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
+
+    import random_qwen3_asr
+    from app.engines import load_engine
+
+    asr, aligner = random_qwen3_asr.build(tmp_path)
+    sent = _capture_to(monkeypatch, Qwen3ASRForConditionalGeneration)
+    sent_aligner = _capture_to(monkeypatch, Qwen3ASRForTokenClassification)
+    engine = load_engine("qwen3-asr", str(asr), "cuda", "auto", aligner_model=str(aligner))
+    assert sent == sent_aligner == [(("cuda",), {})]
+    assert engine.model.dtype == engine.aligner.dtype == torch.bfloat16
+    assert (engine.device, engine.compute_type) == ("cuda", "bfloat16")
 
 
 def test_up_names_the_missing_engine_packages_of_a_ctranslate2_only_install(monkeypatch, tmp_path, capsys):
@@ -348,6 +487,86 @@ def test_an_instance_measures_its_gpu_memory_from_the_best_figure_it_can_get(mon
     assert inst._measure_gpu_memory() == {"memory_mb": 3_300, "memory_source": "nvml-device-delta"}
     inst.engine.gpu_memory_mb = lambda: 2_900     # torch's reserved memory
     assert inst._measure_gpu_memory() == {"memory_mb": 2_900, "memory_source": "engine"}
+
+
+class _WarmingEngine:
+    """An engine on the fake GPU: loading it takes ``loaded_mb`` of this process's GPU memory, and its
+    first batch raises that to ``batch_mb``, as a real warm-up does (activations, cuBLAS workspaces, the
+    caching allocator keeping what the batch used). ``own_mb``: the engine's own figure, if any."""
+
+    name, model_name, device, compute_type = "ctranslate2", "fake", "cuda", "float16"
+    multilingual, languages, can_translate, word_timestamps = False, frozenset({"en"}), False, False
+
+    def __init__(self, g: FakeGpu, loaded_mb: int, batch_mb: int, own_mb: int | None = None):
+        self.g, self.batch_mb, self.batches = g, batch_mb, []
+        g.processes[os.getpid()] = loaded_mb
+        if own_mb is not None:
+            self.gpu_memory_mb = lambda: own_mb
+
+    def transcribe_batch(self, audios, options):
+        from app.engines.base import SAMPLE_RATE, Transcript
+
+        self.batches.append(([len(a) for a in audios], [o.beam_size for o in options]))
+        self.g.processes[os.getpid()] = self.batch_mb
+        return [Transcript(text="", language="en", duration=len(a) / SAMPLE_RATE) for a in audios]
+
+    def transcribe(self, audio, options):
+        return self.transcribe_batch([audio], [options])[0]
+
+
+def _load_on_fake_gpu(monkeypatch, tmp_path, g: FakeGpu, make_engine, **overrides):
+    """A real instance app on ``cuda`` (CUDA's device 0 is ``g``), its engine made by ``make_engine``
+    where the real one would load: (test client, instance, the engine loaded, load_engine's arguments)."""
+    import app.instance
+
+    cuda_sees(monkeypatch, g)
+    loaded = []
+
+    def load_engine(engine, model, device, *args, **kwargs):
+        loaded.append((make_engine(), device))
+        return loaded[-1][0]
+
+    monkeypatch.setattr(app.instance, "load_engine", load_engine)
+    client, inst = _gpu_app(monkeypatch, tmp_path, g.uuid, **overrides)
+    assert inst.state == "ready", inst.error
+    (engine, device), = loaded
+    return client, inst, engine, device
+
+
+def test_an_instance_measures_its_gpu_memory_after_a_full_warm_up_batch(monkeypatch, tmp_path):
+    """The memory an instance reports is what it holds after warming up on one batch as large as its
+    queue runs, of full 30 s windows: measured right after loading, it would leave out what a batch
+    takes, and placement would put too many instances on the GPU."""
+    from app.engines.base import SAMPLE_RATE
+
+    fake = FakeNvml([FakeGpu("NVIDIA H200", 143_771, used_mb=1_000)]).install(monkeypatch)
+    h200 = fake.gpus[0]
+    client, inst, engine, device = _load_on_fake_gpu(
+        monkeypatch, tmp_path, h200, lambda: _WarmingEngine(h200, loaded_mb=1_500, batch_mb=4_200),
+        max_batch=5, beam_size=3)
+    assert device == "cuda"
+    assert engine.batches == [([30 * SAMPLE_RATE] * 5, [3] * 5)]     # one batch of max_batch 30 s windows
+    health = client.get("/health").get_json()
+    assert health["gpu"]["memory_mb"] == 4_200 and health["gpu"]["memory_source"] == "nvml"
+    assert health["gpu"]["uuid"] == h200.uuid
+
+
+@pytest.mark.parametrize("nvml", ["usedGpuMemory None", "NotSupported"])
+def test_without_nvml_per_process_memory_an_instance_reports_the_engines_figure(monkeypatch, tmp_path, nvml):
+    """MIG and some containers list processes with no memory figure (pynvml's ``usedGpuMemory`` is
+    None), and some GPUs refuse the process list (NotSupported): ``app.gpu.process_memory_mb`` says
+    it does not know, and the instance reports the engine's own figure (torch's reserved memory)."""
+    fake = FakeNvml([FakeGpu("NVIDIA A100-SXM4-80GB", 81_920, used_mb=800)]).install(monkeypatch)
+    a100 = fake.gpus[0]
+    a100.process_memory_hidden = nvml == "usedGpuMemory None"
+    a100.processes_not_supported = nvml == "NotSupported"
+    client, inst, engine, _ = _load_on_fake_gpu(
+        monkeypatch, tmp_path, a100, lambda: _WarmingEngine(a100, loaded_mb=1_500, batch_mb=4_200, own_mb=3_968))
+    assert gpu.process_memory_mb(a100.uuid, os.getpid()) is None
+    reported = client.get("/health").get_json()["gpu"]
+    assert (reported["memory_mb"], reported["memory_source"]) == (3_968, "engine")
+    a100.process_memory_hidden = a100.processes_not_supported = False     # the same GPU, figures given
+    assert gpu.process_memory_mb(a100.uuid, os.getpid()) == 4_200
 
 
 def test_an_instance_refuses_a_gpu_other_than_the_one_it_was_placed_on(monkeypatch):

@@ -2,7 +2,7 @@
 import pytest
 
 from app.config import ConfigError
-from app.control.placement import GpuInfo, parse_cores, plan_placement, resolve_device
+from app.control.placement import GpuInfo, Placement, parse_cores, place_one, plan_placement, resolve_device
 
 
 def test_cpu_instances_get_disjoint_core_sets():
@@ -38,6 +38,26 @@ def test_gpu_instances_that_do_not_fit_are_refused_with_what_is_free():
         plan_placement(3, "cuda", gpus, cpu_cores=[0], instance_memory_mb=30_000, headroom_mb=512)
     assert "room on the GPUs for 2 of 3 instances" in str(err.value)
     assert "gpu0 10000 MB free" in str(err.value) and "an instance needs 30512 MB" in str(err.value)
+
+
+def test_one_more_gpu_instance_charges_the_starting_instances_but_not_the_running_ones():
+    """NVML's free memory already holds every instance that has loaded: charging those again would
+    count them twice; one still starting is not in it yet and must be charged."""
+    gpus = [GpuInfo(0, "A", 24_000, 10_000), GpuInfo(1, "B", 24_000, 9_000)]
+    running = [Placement("cuda", gpu=0)] * 3            # already inside gpu0's 10000 MB free
+    # gpu0's 10000 MB beats gpu1's 9000; were the three running charged, gpu0 would have 4000 left.
+    assert place_one(running, "cuda", gpus, [0], 1, instance_memory_mb=2_000).gpu == 0
+    starting = [Placement("cuda", gpu=0)]
+    # One starting on gpu0 leaves it 8000 MB, below gpu1's 9000.
+    assert place_one(running + starting, "cuda", gpus, [0], 1, instance_memory_mb=2_000,
+                     starting=starting).gpu == 1
+    # A full-looking GPU: 2600 MB free with one instance running still takes one of 2000 + 512 headroom,
+    # and not when that one is still starting.
+    tight = GpuInfo(0, "A", 24_000, 2_600)
+    one = [Placement("cuda", gpu=0)]
+    assert place_one(one, "cuda", [tight], [0], 1, instance_memory_mb=2_000, headroom_mb=512).gpu == 0
+    with pytest.raises(ConfigError, match="gpu0 600 MB free; an instance needs 2512 MB"):
+        place_one(one, "cuda", [tight], [0], 1, instance_memory_mb=2_000, headroom_mb=512, starting=one)
 
 
 def test_explicit_gpu_map_is_obeyed_and_checked():

@@ -322,6 +322,29 @@ def test_gpu_memory_of_a_starting_instance_is_reserved():
     assert "GPU memory full (gpu0 1952 MB free" in decision.reason
 
 
+def test_gpu_room_uses_the_measured_instance_memory_not_the_configured_estimate():
+    """Once an instance has loaded, what it measured (``ctx.instance_memory_mb``) is one instance's
+    memory, for new instances and for those still starting alike; the configured 2048 MB is only the
+    estimate before that."""
+    cfg = config()
+    assert cfg.instance_memory_mb == 2048 and cfg.gpu_headroom_mb == 512
+    gpus = (GpuLoad(0, 10.0, 12_000, 24_000),)
+    busy = ready("a", 2, 8, gpu=0)                     # wants 5 instances: 4 new
+    estimated, _ = decide(ctx_of(busy, gpus=gpus), cfg, PolicyState())
+    assert estimated.placement == (0, 0, 0, 0)         # 12000 -> 9952 -> 7904 -> 5856 -> 3808
+    measured = dataclasses.replace(ctx_of(busy, gpus=gpus), instance_memory_mb=5_000)
+    decision, _ = decide(measured, cfg, PolicyState())
+    assert decision.placement == (0, 0)                # 12000 -> 7000 -> 2000, below 5512
+    assert "room for only 2 of 4 new instances" in decision.reason and "needs 5512 MB" in decision.reason
+    # A starting instance is charged the measured figure too: 12000 - 5000 leaves room for one.
+    starting = InstanceLoad("b", 0, 0, False, 0)
+    decision, _ = decide(dataclasses.replace(measured, instances=(busy, starting)), cfg, PolicyState())
+    assert decision.placement == (0,) and "gpu0 2000 MB free" in decision.reason
+    # Smaller than the estimate: more fit than the estimate would allow.
+    small = dataclasses.replace(ctx_of(busy, gpus=(GpuLoad(0, 10.0, 4_000, 24_000),)), instance_memory_mb=1_000)
+    assert decide(small, cfg, PolicyState())[0].placement == (0, 0, 0)  # 4000 -> 3000 -> 2000 -> 1000; estimated: 1
+
+
 def test_gpu_trace_fills_one_gpu_and_never_touches_the_full_one():
     cfg = config()
     ticks = run_trace(cfg, [40] * 6, gpus=[(0, 9000, 10.0), (1, 1000, 10.0)])

@@ -82,3 +82,80 @@ def test_the_deadline_follows_the_audio_of_the_call_and_is_capped_by_the_request
         assert settings.request_timeout_seconds < settings.max_inference_seconds * 8
     finally:
         engine.release.set()
+
+
+class _GatedEngine:
+    """Each call after ``hold()`` waits for its own ``release()``: calls that stay stuck until the test
+    lets them go, one by one. Enough of the engine interface for an instance to load it."""
+
+    def __init__(self):
+        import queue
+
+        self.gates: queue.Queue = queue.Queue()
+        self.holding = False
+
+    def transcribe_batch(self, audios, options):
+        if self.holding:
+            self.gates.get(timeout=30)
+        return [Transcript(text="ok", language="en", duration=len(a) / 16000) for a in audios]
+
+    def transcribe(self, audio, options):
+        return self.transcribe_batch([audio], [options])[0]
+
+
+def _busy_with(queue, audio_seconds: float) -> None:
+    deadline = time.monotonic() + 10
+    while not (queue.busy_since is not None and queue.busy_audio_seconds == audio_seconds):
+        assert time.monotonic() < deadline, f"no engine call on {audio_seconds} s of audio"
+        time.sleep(0.01)
+
+
+def test_an_instance_on_cuda_bounds_a_call_by_its_audio_and_by_the_request_timeout(monkeypatch):
+    """The watchdog a GPU instance starts (max_batch 8) gives a call the time its audio needs, never
+    more than the request timeout: the old limit, max_inference_seconds x max_batch, kept a stuck
+    batch's instance past every request's timeout (2640 s with the defaults)."""
+    import app.instance
+    from app.config import DECODE_START_SECONDS, load_settings
+    from app.instance import ModelInstance
+    from fake_nvml import FakeGpu, FakeNvml, cuda_sees
+
+    fake = FakeNvml([FakeGpu("NVIDIA L4", 23_034)]).install(monkeypatch)
+    cuda_sees(monkeypatch, fake.gpus[0])
+    engine = _GatedEngine()
+    monkeypatch.setattr(app.instance, "load_engine", lambda *args, **kwargs: engine)
+    watchdogs, stuck = [], []
+
+    class RecordingWatchdog(Watchdog):     # the instance's own watchdog; a trip is recorded, not fatal
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, on_stuck=stuck.append, **kwargs)
+            watchdogs.append(self)
+
+    monkeypatch.setattr(app.instance, "Watchdog", RecordingWatchdog)
+    # 60 s clips keep a full batch of the longest small in memory; the rule is the same at 600 s.
+    settings = load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": fake.gpus[0].uuid, "max_batch": 8,
+                                                "max_queue": 16, "max_audio_seconds": 60})
+    inst = ModelInstance(settings)
+    inst.load_now()
+    assert inst.state == "ready", inst.error
+    (watchdog,) = watchdogs
+    assert inst.queue.max_batch == 8
+    engine.holding = True
+    try:
+        inst.queue.submit(np.zeros(16000 * 20, np.float32), DecodeOptions())
+        _busy_with(inst.queue, 20)
+        # A 20 s clip: decoding's start-up plus the slowest rate for 20 s of audio.
+        assert watchdog.deadline() == DECODE_START_SECONDS + settings.slowest_realtime_factor * 20
+        assert watchdog.deadline() < settings.request_timeout_seconds
+        longest = [inst.queue.submit(np.zeros(16000 * 60, np.float32), DecodeOptions()) for _ in range(8)]
+        engine.gates.put(True)                          # the 20 s call ends; the batch of 8 starts
+        _busy_with(inst.queue, 8 * 60)
+        assert DECODE_START_SECONDS + settings.slowest_realtime_factor * 8 * 60 > settings.request_timeout_seconds
+        assert watchdog.deadline() == settings.request_timeout_seconds      # 120 s here
+        assert settings.max_inference_seconds * 8 > settings.request_timeout_seconds   # the old limit: 480 s
+        assert stuck == []
+    finally:
+        for _ in range(9):
+            engine.gates.put(True)
+        watchdog.stop()
+        inst.queue.stop()
+    assert all(f.result(timeout=5).text == "ok" for f in longest)
