@@ -814,3 +814,36 @@ def test_an_instance_reports_the_most_gpu_memory_it_has_held(monkeypatch):
     h200.processes = {os.getpid(): 9_000}
     inst.refresh_gpu_memory()
     assert inst.gpu["memory_mb"] == 2_000
+
+
+@pytest.mark.integration
+def test_up_after_supervisord_was_killed_on_a_full_gpu_says_the_orphans_hold_it(monkeypatch, tmp_path, capsys):
+    """supervisord killed on a GPU host: the orphans keep serving and hold their GPU memory, so their
+    replacements (which start beside them) may not fit. ``asrctl up`` then refuses with the room
+    message and says why and what to do, and the service keeps running on the orphans."""
+    import signal
+
+    import requests
+
+    from app.control import cli
+    from support import bring_up, run_asrctl
+
+    try:
+        service = bring_up(tmp_path, 1, "--device", "cpu")
+        # The previous run was on a GPU as far as its pool.json tells (its orphan computes on the CPU:
+        # there is no GPU here; what counts is that it still serves).
+        pool_file = service.run_dir / "pool.json"
+        pool = json.loads(pool_file.read_text())
+        for spec in pool["instances"]:
+            spec.update(device="cuda", gpu=0, cpu_cores=[])
+        pool_file.write_text(json.dumps(pool))
+        os.kill(int((service.run_dir / "supervisord.pid").read_text()), signal.SIGKILL)
+        FakeNvml([FakeGpu("NVIDIA L4", 23_034, used_mb=22_000)]).install(monkeypatch)
+        assert cli.main(["up", "--run-dir", str(service.run_dir), "--device", "cuda"]) == 1
+        err = capsys.readouterr().err
+        assert "room on the GPUs for 0 of 1 instances: GPU memory full" in err, err
+        assert "1 instance(s) of the previous run still serve unsupervised" in err and "asrctl down" in err, err
+        jfk = (Path(__file__).parent / "data" / "jfk.flac").read_bytes()
+        assert requests.post(f"{service.url}/asr", files={"audio": ("jfk.flac", jfk)}, timeout=60).ok
+    finally:  # also when bring_up itself failed: its processes must not outlive the test
+        run_asrctl("down", "--run-dir", str(tmp_path / "run"), check=False)

@@ -81,8 +81,12 @@ def cmd_up(args) -> int:
             actuator.scale_to(pool, args.instances)
     else:
         # Orphans of a killed supervisord keep serving while their replacements start on fresh ports.
-        pool = Pool(plan_instances(settings, gpus, nvml_error=found.error))
-        heal.plan_adoption(settings, pool, say, previous=Pool.load(paths))
+        previous = Pool.load(paths)
+        try:
+            pool = Pool(plan_instances(settings, gpus, nvml_error=found.error))
+        except ConfigError as e:
+            raise ConfigError(f"{e}{heal.orphans_holding_gpus(settings, previous)}") from e
+        heal.plan_adoption(settings, pool, say, previous=previous)
         _render(settings, pool, before_start=True)
         client = start_supervisord(paths)
         actuator = Actuator(settings, client, gpus, log=say)

@@ -127,6 +127,24 @@ def plan_adoption(settings: Settings, pool: Pool, log: Callable[[str], None],
     return [p for p in found if p not in control]
 
 
+def orphans_holding_gpus(settings: Settings, previous: Pool | None) -> str:
+    """Why a plan may find the GPUs full after supervisord was killed, for the error that says so: ''
+    when no instance of the previous run on a GPU still serves.
+
+    Replacements start beside the orphans they replace, so on a GPU more than half full they cannot
+    fit; the orphans keep serving meanwhile, and ``asrctl down`` then ``up`` starts afresh.
+    """
+    if previous is None or not any(i.placement.device == "cuda" for i in previous.instances):
+        return ""
+    serving = {port for p in processes.orphans(RunPaths.at(settings.run_dir), run_ports(settings, previous), None)
+               if p.kind == "instance" for port in p.ports}
+    if not serving:
+        return ""
+    return (f". {len(serving)} instance(s) of the previous run still serve unsupervised (supervisord "
+            "is gone) and hold their GPU memory, and their replacements start beside them: the service keeps "
+            "running on them; `asrctl down` stops them, then `asrctl up` starts afresh")
+
+
 def finish_adoption(settings: Settings, client, pool: Pool, publish: Callable[[Pool], None],
                     wait_ready: Callable[[list[InstanceSpec]], None], log: Callable[[str], None]) -> bool:
     """Once the replacements are ready: they take the upstream, then every orphan is retired gracefully.
