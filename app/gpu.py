@@ -96,6 +96,7 @@ def driver_absent(error: str) -> bool:
 
 
 _lock = threading.Lock()
+_report_lock = threading.Lock()
 _initialised = False
 _reported: dict[str, str] = {}    # faults logged and still present: key -> message
 
@@ -194,31 +195,38 @@ class _Caller:
     def call(self, function: str, args: tuple, timeout: float):
         stuck = self.stuck
         if stuck:
-            return None, f"NVML not answering ({stuck[0]} has not returned for {time.monotonic() - stuck[1]:.0f} s)"
+            return None, _not_answering(*stuck)
         done, box = threading.Event(), {}
-        self._start()
-        self._jobs.put((function, args, done, box))
+        self._start().put((function, args, done, box))
         if not done.wait(timeout):
             with self._guard:
                 if not done.is_set():     # it may have answered just now
-                    self.stuck = self.stuck or (function, time.monotonic())
-                    return None, f"NVML did not answer within {timeout:g} s ({function})"
+                    self.stuck = self.stuck or (function, time.time())
+                    return None, _not_answering(*self.stuck)
         return box["result"]
 
-    def _start(self) -> None:
+    def _start(self) -> queue.SimpleQueue:
+        """The queue of a running NVML thread of this process (started here if need be)."""
         with self._guard:
             if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, args=(self._jobs,), name="nvml", daemon=True)
                 self._thread.start()
+            return self._jobs
 
     def _run(self, jobs: queue.SimpleQueue) -> None:
         while True:
             function, args, done, box = jobs.get()
             box["result"] = _raw_call(function, *args)
             with self._guard:
-                self.stuck = None
+                if jobs is self._jobs:    # a thread forget() left behind clears no one else's state
+                    self.stuck = None
                 done.set()
+
+
+def _not_answering(function: str, since: float) -> str:
+    """One wording, the same on every call while one call is stuck, so the fault is logged once."""
+    return f"NVML not answering ({function} has not returned since {time.strftime('%H:%M:%S', time.localtime(since))})"
 
 
 _caller = _Caller()
@@ -227,8 +235,8 @@ _caller = _Caller()
 def _after_fork() -> None:
     """A forked child starts afresh: new locks (another thread may have held one at the fork), no
     NVML session or thread of its parent's."""
-    global _lock, _initialised, _caller
-    _lock, _initialised, _caller = threading.Lock(), False, _Caller()
+    global _lock, _report_lock, _initialised, _caller
+    _lock, _report_lock, _initialised, _caller = threading.Lock(), threading.Lock(), False, _Caller()
     _reported.clear()
 
 
@@ -324,11 +332,13 @@ def _text(value) -> str:
 
 def _report(faults: dict[str, str], clear: list[str] = (), level: int = logging.WARNING) -> None:
     """Log each distinct fault once while it lasts, and once when it clears: a lost GPU must not write
-    a line per scrape or tick, and a fault that comes back must be seen again."""
-    for key in clear:
-        if key in _reported and key not in faults:
-            log.info("NVML %s: cleared (was: %s)", key, _reported.pop(key))
-    for key, message in faults.items():
-        if _reported.get(key) != message:
-            _reported[key] = message
-            log.log(level, "NVML %s: %s", key, message)
+    a line per scrape or tick, and a fault that comes back must be seen again. Scrapes, the model
+    loader and the memory thread report at the same time: one at a time here."""
+    with _report_lock:
+        for key in clear:
+            if key in _reported and key not in faults:
+                log.info("NVML %s: cleared (was: %s)", key, _reported.pop(key))
+        for key, message in faults.items():
+            if _reported.get(key) != message:
+                _reported[key] = message
+                log.log(level, "NVML %s: %s", key, message)

@@ -608,19 +608,27 @@ def test_a_hung_nvml_is_a_fault_within_its_timeout_and_recovers(monkeypatch, tmp
         t0 = time.monotonic()
         stuck = gpu.detect_gpus()
         assert time.monotonic() - t0 < 3          # one timeout, then every call fails at once
-        assert "did not answer within 0.5 s" in stuck[0].fault or "NVML not answering" in stuck[0].fault
+        assert "NVML not answering (nvmlDeviceGetName has not returned since" in stuck[0].fault
         assert not any(g.usable for g in stuck)   # NVML answers nothing while a call is stuck
         t0 = time.monotonic()
         metrics = client.get("/metrics")
         assert metrics.status_code == 200 and time.monotonic() - t0 < 3
         assert _metric(metrics.get_data(as_text=True), "asr_gpu_nvml_up") == "asr_gpu_nvml_up 0.0"
+        # Still stuck seconds later: the same fault, not a new log line per scrape or tick.
+        time.sleep(1.1)
+        for _ in range(2):
+            later = gpu.inventory()        # now even the count fails at once: no GPU figures at all
+            assert later.gpus == [] and "NVML not answering" in later.error
+            client.get("/metrics")
+        stuck_log = capsys.readouterr().out
+        assert [stuck_log.count(f"NVML {key}: ") for key in ("gpu0", f"gpu {fake.gpus[1].uuid}", "count")] == [1, 1, 1]
     finally:
         fake.gpus[0].hang.set()
     deadline = time.monotonic() + 10
     while gpu._caller.stuck and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(g.usable for g in gpu.detect_gpus())
-    logged = capsys.readouterr().out       # the instance's JSON log lines (create_app set them up)
+    logged = stuck_log + capsys.readouterr().out     # the JSON log lines (create_app set them up)
     assert "NVML gpu0: memory: NVML not answering" in logged and "NVML gpu0: cleared" in logged
 
 
@@ -843,6 +851,13 @@ def test_up_after_supervisord_was_killed_on_a_full_gpu_says_the_orphans_hold_it(
         err = capsys.readouterr().err
         assert "room on the GPUs for 0 of 1 instances: GPU memory full" in err, err
         assert "1 instance(s) of the previous run still serve unsupervised" in err and "asrctl down" in err, err
+        # Another error of the plan is not about the orphans' memory: no such advice with it.
+        import pynvml
+
+        FakeNvml([], init_error=pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH).install(monkeypatch)
+        assert cli.main(["up", "--run-dir", str(service.run_dir), "--device", "auto"]) == 1
+        err = capsys.readouterr().err
+        assert "NVML (the NVIDIA driver's library) failed" in err and "previous run" not in err, err
         jfk = (Path(__file__).parent / "data" / "jfk.flac").read_bytes()
         assert requests.post(f"{service.url}/asr", files={"audio": ("jfk.flac", jfk)}, timeout=60).ok
     finally:  # also when bring_up itself failed: its processes must not outlive the test

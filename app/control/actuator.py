@@ -23,7 +23,7 @@ from app.control.render import InstanceSpec, instance_weights, render_all
 from app.control.supervisor import SupervisorClient
 from app.devices import available_cores
 from app.engines.models import display_name
-from app.gpu import detect_gpus
+from app.gpu import detect_gpus, inventory
 
 
 class ActuationError(RuntimeError):
@@ -70,7 +70,7 @@ class Actuator:
     def place_next(self, pool: Pool, gpu: int | None = None) -> Placement:
         """Where one more instance goes. On GPUs NVML is read afresh each time: ``asrctl scale 4`` adds
         instances one after another, and each must see the memory the previous one has taken since."""
-        device = pool_device(pool, self.settings, self.gpus)
+        device = pool_device(pool, self.settings)
         threads = self.settings.cpu_threads or min((i.placement.threads for i in pool.instances), default=1)
         if device != "cuda" or gpu is not None:
             return place_one([i.placement for i in pool.instances], device, self.gpus, available_cores(), threads,
@@ -139,11 +139,13 @@ class Actuator:
         pool.with_weights(instance_weights(self.settings, [i.placement for i in pool.instances], self.gpus))
 
 
-def pool_device(pool: Pool, settings: Settings, gpus: list[GpuInfo]) -> str:
-    """What the pool runs on: its instances' device, or for an empty pool what the settings resolve to."""
+def pool_device(pool: Pool, settings: Settings) -> str:
+    """What the pool runs on: its instances' device, or for an empty pool what the settings resolve to
+    (NVML asked again there, so that a broken driver is refused, not taken for a CPU host)."""
     if pool.instances:
         return pool.instances[0].placement.device
-    return resolve_device(settings.device, gpus)
+    found = inventory()
+    return resolve_device(settings.device, found.gpus, found.error)
 
 
 def measured_memory_mb(pool: Pool, settings: Settings, healths: list[dict | None] | None = None) -> int | None:

@@ -64,7 +64,7 @@ def observe(pool: Pool, settings: Settings, gpus: list[GpuInfo], now: float,
     cores = available_cores()
     host = HostLoad(cpu_pct=idle_core_busy_pct(placements, cores),
                     free_core_sets=free_core_sets(placements, cores, threads))
-    on_gpu = pool_device(pool, settings, gpus) == "cuda"
+    on_gpu = pool_device(pool, settings) == "cuda"
     gpu_loads = tuple(GpuLoad(g.index, g.utilization_pct, g.memory_free_mb, g.memory_total_mb, g.fault)
                       for g in gpus) if on_gpu else ()
     return ScalingContext(tuple(loads), gpu_loads, host, now, last_change_at,

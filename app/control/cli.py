@@ -22,6 +22,7 @@ from app.control import heal, nginx, processes
 from app.control.actuator import ActuationError, Actuator, get_json, wait_ready
 from app.control.paths import RunPaths
 from app.gpu import detect_gpus, inventory
+from app.control.placement import NoRoomError
 from app.control.pool import Pool, save_unhealthy
 from app.control.render import (
     CONTROL_PROGRAMS, JOBS_PROGRAM, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all,
@@ -84,8 +85,8 @@ def cmd_up(args) -> int:
         previous = Pool.load(paths)
         try:
             pool = Pool(plan_instances(settings, gpus, nvml_error=found.error))
-        except ConfigError as e:
-            raise ConfigError(f"{e}{heal.orphans_holding_gpus(settings, previous)}") from e
+        except NoRoomError as e:   # (not any other error: the hint is about the orphans' memory)
+            raise NoRoomError(f"{e}{heal.orphans_holding_gpus(settings, previous)}") from e
         heal.plan_adoption(settings, pool, say, previous=previous)
         _render(settings, pool, before_start=True)
         client = start_supervisord(paths)

@@ -14,6 +14,10 @@ from app.devices import available_cores, format_cores, parse_cores  # noqa: F401
 from app.gpu import GpuInfo, detect_gpus, driver_absent  # noqa: F401  (detect_gpus re-exported)
 
 
+class NoRoomError(ConfigError):
+    """The GPUs lack the memory (or the headroom, or are too busy) for the instances asked for."""
+
+
 @dataclass(frozen=True)
 class Placement:
     device: str                 # "cpu" | "cuda"
@@ -132,7 +136,7 @@ def plan_placement(
             return [Placement("cuda", gpu=g, gpu_uuid=by_index[g].uuid) for g in gpu_map[:count]]
         room = choose_gpus(count, gpus, instance_memory_mb, headroom_mb)
         if len(room.chosen) < count:
-            raise ConfigError(f"room on the GPUs for {len(room.chosen)} of {count} instances: {room.problems()}")
+            raise NoRoomError(f"room on the GPUs for {len(room.chosen)} of {count} instances: {room.problems()}")
         return [Placement("cuda", gpu=i, gpu_uuid=by_index[i].uuid) for i in room.chosen]
     if not cpu_cores:
         raise ConfigError("no CPU cores available to place instances on")
@@ -185,7 +189,7 @@ def place_one(existing: list[Placement], device: str, gpus: list[GpuInfo], cores
                 reserved[p.gpu] = reserved.get(p.gpu, 0) + instance_memory_mb
         room = choose_gpus(1, gpus, instance_memory_mb, headroom_mb, reserved)
         if not room.chosen:
-            raise ConfigError(f"no room on a GPU for another instance: {room.problems() or 'no GPU'}")
+            raise NoRoomError(f"no room on a GPU for another instance: {room.problems() or 'no GPU'}")
         return Placement("cuda", gpu=room.chosen[0], gpu_uuid=by_index[room.chosen[0]].uuid)
     usage = core_usage(existing, cores)
     chosen = sorted(cores, key=lambda c: (usage[c], c))[:max(1, threads)]
