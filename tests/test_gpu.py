@@ -465,15 +465,13 @@ def test_up_names_the_missing_engine_packages_of_a_ctranslate2_only_install(monk
 def test_an_instance_measures_its_gpu_memory_from_the_best_figure_it_can_get(monkeypatch, tmp_path):
     """NVML's per-process figure first; in a container whose pids NVML does not see, the engine's own
     figure; for an engine with none, the GPU's used memory after loading minus before."""
-    from app import cuda
     from app.instance import ModelInstance
 
     fake = FakeNvml([FakeGpu("NVIDIA H200", 143_771, used_mb=1_000)]).install(monkeypatch)
     h200 = fake.gpus[0]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", h200.uuid)
     inst = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": h200.uuid}))
-    monkeypatch.setattr(cuda, "current_device", lambda: {"uuid": h200.uuid, "name": h200.name,
-                                                         "pci_bus_id": "0000:10:00.0", "visible": 1})
+    cuda_sees(monkeypatch, h200)
     inst.gpu = inst._check_gpu()
     assert inst.gpu["uuid"] == h200.uuid and inst._gpu_used_before_mb == 1_000
 
@@ -799,13 +797,11 @@ def test_an_instance_reports_the_most_gpu_memory_it_has_held(monkeypatch):
     """Measured after a warm-up on silence, the figure grows with what real decoding takes (checked
     every GPU_MEMORY_REFRESH_SECONDS on a thread of its own); it never shrinks, as placement must
     charge what an instance can come to hold."""
-    from app import cuda
     from app.instance import ModelInstance
 
     fake = FakeNvml([FakeGpu("NVIDIA H200", 143_771)]).install(monkeypatch)
     h200 = fake.gpus[0]
-    monkeypatch.setattr(cuda, "current_device", lambda: {"uuid": h200.uuid, "name": h200.name,
-                                                         "pci_bus_id": "0000:10:00.0", "visible": 1})
+    cuda_sees(monkeypatch, h200)
     inst = ModelInstance(load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": h200.uuid}))
     inst.gpu = inst._check_gpu()
     h200.processes = {os.getpid(): 3_300}
