@@ -140,12 +140,17 @@ def test_a_port_held_by_another_process_is_refused_naming_it(tmp_path):
         _stop(holder)
 
 
-def test_status_into_a_closed_pipe_exits_quietly(tmp_path):
-    """`asrctl status | head`: the reader goes away; no traceback, no misleading error line."""
+@pytest.mark.parametrize("buffered", [True, False])
+def test_status_into_a_closed_pipe_exits_quietly(tmp_path, buffered):
+    """`asrctl status | head`: the reader goes away; no traceback, no misleading error line, whether
+    the write fails in a print (unbuffered) or in the last flush."""
     read, write = os.pipe()
     os.close(read)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     result = subprocess.run([str(BIN / "asrctl"), "status", "--run-dir", str(tmp_path / "none")],
-                            stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+                            stdout=write, stderr=subprocess.PIPE, text=True, timeout=60, env=env)
     os.close(write)
     assert result.stderr == ""
     assert result.returncode == 141
