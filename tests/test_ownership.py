@@ -156,6 +156,24 @@ def test_status_into_a_closed_pipe_exits_quietly(tmp_path, buffered):
     assert result.returncode == 141
 
 
+def test_up_refuses_a_public_port_another_process_holds_and_starts_nothing(tmp_path):
+    public, base = free_ports(2)
+    foreign = subprocess.Popen([sys.executable, "-m", "http.server", str(public), "--bind", "127.0.0.1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    paths = RunPaths.at(tmp_path / "asr")
+    try:
+        assert _poll(lambda: processes.listeners({public}).get(public) == {foreign.pid}, 20)
+        up = _up(paths.root, 1, public, base, check=False)
+        assert up.returncode == 1 and up.stdout == "", up.stdout
+        assert up.stderr.startswith(f"asrctl up: port {public} is held by pid {foreign.pid} (")
+        assert "http.server" in up.stderr and len(up.stderr.strip().splitlines()) == 1
+        assert processes.run_processes(paths) == [] and not paths.socket.exists()
+        assert foreign.poll() is None
+    finally:
+        _down_and_clean(paths.root)
+        _stop(foreign)
+
+
 # -- with real services --------------------------------------------------------------------------
 
 def _up(run_dir: Path, instances: int, port: int, base_port: int, check: bool = True):
