@@ -62,7 +62,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     ASR_INSTANCE_HOST=0.0.0.0 \
-    ASR_INSTANCE_PORT=9000 \
+    ASR_INSTANCE_PORT=7861 \
     ASR_MODEL_CACHE=/var/cache/asr \
     HF_HOME=/var/cache/asr/huggingface
 
@@ -91,11 +91,11 @@ WORKDIR /home/asr
 
 # Converted models and Hugging Face models: a volume, so they outlive the container.
 VOLUME ["/var/cache/asr"]
-EXPOSE 9000
+EXPOSE 7861
 
 # /health answers while the process lives; readiness (model loaded) is /ready, for orchestrators.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('ASR_INSTANCE_PORT', '9000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('ASR_INSTANCE_PORT', '7861'), timeout=4)"]
 
 # SIGTERM is gunicorn's graceful stop: the request in flight finishes (graceful_timeout, 340 s with
 # the default settings), so stop the container with a longer timeout: docker stop -t 360.

@@ -227,7 +227,7 @@ def add_server_timing(response: Response, future: JobFuture | None) -> None:
     queue_seconds, inference_seconds = (future.queue_seconds, future.inference_seconds) if future else (0.0, 0.0)
     response.headers["Server-Timing"] = (f"queue;dur={queue_seconds * 1000:.2f}, "
                                          f"inference;dur={inference_seconds * 1000:.2f}")
-    if g.get("asr_chunks"):  # where a long recording's chunks were decoded: "asr-9000=3, asr-9001=2"
+    if g.get("asr_chunks"):  # where a long recording's chunks were decoded: "asr-7861=3, asr-7862=2"
         response.headers["X-ASR-Chunks"] = g.asr_chunks
 
 

@@ -49,7 +49,7 @@ class Settings:
     instances: int = 2
     host: str = "0.0.0.0"                # nginx, the only public entry
     port: int = 7860
-    base_port: int = 9000                # instances listen on 127.0.0.1:base_port..base_port+N-1
+    base_port: int = 7861                # instances listen on 127.0.0.1:base_port..base_port+N-1
     run_dir: str = "run"
 
     # Placement: which GPU or CPU cores an instance gets.
@@ -282,6 +282,9 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"device must be auto, cpu or cuda, not {s.device!r}")
     if s.instances < 1:
         raise ConfigError("instances must be at least 1")
+    if s.base_port <= s.port < s.base_port + max(s.instances, s.max_instances):
+        raise ConfigError(f"port {s.port} (nginx) lies among the instances' ports {s.base_port}.."
+                          f"{s.base_port + max(s.instances, s.max_instances) - 1}: choose another port or base_port")
     if not 1 <= s.beam_size <= 10:
         raise ConfigError("beam_size must be between 1 and 10")
     from app.formats import OUTPUTS

@@ -80,12 +80,20 @@ def test_per_instance_lists_repeat_to_the_instance_count():
     assert s.ports() == [s.base_port + i for i in range(4)]
 
 
+def test_instances_default_to_ports_next_to_nginx_not_9000():
+    """9000 is php-fpm's and MinIO's default: instances listen on 7861 and up, nginx on 7860."""
+    s = Settings()
+    assert (s.port, s.ports()) == (7860, [7861, 7862])
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"engine": "qwen3-asr"}, "needs model = a Qwen3-ASR -hf directory"),
     ({"aligner_model": "/srv/aligner"}, "aligner_model is for engine qwen3-asr"),
     ({"chunk_seconds": 0}, "chunk_seconds"),
     ({"detect_language": False, "language": "auto"}, "detect_language = false needs a language"),
     ({"engine": "whisper.cpp"}, "engine must be one of ctranslate2, transformers, qwen3-asr"),
+    # nginx's port where a scaled-up instance would listen
+    ({"port": 7863, "max_instances": 4}, "port 7863 (nginx) lies among the instances' ports 7861..7864"),
 ])
 def test_settings_that_cannot_serve_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

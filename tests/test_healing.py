@@ -133,7 +133,8 @@ def test_supervisord_kill_9_under_the_systemd_unit_comes_back_through_adoption(t
             os.kill(int((service.run_dir / "supervisord.pid").read_text()), signal.SIGKILL)
             subprocess.run(unit["render"].split(), check=True, timeout=120, capture_output=True)
             supervisord = subprocess.Popen(unit["supervisord"].split(), stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL)
+                                           stderr=subprocess.DEVNULL,   # with the unit's Environment=
+                                           env={**os.environ, **processes.identity(RunPaths.at(service.run_dir))})
             adopted = _poll(lambda: not processes.wait_gone(orphan_pids, 0)
                             and not json.loads((service.run_dir / "pool.json").read_text())["adopted"], 180, 0.5)
             assert adopted, (service.run_dir / "logs" / "watcher.log").read_text()[-3000:]

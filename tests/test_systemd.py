@@ -238,7 +238,7 @@ def test_a_model_cache_under_a_home_directory_becomes_systemd_s_cache_directory(
     unit = _parse(render_unit(_settings(model_cache="/home/asr/.cache/asr-service"), "asr", REPO, bin_dir=BIN))
     service = unit["Service"]
     assert service["CacheDirectory"] == ["asr-service"]
-    assert service["Environment"] == ["ASR_MODEL_CACHE=/var/cache/asr-service"]
+    assert service["Environment"] == [f"ASRCTL_RUN={RUN_DIR}", "ASR_MODEL_CACHE=/var/cache/asr-service"]
     assert _one(unit, "ProtectHome") == "read-only"
     assert not any("/home/" in p for p in service["ReadWritePaths"])
     assert service["ExecStartPre"][0].endswith(f" -m 0750 {RUN_DIR}")

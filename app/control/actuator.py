@@ -85,8 +85,11 @@ class Actuator:
                          headroom_mb=self.settings.gpu_headroom_mb)
 
     def scale_up(self, pool: Pool, gpu: int | None = None) -> InstanceSpec:
+        port = pool.next_port(self.settings.base_port, avoid={self.settings.port})
+        # Before anything changes: a port another process holds is refused, never taken.
+        processes.refuse_foreign(self.paths, {port}, "scale up")
         placement = self.place_next(pool, gpu)
-        spec = pool.add(pool.next_port(self.settings.base_port), 1, placement)
+        spec = pool.add(port, 1, placement)
         pool.starting.add(spec.name)
         self.log(f"scale up: starting {spec.name} on {placement.describe()}")
         self._reweigh(pool)

@@ -10,6 +10,7 @@ import http.client
 import json
 import logging
 import os
+import select
 import sys
 import time
 import xmlrpc.client
@@ -44,18 +45,42 @@ class CommandError(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _run(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Whoever read our output went away (`asrctl status | head`): nothing to say, nobody to say it
+        # to. Exit as a process SIGPIPE ends would, without a traceback at the interpreter's last flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CommandError, ConfigError, SupervisorError, ActuationError, nginx.NginxConfigError,
-            nginx.NginxNotVerified) as e:
+    except (CommandError, ConfigError, SupervisorError, ActuationError, processes.PortHeld,
+            nginx.NginxConfigError, nginx.NginxNotVerified) as e:
         message = str(e)
     except xmlrpc.client.Fault as e:
         message = f"supervisord refused the request: {e.faultString}"
     except (OSError, http.client.HTTPException) as e:
+        if isinstance(e, BrokenPipeError) and _reader_gone():
+            raise  # our own stdout, not supervisord or an instance
         message = f"supervisord or an instance did not answer ({type(e).__name__}: {e})"
     print(f"asrctl {args.command}: {message}", file=sys.stderr)
     return 1
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -87,6 +112,8 @@ def cmd_up(args) -> int:
             pool = Pool(plan_instances(settings, gpus, nvml_error=found.error))
         except NoRoomError as e:   # (not any other error: the hint is about the orphans' memory)
             raise NoRoomError(f"{e}{heal.orphans_holding_gpus(settings, previous)}") from e
+        # Before any signal or file: a port another process holds is refused, never taken.
+        processes.refuse_foreign(paths, heal.run_ports(settings, pool), "asrctl up")
         heal.plan_adoption(settings, pool, say, previous=previous)
         _render(settings, pool, before_start=True)
         client = start_supervisord(paths)
@@ -103,47 +130,62 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     """Stop everything of this run directory, from whatever state it is in: supervisord's programs in
-    order (nginx gracefully first, then the instances), then any orphan a killed nginx master or
-    supervisord left behind, until no process of the run directory and no listener on its ports is left."""
+    order (nginx gracefully first, then the instances), then any process of the run a killed nginx
+    master or supervisord left behind, until none is left. Only processes carrying the run's identity
+    are signalled (app/control/processes.py); a port held by anything else is reported, not touched."""
     settings = _settings(args, from_run_dir=True)
     paths = RunPaths.at(settings.run_dir)
     ports = heal.run_ports(settings, Pool.load(paths))
     client = SupervisorClient(paths.socket)
-    stopped = []
+    supervised = False
+    instances, nginx_ran = [], False
     # A stopped (SIGSTOP) process cannot finish anything or even take its TERM: let every one go on.
     processes.resume(processes.run_processes(paths, ports))
     if client.running():
-        processes_ = client.processes()
+        supervised = True
+        supervisord_pid = client.api.getPID()
+        programs = client.processes()
+        running = {name for name, p in programs.items() if p["statename"] in ("RUNNING", "STARTING", "BACKOFF")}
+        nginx_ran = NGINX_PROGRAM in running
         for name in (*CONTROL_PROGRAMS, NGINX_PROGRAM):  # nothing may add work while instances stop
-            if name in processes_:
+            if name in programs:
                 client.stop(name)
-        stopped = [name for name in processes_ if name not in (*CONTROL_PROGRAMS, NGINX_PROGRAM)]
-        for name in stopped:
-            client.stop(name)
+        for name in programs:
+            if name not in (*CONTROL_PROGRAMS, NGINX_PROGRAM):
+                client.stop(name)
+                if name in running:
+                    instances.append(name)
         client.shutdown()
-    retired = []
+        # supervisord removes its socket before it exits: wait for the process itself (bounded), so
+        # that its last moments are not taken for a process it left behind.
+        processes.wait_gone([supervisord_pid], settings.stop_wait_seconds)
+    retired: list[processes.Proc] = []
     for _round in range(3):  # a stopped supervisord's own orphans show up once it is gone
         left = processes.orphans(paths, ports, None, include_control=True)
         if not left:
             break
         # nginx first, so that no request reaches an instance that is stopping.
-        left.sort(key=lambda p: p.kind != "nginx")
         for group in ([p for p in left if p.kind == "nginx"], [p for p in left if p.kind != "nginx"]):
             if group:
-                processes.retire(group, settings.stop_wait_seconds, log=lambda m: _say(args, m))
-        retired += left
-    listening = processes.listeners(ports)
+                retired += processes.retire(group, settings.stop_wait_seconds, log=lambda m: _say(args, m))
     left = processes.orphans(paths, ports, None, include_control=True)
-    if left or listening:
-        holders = ", ".join(p.describe() for p in left) or ", ".join(
-            f"port {port} (pid {', '.join(map(str, pids))})" for port, pids in listening.items())
-        raise CommandError(f"could not stop everything of {paths.root}: still running: {holders}")
-    if not stopped and not retired:
-        _say(args, f"not running (no supervisord on {paths.socket}, no process of {paths.root})")
-    else:
-        extra = f"; retired {len(retired)} orphaned process(es)" if retired else ""
-        _say(args, f"stopped {len(stopped)} instance(s) and nginx{extra}; nothing of {paths.root} is left "
-                   f"running or listening on ports {', '.join(map(str, sorted(ports)))}")
+    if left:
+        raise CommandError(f"could not stop everything of {paths.root}: still running: "
+                           f"{', '.join(p.describe() for p in left)}")
+    foreign = processes.foreign_holders(paths, ports)
+    others = "".join(
+        f"; port {port} is held by {f'pid {pids[0]} ({processes.program_of(pids[0])})' if pids else 'another user'}"
+        ", which is not part of this run and was left alone" for port, pids in foreign.items())
+    if not supervised and not retired:
+        _say(args, f"not running (no supervisord on {paths.socket}, no process of {paths.root}){others}")
+        return 0
+    done = [f"stopped {len(instances)} instance(s){' and nginx' if nginx_ran else ''}"] if supervised else []
+    if retired:
+        done.append(f"retired {len(retired)} process(es) of this run that supervisord did not hold "
+                    f"({', '.join(p.describe() for p in retired)})")
+    free = sorted(ports - set(foreign))
+    _say(args, f"{'; '.join(done)}; nothing of {paths.root} is left running"
+               f"{', and ports ' + ', '.join(map(str, free)) + ' are free' if free else ''}{others}")
     return 0
 
 
@@ -190,7 +232,9 @@ def cmd_render(args) -> int:
     before_start = not SupervisorClient(paths.socket).running()
     if before_start:
         # About to be started (the systemd unit's ExecStartPre): plan around a killed supervisord's
-        # orphans; the watcher finishes the adoption once supervisord runs.
+        # orphans; the watcher finishes the adoption once supervisord runs. A port another process
+        # holds fails the start instead.
+        processes.refuse_foreign(paths, heal.run_ports(settings, pool), "asrctl render")
         heal.plan_adoption(settings, pool, lambda m: _say(args, m), previous=pool)
     _render(settings, pool, before_start)
     _say(args, f"rendered configuration into {paths.root}")

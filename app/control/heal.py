@@ -60,15 +60,11 @@ def run_ports(settings: Settings, pool: Pool | None) -> set[int]:
 
 
 def nginx_orphans(settings: Settings, paths: RunPaths, nginx_pid: int | None) -> list[processes.Proc]:
-    """nginx processes listening on the public port that are not the supervised master's."""
-    listening = processes.listeners({settings.port}).get(settings.port, set())
-    found = []
-    for pid in sorted(listening - {nginx_pid}):
-        parent = processes.parent_of(pid)
-        # Gone since the scan (an old worker finishing after a reload), or a worker of the supervised master.
-        if parent is not None and parent != nginx_pid:
-            found.append(processes.Proc(pid, parent, "nginx", (settings.port,)))
-    return found
+    """This run's nginx processes that are not the supervised master or its workers: workers a killed
+    master left, or a killed supervisord's nginx (by identity, whatever port they hold)."""
+    supervised = processes.tree(nginx_pid)
+    return [p for p in processes.run_processes(paths, {settings.port})
+            if p.kind == "nginx" and p.pid not in supervised]
 
 
 def supervised_nginx_listens(settings: Settings, nginx_pid: int | None) -> bool:

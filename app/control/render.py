@@ -14,7 +14,7 @@ import jinja2
 from app import cuda
 from app.config import Settings
 from app.public_routes import PUBLIC_ROUTES
-from app.control import prometheus_sd
+from app.control import processes, prometheus_sd
 from app.control.paths import RunPaths
 from app.control.placement import GpuInfo, Placement, capacity_weights, plan_placement, resolve_device
 from app.devices import available_cores, format_cores, gpu_environment
@@ -129,6 +129,7 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
         "bin_dir": Path(sys.executable).parent,
         "repo_root": REPO_ROOT,
         "nginx_bin": nginx_binary(),
+        "identity_env": processes.IDENTITY_ENV,
     }
     # Absolute: instances and the job runner find the job database and upstream.json through it.
     _write(paths.config, replace(settings, run_dir=str(paths.root)).to_toml())

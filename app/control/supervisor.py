@@ -1,6 +1,7 @@
 """supervisord actuation over its XML-RPC interface (the unix socket in the run directory)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from supervisor.xmlrpc import SupervisorTransport
 
 from app.control.paths import RunPaths
+from app.control.processes import identity
 
 
 class SupervisorError(RuntimeError):
@@ -79,7 +81,9 @@ class SupervisorClient:
 def start_supervisord(paths: RunPaths, timeout: float = 20) -> SupervisorClient:
     """Start supervisord (it daemonizes) and wait until its socket answers."""
     binary = Path(sys.executable).parent / "supervisord"
-    result = subprocess.run([str(binary), "-c", str(paths.supervisor_conf)], capture_output=True, text=True)
+    # supervisord itself carries the run's identity too (its configuration gives it to its programs).
+    result = subprocess.run([str(binary), "-c", str(paths.supervisor_conf)], capture_output=True, text=True,
+                            env={**os.environ, **identity(paths)})
     if result.returncode != 0:
         raise SupervisorError(f"supervisord did not start: {(result.stderr or result.stdout).strip()}")
     client = SupervisorClient(paths.socket)

@@ -11,6 +11,8 @@ import pwd
 from pathlib import Path
 
 from app.config import Settings
+from app.control.paths import RunPaths
+from app.control.processes import identity
 from app.control.render import template_environment
 TEMPLATE = "systemd/asr-service.service.j2"
 
@@ -92,6 +94,7 @@ def render_unit(settings: Settings, user: str, checkout: str | Path, *, group: s
         "model_cache": model_cache,
         "cache_directory": CACHE_DIRECTORY,
         "commands": commands(settings, run_dir, bin_dir, list(flags)),
+        "identity": " ".join(f"{k}={v}" for k, v in identity(RunPaths.at(run_dir)).items()),
         "max_instances": max(settings.instances, settings.max_instances),
         "stop_groups": stop_groups(settings),
         "stop_margin": STOP_MARGIN_SECONDS,

@@ -50,7 +50,7 @@ class Watcher:
         self.nginx_pid: int | None = None
         self.last_scan = 0.0
         self.scan_until = 0.0
-        self.retiring: dict[int, float] = {}                  # orphan pid -> graceful deadline
+        self.retiring: dict[processes.Proc, float] = {}       # orphan -> graceful deadline
         self._stop = threading.Event()
 
     def run(self) -> None:
@@ -158,23 +158,26 @@ class Watcher:
         changed = pid != self.nginx_pid
         self.nginx_pid = pid
         for orphan, deadline in list(self.retiring.items()):
-            if not processes.wait_gone([orphan], 0):
+            if not processes.alive([orphan]):
                 del self.retiring[orphan]
             elif now > deadline:
-                log.warning("nginx orphan pid %d still running after its graceful stop: killing it", orphan)
-                processes.kill(orphan, signal.SIGKILL)
+                if processes.send(orphan, signal.SIGKILL):
+                    log.warning("nginx orphan pid %d still running after its graceful stop: killed it", orphan.pid)
                 del self.retiring[orphan]
         if changed:
             self.scan_until = now + ORPHAN_SCAN_SECONDS  # look every tick for a while after a new master
         if pid is None or not (now < self.scan_until or now - self.last_scan > ORPHAN_SCAN_SECONDS):
             return
         self.last_scan = now
-        found = [p for p in heal.nginx_orphans(self.settings, self.paths, pid) if p.pid not in self.retiring]
+        retiring = {p.pid for p in self.retiring}
+        found = [p for p in heal.nginx_orphans(self.settings, self.paths, pid) if p.pid not in retiring]
         if not found or not heal.supervised_nginx_listens(self.settings, pid):
             return  # none, or the new master is not serving yet: the orphans are all there is
+        found = [p for p in found if processes.send_graceful(p)]
         for p in found:
-            processes.send_graceful(p)
-            self.retiring[p.pid] = now + self.settings.stop_wait_seconds
+            self.retiring[p] = now + self.settings.stop_wait_seconds
+        if not found:
+            return
         log.warning("nginx: retiring %d orphaned worker(s) %s gracefully; the supervised master is pid %d",
                     len(found), ", ".join(str(p.pid) for p in found), pid)
 
