@@ -196,7 +196,7 @@ def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> d
     from app.devices import parse_cores
     from app.engines.models import display_name, resolve_model
 
-    started, load_start = time.time(), os.getloadavg()[0]
+    started, load_start, code = time.time(), os.getloadavg()[0], _code_version()   # the code measured
     # What the pools will read (the operator's ASR_* and config file), on the CPU, with faster-whisper.
     common = {"ASR_DEVICE": "cpu", "ASR_ENGINE": "ctranslate2"}
     settings = load_settings(env={**os.environ, **common})
@@ -269,7 +269,7 @@ def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> d
             service.down()
             shutil.rmtree(service.run_dir, ignore_errors=True)
     result = {
-        "machine": machine(served["compute_type"], served["model"], settings.beam_size),
+        "machine": machine(served["compute_type"], served["model"], settings.beam_size, code),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_seconds": round(time.time() - started, 1),
         "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
@@ -306,7 +306,7 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def machine(compute_type: str, model: str, beam_size: int) -> dict:
+def machine(compute_type: str, model: str, beam_size: int, code: str) -> dict:
     versions = {}
     for name in LIBRARIES:
         try:
@@ -316,7 +316,7 @@ def machine(compute_type: str, model: str, beam_size: int) -> dict:
     return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
             "system": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
             "libraries": versions, "model": model, "compute_type": compute_type, "beam_size": beam_size,
-            "code": _code_version()}
+            "code": code}
 
 
 def _code_version() -> str:
