@@ -34,7 +34,8 @@ import requests
 
 from bench.clips import REPO, SPEECH
 from bench.machine import busy_seconds
-from bench.service import Service
+from bench.service import Service, tree_cpu_seconds
+from bench.wer import word_error_rate
 
 RATE = 16_000
 
@@ -63,23 +64,6 @@ def recording(minutes: float, seed: int = 0) -> tuple[bytes, float, str]:
     buffer = io.BytesIO()
     soundfile.write(buffer, audio, RATE, format="WAV", subtype="PCM_16")
     return buffer.getvalue(), len(audio) / RATE, " ".join(texts)
-
-
-_NUMBERS = {str(i): w for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-
-
-def normalize(text: str) -> str:
-    """As the tests normalise (tests/support.py): lower case, no punctuation, digits 0-10 spelled out."""
-    import re
-
-    text = re.sub(r"[^\w\s']", " ", text.lower().replace("-", " "))
-    return " ".join(_NUMBERS.get(w, w) for w in text.split())
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    import jiwer
-
-    return round(jiwer.wer(normalize(reference), normalize(hypothesis)), 4)
 
 
 def transcribe(service: Service, data: bytes) -> dict:
@@ -146,14 +130,15 @@ def service_restart(service: Service, started: float) -> None:
 
 class OtherLoad:
     """Cores other processes kept busy from now until ``cores()``: the machine's busy CPU time minus
-    the service's own (supervisord's whole tree) and this process's, over the wall time."""
+    the services' own (each supervisord's whole tree) and this process's with its children (a bare
+    engine's child process), over the wall time."""
 
-    def __init__(self, service: Service):
-        self.service = service
+    def __init__(self, *services: Service):
+        self.services = services
         self.started, self.busy, self.own = time.monotonic(), busy_seconds(), self._own()
 
     def _own(self) -> float:
-        return self.service.cpu_seconds() + time.process_time()
+        return sum(s.cpu_seconds() for s in self.services) + tree_cpu_seconds(os.getpid())
 
     def cores(self) -> float:
         wall = time.monotonic() - self.started

@@ -29,7 +29,7 @@ from pathlib import Path
 from bench.bare import BareEngine
 from bench.clips import REPO, Clip, load_clips
 from bench.load import Connection, Record, Uploads, run_load
-from bench.machine import busy_seconds
+from bench.machine import busy_seconds, cpu_model
 from bench.report import check_targets, summarize_bare, summarize_http, write_files
 from bench.service import Service
 
@@ -247,7 +247,7 @@ def run_benchmark(plan: Plan) -> tuple[dict, Path]:
     result = {
         "meta": {
             "started": started.isoformat(timespec="seconds"),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "cores": len(cores),
             "python": platform.python_version(),
             "engine": plan.engine,
@@ -401,16 +401,6 @@ def _rotate(items: list, k: int) -> list:
 
 def _spec(cores: list[int]) -> str:
     return ",".join(str(c) for c in cores)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _mean(blocks: list[dict]) -> float | None:

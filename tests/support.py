@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import soxr
 
 from bench.clips import SPEECH  # noqa: F401  (the bench and the tests read the same clips)
 from bench.service import free_ports  # noqa: F401  (the bench and the tests pick ports alike)
+from bench.wer import normalize  # the bench and the tests compare words alike
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -49,18 +49,6 @@ def set_a_sequence(gap: float = 1.0, rows: list[dict] | None = None) -> tuple[np
 
 def clip_bytes(row: dict) -> bytes:
     return (SPEECH / row["file"]).read_bytes()
-
-
-_NUMBERS = {str(i): w for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten".split())}
-
-
-def normalize(text: str) -> str:
-    """Lower case, no punctuation, digits 0-10 spelled out: what WER should compare."""
-    text = text.lower().replace("-", " ")
-    text = re.sub(r"[^\w\s']", " ", text)
-    words = [_NUMBERS.get(w, w) for w in text.split()]
-    return " ".join(words)
 
 
 def wer(references: list[str], hypotheses: list[str]) -> float:

@@ -1,0 +1,410 @@
+"""``python -m bench long-accuracy``: word error rate and time on long recordings with human transcripts.
+
+Each recording (a WAV with its reference in a ``.txt`` of the same name; by default the read speech
+in ``../shared/audio/longform/``) is transcribed four ways, the same WAV bytes each time:
+
+* ``a``: faster-whisper's defaults on the whole file: ``WhisperModel.transcribe`` with its default
+  arguments (beam 5, temperature fallback, conditioning on previous text), the service's model and
+  compute type, in a child process pinned to one core with one thread, as an instance pins itself;
+* ``b``: the service window after window: a one-instance pool with ``chunking = false``;
+* ``c``: the service chunk-parallel: an idle pool of two instances of one core each (``chunking`` and
+  ``chunk_fanout`` on, the defaults);
+* ``d``: the same pool through ``POST /v1/jobs``, polled until done.
+
+Both pools come up with the real ``asrctl`` on free loopback ports (``--device cpu``). The targets
+(issue #20): on every recording, (c)'s time at most 0.55 x (a)'s, and (c)'s WER at most 0.5
+percentage points above (a)'s. ``--seconds N`` decodes only the recordings' first utterances up to
+N seconds (needs ``manifest.jsonl`` with each utterance's times, as ``longform/`` has), for a quick
+check. Results: ``bench/results/long-accuracy-<timestamp>/`` (``summary.md``, ``results.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from bench.clips import REPO
+from bench.long import OtherLoad, run_job, transcribe
+from bench.machine import cpu_model
+from bench.service import Service
+from bench.wer import word_error_rate
+
+LONGFORM = REPO.parent / "shared" / "audio" / "longform"
+MAX_RATIO = 0.55       # (c) seconds / (a) seconds
+MAX_WER_GAP_PP = 0.5   # (c) WER - (a) WER, percentage points
+MODES = {
+    "a": "faster-whisper defaults, whole file, 1 core",
+    "b": "service, window after window (chunking = false)",
+    "c": "service, chunk-parallel, idle 2-instance pool",
+    "d": "service, POST /v1/jobs, same pool",
+}
+LIBRARIES = ("faster-whisper", "ctranslate2", "onnxruntime", "numpy", "jiwer")
+
+
+class NoRecordings(Exception):
+    """The folder is missing or holds no WAV with a reference transcript."""
+
+
+@dataclass
+class Recording:
+    name: str
+    data: bytes        # a 16-bit WAV: what every mode decodes
+    seconds: float
+    reference: str
+
+
+def load_recordings(folder: Path, only: list[str] | None = None, seconds: float | None = None) -> list[Recording]:
+    """Every ``X.wav`` in ``folder`` with a reference ``X.txt`` (``only``: these names, without the suffix).
+
+    With ``seconds``, each recording is cut after its last utterance that ends by then, in the pause
+    that follows it, and the reference is those utterances' text: ``manifest.jsonl`` must give them
+    (a row per file with ``parts``: ``start_s``, ``end_s``, ``text``).
+    """
+    import soundfile
+
+    if not folder.is_dir():
+        raise NoRecordings(f"no folder {folder}")
+    pairs = sorted(p for p in folder.glob("*.wav") if p.with_suffix(".txt").exists())
+    if only:
+        missing = set(only) - {p.stem for p in pairs}
+        if missing:
+            raise NoRecordings(f"no WAV with a .txt reference named {', '.join(sorted(missing))} in {folder}")
+        pairs = [p for p in pairs if p.stem in only]
+    if not pairs:
+        raise NoRecordings(f"no WAV with a reference .txt of the same name in {folder}")
+    manifest = {}
+    if seconds is not None:
+        path = folder / "manifest.jsonl"
+        if not path.exists():
+            raise NoRecordings(f"--seconds needs {path} with each utterance's times (parts), to cut the reference")
+        manifest = {row["file"]: row for row in map(json.loads, path.read_text().splitlines()) if row.get("parts")}
+    out = []
+    for path in pairs:
+        if seconds is None:
+            data = path.read_bytes()
+            out.append(Recording(path.stem, data, soundfile.info(io.BytesIO(data)).duration,
+                                 path.with_suffix(".txt").read_text().strip()))
+            continue
+        if path.name not in manifest:
+            raise NoRecordings(f"{path.name} has no utterance times (parts) in {folder / 'manifest.jsonl'}")
+        cut, reference = first_utterances(manifest[path.name]["parts"], seconds)
+        samples, rate = soundfile.read(str(path), dtype="int16")
+        buffer = io.BytesIO()
+        soundfile.write(buffer, samples[:round(cut * rate)], rate, format="WAV", subtype="PCM_16")
+        out.append(Recording(path.stem, buffer.getvalue(), round(cut * rate) / rate, reference))
+    return out
+
+
+def first_utterances(parts: list[dict], seconds: float) -> tuple[float, str]:
+    """(where to cut, the reference up to there): the utterances that end by ``seconds``, cut halfway
+    into the pause after the last of them."""
+    parts = sorted(parts, key=lambda p: p["start_s"])
+    kept = [p for p in parts if p["end_s"] <= seconds]
+    if not kept:
+        raise NoRecordings(f"no utterance ends within the first {seconds:g} s")
+    after = parts[len(kept)]["start_s"] if len(kept) < len(parts) else None
+    end = kept[-1]["end_s"]
+    cut = min(seconds, (end + after) / 2) if after is not None else min(seconds, end + 0.5)
+    return cut, " ".join(p["text"] for p in kept)
+
+
+# (a): faster-whisper's defaults in a child process on one core -------------------------------------
+
+class Bare:
+    """``WhisperModel`` with default decoding in a spawned child pinned to ``core`` with one thread."""
+
+    def __init__(self, model_dir: str, compute_type: str, core: int):
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_bare_child, args=(child, model_dir, compute_type, core),
+                                    name="bare-faster-whisper", daemon=True)
+        self._process.start()
+        child.close()
+        reply = self._conn.recv()
+        if isinstance(reply, BaseException):
+            raise RuntimeError("the bare faster-whisper child failed to load") from reply
+
+    def transcribe(self, data: bytes) -> dict:
+        self._conn.send(data)
+        reply = self._conn.recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            self._process.join(10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+        self._conn.close()
+
+
+def _bare_child(conn, model_dir: str, compute_type: str, core: int) -> None:
+    """Pinned and threaded as ``asrctl`` and the instance pin one (OMP_NUM_THREADS, then
+    ``pin_to_cores``) before CTranslate2 loads; warmed up like an instance; then each WAV it is sent
+    is decoded with ``transcribe``'s defaults, timed from the bytes (faster-whisper decodes them)."""
+    try:
+        import numpy as np
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        from app.instance import pin_to_cores
+
+        threads = pin_to_cores(str(core), 1)
+        import ctranslate2
+        from faster_whisper import WhisperModel
+
+        model = WhisperModel(model_dir, device="cpu", compute_type=compute_type, cpu_threads=threads)
+        list(model.transcribe(np.zeros(16000, np.float32))[0])
+        conn.send("ready")
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(e)
+        return
+    while (data := conn.recv()) is not None:
+        try:
+            ctranslate2.set_random_seed(0)   # the temperature fallback samples: the same draws every run
+            started = time.perf_counter()
+            segments, _ = model.transcribe(io.BytesIO(data))
+            text = " ".join(s.text.strip() for s in segments)
+            conn.send({"seconds": round(time.perf_counter() - started, 2), "text": text})
+        except BaseException as e:  # noqa: BLE001
+            conn.send(e)
+
+
+# The run -----------------------------------------------------------------------------------------
+
+def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> dict:
+    """Both pools and the bare engine up at once (idle, they cost nothing), then per round and
+    recording the four modes one after the other, so the machine's drift hits all of them."""
+    from app.config import load_settings
+    from app.devices import parse_cores
+    from app.engines.models import display_name, resolve_model
+
+    started, load_start, code = time.time(), os.getloadavg()[0], _code_version()   # the code measured
+    # What the pools will read (the operator's ASR_* and config file), on the CPU, with faster-whisper.
+    common = {"ASR_DEVICE": "cpu", "ASR_ENGINE": "ctranslate2"}
+    settings = load_settings(env={**os.environ, **common})
+    limit = str(max(settings.max_audio_seconds, max(r.seconds for r in recordings) + 60))
+    common.update(ASR_MAX_AUDIO_SECONDS=limit, ASR_JOB_MAX_AUDIO_SECONDS=limit)
+    pools = {
+        "window": Service("window", out / "run-window", 1, cpu_threads=1,
+                          env={**common, "ASR_CHUNKING": "false", "ASR_JOBS": "false"}),
+        "chunked": Service("chunked", out / "run-chunked", 2, cpu_threads=1,
+                           env={**common, "ASR_CHUNKING": "true", "ASR_CHUNK_FANOUT": "true"}),
+    }
+    rows: list[dict] = []
+    bare = None
+    served = {"model": display_name(settings.model), "compute_type": settings.compute_type}
+    try:
+        errors: list[BaseException] = []
+
+        def up(service: Service) -> None:
+            try:
+                service.up(timeout=600)
+            except BaseException as e:  # noqa: BLE001 - raised below
+                errors.append(e)
+
+        threads = [threading.Thread(target=up, args=(s,)) for s in pools.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        # The bare engine: the served model and compute type, on the window-after-window instance's core.
+        health = pools["window"].health()[0]
+        served["model"], served["compute_type"] = health["model"], health["model_config"]["compute_type"]
+        core = (parse_cores(health["cpu_cores"] or "") or sorted(os.sched_getaffinity(0)))[0]
+        bare = Bare(resolve_model("ctranslate2", settings.model, settings.model_cache), served["compute_type"], core)
+        services = list(pools.values())
+        for round_ in range(1, rounds + 1):
+            for rec in recordings:
+                for mode in MODES:
+                    row = {"recording": rec.name, "audio_seconds": round(rec.seconds, 1), "mode": mode,
+                           "round": round_}
+                    load = OtherLoad(*services)
+                    try:
+                        if mode == "a":
+                            measured = bare.transcribe(rec.data)
+                        elif mode == "b":
+                            measured = transcribe(pools["window"], rec.data)
+                        elif mode == "c":
+                            measured = transcribe(pools["chunked"], rec.data)
+                        else:
+                            measured = run_job(pools["chunked"], rec.data, restart=False)
+                            if measured["state"] != "done":
+                                raise RuntimeError(f"job ended {measured['state']}")
+                    except Exception as e:  # noqa: BLE001 - recorded, the run goes on, the exit code says it
+                        row["error"] = f"{type(e).__name__}: {e}"
+                        log(f"{rec.name} ({mode}) {MODES[mode]}: FAILED {row['error']}")
+                        rows.append(row)
+                        continue
+                    row.update(seconds=measured["seconds"], wer=word_error_rate(rec.reference, measured["text"]),
+                               other_load_cores=load.cores(), text=measured["text"])
+                    if measured.get("chunks"):
+                        row["chunks"] = measured["chunks"]
+                    rows.append(row)
+                    log(f"{rec.name} ({mode}) {MODES[mode]}: {row['seconds']} s, WER {100 * row['wer']:.2f} %, "
+                        f"other load {row['other_load_cores']} cores")
+    finally:
+        if bare is not None:
+            bare.close()
+        for service in pools.values():
+            service.down()
+            shutil.rmtree(service.run_dir, ignore_errors=True)
+    result = {
+        "machine": machine(served["compute_type"], served["model"], settings.beam_size, code),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_seconds": round(time.time() - started, 1),
+        "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
+        "rounds": rounds,
+        "recordings": {r.name: {"audio_seconds": round(r.seconds, 1), "reference_words": len(r.reference.split())}
+                       for r in recordings},
+        "rows": rows,
+        "summary": summarize(rows),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(result))
+    return result
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per recording and mode: mean seconds and mean WER over the rounds; then the two targets."""
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(r["recording"] for r in rows):
+        modes = {}
+        for mode in MODES:
+            done = [r for r in rows if r["recording"] == name and r["mode"] == mode and "error" not in r]
+            if done:
+                modes[mode] = {"seconds": round(sum(r["seconds"] for r in done) / len(done), 2),
+                               "wer": round(sum(r["wer"] for r in done) / len(done), 4), "rounds": len(done)}
+        entry: dict = {"modes": modes}
+        if "a" in modes and "c" in modes:
+            ratio = round(modes["c"]["seconds"] / modes["a"]["seconds"], 3)
+            gap = round(100 * (modes["c"]["wer"] - modes["a"]["wer"]), 2)
+            entry["c_over_a_time"] = {"measured": ratio, "target": f"<= {MAX_RATIO}", "met": ratio <= MAX_RATIO}
+            entry["c_minus_a_wer_pp"] = {"measured": gap, "target": f"<= {MAX_WER_GAP_PP}",
+                                         "met": gap <= MAX_WER_GAP_PP}
+        out[name] = entry
+    return out
+
+
+def machine(compute_type: str, model: str, beam_size: int, code: str) -> dict:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
+            "system": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
+            "libraries": versions, "model": model, "compute_type": compute_type, "beam_size": beam_size,
+            "code": code}
+
+
+def _code_version() -> str:
+    """The commit measured, with ``+changes`` when the checkout differs from it."""
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + (" +changes" if dirty else "")
+
+
+def machine_line(result: dict) -> str:
+    m = result["machine"]
+    libraries = ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v)
+    return (f"{m['cpu_model']}, {m['cores']} cores ({m['system']}); Python {m['python']}, {libraries}; "
+            f"{m['model']} {m['compute_type']}, beam {m['beam_size']}, one core and one thread per decoder; "
+            f"code {m['code']}; load average {result['loadavg_start']} at the start, {result['loadavg_end']} "
+            f"at the end; {result['rounds']} round(s), {result['started']}.")
+
+
+def markdown(result: dict) -> str:
+    lines = [machine_line(result), "",
+             "| recording | mode | WER % | seconds | x (a)'s time | other load (cores) |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, entry in result["summary"].items():
+        audio = result["recordings"][name]["audio_seconds"]
+        a = entry["modes"].get("a")
+        for mode, label in MODES.items():
+            m = entry["modes"].get(mode)
+            loads = [r["other_load_cores"] for r in result["rows"]
+                     if r["recording"] == name and r["mode"] == mode and "error" not in r]
+            if m is None:
+                lines.append(f"| {name} ({audio} s) | ({mode}) {label} | failed | - | - | - |")
+                continue
+            times = f"{m['seconds'] / a['seconds']:.2f}" if a else "-"
+            lines.append(f"| {name} ({audio} s) | ({mode}) {label} | {100 * m['wer']:.2f} | {m['seconds']:.1f} | "
+                         f"{times} | {_span(loads)} |")
+    lines += ["", f"| recording | (c) time / (a) time (target <= {MAX_RATIO}) | "
+                  f"WER (c) - (a), points (target <= {MAX_WER_GAP_PP}) |", "| --- | ---: | ---: |"]
+    for name, entry in result["summary"].items():
+        if "c_over_a_time" in entry:
+            ratio, gap = entry["c_over_a_time"], entry["c_minus_a_wer_pp"]
+            lines.append(f"| {name} | {ratio['measured']:.2f} ({'met' if ratio['met'] else 'not met'}) | "
+                         f"{gap['measured']:+.2f} ({'met' if gap['met'] else 'not met'}) |")
+        else:
+            lines.append(f"| {name} | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def _span(values: list[float]) -> str:
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return f"{low:.2f}" if low == high else f"{low:.2f}-{high:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench long-accuracy", description=__doc__.split("\n")[0])
+    parser.add_argument("--audio", help=f"folder of WAV files with reference .txt files of the same name "
+                                        f"(default: {LONGFORM})")
+    parser.add_argument("--only", help="these recordings only, by name without .wav, e.g. long1")
+    parser.add_argument("--seconds", type=float, help="only each recording's utterances within its first N seconds "
+                                                      "(needs manifest.jsonl with utterance times)")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over every recording and mode (default 1)")
+    parser.add_argument("--out", help="results folder (default: bench/results/long-accuracy-<timestamp>)")
+    args = parser.parse_args(argv)
+    folder = Path(args.audio) if args.audio else LONGFORM
+    if not args.audio and not folder.is_dir():
+        # The shared recordings are not on every machine: without them there is nothing to measure.
+        print(f"long-accuracy: skipped: no recordings at {folder} (--audio DIR: WAV files with .txt references)",
+              file=sys.stderr)
+        return 0
+    try:
+        recordings = load_recordings(folder, args.only.split(",") if args.only else None, args.seconds)
+    except NoRecordings as e:
+        print(f"long-accuracy: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or REPO / "bench" / "results" / time.strftime("long-accuracy-%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(recordings, out, max(1, args.rounds), log=lambda line: print(line, flush=True))
+    print()
+    print((out / "summary.md").read_text())
+    print(f"results: {out} (summary.md, results.json), {result['duration_seconds']} s")
+    return 1 if any("error" in r for r in result["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
