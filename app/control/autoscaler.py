@@ -18,6 +18,7 @@ import psutil
 from app.config import Settings
 from app.gpu import detect_gpus
 from app.control.actuator import Actuator, get_json, measured_memory_mb, not_loaded, pool_device
+from app.control import processes
 from app.control.placement import GpuInfo, core_usage, free_core_sets
 from app.control.policy import (
     Decision, GpuLoad, HostLoad, InstanceLoad, PolicyState, ScalingConfig, ScalingContext, decide,
@@ -121,6 +122,9 @@ class Autoscaler:
             started = time.monotonic()
             try:
                 self.tick(pool, dry_run)
+            except processes.PortHeld as e:  # an operator's matter, not a bug: one line, not a traceback
+                log.warning("autoscale: no instance added: %s", e)
+                pool = Pool.load(self.actuator.paths) or pool
             except Exception:  # noqa: BLE001 - one failed tick must not end the loop; it is logged
                 log.exception("autoscale tick failed")
                 pool = Pool.load(self.actuator.paths) or pool
