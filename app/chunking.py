@@ -4,7 +4,8 @@ A chunk is at most ``max_seconds`` long, so chunks can be decoded side by side (
 instance, or spread over instances) instead of window after window. Cuts go where nobody speaks:
 ``plan_chunks`` takes the speech stretches Silero VAD found (``app.vad.speech_stretches``) and cuts
 in the middle of the last clear pause (at least ``CLEAR_PAUSE_SECONDS``) in the second half of each
-window, else of the longest pause there, so no chunk ends mid-word where a pause exists. The last
+window, else of the longest pause there, so no chunk ends mid-word where a pause exists; the speech
+before the cut ends ``END_MARGIN_SECONDS`` before the chunk's limit at the latest. The last
 clear pause rather than the longest keeps chunks near a full window: a chunk costs a whole window of
 encoder work however short it is, and with the longest pause chunks averaged 23 s of 30 and a
 5-minute file took 13 windows instead of window-after-window's 11.
@@ -34,6 +35,11 @@ CLEAR_PAUSE_SECONDS = 0.5   # a pause between sentences, not a breath inside one
 OVERLAP_SECONDS = 1.5       # each side of a cut inside speech: a long word and the context to place it
 MATCH_SECONDS = 0.5         # how far apart two chunks may time the same word of their overlap
 MIN_TAIL_SECONDS = 1.0      # no chunk after a cut shorter than this (an engine refuses a sliver of audio)
+# Speech before a cut in a pause ends this long before the chunk's limit (one Whisper window): words in
+# a window's last second come back as a segment "to be continued in the next window", and a chunk has
+# none. Measured on tiny.en: "Thank you." ending 29.3 s into a 29.7 s chunk, and "appearance of lips
+# and mouth" ending 29.2 s into a 29.6 s one, were lost; ending 28.7 s in, both were kept.
+END_MARGIN_SECONDS = 1.5
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,11 @@ def plan_chunks(samples: np.ndarray, max_seconds: float, speech: Sequence[dict],
         raise ValueError("max_seconds must be positive")
     overlap = max(0, min(int(overlap_seconds * SAMPLE_RATE), limit // 4))
     tail = min(int(MIN_TAIL_SECONDS * SAMPLE_RATE), limit // 4)
-    pauses = _pauses(speech, total)
+    margin = min(int(END_MARGIN_SECONDS * SAMPLE_RATE), limit // 4)
     spans, begin, position = [], 0, 0   # begin: where the current chunk starts; position: the last cut
     while total - begin > limit:
         low, high = begin + limit // 2, min(begin + limit, total - tail)
+        pauses = [(a, b) for a, b in _pauses(speech, total) if a <= begin + limit - margin]
         cut = _last_clear_pause(pauses, low, high)
         if cut is None:
             cut = _best_pause(pauses, low, high)

@@ -57,6 +57,18 @@ def test_the_last_clear_pause_wins_over_an_earlier_longer_one():
     assert plan_chunks(audio, 30, speech)[0].end == int(24.2 * S)
 
 
+def test_no_chunk_ends_its_speech_in_the_last_moments_of_a_window():
+    # A clear pause at 29.2-30.5 s: cut there, the chunk's speech would run to 29.2 s of a 30 s window,
+    # where Whisper leaves words for a next window the chunk does not have. The earlier pause wins.
+    speech = stretches((0.5, 20), (20.6, 29.2), (30.5, 45))
+    audio = np.zeros(46 * S, np.float32)
+    chunks = plan_chunks(audio, 30, speech)
+    assert chunks[0].end == int(20.3 * S) and covers(chunks, len(audio))
+    # Speech that ends early enough before the same limit keeps the late cut.
+    speech = stretches((0.5, 20), (20.6, 28.4), (29.6, 45))
+    assert plan_chunks(audio, 30, speech)[0].end == int(29.0 * S)
+
+
 def test_unbroken_speech_is_cut_at_its_quietest_frame_with_overlap():
     rng = np.random.default_rng(0)
     audio = (0.3 * rng.standard_normal(50 * S)).astype(np.float32)
