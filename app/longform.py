@@ -3,9 +3,10 @@
 A recording longer than ``chunk_seconds`` is cut into chunks at pauses (``app.chunking`` on Silero
 VAD's stretches), overlapping where a cut has to fall inside speech. Every chunk is decoded, also
 one in which VAD heard nothing (unless ``vad_filter`` removed the silence first), and each detects
-its own language unless the request named one, so a recording that changes language keeps both. Chunks go to *lanes*: the instance's own queue and, where ``chunk_fanout`` is on,
-the sibling instances that are ready and idle when the request starts (``app.peers``), each lane
-taking chunks in order from one shared list. The job runner uses the same scheduler with one lane
+its own language unless the request named one, so a recording that changes language keeps both.
+Chunks go to *lanes*: the instance's own queue and, where ``chunk_fanout`` is on, the sibling
+instances that are ready and idle when the request starts (``app.peers``), each lane taking chunks
+in order from one shared list. The job runner uses the same scheduler with one lane
 per ready instance.
 
 Fairness (a busy pool is never starved by one long file):
