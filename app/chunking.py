@@ -54,13 +54,14 @@ class Chunk:
 
 
 def plan_chunks(samples: np.ndarray, max_seconds: float, speech: Sequence[dict],
-                overlap_seconds: float = OVERLAP_SECONDS) -> list[Chunk]:
+                overlap_seconds: float = 0.0) -> list[Chunk]:
     """Chunks that cover ``samples`` end to end, each at most ``max_seconds``.
 
     ``speech`` holds VAD's stretches as ``{"start", "end"}`` in samples, in order. Audio no longer
     than ``max_seconds`` is one chunk. Chunks meet at cuts in pauses; at a cut inside speech they
     overlap by ``overlap_seconds`` on each side (at most a quarter of a chunk), so the cut is the
-    middle of the overlap (``cuts``).
+    middle of the overlap (``cuts``); with none (the default, for a caller that cannot time words to
+    merge an overlap) they meet there.
     """
     total = len(samples)
     limit = int(max_seconds * SAMPLE_RATE)

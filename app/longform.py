@@ -63,7 +63,7 @@ class Lane:
     patient: bool = False
 
 
-def split(samples: np.ndarray, chunk_seconds: float, times_words: bool = True) -> list[Chunk]:
+def split(samples: np.ndarray, chunk_seconds: float, times_words: bool = False) -> list[Chunk]:
     """Chunks of at most ``chunk_seconds`` cut at pauses; one chunk when the audio is that short.
     A cut inside speech overlaps its chunks only where the engine can time words (``times_words``):
     the overlap is merged by word times (``chunking.join``)."""

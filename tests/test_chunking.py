@@ -74,7 +74,7 @@ def test_unbroken_speech_is_cut_at_its_quietest_frame_with_overlap():
     audio = (0.3 * rng.standard_normal(50 * S)).astype(np.float32)
     quiet = int(27.3 * S)
     audio[quiet:quiet + S // 10] *= 0.01
-    chunks = plan_chunks(audio, 30, stretches((0, 50)))
+    chunks = plan_chunks(audio, 30, stretches((0, 50)), OVERLAP_SECONDS)
     cut = cuts(chunks)[0]
     assert abs(cut - (quiet + S // 20)) <= S // 10
     # Both chunks hold OVERLAP_SECONDS on each side of the cut, and neither is longer than 30 s.
@@ -88,14 +88,14 @@ def test_unbroken_speech_is_cut_at_its_quietest_frame_with_overlap():
 def test_long_unbroken_speech_keeps_every_chunk_within_the_limit():
     rng = np.random.default_rng(1)
     audio = (0.3 * rng.standard_normal(100 * S)).astype(np.float32)
-    chunks = plan_chunks(audio, 10, stretches((0, 100)))
+    chunks = plan_chunks(audio, 10, stretches((0, 100)), OVERLAP_SECONDS)
     ends = cuts(chunks)
     assert chunks[0].start == 0 and chunks[-1].end == len(audio) and len(chunks) >= 10
     assert all(c.end - c.start <= 10 * S for c in chunks)
     for a, b, cut in zip(chunks, chunks[1:], ends):
         assert a.end - cut == cut - b.start == int(OVERLAP_SECONDS * S)
     # Without overlap (an engine that cannot time words) the chunks meet at the cuts.
-    assert covers(plan_chunks(audio, 10, stretches((0, 100)), overlap_seconds=0), len(audio))
+    assert covers(plan_chunks(audio, 10, stretches((0, 100))), len(audio))
 
 
 def test_no_sliver_of_audio_is_left_after_a_cut():
