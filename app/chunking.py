@@ -106,7 +106,7 @@ def join(transcripts: Sequence[Transcript], chunks: Sequence[Chunk], duration: f
     an overlap kept once (``_splice``).
 
     The language is the one most of the speech was in (by the length of each chunk's own part of the
-    recording, chunks with text only); its probability is kept only when every chunk that reported
+    recording, chunks with text in a determined language only); its probability is kept only when every chunk that reported
     that language gave one (their mean), never invented.
     """
     if len(transcripts) != len(chunks):
@@ -129,7 +129,8 @@ def join(transcripts: Sequence[Transcript], chunks: Sequence[Chunk], duration: f
         segments.extend(kept)
         if text:
             texts.append(text)
-            weight[transcript.language] += ends[i] - (ends[i - 1] if i else 0)
+            if transcript.language != "und":  # a chunk whose language went undetermined does not outvote
+                weight[transcript.language] += ends[i] - (ends[i - 1] if i else 0)
     language = weight.most_common(1)[0][0] if weight else (transcripts[0].language if transcripts else "und")
     probabilities = [t.language_probability for t in transcripts if t.language == language and t.text.strip()]
     probability = None

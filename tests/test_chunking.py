@@ -223,3 +223,6 @@ def test_the_language_is_the_one_of_most_of_the_speech():
              Transcript("", "und", 10.0, [])]
     joined = join(parts, chunks, 50.0)
     assert joined.language == "de" and joined.language_probability == 0.8 and joined.text == "Hello Hallo"
+    # A chunk in no language the model could name does not outvote one it could.
+    parts = [Transcript("Hello", "en", 10.0, [], 0.9), Transcript("Hmm", "und", 30.0, []), parts[2]]
+    assert join(parts, chunks, 50.0).language == "en"
