@@ -1,9 +1,12 @@
 """Long recordings: cut at quiet points, chunks decoded side by side where capacity is idle.
 
 A recording longer than ``chunk_seconds`` is cut into chunks at pauses (``app.chunking`` on Silero
-VAD's stretches). Chunks go to *lanes*: the instance's own queue and, where ``chunk_fanout`` is on,
-the sibling instances that are ready and idle when the request starts (``app.peers``), each lane
-taking chunks in order from one shared list. The job runner uses the same scheduler with one lane
+VAD's stretches), overlapping where a cut has to fall inside speech. Every chunk is decoded, also
+one in which VAD heard nothing (unless ``vad_filter`` removed the silence first), and each detects
+its own language unless the request named one, so a recording that changes language keeps both.
+Chunks go to *lanes*: the instance's own queue and, where ``chunk_fanout`` is on, the sibling
+instances that are ready and idle when the request starts (``app.peers``), each lane taking chunks
+in order from one shared list. The job runner uses the same scheduler with one lane
 per ready instance.
 
 Fairness (a busy pool is never starved by one long file):
@@ -60,23 +63,50 @@ class Lane:
     patient: bool = False
 
 
-def split(samples: np.ndarray, chunk_seconds: float) -> list[Chunk]:
-    """Chunks of at most ``chunk_seconds`` cut at pauses; one chunk when the audio is that short."""
+def split(samples: np.ndarray, chunk_seconds: float, times_words: bool = False) -> list[Chunk]:
+    """Chunks of at most ``chunk_seconds`` cut at pauses; one chunk when the audio is that short.
+    A cut inside speech overlaps its chunks only where the engine can time words (``times_words``):
+    the overlap is merged by word times (``chunking.join``)."""
     if len(samples) <= chunk_seconds * SAMPLE_RATE:
         return [Chunk(0, len(samples), True)]
-    return chunking.plan_chunks(samples, chunk_seconds, vad.speech_stretches(samples))
+    overlap = chunking.OVERLAP_SECONDS if times_words else 0.0
+    return chunking.plan_chunks(samples, chunk_seconds, vad.speech_stretches(samples), overlap)
+
+
+def times_words(settings) -> bool:
+    """Whether the pool's engine can time words, from configuration alone (the job runner loads no
+    model): faster-whisper always, Qwen3-ASR with a forced aligner. The transformers engine times
+    words only for Whisper models, which its configuration does not tell, so it is not assumed."""
+    return settings.engine == "ctranslate2" or (settings.engine == "qwen3-asr" and bool(settings.aligner_model))
 
 
 def chunk_options(options: DecodeOptions, chunks: Sequence[Chunk], index: int) -> DecodeOptions:
     """An initial prompt primes only the first window with speech, as in window-after-window decoding
-    (no conditioning on previous text): it goes to the first chunk with speech only. Each chunk ends
-    in a pause or at the recording's end, which lets a Whisper engine finish it in one window."""
+    (no conditioning on previous text): it goes to the first chunk with speech only. A chunk that
+    ends in a pause or at the recording's end lets a Whisper engine finish it in one window; one that
+    overlaps a neighbour (a cut inside speech) asks for word times, which place each word of the
+    overlap in one chunk (``chunking.join``; the words reach the caller only if it asked for them).
+    The language is the request's, else each chunk detects its own."""
     first = next((i for i, c in enumerate(chunks) if c.speech), 0)
-    return replace(options, ends_in_pause=True, initial_prompt=options.initial_prompt if index == first else "")
+    overlaps = chunking.overlapping(chunks, index)
+    ends_in_pause = index + 1 == len(chunks) or chunks[index].end <= chunks[index + 1].start
+    return replace(options, ends_in_pause=ends_in_pause, word_timestamps=options.word_timestamps or overlaps,
+                   initial_prompt=options.initial_prompt if index == first else "")
 
 
-def silent(chunk: Chunk, language: str) -> Transcript:
-    return vad.silent((chunk.end - chunk.start) / SAMPLE_RATE, language)
+def progress_seconds(chunks: Sequence[Chunk], index: int, duration: float) -> float:
+    """Chunk ``index``'s share of a recording of ``duration`` seconds: its length against all chunks'
+    (overlaps and a VAD-shortened timeline included), so the shares add up to ``duration``."""
+    total = sum(c.end - c.start for c in chunks)
+    return duration * (chunks[index].end - chunks[index].start) / total if total else duration
+
+
+def words_requested(transcript: Transcript, options: DecodeOptions) -> Transcript:
+    """The transcript with word times only where the caller asked for them (chunks around a cut
+    inside speech were decoded with them for the join)."""
+    if options.word_timestamps:
+        return transcript
+    return replace(transcript, segments=[replace(s, words=()) for s in transcript.segments])
 
 
 def decode_chunks(indices: Sequence[int], lanes: Sequence[Lane], deadline: float,
@@ -156,14 +186,11 @@ def transcribe_long(inst, samples: np.ndarray, options: DecodeOptions, request_i
     """
     settings = inst.settings
     deadline = time.monotonic() + settings.request_timeout_seconds
-    chunks = split(samples, settings.chunk_seconds)
-    speech = [i for i, c in enumerate(chunks) if c.speech]
-    if speech and options.language is None and inst.engine.multilingual:
-        # One language for the whole recording, from its first speech, as window-after-window decoding does.
-        first = chunks[speech[0]]
-        code, _ = result_within(inst.queue.submit_language_detection(samples[first.start:first.end]),
-                                settings.request_timeout_seconds)
-        options = replace(options, language=code)
+    chunks = split(samples, settings.chunk_seconds, inst.engine.word_timestamps)
+    # Every chunk is decoded, silent to VAD or not: with vad_filter the silence is already gone
+    # (app.api), and without it quiet speech VAD misses is the model's to hear (its no-speech check).
+    # No language is forced: each chunk detects its own unless the request named one.
+    indices = list(range(len(chunks)))
 
     def audio(index: int) -> np.ndarray:
         return samples[chunks[index].start:chunks[index].end]
@@ -176,22 +203,20 @@ def transcribe_long(inst, samples: np.ndarray, options: DecodeOptions, request_i
         return result_within(future, max(0.0, deadline - time.monotonic()))
 
     lanes = [Lane(inst.id, settings.chunk_slots(inst.queue.max_batch), local, patient=True)]
-    if settings.chunk_fanout and len(speech) > 1:
+    if settings.chunk_fanout and len(chunks) > 1:
         for peer in peers.ready_peers(settings.peers_file, exclude=inst.port):
             if peer.idle:
                 lanes.append(Lane(peer.name, settings.chunk_slots(peer.max_batch),
                                   _remote(peer.port, audio, options, chunks, deadline, request_id)))
-    done = decode_chunks(speech, lanes, deadline)
-    missing = [i for i in speech if i not in done]
+    done = decode_chunks(indices, lanes, deadline)
+    missing = [i for i in indices if i not in done]
     if missing:
-        raise QueueFull(f"{len(missing)} of {len(speech)} chunks found no room")
-    own = next(iter(inst.engine.languages)) if len(inst.engine.languages) == 1 else "und"
-    language = options.language or own
-    transcripts = [done[i][0] if i in done else silent(c, language) for i, c in enumerate(chunks)]
+        raise QueueFull(f"{len(missing)} of {len(chunks)} chunks found no room")
     placed: dict[str, int] = {}
     for _, lane in done.values():
         placed[lane] = placed.get(lane, 0) + 1
-    return chunking.join(transcripts, chunks, len(samples) / SAMPLE_RATE), placed
+    joined = chunking.join([done[i][0] for i in indices], chunks, len(samples) / SAMPLE_RATE)
+    return words_requested(joined, options), placed
 
 
 def _remote(port: int, audio: Callable[[int], np.ndarray], options: DecodeOptions, chunks: Sequence[Chunk],

@@ -104,18 +104,6 @@ def decode_on(port: int, samples: np.ndarray, options: DecodeOptions, timeout: f
     raise ChunkRefused(message)
 
 
-def detect_on(port: int, samples: np.ndarray, timeout: float) -> str:
-    """The language of ``samples`` (their first 30 s) as the instance on ``port`` detects it."""
-    try:
-        response = requests.post(f"http://127.0.0.1:{port}/detect-language",
-                                 files={"audio": ("chunk.wav", wav(samples))}, timeout=timeout)
-    except requests.RequestException as e:
-        raise Busy(f"instance on port {port}: {type(e).__name__}") from None
-    if response.status_code != 200:
-        raise (Busy if response.status_code >= 500 else ChunkRefused)(_error_message(response))
-    return response.json()["language"]
-
-
 def _error_message(response: requests.Response) -> str:
     try:
         return response.json()["error"]["message"]

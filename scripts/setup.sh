@@ -142,8 +142,9 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || missing+=(python3)
 python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 # --with-test-tools (scripts/test.sh): what only the tests need, a real browser for the pages and a
-# real Prometheus with promtool for the monitoring set-up.
+# real Prometheus with promtool for the monitoring set-up, espeak-ng for speech the tests write.
 if [ "$test_tools" = 1 ]; then
+  command -v espeak-ng >/dev/null || missing+=(espeak-ng)
   command -v chromium >/dev/null || missing+=(chromium)
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
   command -v promtool >/dev/null || missing+=(prometheus)

@@ -47,6 +47,24 @@ def set_a_sequence(gap: float = 1.0, rows: list[dict] | None = None) -> tuple[np
     return np.concatenate(pieces), places
 
 
+def espeak(text: str, voice: str = "en-us", speed: int = 160) -> np.ndarray:
+    """``text`` spoken by espeak-ng (scripts/setup.sh --with-test-tools installs it), as 16 kHz mono.
+    Without punctuation it speaks without a pause: speech a chunker has to cut inside."""
+    import shutil
+    import tempfile
+
+    import pytest
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (scripts/setup.sh --with-test-tools installs it)")
+    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", f.name, text], check=True,
+                       capture_output=True, timeout=120)
+        samples, rate = soundfile.read(f.name, dtype="float32", always_2d=True)
+    mono = samples.mean(axis=1)
+    return soxr.resample(mono, rate, 16000, quality="HQ").astype(np.float32)
+
+
 def clip_bytes(row: dict) -> bytes:
     return (SPEECH / row["file"]).read_bytes()
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from app import vad
-from app.chunking import Chunk, join, join_texts, plan_chunks
+from app.chunking import MIN_TAIL_SECONDS, OVERLAP_SECONDS, Chunk, cuts, join, join_texts, overlapping, plan_chunks
 from app.engines.base import SAMPLE_RATE, Segment, Transcript, Word
 from support import SPEECH, read_16k_mono
 
@@ -57,14 +57,54 @@ def test_the_last_clear_pause_wins_over_an_earlier_longer_one():
     assert plan_chunks(audio, 30, speech)[0].end == int(24.2 * S)
 
 
-def test_unbroken_speech_is_cut_at_its_quietest_frame():
+def test_no_chunk_ends_its_speech_in_the_last_moments_of_a_window():
+    # A clear pause at 29.2-30.5 s: cut there, the chunk's speech would run to 29.2 s of a 30 s window,
+    # where Whisper leaves words for a next window the chunk does not have. The earlier pause wins.
+    speech = stretches((0.5, 20), (20.6, 29.2), (30.5, 45))
+    audio = np.zeros(46 * S, np.float32)
+    chunks = plan_chunks(audio, 30, speech)
+    assert chunks[0].end == int(20.3 * S) and covers(chunks, len(audio))
+    # Speech that ends early enough before the same limit keeps the late cut.
+    speech = stretches((0.5, 20), (20.6, 28.4), (29.6, 45))
+    assert plan_chunks(audio, 30, speech)[0].end == int(29.0 * S)
+
+
+def test_unbroken_speech_is_cut_at_its_quietest_frame_with_overlap():
     rng = np.random.default_rng(0)
     audio = (0.3 * rng.standard_normal(50 * S)).astype(np.float32)
     quiet = int(27.3 * S)
     audio[quiet:quiet + S // 10] *= 0.01
-    chunks = plan_chunks(audio, 30, stretches((0, 50)))
-    assert abs(chunks[0].end - (quiet + S // 20)) <= S // 10
-    assert covers(chunks, len(audio)) and all(c.speech for c in chunks)
+    chunks = plan_chunks(audio, 30, stretches((0, 50)), OVERLAP_SECONDS)
+    cut = cuts(chunks)[0]
+    assert abs(cut - (quiet + S // 20)) <= S // 10
+    # Both chunks hold OVERLAP_SECONDS on each side of the cut, and neither is longer than 30 s.
+    overlap = int(OVERLAP_SECONDS * S)
+    assert (chunks[0].end, chunks[1].start) == (cut + overlap, cut - overlap)
+    assert chunks[0].start == 0 and chunks[-1].end == len(audio) and all(c.speech for c in chunks)
+    assert all(c.end - c.start <= 30 * S for c in chunks)
+    assert overlapping(chunks, 0) and overlapping(chunks, 1)
+
+
+def test_long_unbroken_speech_keeps_every_chunk_within_the_limit():
+    rng = np.random.default_rng(1)
+    audio = (0.3 * rng.standard_normal(100 * S)).astype(np.float32)
+    chunks = plan_chunks(audio, 10, stretches((0, 100)), OVERLAP_SECONDS)
+    ends = cuts(chunks)
+    assert chunks[0].start == 0 and chunks[-1].end == len(audio) and len(chunks) >= 10
+    assert all(c.end - c.start <= 10 * S for c in chunks)
+    for a, b, cut in zip(chunks, chunks[1:], ends):
+        assert a.end - cut == cut - b.start == int(OVERLAP_SECONDS * S)
+    # Without overlap (an engine that cannot time words) the chunks meet at the cuts.
+    assert covers(plan_chunks(audio, 10, stretches((0, 100))), len(audio))
+
+
+def test_no_sliver_of_audio_is_left_after_a_cut():
+    # The only pause after the first second lies in the last 0.6 s: cutting there would leave a chunk
+    # of 0.3 s, which an engine refuses (and the first pause would leave one of 0.25 s).
+    audio = np.zeros(int(30.5 * S), np.float32)
+    chunks = plan_chunks(audio, 30, stretches((0.5, 29.9)))
+    assert chunks[0].start == 0 and chunks[-1].end == len(audio) and len(chunks) == 2
+    assert all(MIN_TAIL_SECONDS * S <= c.end - c.start <= 30 * S for c in chunks)
 
 
 def test_silence_only_chunks_are_marked():
@@ -119,3 +159,70 @@ def test_join_texts_spaces_only_between_spaced_scripts():
     assert join_texts(["你好。", "世界"]) == "你好。世界"
     assert join_texts(["Hello.", "World"]) == "Hello. World"
     assert join_texts(["你好", "World"]) == "你好 World"
+
+
+# Joining chunks that overlap around a cut inside speech ------------------------------------------
+
+def timed(words: str, start: float, step: float = 0.4, skew: float = 0.0) -> Transcript:
+    """A one-segment transcript of ``words`` spoken ``step`` apart from ``start`` (chunk time),
+    each word timed ``skew`` late."""
+    items = tuple(Word(round(start + i * step + skew, 3), round(start + (i + 1) * step + skew, 3), " " + w)
+                  for i, w in enumerate(words.split()))
+    return Transcript(" ".join(words.split()), "en", 0.0,
+                      [Segment(items[0].start, items[-1].end, " ".join(words.split()), items)])
+
+
+def joined_words(joined: Transcript) -> list[str]:
+    return [w.word.strip() for s in joined.segments for w in s.words]
+
+
+def test_a_word_across_the_cut_is_kept_once_and_none_is_lost():
+    # One cut inside speech at 10 s, chunks overlapping 8.5-11.5 s. The words are 0.4 s apart from
+    # 0 s: "w25" spans 10.0-10.4 s, "w24" 9.6-10.0 s. Each chunk timed them a little differently and
+    # garbled the words at its own edge of the overlap ("xx" at the end of the first, "yy" at the
+    # start of the second), which the join must not keep.
+    words = [f"w{i}" for i in range(50)]
+    chunks = [Chunk(0, int(11.5 * S), True), Chunk(int(8.5 * S), 20 * S, True)]
+    first = timed(" ".join(words[:28] + ["xx"]), 0.0, skew=0.08)      # 0-11.6 s, the last one garbled
+    second = timed(" ".join(["yy"] + words[22:]), 8.4 - 8.5, skew=-0.1)  # from 8.4 s absolute
+    joined = join([first, second], chunks, 20.0)
+    assert joined_words(joined) == words
+    assert joined.text.split() == words
+    starts = [w.start for s in joined.segments for w in s.words]
+    assert starts == sorted(starts)
+
+
+def test_a_word_timed_across_the_cut_by_both_chunks_is_not_doubled_or_lost():
+    # "w24" spans 9.8-10.2 s, its middle on the cut at 10 s; one chunk times it 0.15 s early, the
+    # other 0.15 s late: splitting by middles alone would keep it twice (or, the other way round, never).
+    words = [f"w{i}" for i in range(50)]
+    chunks = [Chunk(0, int(11.5 * S), True), Chunk(int(8.5 * S), 20 * S, True)]
+    for skew_first, skew_second in ((-0.15, 0.15), (0.15, -0.15)):
+        first = timed(" ".join(words[:29]), 0.2, skew=skew_first)
+        second = timed(" ".join(words[21:]), 0.2 + 21 * 0.4 - 8.5, skew=skew_second)
+        assert joined_words(join([first, second], chunks, 20.0)) == words
+
+
+def test_chunks_that_agree_on_no_word_split_at_the_cut():
+    chunks = [Chunk(0, int(11.5 * S), True), Chunk(int(8.5 * S), 20 * S, True)]
+    first = timed("a b c d e f g h i j k l m n o p q r s t u v w x y z", 0.0)       # 0-10.4 s
+    second = timed("A1 B1 C1 D1 E1 F1 G1 H1 I1 J1 K1 L1 M1 N1 O1", 8.6 - 8.5)      # 8.6-14.6 s
+    kept = joined_words(join([first, second], chunks, 20.0))
+    assert kept[-1] == "O1" and "y" in kept and "z" not in kept and "C1" not in kept and "D1" in kept
+
+
+def test_chunks_that_meet_at_a_pause_are_joined_whole():
+    chunks = [Chunk(0, 10 * S, True), Chunk(10 * S, 20 * S, True)]
+    first, second = timed("a b c", 8.0), timed("a b c", 0.2)  # the same words after the pause: kept
+    assert joined_words(join([first, second], chunks, 20.0)) == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_the_language_is_the_one_of_most_of_the_speech():
+    chunks = [Chunk(0, 10 * S, True), Chunk(10 * S, 40 * S, True), Chunk(40 * S, 50 * S, True)]
+    parts = [Transcript("Hello", "en", 10.0, [], 0.9), Transcript("Hallo", "de", 30.0, [], 0.8),
+             Transcript("", "und", 10.0, [])]
+    joined = join(parts, chunks, 50.0)
+    assert joined.language == "de" and joined.language_probability == 0.8 and joined.text == "Hello Hallo"
+    # A chunk in no language the model could name does not outvote one it could.
+    parts = [Transcript("Hello", "en", 10.0, [], 0.9), Transcript("Hmm", "und", 30.0, []), parts[2]]
+    assert join(parts, chunks, 50.0).language == "en"

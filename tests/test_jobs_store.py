@@ -39,15 +39,16 @@ def test_queued_jobs_and_stored_audio_are_bounded(store):
     assert store.counts() == {"queued": 2, "running": 1, "done": 0, "failed": 0, "cancelled": 0}
 
 
-def test_progress_counts_each_chunk_once_and_silence_at_once(store):
+def test_progress_counts_each_chunk_once(store):
     job = store.create(new_id(), {}, 10.0, 100, max_queued=4, max_audio_bytes=MB)
     plan = [(0, 64000, True), (64000, 96000, False), (96000, 160000, True)]
-    store.start(job.id, plan, None, 16000)
-    assert store.get(job.id).state == RUNNING and store.get(job.id).done_seconds == pytest.approx(2.0)
+    store.start(job.id, plan, None, 16000)  # the chunk VAD calls silent is decoded too: nothing done yet
+    assert store.get(job.id).state == RUNNING and store.get(job.id).done_seconds == 0
     store.finish_chunk(job.id, 0, {"text": "a"}, "asr-1", 4.0)
     store.finish_chunk(job.id, 0, {"text": "again"}, "asr-2", 4.0)  # a late duplicate changes nothing
+    store.finish_chunk(job.id, 1, {"text": ""}, "asr-2", 2.0)
     assert store.get(job.id).done_seconds == pytest.approx(6.0)
-    assert [c.result for c in store.chunks(job.id)] == [{"text": "a"}, None, None]
+    assert [c.result for c in store.chunks(job.id)] == [{"text": "a"}, {"text": ""}, None]
     # Resumed (the runner restarted): the plan it started with stays, whatever a new plan would be.
     store.start(job.id, [(0, 160000, True)], None, 16000)
     assert [(c.start, c.end) for c in store.chunks(job.id)] == [(a, b) for a, b, _ in plan]

@@ -13,7 +13,7 @@ import requests
 import srt
 
 from app.jobs.store import JobStore
-from support import bring_up, english_set_a, set_a_sequence, wav_bytes, wer
+from support import bring_up, english_set_a, espeak, normalize, set_a_sequence, wav_bytes, wer
 
 pytestmark = pytest.mark.integration
 
@@ -112,6 +112,43 @@ def test_a_job_survives_a_rolling_restart_and_loses_no_finished_chunk(service, r
     assert requests.delete(f"{service.url}/v1/jobs/{job['id']}", timeout=10).status_code == 204
     gone = requests.get(f"{service.url}/v1/jobs/{job['id']}", timeout=10)
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "job_not_found"
+
+
+# About 70 s read without a pause: every cut falls inside speech, in a 30 s window.
+UNBROKEN = (
+    "the quick brown fox jumps over the lazy dog while seven wizards quietly pack their bags and travel "
+    "north across frozen mountains toward a distant village where farmers grow pumpkins carrots and "
+    "potatoes beside a river full of silver fish that glitter under the morning sun then children run "
+    "along a wooden bridge laughing loudly as their grandmother bakes fresh bread for everyone in the "
+    "kitchen near an old window painted green last summer by her neighbour who builds violins and "
+    "repairs bicycles every weekend before visiting the library downtown to borrow novels about pirates "
+    "dragons explorers and famous detectives solving mysteries in foggy harbours at midnight meanwhile "
+    "a curious owl watches from the chimney counting stars until dawn arrives with golden light spilling "
+    "over meadows orchards and quiet lakes where ducks paddle slowly beneath willow branches swaying gently "
+    "in the cool breeze that carries the scent of lavender jasmine and freshly cut grass across the valley")
+
+
+def test_speech_without_a_pause_is_joined_word_for_word_on_both_paths(service):
+    # The chunks overlap at every cut and go to both instances with word times; the job runner joins
+    # its stored chunks the same way. No content word of the text comes back twice, none is lost.
+    samples = espeak(UNBROKEN)
+    data = wav_bytes(samples, RATE)
+    asr = requests.post(f"{service.url}/asr", files={"audio": ("unbroken.wav", data)}, timeout=600)
+    assert asr.status_code == 200, asr.text
+    assert len(asr.headers["X-ASR-Chunks"].split(", ")) == 2  # both instances took chunks
+    posted = requests.post(f"{service.url}/v1/jobs", files={"audio": ("unbroken.wav", data)}, timeout=120)
+    assert posted.status_code == 202, posted.text
+    job = _wait_for(service, posted.json()["id"], lambda j: j["state"] not in ("queued", "running"), 400)
+    assert job["state"] == "done", job
+    assert job["progress"]["done_seconds"] == pytest.approx(len(samples) / RATE, abs=0.01)
+    reference = normalize(UNBROKEN).split()
+    once = {w for w in reference if reference.count(w) == 1 and len(w) > 3}
+    for text in (asr.json()["text"], job["result"]["text"]):
+        heard = normalize(text).split()
+        assert not [w for w in once if heard.count(w) > 1], text   # nothing doubled at a join
+        assert len(heard) >= len(reference) - 3, text              # nothing lost at one
+        assert wer([UNBROKEN], [text]) <= 0.3, text
+    assert normalize(asr.json()["text"]) == normalize(job["result"]["text"])  # the same chunks, the same join
 
 
 def test_job_requests_are_checked_like_asr(service):

@@ -7,13 +7,18 @@ speech; what the tests check is what crosses the interfaces: both engines, given
 detect the same language with the same probability and decode the same tokens, and the task and
 language a request names reach the model (changing either changes the tokens decoded).
 """
+from dataclasses import replace
+
 import numpy as np
 import openai
 import pytest
 import requests
 
 from bench import random_whisper as random_multilingual
+from app import longform
+from app.config import load_settings
 from app.engines import load_engine
+from app.instance import ModelInstance
 from app.engines.base import DecodeOptions
 from app.languages import LANGUAGE_NAMES
 from support import SPEECH, bring_up, manifest, read_16k_mono
@@ -84,6 +89,37 @@ def test_ctranslate2_lockstep_batch_detects_per_clip_like_one_by_one(engines, cl
     batched = ct2.transcribe_batch(audios, options)
     assert batched == [ct2.transcribe(a, o) for a, o in zip(audios, options)]
     assert batched[3].language == "zh"
+
+
+def test_each_chunk_of_a_long_recording_detects_its_own_language(model, clips, tmp_path, monkeypatch):
+    """English, then German, in two chunks: each chunk's decode detects its own language (none is
+    forced from the first chunk, ``und`` never); a language the request names reaches every chunk.
+    The random weights detect the same guess on any audio, so which language each half gets cannot
+    be shown here: what is checked is the path (every chunk decoded with the language left open, and
+    the recording's language the majority of what the chunks detected; the majority rule itself is
+    tested in test_chunking)."""
+    settings = load_settings(env={}, overrides={"model": str(model["ctranslate2"]), "compute_type": "float32",
+                                                "beam_size": 1, "chunk_seconds": 15, "run_dir": str(tmp_path)})
+    inst = ModelInstance(settings)
+    inst.load_now()
+    asked: list[str | None] = []
+    one, batch = inst.engine.transcribe, inst.engine.transcribe_batch  # what the queue calls, one or several
+    monkeypatch.setattr(inst.engine, "transcribe", lambda audio, o: asked.append(o.language) or one(audio, o))
+    monkeypatch.setattr(inst.engine, "transcribe_batch",
+                        lambda audios, options: asked.extend(o.language for o in options) or batch(audios, options))
+    try:
+        english = read_16k_mono(SPEECH / "setA" / "jfk.flac")
+        samples = np.concatenate([english, np.zeros(3 * 16000, np.float32), clips[0]])
+        chunks = longform.split(samples, settings.chunk_seconds, inst.engine.word_timestamps)
+        detected = [code for code, _ in inst.engine.detect_language([samples[c.start:c.end] for c in chunks])]
+        transcript, _ = longform.transcribe_long(inst, samples, GREEDY)
+        assert len(chunks) == 2 and asked == [None, None]
+        assert transcript.language in detected and transcript.language != "und"
+        asked.clear()
+        named, _ = longform.transcribe_long(inst, samples, replace(GREEDY, language="de"))
+        assert asked == ["de", "de"] and named.language == "de"
+    finally:
+        inst.queue.stop()
 
 
 # Through nginx ------------------------------------------------------------------------------------

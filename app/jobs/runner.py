@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import replace
 
 import numpy as np
 
@@ -73,7 +72,7 @@ class Runner:
             self._complete(job, vad.silent(len(samples) / SAMPLE_RATE, params.get("language") or "und"), params)
             return
         if not self.store.chunks(job.id):
-            plan = longform.split(timeline, s.chunk_seconds)
+            plan = longform.split(timeline, s.chunk_seconds, longform.times_words(s))
             self.store.start(job.id, [(c.start, c.end, c.speech) for c in plan],
                              speech.chunks if speech is not None else None, SAMPLE_RATE)
             log.info("job %s: %.0f s of audio in %d chunks", job.id, job.duration, len(plan))
@@ -88,7 +87,7 @@ class Runner:
                                 initial_prompt=params.get("initial_prompt", ""),
                                 word_timestamps=bool(params.get("word_timestamps", False)))
         while not self.stopping.is_set():
-            pending = [r.idx for r in rows if r.speech and r.result is None]
+            pending = [r.idx for r in rows if r.result is None]  # every chunk: VAD's silence too (app.longform)
             if not pending:
                 break
             if self._cancelled(job):
@@ -99,14 +98,10 @@ class Runner:
                 self.stopping.wait(s.retry_after_seconds)
                 continue
             try:
-                if options.language is None:
-                    first = chunks[next(i for i, c in enumerate(chunks) if c.speech)]
-                    options = replace(options, language=peers.detect_on(
-                        ready[0].port, timeline[first.start:first.end], s.request_timeout_seconds))
                 done = longform.decode_chunks(
                     pending, lanes, time.monotonic() + s.request_timeout_seconds,
                     on_done=lambda i, t, lane: self.store.finish_chunk(
-                        job.id, i, formats.to_dict(t, words=True), lane, (chunks[i].end - chunks[i].start) / SAMPLE_RATE),
+                        job.id, i, formats.to_dict(t, words=True), lane, longform.progress_seconds(chunks, i, job.duration)),
                     cancelled=lambda: self.stopping.is_set() or self._cancelled(job))
             except peers.ChunkRefused as e:
                 self._fail(job, f"an instance refused a chunk: {e}")
@@ -118,9 +113,7 @@ class Runner:
             rows = self.store.chunks(job.id)
         if self.stopping.is_set() or self._cancelled(job):
             return
-        language = options.language or "und"
-        transcripts = [formats.from_dict(r.result) if r.result else longform.silent(c, language)
-                       for r, c in zip(rows, chunks)]
+        transcripts = [formats.from_dict(r.result) for r in rows]
         transcript = chunking.join(transcripts, chunks, len(timeline) / SAMPLE_RATE)
         if speech is not None:
             transcript = vad.restore_times(transcript, speech, len(samples) / SAMPLE_RATE)

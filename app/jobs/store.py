@@ -163,14 +163,14 @@ class JobStore:
     def start(self, job_id: str, chunks: list[tuple[int, int, bool]], speech: list | None,
               sample_rate: int) -> None:
         """Record the job's chunks (once: a resumed job keeps the plan it started with) and mark it
-        running; silent chunks count as done at once."""
+        running. Every chunk is decoded (its ``speech`` flag only tells where VAD heard some), so
+        progress starts at 0 and each chunk adds its share as it finishes (``finish_chunk``)."""
         with self._transaction() as db:
             if db.execute("SELECT COUNT(*) FROM chunks WHERE job_id = ?", (job_id,)).fetchone()[0] == 0:
                 db.executemany("INSERT INTO chunks (job_id, idx, start, end, speech) VALUES (?, ?, ?, ?, ?)",
                                [(job_id, i, a, b, int(s)) for i, (a, b, s) in enumerate(chunks)])
-                silent = sum(b - a for a, b, s in chunks if not s) / sample_rate
-                db.execute("UPDATE jobs SET done_seconds = ?, speech = ? WHERE id = ?",
-                           (silent, json.dumps(speech) if speech is not None else None, job_id))
+                db.execute("UPDATE jobs SET done_seconds = 0, speech = ? WHERE id = ?",
+                           (json.dumps(speech) if speech is not None else None, job_id))
             db.execute("UPDATE jobs SET state = ?, started = COALESCE(started, ?) WHERE id = ? AND state IN (?, ?)",
                        (RUNNING, time.time(), job_id, QUEUED, RUNNING))
 
