@@ -204,7 +204,7 @@ class _MonoFlacWriter:
         mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
         if self.resampler is not None:
             mono = self.resampler.resample_chunk(np.ascontiguousarray(mono, dtype=np.float32), last=last)
-        if len(mono):
+        if len(mono) and self.finite:   # once not finite it is refused: only the length checks go on
             self.out.write(np.clip(mono, -1.0, 1.0))
             self.written += len(mono)
 

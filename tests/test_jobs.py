@@ -8,6 +8,7 @@ chunk until the test lets it go.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -74,6 +75,60 @@ def test_a_store_error_while_finishing_a_chunk_ends_the_round_instead_of_hanging
     assert 0 not in result   # the chunk whose result was not stored is not reported done
 
 
+def test_a_streamed_job_upload_is_refused_exactly_as_asr_refuses_it(tmp_path):
+    """decode_to_flac (the job path) and decode_audio (/asr) give the same error for the same bytes,
+    and the same samples (to 16-bit) for good ones; nothing is left behind on a refusal."""
+    from app.audio import decode_audio, decode_to_flac
+    from app.errors import ApiError
+    from support import encode
+
+    tone = (0.3 * np.sin(np.arange(3 * 44_100) / 44_100 * 2 * np.pi * 300)).astype(np.float32)
+    stereo = np.stack([tone, -tone], axis=1)
+    nan = stereo.copy()
+    nan[100] = np.nan
+    good = {"wav 44.1k stereo": wav_bytes(stereo, 44_100), "m4a": encode(stereo, 44_100, "ipod", "aac"),
+            "flac 16k": wav_bytes(tone[:16_000], 16_000)}
+    bad = {"empty": b"", "not audio": b"hello " * 100, "truncated header": wav_bytes(stereo, 44_100)[:3000],
+           "too long": wav_bytes(stereo, 44_100), "nan": wav_bytes(nan, 44_100, subtype="FLOAT"),
+           "damaged m4a": good["m4a"][:400]}
+    destination = tmp_path / "a.flac"
+    for name, data in {**good, **bad}.items():
+        limit = 2.0 if name == "too long" else 600
+        try:
+            expected = decode_audio(data, limit)
+        except ApiError as e:
+            expected = (e.status, e.code)
+        try:
+            got = decode_to_flac(io.BytesIO(data), destination, limit)
+        except ApiError as e:
+            got = (e.status, e.code)
+        if isinstance(expected, tuple):
+            assert got == expected, name
+            assert not list(tmp_path.iterdir()), f"{name}: left {list(tmp_path.iterdir())}"
+        else:
+            samples, _ = soundfile.read(str(destination), dtype="float32")
+            assert got.samples == len(expected.samples) == len(samples), name
+            assert np.abs(samples - np.round(expected.samples * 32767) / 32767).max() <= 2 / 32768, name
+            destination.unlink()
+
+
+def test_without_api_keys_jobs_have_no_owner_and_are_not_listed(tmp_path):
+    from app import create_app
+    from app.config import load_settings
+
+    app = create_app(load_settings(None, overrides={"run_dir": str(tmp_path)}), load_in_background=False)
+    try:
+        client = app.test_client()
+        posted = client.post("/v1/jobs", data={"audio": (io.BytesIO(JFK), "a.flac")}, content_type="multipart/form-data")
+        assert posted.status_code == 202, posted.get_json()
+        assert client.get(f"/v1/jobs/{posted.get_json()['id']}").status_code == 200
+        assert JobStore(tmp_path / "jobs" / "jobs.sqlite3").get(posted.get_json()["id"]).owner == ""
+        listing = client.get("/v1/jobs")
+        assert listing.status_code == 403 and listing.get_json()["error"]["code"] == "listing_needs_api_keys"
+    finally:
+        app.extensions["asr_instance"].queue.stop()
+
+
 # -- the real service ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -110,7 +165,7 @@ class Proxy:
     def __init__(self, instance_port: int, lanes: int = 2):
         self.target = f"http://127.0.0.1:{instance_port}"
         self.poison: str | None = None        # request-id prefix ("job-<ref>-<index>") answered 500
-        self.hold: str | None = None          # request-id prefix held once until release is set
+        self.hold = lambda request_id: False  # which request to hold (once) until release is set
         self.held, self.release = threading.Event(), threading.Event()
         self.poisoned: list[float] = []       # when each 500 was answered
         self.passed: list[str] = []           # request ids passed through
@@ -131,7 +186,7 @@ class Proxy:
                     proxy.poisoned.append(time.monotonic())
                     self._answer(500, b'{"error": {"code": "internal", "message": "poisoned"}}', "application/json")
                     return
-                if proxy.hold and request_id.startswith(proxy.hold) and not proxy.held.is_set():
+                if not proxy.held.is_set() and proxy.hold(request_id):
                     proxy.held.set()
                     proxy.release.wait(120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "x-request-id", "x-asr-chunk")}
@@ -274,13 +329,25 @@ def test_a_poison_chunk_fails_its_job_within_the_attempt_limit_and_the_next_job_
 
 
 def test_a_store_write_that_raises_does_not_hang_the_runner(service, speech, proxy):
+    """The job's last chunk is held in the proxy until its other chunks are stored, so the other lane
+    waits for it; then the database is locked past the runner's store timeout (10 s) and the chunk let
+    go: its transcript cannot be stored. The round must end (not leave that lane waiting for ever),
+    the runner pause and try again, and the job complete, all in the same runner process."""
     data, reference = speech
     pid = runner_pid(service)
     job = post_job(service, data)
-    proxy.hold = f"job-{jobs.ref(job['id'])}-"
-    assert proxy.held.wait(120), "the runner never sent a chunk"
-    # The database locked by another writer for longer than the runner's store timeout (10 s): the
-    # chunk held now comes back while its transcript cannot be stored.
+    s, ref = store(service), jobs.ref(job["id"])
+
+    def last_chunk(request_id: str) -> bool:
+        rows = [r for r in s.chunks(job["id"]) if r.speech and r.end - r.start >= RATE // 10]
+        return bool(rows) and request_id == f"job-{ref}-{rows[-1].idx}"
+
+    proxy.hold = last_chunk
+    assert proxy.held.wait(120), "the runner never sent the last chunk"
+    deadline = time.monotonic() + 120
+    while sum(r.result is None for r in s.chunks(job["id"]) if r.speech and r.end - r.start >= RATE // 10) > 1:
+        assert time.monotonic() < deadline, "the other chunks were never stored"
+        time.sleep(0.2)
     db = sqlite3.connect(service.run_dir / "jobs" / "jobs.sqlite3", isolation_level=None)
     db.execute("BEGIN EXCLUSIVE")
     proxy.release.set()
@@ -290,7 +357,7 @@ def test_a_store_write_that_raises_does_not_hang_the_runner(service, speech, pro
 
     done = wait_for(service, job["id"], finished, 240)
     assert done["state"] == "done" and wer([reference], [done["result"]["text"]]) < 0.15, done
-    assert runner_pid(service) == pid, "the runner died (supervisord restarted it)"
+    assert runner_pid(service) == pid, "the runner was restarted: it had stalled"
     log = (service.run_dir / "logs" / "jobs.log").read_text()
     assert "job store failed (OperationalError: database is locked)" in log
     assert job["id"] not in log

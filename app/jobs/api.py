@@ -115,7 +115,7 @@ def create():
         stored = dataclasses.asdict(params) | {"language": options.language or ""}
         try:
             job = job_store().create(job_id, stored, round(audio.duration, 3), audio.bytes, settings.job_max_queued,
-                                     int(settings.job_max_storage_mb * 1024 * 1024), owner)
+                                     int(settings.job_max_storage_mb * 1024 * 1024), owner or "")
         except StoreFull as e:
             path.unlink(missing_ok=True)
             raise api.unavailable("jobs_full", f"cannot take a job now: {e}", inst) from None
@@ -136,7 +136,7 @@ def listing():
         raise ApiError(403, "listing_needs_api_keys", "jobs are listed per API key, and this server has none "
                        "(api_keys_file): a job is reached by its id")
     retention = api.instance().settings.job_retention_seconds
-    return jsonify(jobs=[status(job, retention) for job in job_store().list(owner)])
+    return jsonify(jobs=[status(job, retention, with_result=False) for job in job_store().list(owner)])
 
 
 @bp.get("/v1/jobs/<job_id>")
@@ -175,7 +175,7 @@ def cancel(job_id: str):
     return jsonify(status(job, settings.job_retention_seconds))
 
 
-def status(job: Job, retention_seconds: float) -> dict:
+def status(job: Job, retention_seconds: float, with_result: bool = True) -> dict:
     body = {
         "id": job.id,
         "state": job.state,
@@ -189,7 +189,7 @@ def status(job: Job, retention_seconds: float) -> dict:
         "error": job.error,
         "result_url": f"/v1/jobs/{job.id}/result",
     }
-    if job.state == DONE:
+    if job.state == DONE and with_result:
         body["result"] = job.result
     return body
 
