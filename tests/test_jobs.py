@@ -286,6 +286,15 @@ def test_a_job_is_visible_only_to_the_key_that_created_it_and_its_id_is_never_lo
     assert requests.delete(url, headers=A, timeout=10).status_code == 204
     assert requests.get(url, headers=A, timeout=10).status_code == 404
 
+    # nginx refuses a body announced too large with an error line quoting the request line, id and all.
+    import http.client
+    connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+    connection.putrequest("POST", f"/v1/jobs/{job_id}")
+    connection.putheader("Content-Length", str(10**12))
+    connection.endheaders()
+    assert connection.getresponse().status == 413
+    connection.close()
+
     # No log holds the id; nginx's access line and the instance's line name the job by its short hash.
     time.sleep(0.5)
     logs = service.run_dir / "logs"
