@@ -103,9 +103,9 @@ def test_jobs_belong_to_an_owner_and_a_listing_shows_only_theirs(store):
     mine = store.create(new_id(), {}, 1.0, 10, max_queued=4, max_audio_bytes=MB, owner="a" * 64)
     theirs = store.create(new_id(), {}, 1.0, 10, max_queued=4, max_audio_bytes=MB, owner="b" * 64)
     store.complete(mine.id, {"text": "x"})
-    assert [j.id for j in store.list("a" * 64)] == [mine.id]
-    assert store.list("a" * 64)[0].result is None          # a listing carries no transcripts
-    assert {j.id for j in store.list()} == {mine.id, theirs.id}
+    assert [j.id for j in store.jobs("a" * 64)] == [mine.id]
+    assert store.jobs("a" * 64)[0].result is None          # a listing carries no transcripts
+    assert {j.id for j in store.jobs()} == {mine.id, theirs.id}
     assert store.get(theirs.id).owner == "b" * 64
 
 

@@ -294,7 +294,7 @@ def cmd_jobs(args) -> int:
         raise CommandError(f"no job database in {settings.jobs_dir}: no job was ever submitted to this run")
     store = jobs.JobStore(path)
     if args.action == "list":
-        listed = store.list()
+        listed = store.jobs()
         if args.json:
             print(json.dumps([{"ref": jobs.ref(j.id), "id": j.id, "state": j.state, "created": j.created,
                                "duration": j.duration, "done_seconds": j.done_seconds, "error": j.error,
@@ -340,7 +340,7 @@ def _find_job(store, given: str):
 
     job = store.get(given) if jobs.valid_id(given) else None
     if job is None:
-        matches = [j for j in store.list() if jobs.ref(j.id) == given]
+        matches = [j for j in store.jobs() if jobs.ref(j.id) == given]
         job = matches[0] if len(matches) == 1 else None
     if job is None:
         raise CommandError(f"no job {given[:40]!r} in this run (a ref is the 12 characters `asrctl jobs` shows)")

@@ -136,7 +136,7 @@ def listing():
         raise ApiError(403, "listing_needs_api_keys", "jobs are listed per API key, and this server has none "
                        "(api_keys_file): a job is reached by its id")
     retention = api.instance().settings.job_retention_seconds
-    return jsonify(jobs=[status(job, retention, with_result=False) for job in job_store().list(owner)])
+    return jsonify(jobs=[status(job, retention, with_result=False) for job in job_store().jobs(owner)])
 
 
 @bp.get("/v1/jobs/<job_id>")

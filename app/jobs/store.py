@@ -156,7 +156,7 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def list(self, owner: str | None = None) -> list[Job]:
+    def jobs(self, owner: str | None = None) -> list[Job]:
         """Every job, newest first, without results (``owner``: only that key's; None: all)."""
         query = "SELECT * FROM jobs" + (" WHERE owner = ?" if owner is not None else "") + " ORDER BY created DESC"
         with self._connect() as db:
