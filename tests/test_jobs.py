@@ -204,7 +204,8 @@ class Proxy:
 
     def __init__(self, instance_port: int, lanes: int = 2):
         self.target = f"http://127.0.0.1:{instance_port}"
-        self.poison: str | None = None        # request-id prefix ("job-<ref>-<index>") answered 500
+        self.poison: str | None = None        # request id ("job-<ref>-<index>") answered 500
+        self.poison_detection = False         # /detect-language answers 500
         self.hold = lambda request_id: False  # which request to hold (once) until release is set
         self.held, self.release = threading.Event(), threading.Event()
         self.poisoned: list[float] = []       # when each 500 was answered
@@ -222,7 +223,8 @@ class Proxy:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 request_id = self.headers.get("X-Request-ID", "")
-                if proxy.poison and request_id == proxy.poison:
+                if (proxy.poison and request_id == proxy.poison) or (proxy.poison_detection
+                                                                     and self.path == "/detect-language"):
                     proxy.poisoned.append(time.monotonic())
                     self._answer(500, b'{"error": {"code": "internal", "message": "poisoned"}}', "application/json")
                     return
@@ -375,6 +377,16 @@ def test_a_poison_chunk_fails_its_job_within_the_attempt_limit_and_the_next_job_
     assert wer([reference], [done["result"]["text"]]) < 0.15, done["result"]["text"]
     time.sleep(1)
     assert len(proxy.poisoned) == ATTEMPTS       # nobody tries the failed job's chunk again
+
+
+def test_language_detection_that_keeps_failing_fails_the_job_within_the_limit(service, proxy):
+    proxy.poison_detection = True
+    job = post_job(service, JFK, language="")   # detect it: the runner asks an instance first
+    failed = wait_for(service, job["id"], finished, 120)
+    assert failed["state"] == "failed" and "chunk 0 (0.0-" in failed["error"] and "failed 3 times" in failed["error"]
+    assert len(proxy.poisoned) == ATTEMPTS
+    gaps = np.diff(proxy.poisoned)
+    assert gaps[0] >= RETRY_SECONDS * 0.9 and gaps[1] >= 2 * RETRY_SECONDS * 0.9, gaps
 
 
 def test_a_store_write_that_raises_does_not_hang_the_runner(service, speech, proxy):

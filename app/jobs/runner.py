@@ -92,6 +92,9 @@ class Runner:
                 pause = backoff(self.settings.job_retry_seconds or 1.0, store_failures)
                 log.warning("job store failed (%s: %s); trying again in %.1f s", type(e).__name__, e, pause)
                 self.wait(pause)
+            except Exception:  # noqa: BLE001 - outside any job (housekeeping): the runner must go on
+                log.exception("job runner step failed; trying again in %.1f s", HOUSEKEEPING_SECONDS / 10)
+                self.wait(HOUSEKEEPING_SECONDS / 10)
         log.info("job runner stopped")
 
     def step(self) -> None:
@@ -190,6 +193,9 @@ class Runner:
                 continue
             if options.language is None:
                 first = next(i for i, c in enumerate(chunks) if c.speech)
+                if not_before.get(first, 0.0) > now:   # detection failed on it: the same backoff
+                    self.wait(not_before[first] - now)
+                    continue
                 try:
                     options = replace(options, language=peers.detect_on(
                         ready[0].port, timeline[chunks[first].start:chunks[first].end], s.request_timeout_seconds))
