@@ -152,7 +152,7 @@ def test_a_streamed_job_upload_is_refused_exactly_as_asr_refuses_it(tmp_path):
             destination.unlink()
 
 
-def test_without_api_keys_jobs_have_no_owner_and_are_not_listed(tmp_path):
+def test_without_api_keys_jobs_have_no_owner_and_are_not_listed(tmp_path, capsys):
     from app import create_app
     from app.config import load_settings
 
@@ -165,6 +165,16 @@ def test_without_api_keys_jobs_have_no_owner_and_are_not_listed(tmp_path):
         assert JobStore(tmp_path / "jobs" / "jobs.sqlite3").get(posted.get_json()["id"]).owner == ""
         listing = client.get("/v1/jobs")
         assert listing.status_code == 403 and listing.get_json()["error"]["code"] == "listing_needs_api_keys"
+
+        # The database unreadable (a directory in its place): a 500, logged by the job's ref only.
+        database = tmp_path / "jobs" / "jobs.sqlite3"
+        database.rename(tmp_path / "moved.sqlite3")
+        database.mkdir()
+        job_id = posted.get_json()["id"]
+        broken = client.get(f"/v1/jobs/{job_id}")
+        logged = capsys.readouterr().out
+        assert "OperationalError" in logged and job_id not in logged and jobs.ref(job_id) in logged
+        assert broken.status_code == 500 and broken.get_json()["error"]["code"] == "internal_error"
     finally:
         app.extensions["asr_instance"].queue.stop()
 

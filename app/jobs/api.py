@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import logging
 import tempfile
 import uuid
 from datetime import datetime, timezone
@@ -25,12 +26,13 @@ from flask import Blueprint, Request, g, jsonify, request
 
 from app import api, formats, jobs
 from app.audio import decode_to_flac
-from app.errors import ApiError
+from app.errors import ApiError, error_response, known_error_response
 from app.jobs.store import DONE, FINISHED, Job, JobStore, StoreFull
 from app.openapi import Operation, register
 from app.params import Param, Params, check_names, choice
 
 bp = Blueprint("jobs", __name__)
+log = logging.getLogger("asr.jobs.api")
 
 NO_PARAMS = Params(())
 RESULT_PARAMS = Params((Param("output", "string", choices=formats.OUTPUTS, default="", description=(
@@ -61,6 +63,19 @@ register(
     Operation("delete", "/v1/jobs/{job_id}", "Cancel a job (200), or remove a finished one (204)", "jobs",
               params=NO_PARAMS, ok=_STATUS, errors=("404",)),
 )
+
+
+@bp.errorhandler(Exception)
+def _unexpected(e: Exception):
+    """A failure of our own on a job route: logged by the job's ref, since Flask's own line would
+    quote the path, id and all. (A blueprint's handler comes before the app's: ApiError and werkzeug's
+    errors get app.errors' answers here.)"""
+    known = known_error_response(e)
+    if known is not None:
+        return known
+    log.error("unexpected error on %s (job %s)", request.url_rule.rule if request.url_rule else "a job route",
+              g.get("job_ref"), exc_info=e)
+    return error_response(500, "internal_error", "the server failed on this request")
 
 
 @bp.after_request
