@@ -436,8 +436,8 @@ def test_a_store_write_that_raises_does_not_hang_the_runner(service, speech, pro
 
 def test_asrctl_jobs_lists_cancels_and_retries(service, proxy):
     s = store(service)
-    failed = [j for j in s.jobs() if j.state == "failed"]
-    assert failed, "needs the poisoned job of the test before"
+    failed = [j for j in s.jobs() if j.state == "failed" and j.error.startswith("chunk 1 (")]
+    assert failed, "needs the poisoned job of the poison test"
     job = failed[0]
     ref = jobs.ref(job.id)
     listing = service.asrctl("jobs").stdout
