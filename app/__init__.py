@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
     if settings.jobs:
         from app.jobs import api as jobs_api
 
+        app.request_class = jobs_api.UploadRequest  # spools a job's upload to disk, never to memory
         app.register_blueprint(jobs_api.bp)
     auth.init_app(app, settings)
     pages.init_app(app, settings)  # after the API modules: it documents their routes

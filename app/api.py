@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import IO, Callable
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
@@ -233,6 +233,11 @@ def add_server_timing(response: Response, future: JobFuture | None) -> None:
 
 def read_upload(fields: tuple[str, ...] = UPLOAD_FIELDS, raw_body: bool = True) -> bytes:
     """The audio bytes from a multipart field or a raw ``audio/*`` body. Filenames are never used."""
+    return upload_stream(fields, raw_body).read()
+
+
+def upload_stream(fields: tuple[str, ...] = UPLOAD_FIELDS, raw_body: bool = True) -> IO[bytes]:
+    """The audio as a stream, unread: a multipart field's file, or the raw ``audio/*`` body."""
     if request.mimetype == "multipart/form-data":
         parts = [f for name in fields for f in request.files.getlist(name)]
         if not parts:
@@ -240,9 +245,9 @@ def read_upload(fields: tuple[str, ...] = UPLOAD_FIELDS, raw_body: bool = True) 
                            f"no audio file: send it in a multipart field named {', '.join(fields)}")
         if len(parts) > 1:
             raise ApiError(400, "multiple_files", "send exactly one audio file per request")
-        return parts[0].read()
+        return parts[0].stream
     if raw_body and (request.mimetype.startswith("audio/") or request.mimetype == "application/octet-stream"):
-        return request.get_data(cache=False)
+        return request.stream
     if not request.content_length:
         raise ApiError(400, "missing_audio", f"no audio: send multipart field {fields[0]!r}"
                        + (" or an audio/* body" if raw_body else ""))

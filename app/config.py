@@ -78,7 +78,13 @@ class Settings:
     job_max_audio_seconds: float = 7200.0  # longest job audio (413 beyond); also sizes its upload limit
     job_max_queued: int = 16             # jobs waiting to start before POST /v1/jobs answers 503
     job_max_storage_mb: float = 2048.0   # audio of unfinished jobs on disk before 503 (16 kHz mono FLAC)
-    job_retention_seconds: float = 86400.0  # finished jobs (result or error) are removed after this
+    job_retention_seconds: float = 86400.0  # finished jobs (result or error) are removed after this,
+                                         # and a job still queued or running this long after it was submitted
+    job_chunk_attempts: int = 3          # failed tries (5xx, timeout, instance died) before a chunk fails its job
+    job_retry_seconds: float = 2.0       # wait before a failed chunk's next try, doubled each time (at most 60 s)
+    job_runner_stall_seconds: float = 0.0  # runner heartbeat older than this: the watcher restarts it;
+                                         # 0 = request_timeout_seconds + 60 (one chunk may take that long;
+                                         # cutting a 2 h job at pauses took about 25 s on 2 busy cores)
 
     # nginx balancing.
     weights: str = ""                    # e.g. "2,1": per-instance upstream weight; "" = all 1
@@ -172,6 +178,12 @@ class Settings:
     def stop_wait_seconds(self) -> int:
         """supervisord's stopwaitsecs: longer than gunicorn's graceful stop, so it never SIGKILLs early."""
         return self.graceful_timeout_seconds + 10
+
+    @property
+    def runner_stall_seconds(self) -> float:
+        """How long the job runner may go without a heartbeat: one chunk request may take up to
+        ``request_timeout_seconds``, and it beats before and after each."""
+        return self.job_runner_stall_seconds or self.request_timeout_seconds + 60
 
     @property
     def gunicorn_threads(self) -> int:
@@ -299,6 +311,9 @@ def validate(s: Settings) -> None:
         raise ConfigError("max_audio_seconds and max_queue must be positive")
     if s.job_max_audio_seconds <= 0 or s.job_max_queued < 1:
         raise ConfigError("job_max_audio_seconds and job_max_queued must be positive")
+    if s.job_chunk_attempts < 1 or s.job_retry_seconds < 0 or s.job_runner_stall_seconds < 0:
+        raise ConfigError("job_chunk_attempts must be at least 1, job_retry_seconds and "
+                          "job_runner_stall_seconds not negative")
     if s.instance_gpu_memory_mb < 1 or s.gpu_headroom_mb < 0:
         raise ConfigError("instance_gpu_memory_mb must be at least 1 and gpu_headroom_mb not negative")
     if s.max_batch < 0 or s.max_wait_ms < 0:

@@ -20,14 +20,17 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return response
 
 
-def init_app(app: Flask) -> None:
-    """Turn our errors and werkzeug's (413 from MAX_CONTENT_LENGTH, 404, 405...) into JSON."""
-
-    @app.errorhandler(ApiError)
-    def _api_error(e: ApiError):
+def known_error_response(e: Exception):
+    """The JSON answer to one of our errors or werkzeug's, or None for any other exception."""
+    if isinstance(e, ApiError):
         return error_response(e.status, e.code, e.message, e.headers)
-
-    @app.errorhandler(HTTPException)
-    def _http_error(e: HTTPException):
+    if isinstance(e, HTTPException):
         code = (e.name or "error").lower().replace(" ", "_")
         return error_response(e.code or 500, code, e.description or e.name)
+    return None
+
+
+def init_app(app: Flask) -> None:
+    """Turn our errors and werkzeug's (413 from MAX_CONTENT_LENGTH, 404, 405...) into JSON."""
+    app.register_error_handler(ApiError, known_error_response)
+    app.register_error_handler(HTTPException, known_error_response)

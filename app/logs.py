@@ -63,5 +63,7 @@ def init_app(app: Flask, instance) -> None:
         }
         if g.get("error_code"):
             fields["error"] = g.error_code
+        if g.get("job_ref"):  # a job's short hash: its id is a secret and never logged
+            fields["job"] = g.job_ref
         log.info("%s %s %d", request.method, path, response.status_code, extra={"fields": fields})
         return response

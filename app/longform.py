@@ -159,7 +159,11 @@ def decode_chunks(indices: Sequence[int], lanes: Sequence[Lane], deadline: float
                     give_back(index, e)
                     return
             if on_done is not None:
-                on_done(index, transcript, lane.name)
+                try:
+                    on_done(index, transcript, lane.name)
+                except BaseException as e:  # noqa: BLE001 - e.g. the store failed: the chunk is not done
+                    give_back(index, e)
+                    return
             with state:
                 done[index] = (transcript, lane.name)
                 in_flight[0] -= 1

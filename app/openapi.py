@@ -43,7 +43,8 @@ _ERROR_STATUSES = {
     "422": "invalid_parameter (the message starts with the parameter's name), undecodable_audio, "
            "audio_too_short, invalid_samples, unsupported_sample_rate, unsupported_channels, no_speech",
     "503": "overloaded, not_ready, no_instance_available, jobs_full; with Retry-After",
-    "404": "job_not_found (unknown, or removed job_retention_seconds after it finished)",
+    "403": "listing_needs_api_keys: jobs are listed per API key, and this server has none",
+    "404": "job_not_found (unknown, another API key's, or removed job_retention_seconds after it finished)",
     "409": "job_not_finished (with Retry-After), job_failed, job_cancelled",
 }
 

@@ -31,6 +31,12 @@ class Busy(Exception):
     """The instance cannot take this chunk now (full, draining, gone): try elsewhere or later."""
 
 
+class ChunkFailed(Busy):
+    """The instance took the chunk and failed on it (a 5xx other than 503, a timeout, the connection
+    lost mid-request: it died or was killed decoding it). Still ``Busy`` to the long-form scheduler;
+    the job runner counts these against the chunk (``job_chunk_attempts``)."""
+
+
 class ChunkRefused(Exception):
     """The instance refused the chunk for what it is (a 4xx other than 503): no retry will help."""
 
@@ -95,13 +101,23 @@ def decode_on(port: int, samples: np.ndarray, options: DecodeOptions, timeout: f
         response = requests.post(f"http://127.0.0.1:{port}/asr", files={"audio": ("chunk.wav", wav(samples))},
                                  data=fields, headers=headers, timeout=timeout)
     except requests.RequestException as e:
-        raise Busy(f"instance on port {port}: {type(e).__name__}") from None
+        raise _unreached(port, e) from None
     if response.status_code == 200:
         return formats.from_dict(response.json())
     message = _error_message(response)
-    if response.status_code in (429, 503) or response.status_code >= 500:
+    if response.status_code in (429, 503):
         raise Busy(f"instance on port {port}: {response.status_code} {message}")
+    if response.status_code >= 500:
+        raise ChunkFailed(f"instance on port {port}: {response.status_code} {message}")
     raise ChunkRefused(message)
+
+
+def _unreached(port: int, e: requests.RequestException) -> Busy:
+    """No connection at all (refused, or no connect in time) is ``Busy``: the chunk never got there.
+    Anything after it was sent (a read timeout, the connection dropped) is ``ChunkFailed``."""
+    never_sent = isinstance(e, requests.ConnectTimeout) or (
+        isinstance(e, requests.ConnectionError) and "NewConnectionError" in repr(e.args[0] if e.args else e))
+    return (Busy if never_sent else ChunkFailed)(f"instance on port {port}: {type(e).__name__}")
 
 
 def _error_message(response: requests.Response) -> str:

@@ -322,6 +322,75 @@ def cmd_autoscale(args) -> int:
     return 0
 
 
+def cmd_jobs(args) -> int:
+    """This run's async jobs: list them, cancel one, or retry a failed one (by id, or by the short
+    ref logs name it by). Reads and writes the run directory's job database; each change is read
+    back before it is reported."""
+    from app import jobs
+    from app.jobs.store import CANCELLED, FAILED, FINISHED, QUEUED
+
+    settings = _settings(args, from_run_dir=True)
+    path = jobs.db_path(settings)
+    if not path.exists():
+        if args.action == "list":
+            print("[]" if args.json else f"no jobs (no job database in {settings.jobs_dir})")
+            return 0
+        raise CommandError(f"no job database in {settings.jobs_dir}: no job was ever submitted to this run")
+    store = jobs.JobStore(path)
+    if args.action == "list":
+        listed = store.jobs()
+        if args.json:
+            print(json.dumps([{"ref": jobs.ref(j.id), "id": j.id, "state": j.state, "created": j.created,
+                               "duration": j.duration, "done_seconds": j.done_seconds, "error": j.error,
+                               "owner": j.owner[:12] or None} for j in listed], indent=2))
+            return 0
+        print(f"{'REF':<12}  {'STATE':<9}  {'SUBMITTED (UTC)':<19}  {'AUDIO':>8}  {'DONE':>5}  {'OWNER':<8}  ERROR")
+        for j in listed:
+            done = f"{min(1.0, j.done_seconds / j.duration):.0%}" if j.duration else "-"
+            print(f"{jobs.ref(j.id):<12}  {j.state:<9}  {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(j.created))}  "
+                  f"{_duration(j.duration):>8}  {done:>5}  {j.owner[:8] or '-':<8}  {(j.error or '')[:100]}")
+        return 0
+    if not args.job:
+        raise CommandError(f"jobs {args.action} needs a job: its id, or the ref `asrctl jobs` and the logs show")
+    job = _find_job(store, args.job)
+    name = jobs.ref(job.id)
+    if args.action == "cancel":
+        if job.state in FINISHED:
+            raise CommandError(f"job {name} is {job.state}: there is nothing to cancel")
+        after = store.cancel(job.id)
+        jobs.remove_audio(settings, job.id)
+        if after is None or after.state != CANCELLED:
+            raise CommandError(f"job {name} was not cancelled: it is {after.state if after else 'gone'} now")
+        _say(args, f"job {name} cancelled (it was {job.state}); its audio is removed")
+        return 0
+    if job.state != FAILED:
+        raise CommandError(f"job {name} is {job.state}: only a failed job can be retried")
+    if not jobs.audio_path(settings, job.id).exists():
+        raise CommandError(f"job {name} cannot be retried: its audio is gone")
+    after = store.retry(job.id)
+    if after is None or after.state != QUEUED:
+        raise CommandError(f"job {name} was not queued again: it is {after.state if after else 'gone'} now")
+    client = SupervisorClient(RunPaths.at(settings.run_dir).socket)
+    runner = client.processes().get(JOBS_PROGRAM) if client.running() else None
+    where = ("the job runner takes it in turn" if runner and runner["statename"] == "RUNNING"
+             else "the job runner is not running here: `asrctl up` starts it")
+    _say(args, f"job {name} queued again, its decoded chunks kept; {where}")
+    return 0
+
+
+def _find_job(store, given: str):
+    """The job named by its id or its ref (``app.jobs.ref``, as logs and `asrctl jobs` show it)."""
+    from app import jobs
+
+    job = store.get(given) if jobs.valid_id(given) else None
+    if job is None:
+        matches = [j for j in store.jobs() if jobs.ref(j.id) == given]
+        job = matches[0] if len(matches) == 1 else None
+    if job is None:
+        raise CommandError(f"no job {given[:40]!r} in this run (a ref is the 12 characters `asrctl jobs` shows)")
+    return job
+
+
 # -- helpers ----------------------------------------------------------------------------------------
 
 def _control_program(args, logger: str):
@@ -502,6 +571,10 @@ def _parser() -> argparse.ArgumentParser:
     command("down", cmd_down, "stop nginx, then the instances (gracefully), then supervisord and any orphan")
     status = command("status", cmd_status, "state of each program and instance")
     status.add_argument("--json", action="store_true")
+    jobs_ = command("jobs", cmd_jobs, "list the async jobs of this run, cancel one, or retry a failed one")
+    jobs_.add_argument("action", nargs="?", choices=("list", "cancel", "retry"), default="list")
+    jobs_.add_argument("job", nargs="?", help="for cancel and retry: the job's id or ref")
+    jobs_.add_argument("--json", action="store_true")
     return parser
 
 

@@ -9,6 +9,10 @@ killed (its worker dies with it, so nginx sees the requests it held fail and res
 instance), it leaves nginx's upstream, supervisord restarts it, and it rejoins once ``/ready`` answers
 from the process supervisord started.
 
+The job runner is watched the same way, by its heartbeat file (``app.jobs.beat``) instead of a probe:
+a runner that has not beaten for ``Settings.runner_stall_seconds`` (counted from its start until it
+first beats) is killed through supervisord, which restarts it; the job resumes with its undecoded chunks.
+
 Each tick also looks for nginx workers a killed nginx master left on the public port and retires them
 once the new master's workers listen, and, after a killed supervisord, finishes the adoption of its
 orphans (the systemd path: the unit's render planned it, nobody else is there to finish it).
@@ -27,7 +31,7 @@ from app.control import heal, processes
 from app.control.actuator import ActuationError, Actuator, check_answering_process, wait_ready
 from app.control.paths import RunPaths
 from app.control.pool import Pool, save_unhealthy
-from app.control.render import NGINX_PROGRAM
+from app.control.render import JOBS_PROGRAM, NGINX_PROGRAM
 
 log = logging.getLogger("asr.watch")
 
@@ -51,6 +55,7 @@ class Watcher:
         self.last_scan = 0.0
         self.scan_until = 0.0
         self.retiring: dict[processes.Proc, float] = {}       # orphan -> graceful deadline
+        self.runner_killed: int | None = None                 # the stalled runner pid last killed
         self._stop = threading.Event()
 
     def run(self) -> None:
@@ -83,6 +88,7 @@ class Watcher:
                                  log.info)
         programs = self.client.processes()
         self._watch_nginx(programs.get(NGINX_PROGRAM))
+        self._watch_runner(programs.get(JOBS_PROGRAM))
         for spec in pool.instances:
             info = programs.get(spec.name)
             if spec.name in self.restarting:
@@ -149,6 +155,27 @@ class Watcher:
             names = names | {name} if out else names - {name} if name else set()
             save_unhealthy(self.paths, names)
             self.actuator.publish(Pool.load(self.paths))
+
+    # -- the job runner --
+
+    def _watch_runner(self, info: dict | None) -> None:
+        """Kill (through supervisord, which restarts it) a job runner whose heartbeat went stale."""
+        from app import jobs
+
+        if not info or info["statename"] != "RUNNING" or info["pid"] == self.runner_killed:
+            return
+        beat = jobs.last_beat(jobs.heartbeat_path(self.settings))
+        # Its own last beat; until its first one, its start (a runner stuck from the start is stalled too).
+        since = beat[1] if beat and beat[0] == info["pid"] else info["start"]
+        silent = time.time() - since
+        if silent <= self.settings.runner_stall_seconds:
+            return
+        if self.client.process(JOBS_PROGRAM)["pid"] != info["pid"]:
+            return  # restarted meanwhile: the new one is judged from its own start
+        log.warning("job runner (pid %d) has not beaten for %.0f s (limit %.0f s): killing it; supervisord "
+                    "restarts it and its job resumes", info["pid"], silent, self.settings.runner_stall_seconds)
+        self.client.signal(JOBS_PROGRAM, "KILL")
+        self.runner_killed = info["pid"]
 
     # -- nginx --
 
