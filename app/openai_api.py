@@ -16,7 +16,7 @@ from app import api, formats
 from app.engines.base import DecodeOptions, Transcript
 from app.errors import ApiError
 from app.openapi import Operation, register
-from app.params import Param, Params
+from app.params import TEMPERATURE, Param, Params
 
 bp = Blueprint("openai", __name__, url_prefix="/v1/audio")
 
@@ -31,8 +31,7 @@ _COMMON = (
           description="Text for the first window to follow, as /asr's initial_prompt."),
     Param("response_format", "string", choices=RESPONSE_FORMATS, default="json",
           description="json ({text}), text, srt, vtt, or verbose_json (segments and words, OpenAI's fields)."),
-    Param("temperature", "number", minimum=0.0, maximum=1.0, default=0.0,
-          description="0: beam search; above 0: sampling."),
+    TEMPERATURE,
 )
 TRANSCRIPTION_PARAMS = Params(_COMMON + (
     Param("language", "string", default="",

@@ -46,6 +46,7 @@ class Segment:
     end: float
     text: str
     words: tuple[Word, ...] = ()       # filled when word timestamps were asked for
+    temperature: float | None = None   # what its window was decoded at (app.engines.fallback); None: not reported
 
 
 @dataclass

@@ -5,17 +5,26 @@ that timestamps, long-form audio, prompts, word timestamps and batching come fro
 implementation; any other speech model goes through the ASR pipeline and yields text only. Decoding
 settings are always passed explicitly: the ASR pipeline defaults to 5 beams while
 ``generate()`` defaults to greedy, and the two engines must decode alike.
+
+Whisper's guards against hallucination (``app.engines.fallback``): generate()'s own temperature
+fallback, which runs over the batch (the windows that fail go again together at the next
+temperature), with faster-whisper's thresholds and ladder, and seeded sampling. Its compression check
+is replaced by faster-whisper's: generate() measures the compression of token ids, for which 2.4
+means something else; faster-whisper measures the text's. Two differences remain: when every
+temperature fails, generate() keeps the last result where faster-whisper keeps the likeliest, and
+it reports no temperature per segment.
 """
 from __future__ import annotations
 
 import math
-
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from app.engines import fallback
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript, Word
 from app.engines.torch_common import TORCH_DTYPES, reserved_gpu_memory_mb, resolve_compute_type
 
@@ -117,6 +126,20 @@ class _WhisperRunner:
         self.languages = (
             frozenset(token[2:-2] for token in self.lang_to_id) if self.multilingual else frozenset({"en"})
         )
+        # generate()'s fallback measures the compression of token ids; faster-whisper's check (the one
+        # its 2.4 is meant for) measures the text's. A transformers without this hook would go on with
+        # its own measure silently: refuse to load instead.
+        if not callable(getattr(self.model, "_retrieve_compression_ratio", None)):
+            raise RuntimeError("this transformers version has no WhisperGenerationMixin._retrieve_compression_ratio")
+        self.model._retrieve_compression_ratio = self._compression_ratio
+
+    def _compression_ratio(self, tokens: torch.Tensor, vocab_size: int) -> float:
+        return fallback.compression_ratio(self._text(tokens.tolist()).strip())
+
+    def _text(self, tokens: list[int]) -> str:
+        """The text of a window's tokens (those before end of text: no timestamps, no control tokens)."""
+        eot = self.processor.tokenizer.eos_token_id
+        return self.processor.tokenizer.decode([t for t in tokens if t < eot])
 
     def transcribe_batch(self, audios: list[np.ndarray], options: list[DecodeOptions]) -> list[Transcript]:
         """One generate() call per group of clips that share decoding settings and are all short (one
@@ -172,13 +195,17 @@ class _WhisperRunner:
         if not long_form:  # the budget shares the text context with the prompt and the start sequence
             room = _TEXT_CONTEXT - 4 - (0 if prompt_ids is None else len(prompt_ids))
             budget["max_new_tokens"] = min(room, token_budget(max(len(a) for a in audios) / SAMPLE_RATE))
-        with torch.inference_mode():
+        ladder = fallback.temperatures(first.temperature)
+        with torch.inference_mode(), self._seeded():
             output = self.model.generate(
                 input_features,
                 attention_mask=attention_mask,
                 num_beams=first.beam_size,
-                do_sample=first.temperature > 0,
-                temperature=first.temperature,
+                do_sample=ladder[0] > 0,
+                temperature=ladder if len(ladder) > 1 else ladder[0],
+                compression_ratio_threshold=fallback.COMPRESSION_RATIO_THRESHOLD,
+                logprob_threshold=fallback.LOG_PROB_THRESHOLD,
+                no_speech_threshold=fallback.NO_SPEECH_THRESHOLD,
                 return_timestamps=True,
                 return_segments=True,
                 return_token_timestamps=first.word_timestamps,
@@ -189,6 +216,14 @@ class _WhisperRunner:
             self._transcript(segments, len(audio) / SAMPLE_RATE, language, probability, first.word_timestamps)
             for segments, audio, (language, probability) in zip(output["segments"], audios, languages)
         ]
+
+    @contextmanager
+    def _seeded(self):
+        """Sampling seeded, without touching the process's own random state."""
+        device = self.model.device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(fallback.SEED)
+            yield
 
     def _languages(self, input_features: torch.Tensor, options: list[DecodeOptions]) -> list[tuple[str, float]]:
         """The requested language (probability 1, as faster-whisper reports it), else the one detected
