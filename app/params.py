@@ -136,7 +136,7 @@ TEMPERATURE = Param("temperature", "number", minimum=0.0, maximum=1.0, default=0
     f"0: beam search, and a 30 s window whose text loops or is unlikely (gzip compression ratio above "
     f"{fallback.COMPRESSION_RATIO_THRESHOLD:g}, average log-probability below {fallback.LOG_PROB_THRESHOLD:g}) "
     f"is decoded again at {', '.join(f'{t:g}' for t in fallback.LADDER[1:])} in turn until it passes "
-    f"({fallback.BEST_OF} seeded samples, the likeliest kept), as faster-whisper's defaults; above 0: "
+    f"({fallback.BEST_OF} samples, the likeliest kept), as faster-whisper's defaults; above 0: "
     "sampling at that temperature only. Qwen3-ASR: 0 decodes without sampling and without fallback."))
 
 

@@ -131,8 +131,6 @@ def test_ctranslate2_batch_retries_the_looping_windows_together_at_higher_temper
     for before, after in zip(greedy, retried):
         assert after.text != before.text
         assert after.segments and all(s.temperature > 0 for s in after.segments)
-    # Sampling is seeded: the same request decodes the same way again.
-    assert [t.text for t in engine.transcribe_batch(clips, options)] == [t.text for t in retried]
 
 
 def test_ctranslate2_one_by_one_path_has_the_same_guards(ct2_looping):

@@ -128,6 +128,11 @@ def test_jfk(jfk_transcript):
     assert jfk_transcript.duration == pytest.approx(11.0, abs=0.01)
 
 
+def test_temperature_0_decodes_the_same_way_twice(engine, jfk, jfk_transcript):
+    """Temperature 0 is the fallback ladder now; where no window fails, nothing is sampled."""
+    assert engine.transcribe(jfk, DecodeOptions()) == jfk_transcript
+
+
 def test_jfk_matches_faster_whisper(ct2_dir, jfk, jfk_transcript):
     from faster_whisper import WhisperModel
 

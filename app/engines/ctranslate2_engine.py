@@ -25,7 +25,7 @@ more beam search, no second encoder call); only when that yields no text, starts
 loop (the compression check) does the chunk take a second window as before (only where the window's result came at temperature 0: a sampled one is
 left as faster-whisper leaves it). Word timestamps move a clip's position by its last word, so such
 clips, and those asking for one temperature above 0, go through faster-whisper one by one, with the
-same guards and seed. VAD is not the engine's business: ``app.vad`` cuts the
+same guards. VAD is not the engine's business: ``app.vad`` cuts the
 silence out before any engine sees the audio.
 """
 from __future__ import annotations
@@ -76,11 +76,8 @@ class CTranslate2Engine:
         return cls(whisper, model, device, compute_type)
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
-        import ctranslate2
-
         if options.ends_in_pause and _lockstep(options):
             return self._decode_lockstep([audio], [options], options.task, options.beam_size)[0]
-        ctranslate2.set_random_seed(fallback.SEED)
         segments, info = self._model.transcribe(
             audio,
             language=options.language if self.multilingual else "en",
@@ -196,13 +193,11 @@ class CTranslate2Engine:
 
     def _generate(self, encoded, prompts: list[list[int]], beam_size: int, tokenizer, initial_timestamp: bool = True,
                   temperature: float = 0.0):
-        """faster-whisper's beam search settings, or its sampling ones above temperature 0 (seeded);
-        ``initial_timestamp``: the first timestamp may come no later than 1 s into the window (off
-        where the prompt already ends on a timestamp)."""
-        import ctranslate2
-
+        """faster-whisper's beam search settings, or its sampling ones above temperature 0 (not
+        reproducible: CTranslate2 keeps a random generator per thread that a seed set later does not
+        reset); ``initial_timestamp``: the first timestamp may come no later than 1 s into the window
+        (off where the prompt already ends on a timestamp)."""
         if temperature > 0:
-            ctranslate2.set_random_seed(fallback.SEED)
             search = {"beam_size": 1, "num_hypotheses": fallback.BEST_OF, "sampling_topk": 0,
                       "sampling_temperature": temperature}
         else:

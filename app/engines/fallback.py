@@ -21,7 +21,7 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 LOG_PROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.6
 BEST_OF = 5     # candidates sampled per window above temperature 0; the likeliest is kept
-SEED = 0        # sampling is seeded, so a request decodes the same way twice
+SEED = 0        # transformers' sampling is seeded per call (CTranslate2's cannot be: see its engine)
 
 
 def temperatures(requested: float) -> tuple[float, ...]:
