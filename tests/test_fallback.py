@@ -198,3 +198,12 @@ def test_a_chunk_whose_open_segment_starts_the_window_over_is_not_written_twice(
     assert transcript.text.lower().count("egyptian background") == 1, transcript.text
     starts = [s.start for s in transcript.segments]
     assert starts == sorted(starts)
+
+
+def test_openai_verbose_reports_the_temperature_each_segment_kept():
+    from app import formats
+    from app.engines.base import Segment, Transcript
+
+    transcript = Transcript("a b", "en", 4.0, [Segment(0.0, 2.0, "a", temperature=0.4), Segment(2.0, 4.0, "b")])
+    body = formats.openai_verbose(transcript, "transcribe", 0.0)
+    assert [s["temperature"] for s in body["segments"]] == [0.4, 0.0]  # the second: not reported, the request's

@@ -20,13 +20,13 @@ segment's start. Measured on the embedded tiny.en and a 5-minute recording, 10 o
 23-30 s took that second window (and 3 of 17 chunks of at most 20 s), so chunks cost 1.6 x the
 encoder work of window-after-window decoding. For a chunk nothing comes after the window, so the open
 segment is decoded again on the same encoder output instead, primed with its start timestamp (one
-more beam search, no second encoder call); only when that yields no text, starts the window over
-(timestamps before the one it was primed with: the window's words a second time) or makes the window
-loop (the compression check) does the chunk take a second window as before (only where the window's result came at temperature 0: a sampled one is
-left as faster-whisper leaves it). Word timestamps move a clip's position by its last word, so such
-clips, and those asking for one temperature above 0, go through faster-whisper one by one, with the
-same guards. VAD is not the engine's business: ``app.vad`` cuts the
-silence out before any engine sees the audio.
+more beam search, no second encoder call). The chunk takes a second window as before when that
+yields no text, when it starts the window over (timestamps before the one it was primed with: the
+window's words a second time, measured on long1.wav) or makes the window loop (the compression
+check), and when the window's result was sampled (a fallback: left as faster-whisper leaves it).
+Word timestamps move a clip's position by its last word, so such clips, and those asking for one
+temperature above 0, go through faster-whisper one by one, with the same guards. VAD is not the
+engine's business: ``app.vad`` cuts the silence out before any engine sees the audio.
 """
 from __future__ import annotations
 
@@ -178,9 +178,9 @@ class CTranslate2Engine:
                   and (at := _open_segment(t, c.tokenizer.timestamp_begin)) is not None}
         if opened:
             begin = clips[0].tokenizer.timestamp_begin
-            prompts = [[*c.tokenizer.sot_sequence, tokens[i][opened[i]] if i in opened else begin]
-                       for i, c in enumerate(clips)]
-            again = self._generate(encoded, prompts, beam_size, clips[0].tokenizer, initial_timestamp=False)
+            primed = [[*c.tokenizer.sot_sequence, tokens[i][opened[i]] if i in opened else begin]
+                      for i, c in enumerate(clips)]
+            again = self._generate(encoded, primed, beam_size, clips[0].tokenizer, initial_timestamp=False)
             for i, at in list(opened.items()):
                 whole = tokens[i][:at + 1] + again[i].sequences_ids[0]
                 if _continues(whole, at, begin) and not fallback.compression_ratio(
