@@ -118,6 +118,7 @@ class AsrParams:
         """Language and task are checked against the loaded model (after ``require_ready``)."""
         return DecodeOptions(language=language(inst, self.language), task=checked_task(inst, self.task, "task"),
                              beam_size=self.beam_size, temperature=self.temperature,
+                             fallback=inst.settings.temperature_fallback,
                              initial_prompt=self.initial_prompt,
                              word_timestamps=checked_words(inst, self.word_timestamps, "word_timestamps"))
 

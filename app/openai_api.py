@@ -76,7 +76,8 @@ def _serve(task: str):
         else:
             language = api.language(inst, values["language"])
         options = DecodeOptions(language=language, task=task, beam_size=inst.settings.beam_size,
-                                temperature=temperature, initial_prompt=values["prompt"],
+                                temperature=temperature, fallback=inst.settings.temperature_fallback,
+                                initial_prompt=values["prompt"],
                                 word_timestamps=api.checked_words(inst, "word" in granularities, GRANULARITIES))
         transcript, future = api.transcribe_audio(inst, data, options, inst.settings.vad_filter)
         response = _render(transcript, response_format, task, temperature, granularities)

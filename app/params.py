@@ -137,7 +137,8 @@ TEMPERATURE = Param("temperature", "number", minimum=0.0, maximum=1.0, default=0
     f"{fallback.COMPRESSION_RATIO_THRESHOLD:g}, average log-probability below {fallback.LOG_PROB_THRESHOLD:g}) "
     f"is decoded again at {', '.join(f'{t:g}' for t in fallback.LADDER[1:])} in turn until it passes "
     f"({fallback.BEST_OF} samples, the likeliest kept), as faster-whisper's defaults; above 0: "
-    "sampling at that temperature only. Qwen3-ASR: 0 decodes without sampling and without fallback."))
+    "sampling at that temperature only. Qwen3-ASR, or the setting temperature_fallback = false: 0 decodes "
+    "without sampling and without fallback."))
 
 
 # Reading and checking one value ----------------------------------------------------------------

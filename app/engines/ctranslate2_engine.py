@@ -84,7 +84,7 @@ class CTranslate2Engine:
             task=options.task,
             beam_size=options.beam_size,
             best_of=fallback.BEST_OF,
-            temperature=list(fallback.temperatures(options.temperature)),
+            temperature=list(fallback.temperatures(options.temperature, options.fallback)),
             compression_ratio_threshold=fallback.COMPRESSION_RATIO_THRESHOLD,
             log_prob_threshold=fallback.LOG_PROB_THRESHOLD,
             no_speech_threshold=fallback.NO_SPEECH_THRESHOLD,
@@ -113,13 +113,13 @@ class CTranslate2Engine:
         if len(audios) != len(options):
             raise ValueError(f"{len(audios)} audios but {len(options)} decode options")
         results: list[Transcript | None] = [None] * len(audios)
-        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        groups: dict[tuple[str, int, bool], list[int]] = defaultdict(list)
         for i, option in enumerate(options):
             if _lockstep(option):
-                groups[(option.task, option.beam_size)].append(i)
+                groups[(option.task, option.beam_size, option.fallback)].append(i)
             else:
                 results[i] = self.transcribe(audios[i], option)
-        for (task, beam_size), indices in groups.items():
+        for (task, beam_size, _), indices in groups.items():
             if len(indices) == 1:
                 results[indices[0]] = self.transcribe(audios[indices[0]], options[indices[0]])
                 continue
@@ -145,6 +145,7 @@ class CTranslate2Engine:
             if option.initial_prompt.strip():  # encoded as faster-whisper does: one leading space
                 clip.prompt = clip.tokenizer.encode(" " + option.initial_prompt.strip())
         window = extractor.nb_max_frames
+        ladder = fallback.temperatures(0.0, options[0].fallback)  # the group shares it
         while active := [c for c in clips if c.seek < c.content_frames]:
             # CTranslate2 wants <|startoftranscript|> at one position across a batch: clips whose
             # prompts differ in length decode in separate calls (only first windows have prompts).
@@ -152,10 +153,11 @@ class CTranslate2Engine:
             for clip in active:
                 by_prompt[len(clip.prompt)].append(clip)
             for group in by_prompt.values():
-                self._decode_round(group, beam_size, window, extractor.time_per_frame)
+                self._decode_round(group, beam_size, window, extractor.time_per_frame, ladder)
         return [_transcript(c.segments, c.language, c.language_probability, c.samples) for c in clips]
 
-    def _decode_round(self, clips: list[_Clip], beam_size: int, window: int, time_per_frame: float) -> None:
+    def _decode_round(self, clips: list[_Clip], beam_size: int, window: int, time_per_frame: float,
+                      ladder: Sequence[float]) -> None:
         """One batched encoder call and beam search over the current window of each clip; the windows
         that fail Whisper's checks again at the next temperatures."""
         sizes = [min(window, c.content_frames - c.seek) for c in clips]
@@ -169,7 +171,7 @@ class CTranslate2Engine:
                                      temperature=temperature)
             return [_attempt(r, clips[i].tokenizer, temperature) for i, r in zip(indices, results)]
 
-        attempts = fallback.decode_with_fallback(len(clips), decode, fallback.LADDER)
+        attempts = fallback.decode_with_fallback(len(clips), decode, ladder)
         tokens = [a.result.sequences_ids[0] for a in attempts]
         # A chunk's last window that left its last segment open: that segment again on the same
         # encoder output, primed with its start timestamp, rather than a second window.
@@ -288,9 +290,9 @@ class _Clip:
 
 
 def _lockstep(options: DecodeOptions) -> bool:
-    """Whether the lockstep decode applies: the temperature ladder (not one temperature above 0), no
+    """Whether the lockstep decode applies: temperature 0 (with or without the fallback ladder), no
     word timestamps."""
-    return fallback.temperatures(options.temperature) == fallback.LADDER and not options.word_timestamps
+    return options.temperature == 0 and not options.word_timestamps
 
 
 def _attempt(result, tokenizer, temperature: float) -> fallback.Attempt:

@@ -24,10 +24,11 @@ BEST_OF = 5     # candidates sampled per window above temperature 0; the likelie
 SEED = 0        # transformers' sampling is seeded per call (CTranslate2's cannot be: see its engine)
 
 
-def temperatures(requested: float) -> tuple[float, ...]:
+def temperatures(requested: float, fallback: bool = True) -> tuple[float, ...]:
     """What the API's ``temperature`` means (app.params): 0, the default, is the whole ladder, as
-    OpenAI's API and faster-whisper's defaults do; a value above 0 is that temperature only."""
-    return LADDER if requested == 0 else (float(requested),)
+    OpenAI's API and faster-whisper's defaults do (unless ``fallback`` is off: the operator's
+    ``temperature_fallback``); a value above 0 is that temperature only."""
+    return LADDER if requested == 0 and fallback else (float(requested),)
 
 
 def compression_ratio(text: str) -> float:

@@ -1,8 +1,8 @@
 """The Hugging Face transformers (PyTorch) engine.
 
-Whisper checkpoints decode through ``WhisperForConditionalGeneration.generate()`` so
-that timestamps, long-form audio, prompts, word timestamps and batching come from the reference
-implementation; any other speech model goes through the ASR pipeline and yields text only. Decoding
+Whisper checkpoints decode through ``WhisperForConditionalGeneration.generate()`` so that
+timestamps, prompts, word timestamps and batched search come from the reference implementation; any
+other speech model goes through the ASR pipeline and yields text only. Decoding
 settings are always passed explicitly: the ASR pipeline defaults to 5 beams while
 ``generate()`` defaults to greedy, and the two engines must decode alike.
 
@@ -119,7 +119,7 @@ def token_budget(seconds: float) -> int:
 
 
 class _WhisperRunner:
-    """Whisper through generate(): timestamps on, so every transcript has segments."""
+    """Whisper through generate(), one window at a time: timestamps on, so every transcript has segments."""
 
     def __init__(self, model: str, device: str, dtype: torch.dtype):
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -141,14 +141,14 @@ class _WhisperRunner:
         return self.processor.tokenizer.decode([t for t in tokens if t < eot])
 
     def transcribe_batch(self, audios: list[np.ndarray], options: list[DecodeOptions]) -> list[Transcript]:
-        """One generate() call per group of clips that share decoding settings and are all short (one
-        window) or all long (generate's sequential long-form decoding, batched too)."""
+        """One window-by-window decode per group of clips that share decoding settings and are all
+        short (their features padded to one window) or all long (padded to the longest)."""
         results: list[Transcript | None] = [None] * len(audios)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (audio, option) in enumerate(zip(audios, options)):
             long_form = len(audio) > WINDOW_SAMPLES
-            groups[(long_form, option.task, option.beam_size, option.temperature, option.initial_prompt.strip(),
-                    option.word_timestamps)].append(i)
+            groups[(long_form, option.task, option.beam_size, option.temperature, option.fallback,
+                    option.initial_prompt.strip(), option.word_timestamps)].append(i)
         for (long_form, *_), indices in groups.items():
             transcripts = self._decode([audios[i] for i in indices], [options[i] for i in indices], long_form)
             for i, transcript in zip(indices, transcripts):
@@ -235,7 +235,7 @@ class _WhisperRunner:
                         for t, (logprob, no_speech), segments in zip(tokens, scores, output["segments"])]
             return [max(attempts[k:k + copies], key=lambda a: a.avg_logprob) for k in range(0, len(rows), copies)]
 
-        ladder = fallback.temperatures(options.temperature)
+        ladder = fallback.temperatures(options.temperature, options.fallback)
         for i, size, kept in zip(group, sizes, fallback.decode_with_fallback(len(group), decode, ladder)):
             self._advance(clips[i], size, kept)
 

@@ -85,6 +85,7 @@ class Runner:
         options = DecodeOptions(language=params.get("language") or None, task=params.get("task", "transcribe"),
                                 beam_size=int(params.get("beam_size", s.beam_size)),
                                 temperature=float(params.get("temperature", 0.0)),
+                                fallback=s.temperature_fallback,
                                 initial_prompt=params.get("initial_prompt", ""),
                                 word_timestamps=bool(params.get("word_timestamps", False)))
         while not self.stopping.is_set():
