@@ -207,3 +207,16 @@ def test_openai_verbose_reports_the_temperature_each_segment_kept():
     transcript = Transcript("a b", "en", 4.0, [Segment(0.0, 2.0, "a", temperature=0.4), Segment(2.0, 4.0, "b")])
     body = formats.openai_verbose(transcript, "transcribe", 0.0)
     assert [s["temperature"] for s in body["segments"]] == [0.4, 0.0]  # the second: not reported, the request's
+
+
+def test_a_chunk_whose_open_segment_re_reads_its_sentence_is_not_written_twice(ct2_tiny):
+    """The last chunk of test_longform's recording: primed on its open segment, Whisper read "And so my
+    fellow Americans ask not ..." a second time, with timestamps that moved on (measured on this CPU)."""
+    from support import english_set_a, set_a_sequence
+
+    forward, _ = set_a_sequence(gap=1.0)
+    backward, _ = set_a_sequence(gap=0.6, rows=english_set_a()[::-1])
+    audio = np.concatenate([forward, backward])[int(111.616 * SAMPLE_RATE):int(134.841 * SAMPLE_RATE)]
+    transcript = ct2_tiny.transcribe(audio, DecodeOptions(ends_in_pause=True))
+    assert transcript.text.lower().count("fellow americans") == 1, transcript.text
+    assert "your country" in transcript.text.lower().split("fellow americans")[1]

@@ -22,7 +22,8 @@ encoder work of window-after-window decoding. For a chunk nothing comes after th
 segment is decoded again on the same encoder output instead, primed with its start timestamp (one
 more beam search, no second encoder call). The chunk takes a second window as before when that
 yields no text, when it starts the window over (timestamps before the one it was primed with: the
-window's words a second time, measured on long1.wav) or makes the window loop (the compression
+window's words a second time, measured on long1.wav), when it opens with words the window already
+said (the sentence re-read, measured on set A), when it makes the window loop (the compression
 check), and when the window's result was sampled (a fallback: left as faster-whisper leaves it).
 Word timestamps move a clip's position by its last word, so such clips, and those asking for one
 temperature above 0, go through faster-whisper one by one, with the same guards. VAD is not the
@@ -30,6 +31,7 @@ engine's business: ``app.vad`` cuts the silence out before any engine sees the a
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -184,9 +186,9 @@ class CTranslate2Engine:
                       for i, c in enumerate(clips)]
             again = self._generate(encoded, primed, beam_size, clips[0].tokenizer, initial_timestamp=False)
             for i, at in list(opened.items()):
-                whole = tokens[i][:at + 1] + again[i].sequences_ids[0]
-                if _continues(whole, at, begin) and not fallback.compression_ratio(
-                        clips[i].tokenizer.decode(whole).strip()) > fallback.COMPRESSION_RATIO_THRESHOLD:
+                whole, decode = tokens[i][:at + 1] + again[i].sequences_ids[0], clips[i].tokenizer.decode
+                if _continues(whole, at, begin) and not _repeats(decode(whole[:at]), decode(whole[at + 1:])) \
+                        and not fallback.compression_ratio(decode(whole).strip()) > fallback.COMPRESSION_RATIO_THRESHOLD:
                     tokens[i] = whole
                 else:
                     opened.pop(i)
@@ -318,6 +320,15 @@ def _continues(tokens: list[int], at: int, timestamp_begin: int) -> bool:
     its timestamps from 0 again: the whole window a second time, word for word."""
     tail = tokens[at + 1:]
     return any(t < timestamp_begin for t in tail) and all(t >= tokens[at] for t in tail if t >= timestamp_begin)
+
+
+def _repeats(before: str, tail: str, words: int = 3) -> bool:
+    """Whether ``tail`` opens with words the window already said (its first ``words`` of them, in a
+    row): Whisper primed on the open segment re-reads the sentence it was in, with timestamps that
+    move on. Measured on set A: "And so my fellow Americans ask not ..." twice in one chunk. A false
+    alarm costs only the second window faster-whisper would take anyway."""
+    said, head = re.findall(r"[\w']+", before.lower()), re.findall(r"[\w']+", tail.lower())[:words]
+    return len(head) == words and any(said[k:k + words] == head for k in range(len(said)))
 
 
 def _prompt(clip: _Clip) -> list[int]:
