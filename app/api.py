@@ -18,7 +18,7 @@ from app.engines.base import SAMPLE_RATE, DecodeOptions, Transcript
 from app.errors import ApiError
 from app.instance import ModelInstance
 from app.openapi import Operation, register
-from app.params import Param, ParamError, Params
+from app.params import TEMPERATURE, Param, ParamError, Params
 from app.queue import JobFuture, QueueFull, result_within
 
 bp = Blueprint("api", __name__)
@@ -46,8 +46,7 @@ ASR_PARAMS = Params((
         "json (text, segments, words, timing), txt, srt, vtt, or tsv (start and end in integer "
         "milliseconds, as whisper's CLI writes it).")),
     Param("beam_size", "integer", minimum=1, maximum=10, setting="beam_size", description="Beam width."),
-    Param("temperature", "number", minimum=0.0, maximum=1.0, default=0.0,
-          description="0: beam search; above 0: sampling."),
+    TEMPERATURE,
     Param("initial_prompt", "string", max_length=MAX_PROMPT_CHARS, default="", description=(
         "Names, spellings or a style for the first window to follow (Whisper keeps its last 223 tokens).")),
     Param("word_timestamps", "boolean", setting="word_timestamps", description=(
@@ -119,6 +118,7 @@ class AsrParams:
         """Language and task are checked against the loaded model (after ``require_ready``)."""
         return DecodeOptions(language=language(inst, self.language), task=checked_task(inst, self.task, "task"),
                              beam_size=self.beam_size, temperature=self.temperature,
+                             fallback=inst.settings.temperature_fallback,
                              initial_prompt=self.initial_prompt,
                              word_timestamps=checked_words(inst, self.word_timestamps, "word_timestamps"))
 

@@ -44,6 +44,9 @@ class Settings:
     detect_language: bool = True         # false: never detect (needs `language`); /detect-language answers 403
     word_timestamps: bool = False        # align every word (costs a little more decoding time)
     vad_filter: bool = False             # drop non-speech before the model (Silero VAD)
+    # Whisper's temperature fallback for requests at temperature 0 (app/engines/fallback.py); false:
+    # temperature 0 only, deterministic even where a window loops (and what tests on random weights need)
+    temperature_fallback: bool = True
 
     # How many instances and where they listen.
     instances: int = 2

@@ -6,11 +6,11 @@ The subtitle writers follow whisper's own CLI writers: SRT cues numbered from 1 
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import replace
 
 from flask import Response, jsonify
 
+from app.engines import fallback
 from app.engines.base import Segment, Transcript, Word
 from app.languages import LANGUAGE_NAMES
 
@@ -127,8 +127,7 @@ def _cue_text(segment: Segment) -> str:
 
 def compression_ratio(text: str) -> float:
     """Whisper's gzip compression ratio of a segment's text (over 2.4 suggests repetition)."""
-    data = text.encode("utf-8")
-    return round(len(data) / len(zlib.compress(data)), 4) if data else 0.0
+    return round(fallback.compression_ratio(text), 4) if text else 0.0
 
 
 def openai_verbose(transcript: Transcript, task: str, temperature: float,
@@ -136,7 +135,9 @@ def openai_verbose(transcript: Transcript, task: str, temperature: float,
     """OpenAI's verbose_json, with ``segments`` and/or ``words`` as the timestamp granularities ask.
     The engines report neither tokens nor log probabilities per segment: ``tokens`` is empty and
     ``avg_logprob``/``no_speech_prob`` are 0.0 (OpenAI's schema requires numbers);
-    ``compression_ratio`` is computed from the text as whisper does. OpenAI's words carry no spaces."""
+    ``compression_ratio`` is computed from the text as whisper does; ``temperature`` is the one the
+    segment's window was decoded at (after any fallback), else the one asked for. OpenAI's words carry
+    no spaces."""
     body = {
         "task": task,
         "language": LANGUAGE_NAMES.get(transcript.language, transcript.language),
@@ -149,7 +150,7 @@ def openai_verbose(transcript: Transcript, task: str, temperature: float,
     if with_segments:
         body["segments"] = [
             {"id": i, "seek": 0, "start": s.start, "end": s.end, "text": s.text, "tokens": [],
-             "temperature": temperature, "avg_logprob": 0.0, "compression_ratio": compression_ratio(s.text),
+             "temperature": temperature if s.temperature is None else s.temperature, "avg_logprob": 0.0, "compression_ratio": compression_ratio(s.text),
              "no_speech_prob": 0.0}
             for i, s in enumerate(timed)
         ]

@@ -16,7 +16,7 @@ from app import api, formats
 from app.engines.base import DecodeOptions, Transcript
 from app.errors import ApiError
 from app.openapi import Operation, register
-from app.params import Param, Params
+from app.params import TEMPERATURE, Param, Params
 
 bp = Blueprint("openai", __name__, url_prefix="/v1/audio")
 
@@ -31,8 +31,7 @@ _COMMON = (
           description="Text for the first window to follow, as /asr's initial_prompt."),
     Param("response_format", "string", choices=RESPONSE_FORMATS, default="json",
           description="json ({text}), text, srt, vtt, or verbose_json (segments and words, OpenAI's fields)."),
-    Param("temperature", "number", minimum=0.0, maximum=1.0, default=0.0,
-          description="0: beam search; above 0: sampling."),
+    TEMPERATURE,
 )
 TRANSCRIPTION_PARAMS = Params(_COMMON + (
     Param("language", "string", default="",
@@ -77,7 +76,8 @@ def _serve(task: str):
         else:
             language = api.language(inst, values["language"])
         options = DecodeOptions(language=language, task=task, beam_size=inst.settings.beam_size,
-                                temperature=temperature, initial_prompt=values["prompt"],
+                                temperature=temperature, fallback=inst.settings.temperature_fallback,
+                                initial_prompt=values["prompt"],
                                 word_timestamps=api.checked_words(inst, "word" in granularities, GRANULARITIES))
         transcript, future = api.transcribe_audio(inst, data, options, inst.settings.vad_filter)
         response = _render(transcript, response_format, task, temperature, granularities)

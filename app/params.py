@@ -16,6 +16,7 @@ from typing import Any
 from flask import request
 
 from app.config import Settings
+from app.engines import fallback
 from app.errors import ApiError
 
 TRUE = ("true", "1", "yes", "on")
@@ -124,6 +125,20 @@ class Params:
         known = self.names + tuple(a for p in self.params for a in p.aliases)
         check_names(known, self.unsupported, ignore=self.ignore, listed=self.names)
         return {p.name: p.parse(settings) for p in self.params}
+
+
+# Parameters more than one route shares ---------------------------------------------------------
+
+# As OpenAI's API defines it ("0: the model uses log probability to increase the temperature until
+# certain thresholds are hit") and as faster-whisper decodes by default; a single value above 0 is
+# what faster-whisper does with one temperature given: that one, no fallback.
+TEMPERATURE = Param("temperature", "number", minimum=0.0, maximum=1.0, default=0.0, description=(
+    f"0: beam search, and a 30 s window whose text loops or is unlikely (gzip compression ratio above "
+    f"{fallback.COMPRESSION_RATIO_THRESHOLD:g}, average log-probability below {fallback.LOG_PROB_THRESHOLD:g}) "
+    f"is decoded again at {', '.join(f'{t:g}' for t in fallback.LADDER[1:])} in turn until it passes "
+    f"({fallback.BEST_OF} samples, the likeliest kept), as faster-whisper's defaults; above 0: "
+    "sampling at that temperature only. Qwen3-ASR, or the setting temperature_fallback = false: 0 decodes "
+    "without sampling and without fallback."))
 
 
 # Reading and checking one value ----------------------------------------------------------------

@@ -125,6 +125,18 @@ def test_word_times_come_from_the_aligner_within_each_chunk(engine, clips):
     assert transcript.segments[-1].words[0].start >= transcript.segments[0].words[-1].end
 
 
+def test_a_transcript_with_no_word_to_align_gets_no_words_instead_of_an_error(engine, clips):
+    # What the aligner sees when the model writes only symbols (a music note, punctuation): the real
+    # aligner and the engine's own pieces, next to a piece with words in the same aligner call.
+    options = DecodeOptions(beam_size=1, language="en", word_timestamps=True)
+    pieces = engine._pieces(0, clips["en"], options) + engine._pieces(1, clips["de"], options)
+    texts = [("English", "♪ ... !"), ("English", "hello there")]
+    words = engine._align(pieces, texts)
+    assert 0 not in words and [w.word for w in words[1]] == [" hello", " there"]
+    alone = engine._chunk_transcript(pieces[0], *texts[0], words.get(0))
+    assert alone.text == "♪ ... !" and alone.segments and not alone.segments[0].words
+
+
 def test_word_timestamps_without_an_aligner_are_refused(qwen_models, clips):
     plain = load_engine("qwen3-asr", str(qwen_models[0]), "cpu")
     assert not plain.word_timestamps

@@ -128,6 +128,24 @@ def test_jfk(jfk_transcript):
     assert jfk_transcript.duration == pytest.approx(11.0, abs=0.01)
 
 
+def test_temperature_0_decodes_the_same_way_twice(engine, jfk, jfk_transcript):
+    """Temperature 0 is the fallback ladder now; where no window fails, nothing is sampled."""
+    assert engine.transcribe(jfk, DecodeOptions()) == jfk_transcript
+
+
+def test_a_clip_batched_with_noise_keeps_its_words(engine, jfk, jfk_transcript):
+    """generate()'s own batched fallback skipped the speech clip's window as silence here (its skip
+    flags indexed by position in the retried batch) and read the noise's no-speech probability from
+    the speech's row: the engine runs the fallback itself."""
+    noise = np.random.default_rng(0).normal(0, 0.1, 5 * SAMPLE_RATE).astype(np.float32)
+    options = DecodeOptions(beam_size=3)
+    alone = engine.transcribe(jfk, options)
+    for batch, at in (([jfk, noise], 0), ([noise, jfk], 1)):
+        decoded = engine.transcribe_batch(batch, [options] * 2)
+        assert decoded[at] == alone and normalize(alone.text) == normalize(JFK_REFERENCE)
+        assert not decoded[1 - at].segments  # the noise: silence, skipped as faster-whisper does
+
+
 def test_jfk_matches_faster_whisper(ct2_dir, jfk, jfk_transcript):
     from faster_whisper import WhisperModel
 

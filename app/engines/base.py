@@ -25,6 +25,7 @@ class DecodeOptions:
     task: str = "transcribe"
     beam_size: int = 5
     temperature: float = 0.0
+    fallback: bool = True          # at temperature 0: Whisper's temperature fallback (app.engines.fallback)
     initial_prompt: str = ""       # text the first window is conditioned on: names, spelling, style
     word_timestamps: bool = False  # align each word to the audio (cross-attention DTW)
     # The clip is a chunk of a longer recording, cut in a pause (app.longform): no speech runs on past
@@ -46,6 +47,7 @@ class Segment:
     end: float
     text: str
     words: tuple[Word, ...] = ()       # filled when word timestamps were asked for
+    temperature: float | None = None   # what its window was decoded at (app.engines.fallback); None: not reported
 
 
 @dataclass

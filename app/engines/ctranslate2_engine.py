@@ -4,10 +4,13 @@ One clip goes through faster-whisper's ``WhisperModel.transcribe``. Several clip
 (``transcribe_batch``, fed by the instance's dynamic batching) are decoded in lockstep: every round
 takes the current 30 s window of each unfinished clip, runs one batched encoder call and one batched
 beam search on the CTranslate2 model, and moves each clip's position on from its own timestamp
-tokens, exactly as faster-whisper's one-clip loop does with our fixed settings (temperature 0, no
-conditioning on previous text; an initial prompt primes the first window that is not skipped as
-silence). So a batched transcript equals the one-by-one transcript; clips longer than a window simply
-take more rounds.
+tokens, exactly as faster-whisper's one-clip loop does with our fixed settings (no conditioning on
+previous text; an initial prompt primes the first window that is not skipped as silence). Its guards
+against hallucination too (``app.engines.fallback``): the windows of a round whose text loops or is
+unlikely are decoded again at the next temperature, in a batch of their own (on their own encoder
+call: CTranslate2 cannot take part of an encoded batch), with faster-whisper's sampling settings.
+So a batched transcript equals the one-by-one transcript; clips longer than a window simply take
+more rounds.
 
 A chunk of a longer recording (``DecodeOptions.ends_in_pause``) goes through the lockstep decode even
 alone, and its last window is finished without a second one. Whisper often leaves the last segment of
@@ -17,19 +20,25 @@ segment's start. Measured on the embedded tiny.en and a 5-minute recording, 10 o
 23-30 s took that second window (and 3 of 17 chunks of at most 20 s), so chunks cost 1.6 x the
 encoder work of window-after-window decoding. For a chunk nothing comes after the window, so the open
 segment is decoded again on the same encoder output instead, primed with its start timestamp (one
-more beam search, no second encoder call); only when that yields no text does the chunk take a
-second window as before. Word timestamps move a clip's position by its last word, so such clips, and sampled
-ones, go through faster-whisper one by one. VAD is not the engine's business: ``app.vad`` cuts the
-silence out before any engine sees the audio.
+more beam search, no second encoder call). The chunk takes a second window as before when that
+yields no text, when it starts the window over (timestamps before the one it was primed with: the
+window's words a second time, measured on long1.wav), when it opens with words the window already
+said (the sentence re-read, measured on set A), when it makes the window loop (the compression
+check), and when the window's result was sampled (a fallback: left as faster-whisper leaves it).
+Word timestamps move a clip's position by its last word, so such clips, and those asking for one
+temperature above 0, go through faster-whisper one by one, with the same guards. VAD is not the
+engine's business: ``app.vad`` cuts the silence out before any engine sees the audio.
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
+from app.engines import fallback
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript, Word
 
 _DEFAULT_COMPUTE = {"cpu": "int8", "cuda": "float16"}
@@ -39,8 +48,6 @@ _MAX_LENGTH = 448                 # Whisper's text context, prompt included
 _TIME_PRECISION = 0.02            # seconds per timestamp token
 _INPUT_STRIDE = 2                 # mel frames per encoder position (= per timestamp token)
 _MAX_INITIAL_TIMESTAMP = 1.0      # the first timestamp may not be later than this
-_NO_SPEECH_THRESHOLD = 0.6        # a window is silence when no-speech is likelier than this ...
-_LOG_PROB_THRESHOLD = -1.0        # ... and the average log-probability of its tokens is below this
 
 
 class CTranslate2Engine:
@@ -78,13 +85,18 @@ class CTranslate2Engine:
             language=options.language if self.multilingual else "en",
             task=options.task,
             beam_size=options.beam_size,
-            temperature=options.temperature,   # one temperature: no sampling fallback, same as transformers
+            best_of=fallback.BEST_OF,
+            temperature=list(fallback.temperatures(options.temperature, options.fallback)),
+            compression_ratio_threshold=fallback.COMPRESSION_RATIO_THRESHOLD,
+            log_prob_threshold=fallback.LOG_PROB_THRESHOLD,
+            no_speech_threshold=fallback.NO_SPEECH_THRESHOLD,
             condition_on_previous_text=False,  # transformers' long-form default
             initial_prompt=options.initial_prompt or None,
             word_timestamps=options.word_timestamps,
             vad_filter=False,                  # done before the engine, the same for both (app.vad)
         )
-        parts = [Segment(round(s.start, 3), round(s.end, 3), s.text.strip(), _words(s.words)) for s in segments]
+        parts = [Segment(round(s.start, 3), round(s.end, 3), s.text.strip(), _words(s.words), s.temperature)
+                 for s in segments]
         return _transcript(parts, info.language, info.language_probability, len(audio))
 
     def detect_language(self, audios: Sequence[np.ndarray]) -> list[tuple[str, float]]:
@@ -97,19 +109,19 @@ class CTranslate2Engine:
     def transcribe_batch(self, audios: Sequence[np.ndarray], options: Sequence[DecodeOptions]) -> list[Transcript]:
         """One lockstep decode per group of clips that share task and beam size.
 
-        Sampling (temperature > 0) is not reproducible in a batch, and word timestamps steer each
-        clip's next window by its last word, so such clips go one by one.
+        A temperature above 0 asked for (sampling from the first window on) and word timestamps (they
+        steer each clip's next window by its last word) go one by one.
         """
         if len(audios) != len(options):
             raise ValueError(f"{len(audios)} audios but {len(options)} decode options")
         results: list[Transcript | None] = [None] * len(audios)
-        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        groups: dict[tuple[str, int, bool], list[int]] = defaultdict(list)
         for i, option in enumerate(options):
             if _lockstep(option):
-                groups[(option.task, option.beam_size)].append(i)
+                groups[(option.task, option.beam_size, option.fallback)].append(i)
             else:
                 results[i] = self.transcribe(audios[i], option)
-        for (task, beam_size), indices in groups.items():
+        for (task, beam_size, _), indices in groups.items():
             if len(indices) == 1:
                 results[indices[0]] = self.transcribe(audios[indices[0]], options[indices[0]])
                 continue
@@ -135,6 +147,7 @@ class CTranslate2Engine:
             if option.initial_prompt.strip():  # encoded as faster-whisper does: one leading space
                 clip.prompt = clip.tokenizer.encode(" " + option.initial_prompt.strip())
         window = extractor.nb_max_frames
+        ladder = fallback.temperatures(0.0, options[0].fallback)  # the group shares it
         while active := [c for c in clips if c.seek < c.content_frames]:
             # CTranslate2 wants <|startoftranscript|> at one position across a batch: clips whose
             # prompts differ in length decode in separate calls (only first windows have prompts).
@@ -142,42 +155,61 @@ class CTranslate2Engine:
             for clip in active:
                 by_prompt[len(clip.prompt)].append(clip)
             for group in by_prompt.values():
-                self._decode_round(group, beam_size, window, extractor.time_per_frame)
+                self._decode_round(group, beam_size, window, extractor.time_per_frame, ladder)
         return [_transcript(c.segments, c.language, c.language_probability, c.samples) for c in clips]
 
-    def _decode_round(self, clips: list[_Clip], beam_size: int, window: int, time_per_frame: float) -> None:
-        """One batched encoder call and beam search over the current window of each clip."""
+    def _decode_round(self, clips: list[_Clip], beam_size: int, window: int, time_per_frame: float,
+                      ladder: Sequence[float]) -> None:
+        """One batched encoder call and beam search over the current window of each clip; the windows
+        that fail Whisper's checks again at the next temperatures."""
         sizes = [min(window, c.content_frames - c.seek) for c in clips]
-        encoded = self._encode([c.features[:, c.seek:c.seek + n] for c, n in zip(clips, sizes)])
-        results = self._generate(encoded, [_prompt(c) for c in clips], beam_size, clips[0].tokenizer)
-        tokens = [r.sequences_ids[0] for r in results]
+        windows = [c.features[:, c.seek:c.seek + n] for c, n in zip(clips, sizes)]
+        encoded = self._encode(windows)
+        prompts = [_prompt(c) for c in clips]
+
+        def decode(indices: list[int], temperature: float) -> list[fallback.Attempt]:
+            own = encoded if len(indices) == len(clips) else self._encode([windows[i] for i in indices])
+            results = self._generate(own, [prompts[i] for i in indices], beam_size, clips[0].tokenizer,
+                                     temperature=temperature)
+            return [_attempt(r, clips[i].tokenizer, temperature) for i, r in zip(indices, results)]
+
+        attempts = fallback.decode_with_fallback(len(clips), decode, ladder)
+        tokens = [a.result.sequences_ids[0] for a in attempts]
         # A chunk's last window that left its last segment open: that segment again on the same
         # encoder output, primed with its start timestamp, rather than a second window.
-        opened = {i: at for i, (c, n, t) in enumerate(zip(clips, sizes, tokens))
-                  if c.ends_in_pause and c.seek + n >= c.content_frames
+        opened = {i: at for i, (c, n, t, a) in enumerate(zip(clips, sizes, tokens, attempts))
+                  if c.ends_in_pause and c.seek + n >= c.content_frames and a.temperature == 0
                   and (at := _open_segment(t, c.tokenizer.timestamp_begin)) is not None}
         if opened:
             begin = clips[0].tokenizer.timestamp_begin
-            prompts = [[*c.tokenizer.sot_sequence, tokens[i][opened[i]] if i in opened else begin]
-                       for i, c in enumerate(clips)]
-            again = self._generate(encoded, prompts, beam_size, clips[0].tokenizer, initial_timestamp=False)
+            primed = [[*c.tokenizer.sot_sequence, tokens[i][opened[i]] if i in opened else begin]
+                      for i, c in enumerate(clips)]
+            again = self._generate(encoded, primed, beam_size, clips[0].tokenizer, initial_timestamp=False)
             for i, at in list(opened.items()):
-                tail = again[i].sequences_ids[0]
-                if any(t < begin for t in tail):  # text: the open segment, now with its words
-                    tokens[i] = tokens[i][:at + 1] + tail
+                whole, decode = tokens[i][:at + 1] + again[i].sequences_ids[0], clips[i].tokenizer.decode
+                if _continues(whole, at, begin) and not _repeats(decode(whole[:at]), decode(whole[at + 1:])) \
+                        and not fallback.compression_ratio(decode(whole).strip()) > fallback.COMPRESSION_RATIO_THRESHOLD:
+                    tokens[i] = whole
                 else:
                     opened.pop(i)
-        for i, (clip, size, result) in enumerate(zip(clips, sizes, results)):
-            self._advance(clip, size, result, tokens[i], time_per_frame, final=i in opened)
+        for i, (clip, size, attempt) in enumerate(zip(clips, sizes, attempts)):
+            self._advance(clip, size, attempt, tokens[i], time_per_frame, final=i in opened)
 
-    def _generate(self, encoded, prompts: list[list[int]], beam_size: int, tokenizer, initial_timestamp: bool = True):
-        """faster-whisper's beam search settings; ``initial_timestamp``: the first timestamp may come no
-        later than 1 s into the window (off where the prompt already ends on a timestamp)."""
+    def _generate(self, encoded, prompts: list[list[int]], beam_size: int, tokenizer, initial_timestamp: bool = True,
+                  temperature: float = 0.0):
+        """faster-whisper's beam search settings, or its sampling ones above temperature 0 (not
+        reproducible: CTranslate2 keeps a random generator per thread that a seed set later does not
+        reset); ``initial_timestamp``: the first timestamp may come no later than 1 s into the window
+        (off where the prompt already ends on a timestamp)."""
+        if temperature > 0:
+            search = {"beam_size": 1, "num_hypotheses": fallback.BEST_OF, "sampling_topk": 0,
+                      "sampling_temperature": temperature}
+        else:
+            search = {"beam_size": beam_size, "patience": 1}
         return self._model.model.generate(
             encoded,
             prompts,
-            beam_size=beam_size,
-            patience=1,
+            **search,
             length_penalty=1,
             repetition_penalty=1,
             no_repeat_ngram_size=0,
@@ -212,13 +244,11 @@ class CTranslate2Engine:
         batch = np.ascontiguousarray(np.stack([pad_or_trim(w) for w in windows]))
         return self._model.model.encode(ctranslate2.StorageView.from_array(batch), to_cpu=False)
 
-    def _advance(self, clip: _Clip, size: int, result, tokens: list[int], time_per_frame: float,
-                 final: bool = False) -> None:
+    def _advance(self, clip: _Clip, size: int, attempt: fallback.Attempt, tokens: list[int],
+                 time_per_frame: float, final: bool = False) -> None:
         """Take one window's result: skip it as silence, or cut ``tokens`` into segments and move on
         (``final``: the clip ends with this window, an open last segment up to its end)."""
-        # The average log-probability faster-whisper recovers from the length-normalised score.
-        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
-        if result.no_speech_prob > _NO_SPEECH_THRESHOLD and not avg_logprob > _LOG_PROB_THRESHOLD:
+        if fallback.is_silence(attempt):
             clip.seek += size  # a skipped window keeps the prompt for the next one, as faster-whisper does
             return
         clip.prompt = []
@@ -229,7 +259,8 @@ class CTranslate2Engine:
         for start, end, piece in pieces:
             text = tokenizer.decode(piece)
             if start != end and text.strip():
-                clip.segments.append(Segment(round(start, 3), round(end, 3), text.strip()))
+                clip.segments.append(Segment(round(start, 3), round(end, 3), text.strip(),
+                                             temperature=attempt.temperature))
         clip.seek = seek if seek > clip.seek else clip.seek + size  # never decode a window twice
 
     def _suppressed_tokens(self, tokenizer) -> list[int]:
@@ -261,8 +292,17 @@ class _Clip:
 
 
 def _lockstep(options: DecodeOptions) -> bool:
-    """Whether the lockstep decode applies: no sampling, no word timestamps."""
+    """Whether the lockstep decode applies: temperature 0 (with or without the fallback ladder), no
+    word timestamps."""
     return options.temperature == 0 and not options.word_timestamps
+
+
+def _attempt(result, tokenizer, temperature: float) -> fallback.Attempt:
+    """One window's result with what Whisper's checks read; the average log-probability recovered
+    from the length-normalised score as faster-whisper does."""
+    tokens = result.sequences_ids[0]
+    return fallback.Attempt(tokenizer.decode(tokens), result.scores[0] * len(tokens) / (len(tokens) + 1),
+                            result.no_speech_prob, temperature, result)
 
 
 def _open_segment(tokens: list[int], timestamp_begin: int) -> int | None:
@@ -272,6 +312,23 @@ def _open_segment(tokens: list[int], timestamp_begin: int) -> int | None:
         return None
     cuts = [i for i in range(1, len(tokens)) if tokens[i] >= timestamp_begin and tokens[i - 1] >= timestamp_begin]
     return cuts[-1] if cuts else None
+
+
+def _continues(tokens: list[int], at: int, timestamp_begin: int) -> bool:
+    """Whether the tokens after ``at`` (where the open segment was primed) continue the window: some
+    text, and no timestamp before the one primed. Whisper sometimes starts the window over instead,
+    its timestamps from 0 again: the whole window a second time, word for word."""
+    tail = tokens[at + 1:]
+    return any(t < timestamp_begin for t in tail) and all(t >= tokens[at] for t in tail if t >= timestamp_begin)
+
+
+def _repeats(before: str, tail: str, words: int = 3) -> bool:
+    """Whether ``tail`` opens with words the window already said (its first ``words`` of them, in a
+    row): Whisper primed on the open segment re-reads the sentence it was in, with timestamps that
+    move on. Measured on set A: "And so my fellow Americans ask not ..." twice in one chunk. A false
+    alarm costs only the second window faster-whisper would take anyway."""
+    said, head = re.findall(r"[\w']+", before.lower()), re.findall(r"[\w']+", tail.lower())[:words]
+    return len(head) == words and any(said[k:k + words] == head for k in range(len(said)))
 
 
 def _prompt(clip: _Clip) -> list[int]:

@@ -236,17 +236,23 @@ class Qwen3AsrEngine:
     # Word timestamps ----------------------------------------------------------------------------
 
     def _align(self, pieces: list[_Piece], texts: list[tuple[str | None, str]]) -> dict[int, tuple[Word, ...]]:
-        """Words with times for every piece that asked for them and has text: one aligner call."""
+        """Words with times for every piece that asked for them and has a word the aligner can align
+        (a transcript of symbols only, a music note say, has none: it gets no words, not an error):
+        one aligner call."""
         from transformers.models.qwen3_asr.processing_qwen3_asr import FORCED_ALIGNER_LANGUAGES
 
         wanted = [i for i, p in enumerate(pieces) if p.options.word_timestamps and texts[i][1].strip()]
-        if not wanted:
-            return {}
         languages = [texts[i][0] if texts[i][0] in FORCED_ALIGNER_LANGUAGES else None for i in wanted]
         for i, name in zip(wanted, languages):
             if name in ("Japanese", "Korean"):
                 raise ValueError(f"word timestamps for {name} need its word splitter (nagisa or soynlp), "
                                  "which this service does not install")
+        alignable = [bool(self.aligner_processor.split_words_for_alignment(texts[i][1], name))
+                     for i, name in zip(wanted, languages)]
+        wanted = [i for i, ok in zip(wanted, alignable) if ok]
+        languages = [name for name, ok in zip(languages, alignable) if ok]
+        if not wanted:
+            return {}
         try:
             inputs, word_lists = self.aligner_processor.prepare_forced_aligner_inputs(
                 audio=[pieces[i].audio for i in wanted], transcript=[texts[i][1] for i in wanted],

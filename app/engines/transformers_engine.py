@@ -1,27 +1,44 @@
 """The Hugging Face transformers (PyTorch) engine.
 
-Whisper checkpoints decode through ``WhisperForConditionalGeneration.generate()`` so
-that timestamps, long-form audio, prompts, word timestamps and batching come from the reference
-implementation; any other speech model goes through the ASR pipeline and yields text only. Decoding
+Whisper checkpoints decode through ``WhisperForConditionalGeneration.generate()`` so that
+timestamps, prompts, word timestamps and batched search come from the reference implementation; any
+other speech model goes through the ASR pipeline and yields text only. Decoding
 settings are always passed explicitly: the ASR pipeline defaults to 5 beams while
 ``generate()`` defaults to greedy, and the two engines must decode alike.
+
+Whisper checkpoints are decoded window by window here, each generate() call one 30 s window of
+every clip in the batch (``force_unique_generate_call``), moving on from the window's last timestamp
+as faster-whisper and generate()'s own long-form loop do. That loop is ours so that Whisper's guards
+against hallucination (``app.engines.fallback``) are faster-whisper's: after one encoder call and
+generate() at one temperature, one teacher-forced decoder pass reads each window's average
+log-probability and no-speech probability; the windows that fail go again, together, at the next
+temperature (5 seeded samples each, the likeliest kept). generate()'s own fallback is not used: in a
+batch it skips the wrong clip's window as silence (its ``should_skip`` is indexed by the position in
+the retried batch, the loop reads it by clip: measured, a clip of speech batched with noise lost all
+its words) and reads the no-speech probability of another clip's row under beam search; it also
+measures the compression of token ids rather than of text, and keeps the last result when all fail.
 """
 from __future__ import annotations
 
 import math
-
 from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
+from app.engines import fallback
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript, Word
 from app.engines.torch_common import TORCH_DTYPES, reserved_gpu_memory_mb, resolve_compute_type
 
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's encoder sees 30 s at a time
 _TEXT_CONTEXT = 448                # Whisper's decoder positions: prompt, start sequence and new tokens
 _PROMPT_TOKENS = _TEXT_CONTEXT // 2 - 1  # the most of an initial prompt kept (its end), as whisper does
+_FRAMES_PER_SECOND = 100           # log-mel frames: one per 160 samples
+_INPUT_STRIDE = 2                  # mel frames per timestamp token (0.02 s)
 _SENTENCE_ENDS = set(".。!！?？")
 _UNDETERMINED = "und"  # ISO 639-2 code for a language the model cannot report
 
@@ -102,7 +119,7 @@ def token_budget(seconds: float) -> int:
 
 
 class _WhisperRunner:
-    """Whisper through generate(): timestamps on, so every transcript has segments."""
+    """Whisper through generate(), one window at a time: timestamps on, so every transcript has segments."""
 
     def __init__(self, model: str, device: str, dtype: torch.dtype):
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -118,15 +135,20 @@ class _WhisperRunner:
             frozenset(token[2:-2] for token in self.lang_to_id) if self.multilingual else frozenset({"en"})
         )
 
+    def _text(self, tokens: list[int]) -> str:
+        """The text of a window's tokens (those before end of text: no timestamps, no control tokens)."""
+        eot = self.processor.tokenizer.eos_token_id
+        return self.processor.tokenizer.decode([t for t in tokens if t < eot])
+
     def transcribe_batch(self, audios: list[np.ndarray], options: list[DecodeOptions]) -> list[Transcript]:
-        """One generate() call per group of clips that share decoding settings and are all short (one
-        window) or all long (generate's sequential long-form decoding, batched too)."""
+        """One window-by-window decode per group of clips that share decoding settings and are all
+        short (their features padded to one window) or all long (padded to the longest)."""
         results: list[Transcript | None] = [None] * len(audios)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (audio, option) in enumerate(zip(audios, options)):
             long_form = len(audio) > WINDOW_SAMPLES
-            groups[(long_form, option.task, option.beam_size, option.temperature, option.initial_prompt.strip(),
-                    option.word_timestamps)].append(i)
+            groups[(long_form, option.task, option.beam_size, option.temperature, option.fallback,
+                    option.initial_prompt.strip(), option.word_timestamps)].append(i)
         for (long_form, *_), indices in groups.items():
             transcripts = self._decode([audios[i] for i in indices], [options[i] for i in indices], long_form)
             for i, transcript in zip(indices, transcripts):
@@ -159,36 +181,128 @@ class _WhisperRunner:
             padding="longest" if long_form else "max_length",
         )
         input_features = features.input_features.to(self.model.device, self.model.dtype)
-        attention_mask = features.attention_mask.to(self.model.device)
         languages = self._languages(input_features, options)
         first = options[0]
-        steering = {}
-        if self.multilingual:  # generate() rejects language/task for English-only models
-            steering = {"language": [code for code, _ in languages], "task": first.task}
         prompt_ids = self._prompt_ids(first.initial_prompt)
-        if prompt_ids is not None:  # on the first window only, as faster-whisper without conditioning
-            steering.update(prompt_ids=prompt_ids, prompt_condition_type="first-segment")
-        budget = {}
-        if not long_form:  # the budget shares the text context with the prompt and the start sequence
-            room = _TEXT_CONTEXT - 4 - (0 if prompt_ids is None else len(prompt_ids))
-            budget["max_new_tokens"] = min(room, token_budget(max(len(a) for a in audios) / SAMPLE_RATE))
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_features,
-                attention_mask=attention_mask,
-                num_beams=first.beam_size,
-                do_sample=first.temperature > 0,
-                temperature=first.temperature,
-                return_timestamps=True,
-                return_segments=True,
-                return_token_timestamps=first.word_timestamps,
-                **budget,
-                **steering,
-            )
+        clips = [_Clip(int(frames), primed=prompt_ids is not None) for frames in features.attention_mask.sum(-1)]
+        codes = [code for code, _ in languages]
+        while active := [i for i, c in enumerate(clips) if c.seek < c.frames]:
+            for primed in (True, False):  # generate() takes one prompt for a batch: first windows apart
+                if group := [i for i in active if clips[i].primed == primed]:
+                    self._round(input_features, clips, group, codes, first, prompt_ids if primed else None)
         return [
-            self._transcript(segments, len(audio) / SAMPLE_RATE, language, probability, first.word_timestamps)
-            for segments, audio, (language, probability) in zip(output["segments"], audios, languages)
+            self._transcript(c.segments, len(audio) / SAMPLE_RATE, language, probability, first.word_timestamps)
+            for c, audio, (language, probability) in zip(clips, audios, languages)
         ]
+
+    def _round(self, input_features: torch.Tensor, clips: list[_Clip], group: list[int], codes: list[str],
+               options: DecodeOptions, prompt_ids: torch.Tensor | None) -> None:
+        """The current window of each clip in ``group``: one encoder call, generate() at the first
+        temperature, the windows that fail Whisper's checks again together at the next ones."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        window = self.processor.feature_extractor.nb_max_frames
+        sizes = [min(window, clips[i].frames - clips[i].seek) for i in group]
+        # A short clip's first window is its padded 30 s as the extractor made it; later windows are
+        # padded with zeros, as generate()'s long-form decoding does.
+        windows = torch.stack([nn.functional.pad(w, (0, window - w.shape[-1])) for w in
+                               (input_features[i, :, clips[i].seek:clips[i].seek + window] for i in group)])
+        masks = torch.arange(window, device=windows.device)[None, :] < torch.tensor(sizes, device=windows.device)[:, None]
+        with torch.inference_mode():
+            encoded = self.model.get_encoder()(windows).last_hidden_state
+        settings = {"return_timestamps": True, "return_segments": True, "force_unique_generate_call": True,
+                    "return_token_timestamps": options.word_timestamps}
+        if self.multilingual:  # generate() rejects language/task for English-only models
+            settings["task"] = options.task
+        if prompt_ids is not None:  # on the first window only, as faster-whisper without conditioning
+            settings.update(prompt_ids=prompt_ids, prompt_condition_type="first-segment")
+        room = _TEXT_CONTEXT - 4 - (0 if prompt_ids is None else len(prompt_ids))
+        settings["max_new_tokens"] = min(room, token_budget(max(sizes) / _FRAMES_PER_SECOND))
+
+        def decode(indices: list[int], temperature: float) -> list[fallback.Attempt]:
+            copies = fallback.BEST_OF if temperature > 0 else 1
+            rows = [k for k in indices for _ in range(copies)]
+            search = {"num_beams": 1, "do_sample": True, "temperature": temperature} if temperature > 0 else \
+                {"num_beams": options.beam_size, "do_sample": False}
+            languages = [codes[group[k]] for k in rows] if self.multilingual else None
+            with torch.inference_mode(), self._seeded():
+                output = self.model.generate(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=encoded[rows]), attention_mask=masks[rows],
+                    **search, **settings, **({"language": languages} if languages else {}))
+            tokens = [self._generated(row) for row in output["sequences"]]
+            scores = self._scores(encoded[rows], tokens, languages, options.task, prompt_ids)
+            attempts = [fallback.Attempt(self._text(t), logprob, no_speech, temperature, (segments, t))
+                        for t, (logprob, no_speech), segments in zip(tokens, scores, output["segments"])]
+            return [max(attempts[k:k + copies], key=lambda a: a.avg_logprob) for k in range(0, len(rows), copies)]
+
+        ladder = fallback.temperatures(options.temperature, options.fallback)
+        for i, size, kept in zip(group, sizes, fallback.decode_with_fallback(len(group), decode, ladder)):
+            self._advance(clips[i], size, kept)
+
+    def _advance(self, clip: _Clip, size: int, attempt: fallback.Attempt) -> None:
+        """Take one window's result: skip it as silence, or keep its segments (generate() leaves out an
+        unfinished last one) and move on to where the next window starts."""
+        if fallback.is_silence(attempt):
+            clip.seek += size  # a skipped window keeps the prompt for the next one, as faster-whisper does
+            return
+        clip.primed = False
+        segments, tokens = attempt.result
+        offset = clip.seek / _FRAMES_PER_SECOND
+        for segment in segments:
+            moved = {**segment, "start": float(segment["start"]) + offset, "end": float(segment["end"]) + offset,
+                     "temperature": attempt.temperature}
+            if "token_timestamps" in segment:
+                moved["token_timestamps"] = segment["token_timestamps"] + offset
+            clip.segments.append(moved)
+        begin = self.model.generation_config.no_timestamps_token_id + 1
+        stamps = [t >= begin for t in tokens]
+        pairs = [j for j in range(1, len(tokens)) if stamps[j - 1] and stamps[j]]
+        ends_complete = stamps[-2:] == [False, True]
+        step = size if ends_complete or not pairs else (tokens[pairs[-1] - 1] - begin) * _INPUT_STRIDE
+        clip.seek += step if step > 0 else size  # never the same window twice
+
+    def _generated(self, row: torch.Tensor) -> list[int]:
+        """The tokens generate() wrote in one window: after the start sequence, before end of text."""
+        tokens = row.tolist()
+        config = self.model.generation_config
+        start = len(tokens) - 1 - tokens[::-1].index(config.decoder_start_token_id)
+        tokens = tokens[start + (3 if self.multilingual else 1):]
+        eot = self.processor.tokenizer.eos_token_id
+        return tokens[:tokens.index(eot)] if eot in tokens else tokens
+
+    def _scores(self, encoded: torch.Tensor, tokens: list[list[int]], languages: list[str] | None, task: str,
+                prompt_ids: torch.Tensor | None) -> list[tuple[float, float]]:
+        """(average log-probability, no-speech probability) of each window's tokens, from one decoder
+        pass over the start sequence, the tokens and end of text: the log-probability of the tokens
+        and end of text over their count, and <|nospeech|>'s probability after <|startoftranscript|>,
+        as faster-whisper reads them from CTranslate2."""
+        config = self.model.generation_config
+        eot = self.processor.tokenizer.eos_token_id
+        prompt = [] if prompt_ids is None else prompt_ids.tolist()
+        starts = [prompt + [config.decoder_start_token_id]
+                  + ([self.lang_to_id[f"<|{languages[i]}|>"], config.task_to_id[task]] if languages else [])
+                  for i in range(len(tokens))]
+        rows = [start + t + [eot] for start, t in zip(starts, tokens)]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [eot] * (width - len(r)) for r in rows], device=encoded.device)
+        with torch.inference_mode():  # causal: the padding on the right changes nothing before it
+            logits = self.model(encoder_outputs=(encoded,), decoder_input_ids=ids).logits.float()
+        logprobs = logits.log_softmax(dim=-1)
+        no_speech = config.no_timestamps_token_id - 1
+        scores = []
+        for i, (start, t) in enumerate(zip(starts, tokens)):
+            targets = torch.tensor(t + [eot], device=ids.device)
+            picked = logprobs[i, len(start) - 1:len(start) - 1 + len(targets)].gather(-1, targets[:, None])
+            scores.append((float(picked.sum()) / len(targets), float(logprobs[i, len(prompt), no_speech].exp())))
+        return scores
+
+    @contextmanager
+    def _seeded(self):
+        """Sampling seeded, without touching the process's own random state."""
+        device = self.model.device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(fallback.SEED)
+            yield
 
     def _languages(self, input_features: torch.Tensor, options: list[DecodeOptions]) -> list[tuple[str, float]]:
         """The requested language (probability 1, as faster-whisper reports it), else the one detected
@@ -224,9 +338,9 @@ class _WhisperRunner:
             if not text.strip():
                 continue
             part = Segment(start=min(float(s["start"]), duration), end=min(float(s["end"]), duration),
-                           text=text.strip())
+                           text=text.strip(), temperature=s.get("temperature"))
             if words and (timed := self._words(s, language, duration)):
-                part = Segment(timed[0].start, timed[-1].end, part.text, timed)
+                part = Segment(timed[0].start, timed[-1].end, part.text, timed, part.temperature)
             parts.append(part)
         return Transcript(
             text="".join(texts).strip(),
@@ -264,6 +378,16 @@ class _WhisperRunner:
                 if stop is not None:
                     span[1] = max(span[0], min(span[1], stop + longest))
         return tuple(Word(round(start, 3), round(end, 3), word) for word, (start, end) in zip(words, spans))
+
+
+@dataclass
+class _Clip:
+    """One clip's state while its windows are decoded."""
+
+    frames: int                   # log-mel frames of its audio
+    primed: bool = False          # the initial prompt still waits for the first window that is not silence
+    seek: int = 0                 # the next frame to decode
+    segments: list[dict] = field(default_factory=list)
 
 
 class _PipelineRunner:

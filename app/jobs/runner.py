@@ -160,6 +160,7 @@ class Runner:
         options = DecodeOptions(language=params.get("language") or None, task=params.get("task", "transcribe"),
                                 beam_size=int(params.get("beam_size", s.beam_size)),
                                 temperature=float(params.get("temperature", 0.0)),
+                                fallback=s.temperature_fallback,
                                 initial_prompt=params.get("initial_prompt", ""),
                                 word_timestamps=bool(params.get("word_timestamps", False)))
         not_before: dict[int, float] = {}   # chunk -> when it may be tried again (monotonic)

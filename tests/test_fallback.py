@@ -1,0 +1,222 @@
+"""Whisper's guards against hallucination (app/engines/fallback.py) in both Whisper engines.
+
+A tiny random Whisper is made to loop: its decoder's last layer norm gives every position the same
+hidden state, which the tied output projection turns into the same logits at every step, one text
+token (" the") well above the rest. At temperature 0 it writes " the the the ..." (a compression
+ratio far above 2.4); sampled at higher temperatures it writes other tokens. The policy itself is
+checked on its own, and temperature 0 stays deterministic on real speech.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.engines import fallback
+from app.engines.base import SAMPLE_RATE, DecodeOptions
+from app.engines.fallback import Attempt
+from support import read_16k_mono
+
+LOOP_TOKEN = 262    # " the" in the embedded tokenizer's byte-level BPE
+LOOP_MARGIN = 9.0   # its logit over every other token's 0: above the timestamps' total, below sampling's reach
+LONGFORM = Path(__file__).resolve().parents[1].parent / "shared" / "audio" / "longform"
+
+
+# The policy -------------------------------------------------------------------------------------
+
+def attempt(text="a b c d", logprob=-0.2, no_speech=0.01, temperature=0.0):
+    return Attempt(text, logprob, no_speech, temperature)
+
+
+def test_only_the_windows_that_fail_go_again_together_at_the_next_temperature():
+    calls = []
+    outcomes = {0: ["fine"], 1: ["loop", "fine"], 2: ["unsure", "unsure", "fine"], 3: ["silence"]}
+
+    def decode(indices, temperature):
+        calls.append((tuple(indices), temperature))
+        made = []
+        for i in indices:
+            kind = outcomes[i][len([c for c in calls if i in c[0]]) - 1]
+            made.append({"fine": attempt(f"clip {i} at {temperature}", temperature=temperature),
+                         "loop": attempt("the " * 50, temperature=temperature),
+                         "unsure": attempt(f"clip {i}", logprob=-1.5, temperature=temperature),
+                         "silence": attempt("thanks", logprob=-1.5, no_speech=0.9, temperature=temperature)}[kind])
+        return made
+
+    kept = fallback.decode_with_fallback(4, decode, fallback.LADDER)
+    assert calls == [((0, 1, 2, 3), 0.0), ((1, 2), 0.2), ((2,), 0.4)]
+    assert [a.temperature for a in kept] == [0.0, 0.2, 0.4, 0.0]
+    assert fallback.is_silence(kept[3]) and not fallback.is_silence(kept[0])
+
+
+def test_when_every_temperature_fails_the_likeliest_that_does_not_loop_is_kept():
+    results = {0.0: attempt("the " * 50, logprob=-0.1), 0.2: attempt("x", logprob=-2.0),
+               0.4: attempt("y", logprob=-1.2), 0.6: attempt("the " * 60, logprob=-0.05),
+               0.8: attempt("z", logprob=-3.0), 1.0: attempt("w", logprob=-1.9)}
+    kept = fallback.decode_with_fallback(1, lambda idx, t: [replace(results[t], temperature=t)], fallback.LADDER)
+    assert kept[0].text == "y" and kept[0].temperature == 0.4
+    loops = fallback.decode_with_fallback(1, lambda idx, t: [attempt("the " * 50, logprob=-t, temperature=t)],
+                                          fallback.LADDER)
+    assert loops[0].temperature == 0.0  # all loop: the likeliest of all
+
+
+def test_temperature_0_is_the_ladder_and_any_other_value_only_itself():
+    assert fallback.temperatures(0) == fallback.LADDER == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert fallback.temperatures(0.5) == (0.5,)
+    calls = []
+    fallback.decode_with_fallback(1, lambda idx, t: calls.append(t) or [attempt("the " * 50, temperature=t)],
+                                  fallback.temperatures(0.5))
+    assert calls == [0.5]
+
+
+# A random Whisper that loops ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def looping(tmp_path_factory) -> tuple[Path, Path]:
+    """(transformers directory, CTranslate2 directory) of the looping random Whisper."""
+    import ctranslate2
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from bench import random_whisper
+
+    out = tmp_path_factory.mktemp("looping-whisper")
+    hf, _ = random_whisper.build(out, "test", ct2=False)
+    model = WhisperForConditionalGeneration.from_pretrained(hf)
+    with torch.no_grad():
+        norm, embedding = model.model.decoder.layer_norm, model.model.decoder.embed_tokens.weight
+        norm.weight.zero_()
+        norm.bias.zero_()
+        norm.bias[0] = 1.0                      # every position's hidden state: (1, 0, 0, ...)
+        embedding[:, 0] = 0.0                   # the tied projection: logits = embedding[:, 0]
+        embedding[LOOP_TOKEN, 0] = LOOP_MARGIN
+    assert model.proj_out.weight.data_ptr() == embedding.data_ptr()
+    model.save_pretrained(hf)
+    ct2 = out / "ct2"
+    ctranslate2.converters.TransformersConverter(
+        str(hf), copy_files=["tokenizer.json", "preprocessor_config.json"]).convert(str(ct2), quantization="float32")
+    yield hf, ct2
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def noise(seconds: float, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 0.05, int(seconds * SAMPLE_RATE)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def ct2_looping(looping):
+    from app.engines.ctranslate2_engine import CTranslate2Engine
+
+    return CTranslate2Engine.load(str(looping[1]))
+
+
+def test_ctranslate2_batch_retries_the_looping_windows_together_at_higher_temperatures(ct2_looping, monkeypatch):
+    engine, clips = ct2_looping, [noise(3, 0), noise(2.5, 1)]
+    options = [DecodeOptions(language="en")] * 2
+    # What temperature 0 alone gives (the setting temperature_fallback = false): a loop.
+    greedy = engine.transcribe_batch(clips, [replace(o, fallback=False) for o in options])
+    assert all(fallback.compression_ratio(t.text) > fallback.COMPRESSION_RATIO_THRESHOLD for t in greedy)
+    assert {s.temperature for t in greedy for s in t.segments} == {0.0}
+
+    calls = []
+    generate = engine._generate
+    monkeypatch.setattr(engine, "_generate", lambda encoded, prompts, *a, **k: calls.append(
+        (k.get("temperature", 0.0), len(prompts))) or generate(encoded, prompts, *a, **k))
+    retried = engine.transcribe_batch(clips, options)
+    assert calls[0] == (0.0, 2) and calls[1] == (0.2, 2), calls  # both windows again, in one batch
+    for before, after in zip(greedy, retried):
+        assert after.text != before.text
+        assert after.segments and all(s.temperature > 0 for s in after.segments)
+
+
+def test_ctranslate2_one_by_one_path_has_the_same_guards(ct2_looping):
+    """Word timestamps go through faster-whisper's own transcribe: with the ladder too."""
+    transcript = ct2_looping.transcribe(noise(3, 2), DecodeOptions(language="en", word_timestamps=True))
+    assert transcript.segments and all(s.temperature > 0 for s in transcript.segments)
+    assert fallback.compression_ratio(transcript.text) <= fallback.COMPRESSION_RATIO_THRESHOLD
+
+
+def test_one_temperature_above_0_is_that_one_only(ct2_looping):
+    transcript = ct2_looping.transcribe(noise(3, 3), DecodeOptions(language="en", temperature=0.4))
+    assert {s.temperature for s in transcript.segments} == {0.4}
+
+
+def test_transformers_retries_the_looping_windows_together_at_higher_temperatures(looping, monkeypatch):
+    from app.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine.load(str(looping[0]))
+    clips, options = [noise(1, 4), noise(0.8, 5)], [DecodeOptions(language="en", beam_size=2)] * 2
+    greedy = engine.transcribe_batch(clips, [replace(o, fallback=False) for o in options])
+    assert all(fallback.compression_ratio(t.text) > fallback.COMPRESSION_RATIO_THRESHOLD for t in greedy)
+    assert {s.temperature for t in greedy for s in t.segments} == {0.0}
+
+    model, calls = engine._runner.model, []
+    generate = model.generate
+
+    def recorded(*args, **kwargs):
+        calls.append((kwargs.get("temperature", 0.0), len(kwargs["encoder_outputs"].last_hidden_state)))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recorded)
+    retried = engine.transcribe_batch(clips, options)
+    # Both windows again in one batch, each sampled best-of-5.
+    assert calls[0] == (0.0, 2) and calls[1] == (0.2, 2 * fallback.BEST_OF), calls
+    for before, after in zip(greedy, retried):
+        assert after.text != before.text
+        assert after.segments and all(s.temperature > 0 for s in after.segments)
+    # Sampling is seeded here: the same request decodes the same way again.
+    assert engine.transcribe_batch(clips, options) == retried
+
+
+# Real speech ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ct2_tiny():
+    from app.engines.ctranslate2_engine import CTranslate2Engine
+    from app.engines.models import embedded_ct2_dir
+
+    return CTranslate2Engine.load(str(embedded_ct2_dir()))
+
+
+def test_temperature_0_decodes_a_clip_the_same_way_twice(ct2_tiny):
+    jfk = read_16k_mono(Path(__file__).parent / "data" / "jfk.flac")
+    for options in (DecodeOptions(), DecodeOptions(ends_in_pause=True)):  # faster-whisper's loop, lockstep
+        first, second = ct2_tiny.transcribe(jfk, options), ct2_tiny.transcribe(jfk, options)
+        assert first.text and first == second
+        assert {s.temperature for s in first.segments} == {0.0}
+
+
+@pytest.mark.skipif(not (LONGFORM / "long1.wav").exists(), reason=f"no long-form recordings at {LONGFORM}")
+def test_a_chunk_whose_open_segment_starts_the_window_over_is_not_written_twice(ct2_tiny):
+    """On this stretch of long1.wav, the open last segment decoded again on the same window started
+    the window over (timestamps from 0) on the CPUs measured: the chunk's words came out twice."""
+    audio = read_16k_mono(LONGFORM / "long1.wav")[int(341.632 * SAMPLE_RATE):int(366.672 * SAMPLE_RATE)]
+    transcript = ct2_tiny.transcribe(audio, DecodeOptions(ends_in_pause=True))
+    assert transcript.text.lower().count("egyptian background") == 1, transcript.text
+    starts = [s.start for s in transcript.segments]
+    assert starts == sorted(starts)
+
+
+def test_openai_verbose_reports_the_temperature_each_segment_kept():
+    from app import formats
+    from app.engines.base import Segment, Transcript
+
+    transcript = Transcript("a b", "en", 4.0, [Segment(0.0, 2.0, "a", temperature=0.4), Segment(2.0, 4.0, "b")])
+    body = formats.openai_verbose(transcript, "transcribe", 0.0)
+    assert [s["temperature"] for s in body["segments"]] == [0.4, 0.0]  # the second: not reported, the request's
+
+
+def test_a_chunk_whose_open_segment_re_reads_its_sentence_is_not_written_twice(ct2_tiny):
+    """The last chunk of test_longform's recording: primed on its open segment, Whisper read "And so my
+    fellow Americans ask not ..." a second time, with timestamps that moved on (measured on this CPU)."""
+    from support import english_set_a, set_a_sequence
+
+    forward, _ = set_a_sequence(gap=1.0)
+    backward, _ = set_a_sequence(gap=0.6, rows=english_set_a()[::-1])
+    audio = np.concatenate([forward, backward])[int(111.616 * SAMPLE_RATE):int(134.841 * SAMPLE_RATE)]
+    transcript = ct2_tiny.transcribe(audio, DecodeOptions(ends_in_pause=True))
+    assert transcript.text.lower().count("fellow americans") == 1, transcript.text
+    assert "your country" in transcript.text.lower().split("fellow americans")[1]
