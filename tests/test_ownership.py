@@ -259,3 +259,20 @@ def test_a_run_in_a_prefix_directory_keeps_every_pid_through_the_other_s_up_and_
     finally:
         _down_and_clean(a_dir)
         _down_and_clean(b_dir)
+
+
+def test_a_worker_nginx_forks_during_the_scan_is_not_taken_for_an_orphan(tmp_path, monkeypatch):
+    """A reload makes the supervised master fork workers at any moment; one forked after a process
+    tree was taken but before the scan read it must still count as the master's (it was QUIT as an
+    'orphan' when the tree came first). Orphans are what the scan shows with another parent."""
+    from app.config import Settings
+    from app.control import heal
+
+    master, fresh_worker, orphan = 1000, 1001, 1002
+    scan = [processes.Proc(master, 1, "nginx", (7860,), 1, "nginx: master", str(tmp_path)),
+            processes.Proc(fresh_worker, master, "nginx", (7860,), 2, "nginx: worker", str(tmp_path)),
+            processes.Proc(orphan, 1, "nginx", (7860,), 3, "nginx: worker", str(tmp_path))]
+    monkeypatch.setattr(processes, "run_processes", lambda paths, ports=frozenset(): scan)
+    monkeypatch.setattr(processes, "tree", lambda pid: {master})   # taken before the fork
+    found = heal.nginx_orphans(Settings(port=7860), RunPaths.at(tmp_path), master)
+    assert [p.pid for p in found] == [orphan]

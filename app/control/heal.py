@@ -62,9 +62,10 @@ def run_ports(settings: Settings, pool: Pool | None) -> set[int]:
 def nginx_orphans(settings: Settings, paths: RunPaths, nginx_pid: int | None) -> list[processes.Proc]:
     """This run's nginx processes that are not the supervised master or its workers: workers a killed
     master left, or a killed supervisord's nginx (by identity, whatever port they hold)."""
-    supervised = processes.tree(nginx_pid)
+    # Its workers by the parent pid read in the same scan: a worker the master forks while the scan
+    # runs (a reload) is found with it, where a tree taken before the scan would not know it.
     return [p for p in processes.run_processes(paths, {settings.port})
-            if p.kind == "nginx" and p.pid not in supervised]
+            if p.kind == "nginx" and nginx_pid not in (p.pid, p.ppid)]
 
 
 def supervised_nginx_listens(settings: Settings, nginx_pid: int | None) -> bool:
