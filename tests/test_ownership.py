@@ -276,3 +276,20 @@ def test_a_worker_nginx_forks_during_the_scan_is_not_taken_for_an_orphan(tmp_pat
     monkeypatch.setattr(processes, "tree", lambda pid: {master})   # taken before the fork
     found = heal.nginx_orphans(Settings(port=7860), RunPaths.at(tmp_path), master)
     assert [p.pid for p in found] == [orphan]
+
+
+def test_a_process_supervisord_starts_during_the_scan_is_not_taken_for_an_orphan(tmp_path, monkeypatch):
+    """supervisord may start a program while the scan runs; its tree, read after the scan, holds it."""
+    supervisord, started = 2000, 2001
+    events = []
+
+    def scan(paths, ports=frozenset()):
+        events.append("scan")   # supervisord has started the program by the time the scan reads it
+        return [processes.Proc(started, supervisord, "instance", (), 5, "gunicorn", str(tmp_path))]
+
+    def tree(pid):
+        return {supervisord, started} if "scan" in events else {supervisord}
+
+    monkeypatch.setattr(processes, "run_processes", scan)
+    monkeypatch.setattr(processes, "tree", tree)
+    assert processes.orphans(RunPaths.at(tmp_path), set(), supervisord) == []

@@ -256,9 +256,11 @@ def orphans(paths: RunPaths, ports: set[int], supervisord_pid: int | None,
     ``include_control``: also an earlier supervisord and its watcher or autoscaler (for ``up`` and
     ``down``; the watcher leaves them alone, an operator may be running ``asrctl`` by hand).
     """
+    found = run_processes(paths, ports)
+    # The tree after the scan: a process supervisord started while the scan ran is in it.
     ours = tree(supervisord_pid) | _ancestors(os.getpid())
     skip = ("check",) if include_control else ("check", "supervisord", "control")
-    return [p for p in run_processes(paths, ports) if p.pid not in ours and p.kind not in skip]
+    return [p for p in found if p.pid not in ours and p.kind not in skip]
 
 
 def foreign_holders(paths: RunPaths, ports: set[int]) -> dict[int, list[int]]:
