@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import io
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import soundfile
@@ -81,10 +82,30 @@ def _read_with_soundfile(data: bytes, max_seconds: float) -> tuple[int, int, np.
 def _read_with_pyav(data: bytes, max_seconds: float) -> tuple[int, int, np.ndarray]:
     import av  # FFmpeg's demuxers and decoders; imported only for formats libsndfile lacks
 
+    with _pyav_audio(io.BytesIO(data), lambda: data[:12], max_seconds) as (container, stream):
+        rate, channels = stream.rate or 0, stream.channels or 0
+        blocks, total, limit = [], 0, int(max_seconds * SAMPLE_RATE) + 1
+        try:
+            for block in _pyav_blocks(container, stream):
+                blocks.append(block)
+                total += len(block)
+                if total > limit:
+                    break
+        except (av.error.FFmpegError, ValueError) as e:
+            raise ApiError(422, "undecodable_audio", f"the audio data is damaged: {e}") from None
+    return rate, channels, np.concatenate(blocks) if blocks else np.zeros((0, 1), np.float32)
+
+
+@contextmanager
+def _pyav_audio(source: BinaryIO, head: Callable[[], bytes], max_seconds: float) -> Iterator[tuple]:
+    """FFmpeg's first audio stream in ``source``, its format checked: ``(container, stream)``.
+    ``head()`` gives the first bytes, to tell damaged audio (422) from what is not audio (415)."""
+    import av
+
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        container = av.open(source, mode="r")
     except (av.error.FFmpegError, ValueError, UnicodeDecodeError):
-        if looks_like_audio(data):
+        if looks_like_audio(head()):
             raise ApiError(422, "undecodable_audio", "the audio file is damaged and cannot be decoded") from None
         raise ApiError(415, "unsupported_media_type", "the upload is not audio in a format we can read") from None
     with container:
@@ -94,24 +115,8 @@ def _read_with_pyav(data: bytes, max_seconds: float) -> tuple[int, int, np.ndarr
         stream = streams[0]
         if stream.codec_context is None:  # FFmpeg has no decoder for it (e.g. a bogus WAV format tag)
             raise ApiError(415, "unsupported_media_type", "the audio codec is not one we can decode")
-        rate, channels = stream.rate or 0, stream.channels or 0
-        _check_format(rate, channels, 0.0, max_seconds)
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        chunks, total, limit = [], 0, int(max_seconds * SAMPLE_RATE) + 1
-        try:
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunk = out.to_ndarray().reshape(-1)
-                    chunks.append(chunk)
-                    total += len(chunk)
-                if total > limit:
-                    break
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
-        except (av.error.FFmpegError, ValueError) as e:
-            raise ApiError(422, "undecodable_audio", f"the audio data is damaged: {e}") from None
-    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    return rate, channels, samples[:, None]
+        _check_format(stream.rate or 0, stream.channels or 0, 0.0, max_seconds)
+        yield container, stream
 
 
 def looks_like_audio(data: bytes) -> bool:
@@ -250,22 +255,11 @@ def _soundfile_to_flac(f: soundfile.SoundFile, path: Path, max_seconds: float) -
 def _pyav_to_flac(upload: BinaryIO, path: Path, max_seconds: float) -> tuple[int, int, int]:
     import av
 
-    try:
-        container = av.open(upload, mode="r")
-    except (av.error.FFmpegError, ValueError, UnicodeDecodeError):
+    def head() -> bytes:
         upload.seek(0)
-        if looks_like_audio(upload.read(12)):
-            raise ApiError(422, "undecodable_audio", "the audio file is damaged and cannot be decoded") from None
-        raise ApiError(415, "unsupported_media_type", "the upload is not audio in a format we can read") from None
-    with container:
-        streams = container.streams.audio
-        if not streams:
-            raise ApiError(415, "unsupported_media_type", "the upload has no audio stream")
-        stream = streams[0]
-        if stream.codec_context is None:
-            raise ApiError(415, "unsupported_media_type", "the audio codec is not one we can decode")
-        rate, channels = stream.rate or 0, stream.channels or 0
-        _check_format(rate, channels, 0.0, max_seconds)
+        return upload.read(12)
+
+    with _pyav_audio(upload, head, max_seconds) as (container, stream):
         writer = _MonoFlacWriter(path, SAMPLE_RATE, max_seconds)  # FFmpeg resamples to 16 kHz mono
         limit = int(max_seconds * SAMPLE_RATE) + 1
         try:
@@ -276,7 +270,7 @@ def _pyav_to_flac(upload: BinaryIO, path: Path, max_seconds: float) -> tuple[int
                         break
             except (av.error.FFmpegError, ValueError) as e:
                 raise ApiError(422, "undecodable_audio", f"the audio data is damaged: {e}") from None
-            return writer.finish(), rate, channels
+            return writer.finish(), stream.rate or 0, stream.channels or 0
         finally:
             writer.abort()
 

@@ -59,16 +59,7 @@ class BareEngine:
         return results, wall, cpu
 
     def close(self) -> None:
-        if self._process.is_alive():
-            try:
-                self._conn.send(("stop",))
-            except OSError:
-                pass
-            self._process.join(10)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5)
-        self._conn.close()
+        stop_child(self._process, self._conn, ("stop",))
 
     def __enter__(self):
         return self
@@ -139,3 +130,17 @@ def _serve(conn, datas, cores, threads, engine_name, model, compute_type, beam_s
             conn.send((latencies, texts, time.perf_counter() - wall0, time.process_time() - cpu0))
         except BaseException as e:  # noqa: BLE001
             conn.send(e)
+
+
+def stop_child(process, conn, message) -> None:
+    """Ask a child over its pipe to stop (``message``), then terminate it if it has not in 10 s."""
+    if process.is_alive():
+        try:
+            conn.send(message)
+        except OSError:
+            pass
+        process.join(10)
+    if process.is_alive():
+        process.terminate()
+        process.join(5)
+    conn.close()

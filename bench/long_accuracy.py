@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from bench.bare import stop_child
 from bench.clips import REPO
 from bench.long import OtherLoad, run_job, transcribe
 from bench.machine import cpu_model
@@ -143,16 +144,7 @@ class Bare:
         return reply
 
     def close(self) -> None:
-        if self._process.is_alive():
-            try:
-                self._conn.send(None)
-            except OSError:
-                pass
-            self._process.join(10)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5)
-        self._conn.close()
+        stop_child(self._process, self._conn, None)
 
 
 def _bare_child(conn, model_dir: str, compute_type: str, core: int) -> None:
