@@ -220,3 +220,36 @@ def test_a_chunk_whose_open_segment_re_reads_its_sentence_is_not_written_twice(c
     transcript = ct2_tiny.transcribe(audio, DecodeOptions(ends_in_pause=True))
     assert transcript.text.lower().count("fellow americans") == 1, transcript.text
     assert "your country" in transcript.text.lower().split("fellow americans")[1]
+
+
+def test_an_open_segment_repeating_the_words_before_the_join_counts_as_a_re_read():
+    from app.engines.ctranslate2_engine import _repeats
+
+    assert _repeats("is beneath pitifulness. Now leave and take your", " Take your half a man with you.")
+    assert _repeats("And so my fellow Americans ask not", " my fellow Americans ask not what")
+    assert not _repeats("Now leave and take your", " half a man with you.")
+    assert not _repeats("he said, take", " take your half")   # one word again is not a re-read
+    assert not _repeats("", " take your half")
+
+
+@pytest.mark.skipif(not (LONGFORM / "long2.wav").exists(), reason=f"no long-form recordings at {LONGFORM}")
+def test_a_chunk_whose_open_segment_repeats_the_words_before_it_is_not_written_twice(ct2_tiny):
+    """On this chunk of long2.wav (as longform.split cuts it) the open last segment, decoded again on the same
+    window, began with the two words before it ("... take your" / "Take your half a man"), where
+    faster-whisper's second window from that segment's start does not (measured on this CPU)."""
+    audio = read_16k_mono(LONGFORM / "long2.wav")[2433792:2817792]  # 152.112-176.112 s
+    transcript = ct2_tiny.transcribe(audio, DecodeOptions(ends_in_pause=True))
+    assert transcript.text.lower().count("take your") == 1, transcript.text
+    assert "half a man" in transcript.text.lower(), transcript.text
+
+
+@pytest.mark.skipif(not (LONGFORM / "long2.wav").exists(), reason=f"no long-form recordings at {LONGFORM}")
+def test_a_chunk_writes_no_segment_that_starts_after_its_audio(ct2_tiny):
+    """On this chunk of long2.wav (27.57 s, as longform.split cuts it) the window's open last segment started at
+    29.04 s, past the audio: decoded again, it gave an "I" that is not there. faster-whisper's loop
+    ends there; the chunk does too."""
+    audio = read_16k_mono(LONGFORM / "long2.wav")[6049536:6490624]  # 378.096-405.664 s
+    transcript = ct2_tiny.transcribe(audio, DecodeOptions(ends_in_pause=True))
+    assert transcript.segments and all(s.start < len(audio) / SAMPLE_RATE for s in transcript.segments), \
+        [(s.start, s.end, s.text) for s in transcript.segments]
+    assert "peaceful night" in transcript.text.lower()

@@ -23,8 +23,10 @@ segment is decoded again on the same encoder output instead, primed with its sta
 more beam search, no second encoder call). The chunk takes a second window as before when that
 yields no text, when it starts the window over (timestamps before the one it was primed with: the
 window's words a second time, measured on long1.wav), when it opens with words the window already
-said (the sentence re-read, measured on set A), when it makes the window loop (the compression
-check), and when the window's result was sampled (a fallback: left as faster-whisper leaves it).
+said or with the last words before it (the sentence re-read, measured on set A and long2.wav), when
+it makes the window loop (the compression check), and when the window's result was sampled (a
+fallback: left as faster-whisper leaves it). An open segment that starts past the chunk's audio is
+dropped, where faster-whisper's loop ends (Whisper otherwise writes a word into the padding).
 Word timestamps move a clip's position by its last word, so such clips, and those asking for one
 temperature above 0, go through faster-whisper one by one, with the same guards. VAD is not the
 engine's business: ``app.vad`` cuts the silence out before any engine sees the audio.
@@ -177,9 +179,11 @@ class CTranslate2Engine:
         tokens = [a.result.sequences_ids[0] for a in attempts]
         # A chunk's last window that left its last segment open: that segment again on the same
         # encoder output, primed with its start timestamp, rather than a second window.
+        # One that starts past the clip's audio is dropped, as faster-whisper's loop drops it.
         opened = {i: at for i, (c, n, t, a) in enumerate(zip(clips, sizes, tokens, attempts))
                   if c.ends_in_pause and c.seek + n >= c.content_frames and a.temperature == 0
-                  and (at := _open_segment(t, c.tokenizer.timestamp_begin)) is not None}
+                  and (at := _open_segment(t, c.tokenizer.timestamp_begin)) is not None
+                  and c.seek + (t[at] - c.tokenizer.timestamp_begin) * _INPUT_STRIDE < c.content_frames}
         if opened:
             begin = clips[0].tokenizer.timestamp_begin
             primed = [[*c.tokenizer.sot_sequence, tokens[i][opened[i]] if i in opened else begin]
@@ -322,12 +326,16 @@ def _continues(tokens: list[int], at: int, timestamp_begin: int) -> bool:
     return any(t < timestamp_begin for t in tail) and all(t >= tokens[at] for t in tail if t >= timestamp_begin)
 
 
-def _repeats(before: str, tail: str, words: int = 3) -> bool:
+def _repeats(before: str, tail: str, words: int = 3, join: int = 2) -> bool:
     """Whether ``tail`` opens with words the window already said (its first ``words`` of them, in a
-    row): Whisper primed on the open segment re-reads the sentence it was in, with timestamps that
-    move on. Measured on set A: "And so my fellow Americans ask not ..." twice in one chunk. A false
-    alarm costs only the second window faster-whisper would take anyway."""
-    said, head = re.findall(r"[\w']+", before.lower()), re.findall(r"[\w']+", tail.lower())[:words]
+    row), or with the last ``join`` words before it: Whisper primed on the open segment re-reads the
+    sentence it was in, with timestamps that move on. Measured on set A: "And so my fellow Americans
+    ask not ..." twice in one chunk; on long2.wav: "now leave and take your" then "Take your half a
+    man". A false alarm costs only the second window faster-whisper would take anyway."""
+    said, head = re.findall(r"[\w']+", before.lower()), re.findall(r"[\w']+", tail.lower())
+    if len(said) >= join and head[:join] == said[-join:]:
+        return True
+    head = head[:words]
     return len(head) == words and any(said[k:k + words] == head for k in range(len(said)))
 
 
