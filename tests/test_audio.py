@@ -6,7 +6,7 @@ import soxr
 
 from app.audio import decode_audio
 from app.errors import ApiError
-from support import SPEECH, clip_bytes, encode, manifest, wav_bytes
+from support import shared_audio, clip_bytes, encode, manifest, wav_bytes
 
 
 @pytest.mark.parametrize("row", manifest(), ids=lambda r: r["file"])
@@ -20,7 +20,7 @@ def test_every_shared_clip_decodes(row):
 
 @pytest.fixture(scope="module")
 def jfk():
-    samples, rate = soundfile.read(str(SPEECH / "setA" / "jfk.flac"), dtype="float32", always_2d=True)
+    samples, rate = soundfile.read(str(shared_audio("setA/jfk.flac")), dtype="float32", always_2d=True)
     return samples, rate
 
 
@@ -38,7 +38,7 @@ def test_containers_and_codecs_decode_to_the_same_audio(jfk, container, codec, r
     audio = decode_audio(encode(samples, rate, container, codec), max_seconds=600)
     assert audio.duration == pytest.approx(11.0, abs=0.1)
     assert audio.source_rate == rate and audio.source_channels == 2
-    reference = decode_audio((SPEECH / "setA" / "jfk.flac").read_bytes(), 600).samples
+    reference = decode_audio(shared_audio("setA/jfk.flac").read_bytes(), 600).samples
     n = min(len(reference), len(audio.samples))
     # Lossy codecs shift a few ms; the loudness envelope over 100 ms windows still matches.
     env = lambda x: np.sqrt(np.mean(x[: n // 1600 * 1600].reshape(-1, 1600) ** 2, axis=1))  # noqa: E731

@@ -13,7 +13,7 @@ from app.engines import load_engine
 from app.engines.base import DecodeOptions, Transcript
 from app.engines.models import embedded_ct2_dir, resolve_model
 from app.queue import InferenceQueue, QueueFull
-from support import SPEECH, english_set_a, read_16k_mono
+from support import shared_audio, english_set_a, read_16k_mono
 
 
 # -- the queue, with a scripted engine ------------------------------------------------------------
@@ -210,7 +210,7 @@ def test_batch_size_setting_is_chosen_per_device():
 
 @pytest.fixture(scope="module")
 def set_a():
-    return [read_16k_mono(SPEECH / r["file"]) for r in english_set_a()]
+    return [read_16k_mono(shared_audio(r["file"])) for r in english_set_a()]
 
 
 def test_ctranslate2_batched_equals_one_by_one(set_a):

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from support import REPO, SteadyLoad, bring_up, clip_bytes, english_set_a
+from support import SteadyLoad, bring_up, short_clips, spoken_wav
 
 pytestmark = pytest.mark.integration
 
-SHORT_CLIPS = [clip_bytes(r) for r in english_set_a() if r["duration_s"] <= 5]
-JFK = (REPO / "tests" / "data" / "jfk.flac").read_bytes()
+SHORT_CLIPS = short_clips(5)
+JFK = spoken_wav()  # a sentence of JFK's, spoken by espeak-ng
 
 
 def _post(url: str, data: bytes, **kwargs) -> tuple[int, float, dict]:

@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 
-from support import BIN, REPO, bring_up
+from support import BIN, REPO, bring_up, spoken_wav
 
 pytestmark = pytest.mark.integration
 
@@ -16,7 +16,7 @@ def _monitor(run_dir) -> subprocess.CompletedProcess:
 def test_monitor_reports_the_service_and_fails_when_an_instance_is_down(tmp_path):
     service = bring_up(tmp_path, 2)
     try:
-        jfk = (REPO / "tests" / "data" / "jfk.flac").read_bytes()
+        jfk = spoken_wav()
         for _ in range(2):
             assert service.transcribe(jfk).status_code == 200
         ok = _monitor(service.run_dir)

@@ -17,7 +17,7 @@ from app.engines.base import SAMPLE_RATE, DecodeOptions
 from app.engines.models import resolve_model
 from app.engines.qwen3_asr_engine import CheckpointError, Qwen3AsrEngine, token_budget
 from random_qwen3_asr import missing_weights, original_layout
-from support import SPEECH, manifest, read_16k_mono
+from support import shared_audio, manifest, read_16k_mono
 
 GREEDY = DecodeOptions(beam_size=1)
 S = SAMPLE_RATE
@@ -31,7 +31,7 @@ def engine(qwen_models) -> Qwen3AsrEngine:
 
 @pytest.fixture(scope="module")
 def clips() -> dict[str, np.ndarray]:
-    return {code: read_16k_mono(SPEECH / manifest(language=code)[0]["file"]) for code in ("en", "zh", "de")}
+    return {code: read_16k_mono(shared_audio(manifest(language=code)[0]["file"])) for code in ("en", "zh", "de")}
 
 
 def long_recording(clips) -> np.ndarray:

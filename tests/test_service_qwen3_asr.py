@@ -20,12 +20,12 @@ import srt
 import webvtt
 
 from random_qwen3_asr import original_layout
-from support import SPEECH, bring_up, manifest, read_16k_mono, run_asrctl, wav_bytes
+from support import shared_audio, bring_up, manifest, read_16k_mono, run_asrctl, wav_bytes
 
 pytestmark = pytest.mark.integration
 
 S = 16_000
-EN, ZH, DE = (SPEECH / manifest(language=code)[0]["file"] for code in ("en", "zh", "de"))
+EN, ZH, DE = (shared_audio(manifest(language=code)[0]["file"]) for code in ("en", "zh", "de"))
 
 
 @pytest.fixture(scope="module")

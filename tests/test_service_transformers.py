@@ -9,7 +9,7 @@ import requests
 from app.engines import load_engine
 from app.engines.base import DecodeOptions
 from app.engines.models import resolve_model
-from support import BIN, JFK_REFERENCE, SPEECH, Service, clip_bytes, english_set_a, free_ports, \
+from support import BIN, JFK_REFERENCE, shared_audio, Service, clip_bytes, english_set_a, free_ports, \
     normalize, read_16k_mono, wer
 
 pytestmark = pytest.mark.integration
@@ -66,7 +66,7 @@ def test_transcripts_through_nginx_equal_the_bare_transformers_engine(startup, m
     served = [b["text"] for b in bodies]
     engine = load_engine("transformers", resolve_model("transformers", "embedded", model_cache), "cpu",
                          cpu_threads=2)
-    bare = [engine.transcribe(read_16k_mono(SPEECH / r["file"]), DecodeOptions(beam_size=5)).text
+    bare = [engine.transcribe(read_16k_mono(shared_audio(r["file"])), DecodeOptions(beam_size=5)).text
             for r in ROWS]
     references = [r["reference"] for r in ROWS]
     assert [normalize(t) for t in served] == [normalize(t) for t in bare]
