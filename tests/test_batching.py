@@ -244,8 +244,6 @@ def test_an_open_last_segment_is_kept_only_in_a_final_window():
     assert pieces == [(10.0, 12.0, [ts(0), 5, ts(2)]), (12.0, 35.0, [ts(2), 6, 7])] and seek == 2500
 
 
-@pytest.mark.skipif(importlib.util.find_spec("app.engines.transformers_engine") is None,
-                    reason="no transformers engine")
 def test_transformers_batched_equals_one_by_one(set_a, model_cache):
     model = resolve_model("transformers", "embedded", model_cache)
     engine = load_engine("transformers", model, "cpu", "float32", cpu_threads=1)
@@ -255,8 +253,6 @@ def test_transformers_batched_equals_one_by_one(set_a, model_cache):
     assert engine.transcribe_batch(clips, options) == one_by_one
 
 
-@pytest.mark.skipif(importlib.util.find_spec("app.engines.transformers_engine") is None,
-                    reason="no transformers engine")
 def test_transformers_long_clips_batch_like_one_by_one(set_a, model_cache):
     """Clips over 30 s go through generate()'s long-form decoding together, window by window."""
     model = resolve_model("transformers", "embedded", model_cache)
