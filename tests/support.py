@@ -51,6 +51,15 @@ def manifest(language: str | None = None, set_name: str | None = None) -> list[d
             if (language is None or r["language"] == language) and (set_name is None or r.get("set") == set_name)]
 
 
+def manifest_params(language: str | None = None, set_name: str | None = None) -> list:
+    """``manifest()``'s rows as parameters named by file, for a parametrize that must not skip its whole
+    module where ../shared/audio is absent: there, one parameter that skips with the reason."""
+    if not (SPEECH / "manifest.jsonl").exists():
+        return [pytest.param(None, id="no-shared-audio", marks=pytest.mark.skip(reason=f"real speech not found: {SPEECH} "
+                             "(../shared/audio beside the checkout; ASR_SHARED_AUDIO points elsewhere)"))]
+    return [pytest.param(row, id=row["file"]) for row in manifest(language, set_name)]
+
+
 def english_set_a() -> list[dict]:
     return manifest(language="en", set_name="A")
 

@@ -20,7 +20,7 @@ import srt
 import webvtt
 
 from random_qwen3_asr import original_layout
-from support import shared_audio, bring_up, manifest, read_16k_mono, run_asrctl, wav_bytes
+from support import bring_up, manifest, normalize, read_16k_mono, run_asrctl, shared_audio, wav_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -103,10 +103,13 @@ def test_every_output_format_carries_the_long_recordings_chunks(service):
 
 
 def test_word_timestamps_from_the_forced_aligner(service):
+    # The tests' aligner has random weights, so where it puts a word means nothing (and a segment is
+    # cut from its first word to its last): tests/test_qwen3_asr_engine.py checks what does not depend
+    # on the weights. Through the service: each segment carries its own words, no probability.
     body = post(service, "/asr", long_recording(), word_timestamps="true", language="en").json()
+    assert len(body["segments"]) >= 2
     for segment in body["segments"]:
-        assert segment["words"] and all(segment["start"] <= w["start"] <= w["end"] <= segment["end"]
-                                        for w in segment["words"])
+        assert normalize(" ".join(w["word"] for w in segment["words"])) == normalize(segment["text"]), segment
         assert all(w["probability"] is None for w in segment["words"])
 
 
