@@ -123,7 +123,7 @@ def test_word_timestamps_give_each_chunk_its_own_words_on_the_absolute_timeline(
     previous_ends = [0.0] + [s.end for s in plain.segments[:-1]]
     next_starts = [s.start for s in plain.segments[1:]] + [len(audio) / S]
     for segment, after, before in zip(timed.segments, previous_ends, next_starts):
-        assert normalize(" ".join(w.word for w in segment.words)) == normalize(segment.text)
+        assert _letters(" ".join(w.word for w in segment.words)) == _letters(segment.text)
         assert all(w.probability is None for w in segment.words)  # the aligner gives none
         assert all(after <= w.start <= w.end <= before for w in segment.words), (after, before, segment.words)
 
@@ -157,3 +157,8 @@ def test_checkpoints_that_would_serve_random_weights_are_refused(kind, qwen_mode
 def test_asked_for_cuda_without_a_gpu_it_fails_loudly_instead_of_serving_from_the_cpu(qwen_models):
     with pytest.raises(Exception, match="(?i)cuda|nvidia"):
         load_engine("qwen3-asr", str(qwen_models[0]), "cuda")
+
+
+def _letters(text: str) -> str:
+    """The text without case, punctuation or spaces: the aligner splits Chinese into characters."""
+    return "".join(normalize(text).split())

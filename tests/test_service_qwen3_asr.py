@@ -109,7 +109,7 @@ def test_word_timestamps_from_the_forced_aligner(service):
     body = post(service, "/asr", long_recording(), word_timestamps="true", language="en").json()
     assert len(body["segments"]) >= 2
     for segment in body["segments"]:
-        assert normalize(" ".join(w["word"] for w in segment["words"])) == normalize(segment["text"]), segment
+        assert _letters(" ".join(w["word"] for w in segment["words"])) == _letters(segment["text"]), segment
         assert all(w["probability"] is None for w in segment["words"])
 
 
@@ -181,3 +181,8 @@ def test_an_original_layout_checkpoint_fails_the_start_with_the_reason(qwen_mode
         assert health["state"] == "failed" and "Qwen3-ASR-1.7B-hf" in health["error"]
     finally:
         run_asrctl("down", "--run-dir", str(run_dir), check=False)
+
+
+def _letters(text: str) -> str:
+    """The text without case, punctuation or spaces: the aligner splits Chinese into characters."""
+    return "".join(normalize(text).split())
