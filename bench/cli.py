@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="bring up services with asrctl, load them, compare with the bare engine")
     run.add_argument("--quick", action="store_true", help="smoke run: 3 short clips, 1 instance, concurrency 1-2")
-    run.add_argument("--clips", dest="clips_dir", help="folder of audio files (default: set-A English clips in tests/data/audio)")
+    run.add_argument("--clips", dest="clips_dir", help="folder of audio files (default: the English set-A clips of ../shared/audio, else sentences espeak-ng speaks)")
     run.add_argument("--limit", dest="clip_limit", type=int, help="use only the N shortest clips")
     run.add_argument("--concurrency", type=_ints, help="closed-loop sweep on one all-core instance, e.g. 2,4,8 "
                                                        "(concurrency 1 is always measured)")

@@ -1,13 +1,26 @@
-"""The clips a benchmark sends: the repository's English set-A clips (tests/data/audio) by default, or every audio file in a folder."""
+"""The clips a benchmark sends: the English set-A clips of the real speech in ../shared/audio by default
+(``ASR_SHARED_AUDIO`` moves it; it comes from public repositories and is never copied into the project),
+or every audio file in a folder."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SPEECH = Path(os.environ.get("ASR_SPEECH", REPO / "tests" / "data" / "audio"))
+SPEECH = Path(os.environ.get("ASR_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
+# What the project's own speech says where the real speech is absent: sentences of a few seconds each.
+SENTENCES = (
+    "And so, my fellow Americans, ask not what your country can do for you, ask what you can do for your country.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call me back tomorrow morning, after the meeting.",
+    "It was a bright cold day in April, and the clocks were striking thirteen.",
+    "We measure how long each request takes, from the first byte to the last.",
+)
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".aac"}
 
 
@@ -24,23 +37,46 @@ def load_clips(folder: str | os.PathLike | None = None, limit: int | None = None
     ``manifest.jsonl`` is read through it, English set A). ``limit`` keeps the shortest ones."""
     root = Path(folder) if folder else SPEECH
     manifest = root / "manifest.jsonl"
+    if folder is None and not manifest.exists():
+        print(f"clips: {len(SENTENCES)} sentences spoken by espeak-ng (no real speech at {root})", flush=True)
+        clips = [Clip(f"espeak-{i}.wav", data, _duration(data, max_seconds))
+                 for i, data in enumerate(espeak_wav(t) for t in SENTENCES)]
+        return sorted(clips, key=lambda c: c.duration)[:limit] if limit else clips
     if manifest.exists():
         rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
         paths = [root / r["file"] for r in rows if r.get("language") == "en" and r.get("set") == "A"]
     elif root.is_dir():
         paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
     else:
-        raise FileNotFoundError(f"no clips: {root} is neither a folder of audio nor has a manifest.jsonl")
+        raise FileNotFoundError(f"no clips: {root} is neither a folder of audio nor has a manifest.jsonl "
+                                "(the real speech is ../shared/audio beside the checkout, or set ASR_SHARED_AUDIO; "
+                                "or pass --clips with a folder of your own)")
     if not paths:
         raise FileNotFoundError(f"no audio clips found under {root}")
+    print(f"clips: {len(paths)} from {root}", flush=True)
     clips = [_clip(p, max_seconds) for p in paths]
     if limit:
         clips = sorted(clips, key=lambda c: c.duration)[:limit]
     return clips
 
 
+def espeak_wav(text: str, voice: str = "en", speed: int = 150) -> bytes:
+    """``text`` spoken by espeak-ng (scripts/setup.sh installs it) as a WAV file: speech the project
+    makes itself. Voice "en" at 150 words a minute is what the embedded tiny.en hears word for word."""
+    if shutil.which("espeak-ng") is None:
+        raise FileNotFoundError("espeak-ng is not installed (scripts/setup.sh installs it)")
+    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", f.name, text], check=True,
+                       capture_output=True, timeout=120)
+        return Path(f.name).read_bytes()
+
+
 def _clip(path: Path, max_seconds: float) -> Clip:
+    data = path.read_bytes()
+    return Clip(path.name, data, _duration(data, max_seconds))
+
+
+def _duration(data: bytes, max_seconds: float) -> float:
     from app.audio import decode_audio
 
-    data = path.read_bytes()
-    return Clip(path.name, data, decode_audio(data, max_seconds).duration)
+    return decode_audio(data, max_seconds).duration

@@ -40,7 +40,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-JFK = REPO / "tests" / "data" / "jfk.flac"
 JFK_WORDS = "ask not what your country can do for you ask what you can do for your country"
 BATCHING_GOAL = 5.0   # batch-8 throughput over batch-1 on large-v3's shape, float16
 # What each engine's stack check serves, besides its engine's own packages.
@@ -163,16 +162,16 @@ def check_stack(report: Report, engine: str, device: str, work: Path, model: str
                          all(h["model_config"]["compute_type"] == GPU_DTYPE[engine] for h in healths),
                          [h["model_config"]["compute_type"] for h in healths])
         t1 = time.monotonic()
-        answer = requests.post(f"http://127.0.0.1:{ports[0]}/asr", files={"audio": ("jfk.flac", JFK.read_bytes())},
-                               timeout=120)
+        name, audio, source = _jfk()
+        answer = requests.post(f"http://127.0.0.1:{ports[0]}/asr", files={"audio": (name, audio)}, timeout=120)
         text = answer.json().get("text", "") if answer.ok else answer.text[:500]
         stack["jfk"] = {"status": answer.status_code, "text": text, "seconds": round(time.monotonic() - t1, 3),
-                        "instance": answer.headers.get("X-ASR-Instance")}
+                        "instance": answer.headers.get("X-ASR-Instance"), "audio": source}
         if expect_words:
-            report.check(f"{engine}: JFK through nginx", answer.ok and JFK_WORDS in _words(text), text)
+            report.check(f"{engine}: JFK through nginx", answer.ok and JFK_WORDS in _words(text), f"[{source}] {text}")
         else:   # random weights: the answer is checked, its words cannot be
             report.check(f"{engine}: JFK through nginx answered", answer.ok and isinstance(text, str),
-                         {"status": answer.status_code, "text": text[:200]})
+                         {"status": answer.status_code, "audio": source, "text": text[:200]})
             report.skip(f"{engine}: JFK words", "random weights (no real model on this host): "
                                                 "the transcript is not checked")
         stack["metrics"] = [_gpu_metrics(requests.get(f"http://127.0.0.1:{p}/metrics", timeout=5).text)
@@ -360,8 +359,20 @@ def _throughput(engine, audio: list, max_batch: int, beam_size: int) -> dict:
             "batch_sizes": sizes}
 
 
+def _jfk() -> tuple[str, bytes, str]:
+    """JFK's sentence: the recording in ../shared/audio where it is present, else espeak-ng speaking
+    it. (file name, bytes, which of the two)."""
+    from bench.clips import SENTENCES, SPEECH, espeak_wav
+
+    recording = SPEECH / "setA" / "jfk.flac"
+    if recording.exists():
+        return recording.name, recording.read_bytes(), str(recording)
+    return "jfk-espeak.wav", espeak_wav(SENTENCES[0]), "espeak-ng"
+
+
 def _speech(count: int, seconds: float) -> list:
-    """``count`` clips of real speech, ``seconds`` long each, cut from the test clips in turn."""
+    """``count`` clips of speech, ``seconds`` long each, cut in turn from the benchmark's clips (the
+    real speech of ../shared/audio, else espeak-ng's)."""
     import numpy as np
 
     from bench.clips import load_clips

@@ -45,6 +45,9 @@ def recording(minutes: float, seed: int = 0) -> tuple[bytes, float, str]:
     import soundfile
     import soxr
 
+    if not (SPEECH / "manifest.jsonl").exists():  # its word error rate needs references
+        raise SystemExit(f"no real speech at {SPEECH}: python -m bench long builds its recording from the "
+                         "set-A clips of ../shared/audio beside the checkout (ASR_SHARED_AUDIO moves it)")
     rows = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("language") == "en" and r.get("set") == "A"]
     clips = []

@@ -136,15 +136,16 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# System packages: nginx is the public entry; python3-venv for the virtualenv on a bare Debian.
+# System packages: nginx is the public entry; python3-venv for the virtualenv on a bare Debian;
+# espeak-ng (a few MB) speaks the sentence of the first request and the speech the tests write.
 missing=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || missing+=(python3)
 python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 # --with-test-tools (scripts/test.sh): what only the tests need, a real browser for the pages and a
-# real Prometheus with promtool for the monitoring set-up, espeak-ng for speech the tests write.
+# real Prometheus with promtool for the monitoring set-up.
 if [ "$test_tools" = 1 ]; then
-  command -v espeak-ng >/dev/null || missing+=(espeak-ng)
   command -v chromium >/dev/null || missing+=(chromium)
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
   command -v promtool >/dev/null || missing+=(prometheus)
@@ -172,4 +173,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m app.cuda || { log "remove .venv and run scripts/setup.sh again"; exit 1; }
   echo "$want" > "$stamp"
 fi
-log "ready: .venv/bin/asrctl up   (then: curl -F audio=@tests/data/jfk.flac http://127.0.0.1:7860/asr)"
+log "ready: .venv/bin/asrctl up   (then: espeak-ng -w hello.wav \"ask not what your country can do for you\"; curl -F audio=@hello.wav http://127.0.0.1:7860/asr)"

@@ -76,16 +76,16 @@ def build(out: Path, examples: list[tuple] = (), steps: int = 150) -> tuple[Path
 
 
 def taught_examples() -> list[tuple]:
-    """One clip each of English, Mandarin and German from tests/data/audio, with the first words of
+    """One clip each of English, Mandarin and German from ../shared/audio, with the first words of
     its reference: what the tests' model is taught to say."""
-    from support import SPEECH, manifest, read_16k_mono
+    from support import shared_audio, manifest, read_16k_mono
 
     names = {"en": "English", "zh": "Chinese", "de": "German"}
     examples = []
     for code, name in names.items():
         row = manifest(language=code)[0]
         words = row["reference"][:6] if code == "zh" else " ".join(row["reference"].split()[:4])
-        examples.append((read_16k_mono(SPEECH / row["file"]), name, words))
+        examples.append((read_16k_mono(shared_audio(row["file"])), name, words))
     return examples
 
 

@@ -1,34 +1,63 @@
-"""Shared test helpers: the real speech clips, text normalisation and WER, audio encoding, a service runner."""
+"""Shared test helpers: the real speech clips, speech espeak-ng makes, text normalisation and WER, audio
+encoding, a service runner."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import jiwer
 import numpy as np
+import pytest
 import requests
 import soundfile
 import soxr
 
-from bench.clips import SPEECH  # noqa: F401  (the bench and the tests read the same clips)
+from bench.clips import SENTENCES, SPEECH, espeak_wav  # the bench and the tests read the same clips, speak alike
 from bench.service import free_ports  # noqa: F401  (the bench and the tests pick ports alike)
 from bench.wer import normalize  # the bench and the tests compare words alike
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 JFK_REFERENCE = "And so, my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+# The sentence the project's own speech says (espeak-ng, voice "en" at 150 words a minute, which the
+# embedded tiny.en transcribes word for word): the README's first request and every test that needs
+# some speech, not a particular recording.
+SPOKEN = JFK_REFERENCE
+
+
+def shared_audio(name: str = "") -> Path:
+    """A file of the real speech with references in ../shared/audio (``ASR_SHARED_AUDIO`` moves it). That
+    speech comes from public repositories and is never copied into the project, so a test that needs it
+    skips where it is absent."""
+    path = SPEECH / name
+    if not path.exists():
+        pytest.skip(f"real speech not found: {path} (../shared/audio beside the checkout; "
+                    "ASR_SHARED_AUDIO points elsewhere)", allow_module_level=True)
+    return path
 
 
 def manifest(language: str | None = None, set_name: str | None = None) -> list[dict]:
-    rows = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in shared_audio("manifest.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows
             if (language is None or r["language"] == language) and (set_name is None or r.get("set") == set_name)]
+
+
+def manifest_params(language: str | None = None, set_name: str | None = None) -> list:
+    """``manifest()``'s rows as parameters named by file, for a parametrize that must not skip its whole
+    module where ../shared/audio is absent: there, one parameter that skips with the reason."""
+    if not (SPEECH / "manifest.jsonl").exists():
+        return [pytest.param(None, id="no-shared-audio", marks=pytest.mark.skip(reason=f"real speech not found: {SPEECH} "
+                             "(../shared/audio beside the checkout; ASR_SHARED_AUDIO points elsewhere)"))]
+    return [pytest.param(row, id=row["file"]) for row in manifest(language, set_name)]
 
 
 def english_set_a() -> list[dict]:
@@ -40,33 +69,54 @@ def set_a_sequence(gap: float = 1.0, rows: list[dict] | None = None) -> tuple[np
     [(start, end, reference)]) with each clip's place on the timeline."""
     pieces, places, at = [], [], 0.0
     for row in english_set_a() if rows is None else rows:
-        samples = read_16k_mono(SPEECH / row["file"])
+        samples = read_16k_mono(shared_audio(row["file"]))
         places.append((at, at + len(samples) / 16000, row["reference"]))
         pieces += [samples, np.zeros(int(gap * 16000), np.float32)]
         at += len(samples) / 16000 + gap
     return np.concatenate(pieces), places
 
 
+@functools.cache
 def espeak(text: str, voice: str = "en-us", speed: int = 160) -> np.ndarray:
-    """``text`` spoken by espeak-ng (scripts/setup.sh --with-test-tools installs it), as 16 kHz mono.
+    """``text`` spoken by espeak-ng (scripts/setup.sh installs it), as 16 kHz mono, made once per run.
     Without punctuation it speaks without a pause: speech a chunker has to cut inside."""
-    import shutil
-    import tempfile
-
-    import pytest
-
     if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (scripts/setup.sh --with-test-tools installs it)")
-    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", f.name, text], check=True,
-                       capture_output=True, timeout=120)
-        samples, rate = soundfile.read(f.name, dtype="float32", always_2d=True)
+        pytest.skip("espeak-ng is not installed (scripts/setup.sh installs it)", allow_module_level=True)
+    samples, rate = soundfile.read(io.BytesIO(espeak_wav(text, voice, speed)), dtype="float32", always_2d=True)
     mono = samples.mean(axis=1)
-    return soxr.resample(mono, rate, 16000, quality="HQ").astype(np.float32)
+    samples = soxr.resample(mono, rate, 16000, quality="HQ").astype(np.float32)
+    samples.flags.writeable = False  # shared by every caller of the cache
+    return samples
+
+
+def spoken_wav(text: str = SPOKEN) -> bytes:
+    """``text`` (by default the sentence of ``SPOKEN``) as a 16 kHz mono 16-bit WAV file made by
+    espeak-ng: speech for tests that need some speech with a known transcript, not a recording."""
+    return wav_bytes(espeak(text, voice="en", speed=150), 16000)
+
+
+@functools.cache
+def spoken_file(text: str = SPOKEN) -> Path:
+    """``spoken_wav(text)`` in a file of its own (removed when the run ends), for what wants a path."""
+    import atexit
+
+    folder = Path(tempfile.mkdtemp(prefix="asr-spoken-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = folder / "speech.wav"
+    path.write_bytes(spoken_wav(text))
+    return path
+
+
+def short_clips(max_seconds: float = 5.0) -> list[bytes]:
+    """Short speech for load: the English set-A clips up to ``max_seconds`` where ../shared/audio is
+    present, else the benchmark's sentences, spoken by espeak-ng."""
+    if (SPEECH / "manifest.jsonl").exists():
+        return [clip_bytes(r) for r in english_set_a() if r["duration_s"] <= max_seconds]
+    return [spoken_wav(t) for t in SENTENCES if len(espeak(t, voice="en", speed=150)) <= max_seconds * 16000]
 
 
 def clip_bytes(row: dict) -> bytes:
-    return (SPEECH / row["file"]).read_bytes()
+    return shared_audio(row["file"]).read_bytes()
 
 
 def wer(references: list[str], hypotheses: list[str]) -> float:

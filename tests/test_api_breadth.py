@@ -9,13 +9,12 @@ import pytest
 import requests
 import srt
 
-from support import JFK_REFERENCE, REPO, SPEECH, bring_up, english_set_a, normalize, read_16k_mono, set_a_sequence, \
+from support import JFK_REFERENCE, bring_up, english_set_a, normalize, read_16k_mono, set_a_sequence, shared_audio, \
     wav_bytes, wer
 
 pytestmark = pytest.mark.integration
 
 RATE = 16_000
-JFK = REPO / "tests" / "data" / "jfk.flac"
 JFK_SECONDS = 11.0
 # Casual, lowercase and unpunctuated: Whisper continues a prompt's style, so this one shows in the output.
 PLAIN_PROMPT = "um so yeah we were like talking about it you know"
@@ -70,8 +69,13 @@ def check_times(body: dict, duration: float) -> None:
             assert segment["start"] - 0.01 <= word["start"] <= word["end"] <= segment["end"] + 0.01, (word, segment)
 
 
+def jfk_path():
+    """The real recording (../shared/audio): these checks hold words to where JFK speaks them."""
+    return shared_audio("setA/jfk.flac")
+
+
 def jfk() -> bytes:
-    return JFK.read_bytes()
+    return jfk_path().read_bytes()
 
 
 # The model configuration file ---------------------------------------------------------------------
@@ -96,7 +100,7 @@ def test_word_timestamps_on_set_a(service):
     rows = [r for r in english_set_a() if r["duration_s"] <= 11]
     hypotheses = []
     for row in rows:
-        body = asr_json(service, (SPEECH / row["file"]).read_bytes(), word_timestamps="true")
+        body = asr_json(service, shared_audio(row["file"]).read_bytes(), word_timestamps="true")
         check_times(body, row["duration_s"])
         for segment in body["segments"]:
             assert segment["words"], segment
@@ -134,7 +138,7 @@ def test_initial_prompt_conditions_the_transcript(service):
 # vad_filter -----------------------------------------------------------------------------------------
 
 def test_vad_filter_drops_silence_and_keeps_times_absolute(service):
-    jfk_samples = read_16k_mono(JFK)
+    jfk_samples = read_16k_mono(jfk_path())
     silence = np.zeros(12 * RATE, np.float32)
     padded = wav_bytes(np.concatenate([silence, jfk_samples, silence, jfk_samples]), RATE)
     duration = 12 + JFK_SECONDS + 12 + JFK_SECONDS
@@ -164,7 +168,7 @@ def test_vad_filter_on_audio_without_speech_skips_the_model(service):
 
 def test_detect_language(service):
     for row in english_set_a()[:3]:
-        response = post(service, (SPEECH / row["file"]).read_bytes(), path="/detect-language")
+        response = post(service, shared_audio(row["file"]).read_bytes(), path="/detect-language")
         assert response.status_code == 200, response.text
         # The embedded model is English-only, so what it detects is a foregone "en": detection itself is
         # tested on models that can tell languages apart (test_multilingual.py, test_service_qwen3_asr.py).
@@ -205,7 +209,7 @@ def test_long_audio_is_transcribed_whole_with_absolute_times(service):
 
 def test_openai_client_prompt_and_word_granularity(service):
     client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0, timeout=300)
-    with JFK.open("rb") as f:
+    with jfk_path().open("rb") as f:
         verbose = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json",
                                                      timestamp_granularities=["word", "segment"], prompt=PLAIN_PROMPT)
     assert "," not in verbose.text and normalize(verbose.text) == normalize(JFK_REFERENCE)
@@ -214,7 +218,7 @@ def test_openai_client_prompt_and_word_granularity(service):
     assert normalize(" ".join(w.word for w in verbose.words)) == normalize(JFK_REFERENCE)
     starts = [w.start for w in verbose.words]
     assert starts == sorted(starts) and verbose.words[-1].end <= JFK_SECONDS
-    with JFK.open("rb") as f:
+    with jfk_path().open("rb") as f:
         words_only = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json",
                                                         timestamp_granularities=["word"])
     assert words_only.words and not words_only.segments

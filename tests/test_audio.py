@@ -1,15 +1,17 @@
-"""Decoding: every shared clip and every container format becomes 16 kHz mono; bad input is refused by kind."""
+"""Decoding: every shared clip and every container format becomes 16 kHz mono; bad input is refused by kind.
+Formats and rates are checked on speech espeak-ng makes, turned into 44.1 kHz stereo."""
 import numpy as np
 import pytest
-import soundfile
 import soxr
 
 from app.audio import decode_audio
 from app.errors import ApiError
-from support import SPEECH, clip_bytes, encode, manifest, wav_bytes
+from support import clip_bytes, encode, espeak, manifest_params, wav_bytes
+
+RATE = 44100
 
 
-@pytest.mark.parametrize("row", manifest(), ids=lambda r: r["file"])
+@pytest.mark.parametrize("row", manifest_params())
 def test_every_shared_clip_decodes(row):
     audio = decode_audio(clip_bytes(row), max_seconds=600)
     assert audio.samples.dtype == np.float32 and audio.samples.ndim == 1
@@ -20,8 +22,9 @@ def test_every_shared_clip_decodes(row):
 
 @pytest.fixture(scope="module")
 def jfk():
-    samples, rate = soundfile.read(str(SPEECH / "setA" / "jfk.flac"), dtype="float32", always_2d=True)
-    return samples, rate
+    """JFK's sentence spoken by espeak-ng as 44.1 kHz stereo (the channels differ in loudness)."""
+    mono = soxr.resample(espeak("And so, my fellow Americans, ask not what your country can do for you."), 16000, RATE)
+    return np.stack([mono, 0.7 * mono], axis=1).astype(np.float32), RATE
 
 
 @pytest.mark.parametrize("container, codec, rate", [
@@ -36,13 +39,15 @@ def test_containers_and_codecs_decode_to_the_same_audio(jfk, container, codec, r
     if rate != source_rate:
         samples = soxr.resample(samples, source_rate, rate)
     audio = decode_audio(encode(samples, rate, container, codec), max_seconds=600)
-    assert audio.duration == pytest.approx(11.0, abs=0.1)
+    seconds = len(jfk[0]) / RATE
+    assert audio.duration == pytest.approx(seconds, abs=0.1)
     assert audio.source_rate == rate and audio.source_channels == 2
-    reference = decode_audio((SPEECH / "setA" / "jfk.flac").read_bytes(), 600).samples
-    n = min(len(reference), len(audio.samples))
-    # Lossy codecs shift a few ms; the loudness envelope over 100 ms windows still matches.
+    reference = decode_audio(wav_bytes(*jfk), 600).samples
+    n = min(len(reference), len(audio.samples)) - 640
+    # Lossy codecs shift the audio by up to a few tens of ms (AAC's encoder delay: about 20 ms here);
+    # at the best shift within 40 ms the loudness envelope over 100 ms windows still matches.
     env = lambda x: np.sqrt(np.mean(x[: n // 1600 * 1600].reshape(-1, 1600) ** 2, axis=1))  # noqa: E731
-    assert np.corrcoef(env(reference), env(audio.samples))[0, 1] > 0.95
+    assert max(np.corrcoef(env(reference), env(audio.samples[lag:]))[0, 1] for lag in range(0, 641, 80)) > 0.95
 
 
 @pytest.mark.parametrize("rate, channels", [(8000, 1), (11025, 2), (96000, 6)])
@@ -51,7 +56,7 @@ def test_any_rate_and_channel_count_becomes_16k_mono(jfk, rate, channels):
     mono = soxr.resample(samples.mean(axis=1), source_rate, rate)
     audio = decode_audio(wav_bytes(np.repeat(mono[:, None], channels, axis=1), rate), 600)
     assert audio.source_rate == rate and audio.source_channels == channels
-    assert len(audio.samples) == pytest.approx(11.0 * 16000, abs=16)
+    assert len(audio.samples) == pytest.approx(len(samples) / source_rate * 16000, abs=16)
 
 
 def _code(data: bytes, max_seconds: float = 60) -> tuple[int, str]:
@@ -67,7 +72,7 @@ def test_bad_inputs_are_refused_by_kind(jfk):
     assert _code(b"this is a text file, not a wav\n" * 10) == (415, "unsupported_media_type")
     assert _code(b"PK\x03\x04" + bytes(200)) == (415, "unsupported_media_type")  # a zip archive
     assert _code(good[:44]) == (422, "audio_too_short")                        # header, no samples
-    assert _code(good, max_seconds=5) == (413, "audio_too_long")
+    assert _code(good, max_seconds=2) == (413, "audio_too_long")
     assert _code(wav_bytes(np.full(16000, np.nan, np.float32), 16000, "FLOAT")) == (422, "invalid_samples")
     assert _code(wav_bytes(np.zeros(1, np.float32), 16000)) == (422, "audio_too_short")
     assert _code(wav_bytes(np.zeros(100, np.float32), 500)) == (422, "unsupported_sample_rate")

@@ -13,7 +13,7 @@ from app.engines import load_engine
 from app.engines.base import DecodeOptions, Transcript
 from app.engines.models import embedded_ct2_dir, resolve_model
 from app.queue import InferenceQueue, QueueFull
-from support import SPEECH, english_set_a, read_16k_mono
+from support import shared_audio, english_set_a, read_16k_mono
 
 
 # -- the queue, with a scripted engine ------------------------------------------------------------
@@ -210,7 +210,7 @@ def test_batch_size_setting_is_chosen_per_device():
 
 @pytest.fixture(scope="module")
 def set_a():
-    return [read_16k_mono(SPEECH / r["file"]) for r in english_set_a()]
+    return [read_16k_mono(shared_audio(r["file"])) for r in english_set_a()]
 
 
 def test_ctranslate2_batched_equals_one_by_one(set_a):
@@ -244,8 +244,6 @@ def test_an_open_last_segment_is_kept_only_in_a_final_window():
     assert pieces == [(10.0, 12.0, [ts(0), 5, ts(2)]), (12.0, 35.0, [ts(2), 6, 7])] and seek == 2500
 
 
-@pytest.mark.skipif(importlib.util.find_spec("app.engines.transformers_engine") is None,
-                    reason="no transformers engine")
 def test_transformers_batched_equals_one_by_one(set_a, model_cache):
     model = resolve_model("transformers", "embedded", model_cache)
     engine = load_engine("transformers", model, "cpu", "float32", cpu_threads=1)
@@ -255,8 +253,6 @@ def test_transformers_batched_equals_one_by_one(set_a, model_cache):
     assert engine.transcribe_batch(clips, options) == one_by_one
 
 
-@pytest.mark.skipif(importlib.util.find_spec("app.engines.transformers_engine") is None,
-                    reason="no transformers engine")
 def test_transformers_long_clips_batch_like_one_by_one(set_a, model_cache):
     """Clips over 30 s go through generate()'s long-form decoding together, window by window."""
     model = resolve_model("transformers", "embedded", model_cache)

@@ -8,7 +8,7 @@ import pytest
 from app import vad
 from app.chunking import MIN_TAIL_SECONDS, OVERLAP_SECONDS, Chunk, cuts, join, join_texts, overlapping, plan_chunks
 from app.engines.base import SAMPLE_RATE, Segment, Transcript, Word
-from support import SPEECH, read_16k_mono
+from support import shared_audio, read_16k_mono
 
 S = SAMPLE_RATE
 
@@ -115,7 +115,7 @@ def test_silence_only_chunks_are_marked():
 
 
 def test_real_speech_is_cut_in_the_silence_between_clips():
-    jfk = read_16k_mono(SPEECH / "setA" / "jfk.flac")
+    jfk = read_16k_mono(shared_audio("setA/jfk.flac"))
     gap = np.zeros(3 * S, np.float32)
     audio = np.concatenate([jfk, gap, jfk, gap, jfk])
     chunks = plan_chunks(audio, 30, vad.speech_stretches(audio))

@@ -335,7 +335,7 @@ def test_status_lists_the_gpus_and_their_faults(monkeypatch, tmp_path, capsys):
     """``asrctl status`` against a real service on a host whose GPU 0 fell off the bus: a row that
     says so, the other GPU's figures, no traceback."""
     from app.control import cli
-    from support import bring_up, run_asrctl
+    from support import bring_up, run_asrctl, spoken_wav
 
     try:
         service = bring_up(tmp_path, 1, "--device", "cpu")
@@ -830,7 +830,7 @@ def test_up_after_supervisord_was_killed_on_a_full_gpu_says_the_orphans_hold_it(
     import requests
 
     from app.control import cli
-    from support import bring_up, run_asrctl
+    from support import bring_up, run_asrctl, spoken_wav
 
     try:
         service = bring_up(tmp_path, 1, "--device", "cpu")
@@ -854,7 +854,7 @@ def test_up_after_supervisord_was_killed_on_a_full_gpu_says_the_orphans_hold_it(
         assert cli.main(["up", "--run-dir", str(service.run_dir), "--device", "auto"]) == 1
         err = capsys.readouterr().err
         assert "NVML (the NVIDIA driver's library) failed" in err and "previous run" not in err, err
-        jfk = (Path(__file__).parent / "data" / "jfk.flac").read_bytes()
-        assert requests.post(f"{service.url}/asr", files={"audio": ("jfk.flac", jfk)}, timeout=60).ok
+        speech = spoken_wav()
+        assert requests.post(f"{service.url}/asr", files={"audio": ("speech.wav", speech)}, timeout=60).ok
     finally:  # also when bring_up itself failed: its processes must not outlive the test
         run_asrctl("down", "--run-dir", str(tmp_path / "run"), check=False)

@@ -18,11 +18,11 @@ from app.config import load_settings
 from app.control import processes
 from app.control.paths import RunPaths
 from app.control.systemd import commands
-from support import BIN, SteadyLoad, bring_up, clip_bytes, english_set_a
+from support import BIN, SteadyLoad, bring_up, short_clips
 
 pytestmark = pytest.mark.integration
 
-CLIPS = [clip_bytes(r) for r in english_set_a() if r["duration_s"] <= 5]
+CLIPS = short_clips(5)
 
 
 def _programs(service) -> dict[str, dict]:

@@ -30,7 +30,7 @@ from app.jobs.store import JobStore
 from app import peers
 from app.engines.base import DecodeOptions
 from app.longform import Lane, decode_chunks
-from support import REPO, SPEECH, bring_up, english_set_a, read_16k_mono, wav_bytes, wer
+from support import shared_audio, bring_up, english_set_a, read_16k_mono, spoken_wav, wav_bytes, wer
 
 RATE = 16_000
 KEY_A = "job-key-a-0123456789abcdef"
@@ -40,7 +40,7 @@ B = {"Authorization": f"Bearer {KEY_B}"}
 ATTEMPTS = 3
 RETRY_SECONDS = 0.5
 STALL_SECONDS = 30
-JFK = (REPO / "tests" / "data" / "jfk.flac").read_bytes()
+JFK = spoken_wav()  # a sentence of JFK's, spoken by espeak-ng
 
 
 # -- the scheduler alone (pure threads, no service) ----------------------------------------------------
@@ -159,7 +159,7 @@ def test_without_api_keys_jobs_have_no_owner_and_are_not_listed(tmp_path, capsys
     app = create_app(load_settings(None, overrides={"run_dir": str(tmp_path)}), load_in_background=False)
     try:
         client = app.test_client()
-        posted = client.post("/v1/jobs", data={"audio": (io.BytesIO(JFK), "a.flac")}, content_type="multipart/form-data")
+        posted = client.post("/v1/jobs", data={"audio": (io.BytesIO(JFK), "a.wav")}, content_type="multipart/form-data")
         assert posted.status_code == 202, posted.get_json()
         assert client.get(f"/v1/jobs/{posted.get_json()['id']}").status_code == 200
         assert JobStore(tmp_path / "jobs" / "jobs.sqlite3").get(posted.get_json()["id"]).owner == ""
@@ -203,7 +203,7 @@ def speech() -> tuple[bytes, str]:
     rows = [r for r in english_set_a() if r["duration_s"] <= 11][:4]
     pieces, reference = [], []
     for row in rows:
-        pieces += [read_16k_mono(SPEECH / row["file"]), np.zeros(RATE, np.float32)]
+        pieces += [read_16k_mono(shared_audio(row["file"])), np.zeros(RATE, np.float32)]
         reference.append(row["reference"])
     return wav_bytes(np.concatenate(pieces), RATE), " ".join(reference)
 
@@ -425,6 +425,8 @@ def test_a_store_write_that_raises_does_not_hang_the_runner(service, speech, pro
 def test_asrctl_jobs_lists_cancels_and_retries(service, proxy):
     s = store(service)
     failed = [j for j in s.jobs() if j.state == "failed" and j.error.startswith("chunk 1 (")]
+    if not failed:
+        shared_audio("manifest.jsonl")  # the poison test speaks the real speech: skipped without it
     assert failed, "needs the poisoned job of the poison test"
     job = failed[0]
     ref = jobs.ref(job.id)

@@ -3,6 +3,7 @@ the real model): a long /asr request decoded on both instances, and an async job
 ``asrctl restart --rolling`` (instances and the job runner) without losing a finished chunk."""
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -13,7 +14,7 @@ import requests
 import srt
 
 from app.jobs.store import JobStore
-from support import bring_up, english_set_a, espeak, normalize, set_a_sequence, wav_bytes, wer
+from support import bring_up, english_set_a, espeak, normalize, set_a_sequence, spoken_wav, wav_bytes, wer
 
 pytestmark = pytest.mark.integration
 
@@ -152,8 +153,7 @@ def test_speech_without_a_pause_is_joined_word_for_word_on_both_paths(service):
 
 
 def test_job_requests_are_checked_like_asr(service):
-    samples, _ = set_a_sequence(gap=1.0)
-    data = wav_bytes(samples, RATE)
+    data = spoken_wav()
     cases = {
         "not audio": ({"files": {"audio": ("a.wav", b"hello " * 100)}}, 415, "unsupported_media_type"),
         "damaged": ({"files": {"audio": ("a.wav", data[:3000])}}, 422, "audio_too_short"),
@@ -166,8 +166,40 @@ def test_job_requests_are_checked_like_asr(service):
         same_on_asr = requests.post(f"{service.url}/asr", timeout=60, **kwargs)
         assert (response.status_code, response.json()["error"]["code"]) == (status, code), name
         assert same_on_asr.json()["error"] == response.json()["error"], name
-    for job_id in ("0" * 32, "../../etc/passwd", "x"):
-        assert requests.get(f"{service.url}/v1/jobs/{job_id}", timeout=10).status_code == 404
+    assert requests.get(f"{service.url}/ready", timeout=5).status_code == 200
+
+
+def _raw_get(port: int, path: str) -> tuple[int, dict]:
+    """GET ``path`` exactly as written: ``requests`` would resolve its ``..`` before sending."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_job_id_that_is_not_ours_reaches_no_job(service):
+    job_not_found = "job_not_found"
+    # Through nginx: a path that climbs out of /v1/jobs/, plain or encoded, is resolved by nginx to a
+    # route that is not public and answered there (one that climbs above / is malformed); it never
+    # reaches an instance, whose answers below differ.
+    for path in ("/v1/jobs/../../etc/passwd", "/v1/jobs/..%2F..%2Fetc%2Fpasswd"):
+        assert _raw_get(service.port, path) == (404, {"error": {"code": "not_found", "message": "not found"}}), path
+    status, body = _raw_get(service.port, "/v1/jobs/..%2f..%2f..%2fetc%2fpasswd")
+    assert status == 400 and "malformed" in body["error"]["message"], body
+    # An instance's loopback port, reached without nginx: an id that is one path segment gets to the
+    # job route and is refused there as a missing job; one with an encoded slash matches no route.
+    instance = service.instance_ports[0]
+    for job_id in ("..", "%2E%2E", ".%2E", "0" * 32, "x", "0" * 31 + "%00"):
+        status, body = _raw_get(instance, f"/v1/jobs/{job_id}")
+        assert (status, body["error"]["code"]) == (404, job_not_found), (job_id, body)
+        status, body = _raw_get(instance, f"/v1/jobs/{job_id}/result")
+        assert (status, body["error"]["code"]) == (404, job_not_found), (job_id, body)
+    for path in ("/v1/jobs/..%2F..%2Fetc%2Fpasswd", "/v1/jobs/../../etc/passwd"):
+        status, body = _raw_get(instance, path)
+        assert status == 404 and body["error"]["code"] == "not_found", (path, body)
     assert requests.get(f"{service.url}/ready", timeout=5).status_code == 200
 
 

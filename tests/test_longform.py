@@ -19,7 +19,7 @@ from app.engines.base import SAMPLE_RATE, DecodeOptions, Transcript
 from app.instance import ModelInstance
 from app.peers import Busy
 from app.queue import QueueFull, result_within
-from support import JFK_REFERENCE, SPEECH, english_set_a, espeak, normalize, read_16k_mono, set_a_sequence, wer
+from support import JFK_REFERENCE, shared_audio, english_set_a, espeak, normalize, read_16k_mono, set_a_sequence, wer
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_a_short_request_waits_for_one_chunk_not_the_whole_recording(inst):
     deadline = time.monotonic() + 60
     while inst.queue.in_flight == 0 and time.monotonic() < deadline:  # the first chunk is decoding
         time.sleep(0.01)
-    short = read_16k_mono(SPEECH / "setA" / "jfk.flac")
+    short = read_16k_mono(shared_audio("setA/jfk.flac"))
     result_within(inst.queue.submit(short, options), 120)
     marks["short_end"] = time.monotonic()
     thread.join(timeout=300)
@@ -119,7 +119,7 @@ def test_a_short_request_waits_for_one_chunk_not_the_whole_recording(inst):
 
 def test_no_room_at_all_is_a_fast_503(inst):
     samples, _ = set_a_sequence(gap=1.0)
-    short = read_16k_mono(SPEECH / "setA" / "sr_english.wav")  # 2.7 s
+    short = read_16k_mono(shared_audio("setA/sr_english.wav"))  # 2.7 s
     options = DecodeOptions(beam_size=1)
     futures = [inst.queue.submit(short, options) for _ in range(inst.queue.max_pending)]
     started = time.monotonic()
@@ -185,7 +185,7 @@ def test_a_word_across_a_cut_inside_speech_is_kept_once_and_none_is_lost(short_c
 def test_a_quiet_stretch_vad_misses_is_decoded_all_the_same(inst):
     # JFK spoken out loud, 25 s of silence, then JFK again 60 dB quieter: Silero VAD hears nothing in
     # it, Whisper (which scales each window to its own loudest) hears every word.
-    jfk = read_16k_mono(SPEECH / "setA" / "jfk.flac")
+    jfk = read_16k_mono(shared_audio("setA/jfk.flac"))
     quiet = (0.001 * jfk).astype(np.float32)
     samples = np.concatenate([jfk, np.zeros(25 * SAMPLE_RATE, np.float32), quiet])
     assert not vad.speech_stretches(quiet)

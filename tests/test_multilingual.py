@@ -21,7 +21,7 @@ from app.engines import load_engine
 from app.instance import ModelInstance
 from app.engines.base import DecodeOptions
 from app.languages import LANGUAGE_NAMES
-from support import SPEECH, bring_up, manifest, read_16k_mono
+from support import shared_audio, bring_up, manifest, read_16k_mono
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def engines(model):
 
 @pytest.fixture(scope="module")
 def clips():
-    return [read_16k_mono(SPEECH / row["file"]) for row in (GERMAN, MANDARIN)]
+    return [read_16k_mono(shared_audio(row["file"])) for row in (GERMAN, MANDARIN)]
 
 
 def compact(text: str) -> str:
@@ -111,7 +111,7 @@ def test_each_chunk_of_a_long_recording_detects_its_own_language(model, clips, t
     monkeypatch.setattr(inst.engine, "transcribe_batch",
                         lambda audios, options: asked.extend(o.language for o in options) or batch(audios, options))
     try:
-        english = read_16k_mono(SPEECH / "setA" / "jfk.flac")
+        english = read_16k_mono(shared_audio("setA/jfk.flac"))
         samples = np.concatenate([english, np.zeros(3 * 16000, np.float32), clips[0]])
         chunks = longform.split(samples, settings.chunk_seconds, inst.engine.word_timestamps)
         detected = [code for code, _ in inst.engine.detect_language([samples[c.start:c.end] for c in chunks])]
@@ -137,7 +137,7 @@ def service(request, model, tmp_path_factory):
 
 
 def post(service, path: str, row: dict, **params) -> requests.Response:
-    return requests.post(f"{service.url}{path}", files={"audio_file": (row["file"], (SPEECH / row["file"]).read_bytes())},
+    return requests.post(f"{service.url}{path}", files={"audio_file": (row["file"], shared_audio(row["file"]).read_bytes())},
                          data=params, timeout=120)
 
 
@@ -179,10 +179,10 @@ def test_beam_size_temperature_and_language_names_reach_the_model_through_nginx(
 
 def test_openai_translation_endpoint(service):
     client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    with (SPEECH / MANDARIN["file"]).open("rb") as f:
+    with shared_audio(MANDARIN["file"]).open("rb") as f:
         verbose = client.audio.translations.create(model="whisper-1", file=f, response_format="verbose_json")
     assert verbose.task == "translate" and verbose.duration == pytest.approx(MANDARIN["duration_s"], abs=0.05)
-    with (SPEECH / GERMAN["file"]).open("rb") as f:
+    with shared_audio(GERMAN["file"]).open("rb") as f:
         german = client.audio.transcriptions.create(model="whisper-1", file=f, language="de",
                                                    response_format="verbose_json")
     assert german.language == "german"

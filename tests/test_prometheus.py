@@ -17,14 +17,13 @@ import pytest
 import requests
 import yaml
 
-from support import REPO, bring_up, free_ports
+from support import REPO, bring_up, free_ports, spoken_wav
 
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "rules" / "asr.rules.yml"
 RULE_TESTS = PROMETHEUS_DIR / "tests" / "asr.rules.test.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "asr-service.json"
 PROMETHEUS_RULE = REPO / "deploy" / "k8s" / "base" / "prometheusrule.yaml"
-JFK = REPO / "tests" / "data" / "jfk.flac"
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -174,7 +173,7 @@ def test_prometheus_follows_the_pool_as_it_scales(tmp_path, monkeypatch):
         first = prom.wait_for(lambda: _up(prom, "asr") == {svc.instance_ports[0]: "1"} or None)
         assert first, (_up(prom, "asr"), (tmp_path / "prometheus.log").read_text()[-2000:])
         assert prom.wait_for(lambda: _up(prom, "asr-nginx") == {svc.port: "1"} or None), _up(prom, "asr-nginx")
-        requests.post(f"{svc.url}/asr", files={"audio_file": JFK.open("rb")}, timeout=120).raise_for_status()
+        requests.post(f"{svc.url}/asr", files={"audio_file": ("speech.wav", spoken_wav())}, timeout=120).raise_for_status()
 
         svc.asrctl("scale", "2")
         ports = {i["port"] for i in json.loads((svc.run_dir / "pool.json").read_text())["instances"]}

@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from support import BIN, SteadyLoad, bring_up, clip_bytes, english_set_a
+from support import BIN, SteadyLoad, bring_up, short_clips
 
 pytestmark = pytest.mark.integration
 
 # Short clips keep requests short, so each phase sees many requests come and go.
-CLIPS = [clip_bytes(r) for r in english_set_a() if r["duration_s"] <= 5]
+CLIPS = short_clips(5)
 
 
 def _instances(service) -> dict[str, dict]:

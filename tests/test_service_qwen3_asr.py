@@ -20,12 +20,12 @@ import srt
 import webvtt
 
 from random_qwen3_asr import original_layout
-from support import SPEECH, bring_up, manifest, read_16k_mono, run_asrctl, wav_bytes
+from support import bring_up, manifest, normalize, read_16k_mono, run_asrctl, shared_audio, wav_bytes
 
 pytestmark = pytest.mark.integration
 
 S = 16_000
-EN, ZH, DE = (SPEECH / manifest(language=code)[0]["file"] for code in ("en", "zh", "de"))
+EN, ZH, DE = (shared_audio(manifest(language=code)[0]["file"]) for code in ("en", "zh", "de"))
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +103,13 @@ def test_every_output_format_carries_the_long_recordings_chunks(service):
 
 
 def test_word_timestamps_from_the_forced_aligner(service):
+    # The tests' aligner has random weights, so where it puts a word means nothing (and a segment is
+    # cut from its first word to its last): tests/test_qwen3_asr_engine.py checks what does not depend
+    # on the weights. Through the service: each segment carries its own words, no probability.
     body = post(service, "/asr", long_recording(), word_timestamps="true", language="en").json()
+    assert len(body["segments"]) >= 2
     for segment in body["segments"]:
-        assert segment["words"] and all(segment["start"] <= w["start"] <= w["end"] <= segment["end"]
-                                        for w in segment["words"])
+        assert _letters(" ".join(w["word"] for w in segment["words"])) == _letters(segment["text"]), segment
         assert all(w["probability"] is None for w in segment["words"])
 
 
@@ -178,3 +181,8 @@ def test_an_original_layout_checkpoint_fails_the_start_with_the_reason(qwen_mode
         assert health["state"] == "failed" and "Qwen3-ASR-1.7B-hf" in health["error"]
     finally:
         run_asrctl("down", "--run-dir", str(run_dir), check=False)
+
+
+def _letters(text: str) -> str:
+    """The text without case, punctuation or spaces: the aligner splits Chinese into characters."""
+    return "".join(normalize(text).split())

@@ -9,13 +9,14 @@ import requests
 from app.engines import load_engine
 from app.engines.base import DecodeOptions
 from app.engines.models import resolve_model
-from support import BIN, JFK_REFERENCE, SPEECH, Service, clip_bytes, english_set_a, free_ports, \
+from support import BIN, JFK_REFERENCE, shared_audio, Service, clip_bytes, english_set_a, free_ports, \
     normalize, read_16k_mono, wer
 
 pytestmark = pytest.mark.integration
 
-# JFK plus the shortest set-A clips: transformers with 5 beams on 2 CPU cores is the slow engine here.
-ROWS = sorted(english_set_a(), key=lambda r: (r["file"] != "setA/jfk.flac", r["duration_s"]))[:5]
+def set_a_rows() -> list[dict]:
+    """JFK plus the shortest set-A clips: transformers with 5 beams on 2 CPU cores is the slow engine here."""
+    return sorted(english_set_a(), key=lambda r: (r["file"] != "setA/jfk.flac", r["duration_s"]))[:5]
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +60,17 @@ def test_ready_goes_503_then_200_during_start(startup):
 
 def test_transcripts_through_nginx_equal_the_bare_transformers_engine(startup, model_cache):
     service, _, _, _ = startup
-    responses = [service.transcribe(clip_bytes(r)) for r in ROWS]
+    rows = set_a_rows()
+    responses = [service.transcribe(clip_bytes(r)) for r in rows]
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     bodies = [r.json() for r in responses]
     assert {b["engine"] for b in bodies} == {"transformers"} and bodies[0]["model"] == "whisper-tiny.en"
     served = [b["text"] for b in bodies]
     engine = load_engine("transformers", resolve_model("transformers", "embedded", model_cache), "cpu",
                          cpu_threads=2)
-    bare = [engine.transcribe(read_16k_mono(SPEECH / r["file"]), DecodeOptions(beam_size=5)).text
-            for r in ROWS]
-    references = [r["reference"] for r in ROWS]
+    bare = [engine.transcribe(read_16k_mono(shared_audio(r["file"])), DecodeOptions(beam_size=5)).text
+            for r in rows]
+    references = [r["reference"] for r in rows]
     assert [normalize(t) for t in served] == [normalize(t) for t in bare]
     assert wer(references, served) == pytest.approx(wer(references, bare)) and wer(references, served) < 0.1
     assert normalize(served[0]) == normalize(JFK_REFERENCE)

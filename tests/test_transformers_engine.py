@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import JFK_REFERENCE, SPEECH, english_set_a, normalize, read_16k_mono, wer
+from support import JFK_REFERENCE, shared_audio, english_set_a, normalize, read_16k_mono, wer
 
 from app.engines.base import SAMPLE_RATE, DecodeOptions
 from app.engines.ct2_convert import convert_whisper_ct2_to_hf, read_ct2_model
@@ -26,7 +26,7 @@ MAX_SET_A_WER = 0.1
 def set_a() -> list[dict]:
     clips = english_set_a()
     for clip in clips:
-        clip["audio"] = read_16k_mono(SPEECH / clip["file"])
+        clip["audio"] = read_16k_mono(shared_audio(clip["file"]))
     return clips
 
 

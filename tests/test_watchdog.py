@@ -149,9 +149,9 @@ def test_an_instance_on_cuda_bounds_a_call_by_its_audio_and_by_the_request_timeo
         longest = [inst.queue.submit(np.zeros(16000 * 60, np.float32), DecodeOptions()) for _ in range(8)]
         engine.gates.put(True)                          # the 20 s call ends; the batch of 8 starts
         _busy_with(inst.queue, 8 * 60)
-        assert DECODE_START_SECONDS + settings.slowest_realtime_factor * 8 * 60 > settings.request_timeout_seconds
+        # 8 x 60 s at the slowest rate would take longer than a request may wait: the deadline is capped
+        # there (uncapped, it would be the estimate, and this would fail).
         assert watchdog.deadline() == settings.request_timeout_seconds      # 120 s here
-        assert settings.max_inference_seconds * 8 > settings.request_timeout_seconds   # the old limit: 480 s
         assert stuck == []
     finally:
         for _ in range(9):

@@ -517,9 +517,9 @@ def _print_summary(settings: Settings, instances: list[InstanceSpec]) -> None:
           f"({settings.engine}) behind nginx on http://{host}:{settings.port}")
     for i in instances:
         print(f"  {i.name}  127.0.0.1:{i.port}  {i.placement.describe()}  weight={i.weight}")
-    sample = Path(__file__).resolve().parents[2] / "tests" / "data" / "jfk.flac"
-    print("Try it:")
-    print(f"  curl -F audio=@{os.path.relpath(sample)} http://{host}:{settings.port}/asr")
+    print("Try it (espeak-ng speaks a sentence into hello.wav):")
+    print('  espeak-ng -v en -s 150 -w hello.wav "Ask not what your country can do for you."')
+    print(f"  curl -F audio=@hello.wav http://{host}:{settings.port}/asr")
     print(f"Status: asrctl status --run-dir {settings.run_dir}   Stop: asrctl down --run-dir {settings.run_dir}")
 
 
