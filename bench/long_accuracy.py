@@ -35,13 +35,13 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.bare import stop_child
-from bench.clips import REPO
+from bench.clips import REPO, SPEECH
 from bench.long import OtherLoad, run_job, transcribe
 from bench.machine import cpu_model
 from bench.service import Service
 from bench.wer import word_error_rate
 
-LONGFORM = REPO.parent / "shared" / "audio" / "longform"
+LONGFORM = SPEECH / "longform"
 MAX_RATIO = 0.55       # (c) seconds / (a) seconds
 MAX_WER_GAP_PP = 0.5   # (c) WER - (a) WER, percentage points
 MODES = {

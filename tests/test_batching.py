@@ -1,6 +1,5 @@
 """Dynamic batching: the queue gathers concurrent requests into one engine call, and a batched decode
 gives exactly the transcripts one-by-one decoding gives, with the real model on the real clips."""
-import importlib.util
 import threading
 import time
 from concurrent.futures import CancelledError

@@ -18,11 +18,12 @@ import pytest
 from app.engines import fallback
 from app.engines.base import SAMPLE_RATE, DecodeOptions
 from app.engines.fallback import Attempt
-from support import read_16k_mono
+from bench.clips import SPEECH
+from support import SPOKEN, espeak, read_16k_mono
 
 LOOP_TOKEN = 262    # " the" in the embedded tokenizer's byte-level BPE
 LOOP_MARGIN = 9.0   # its logit over every other token's 0: above the timestamps' total, below sampling's reach
-LONGFORM = Path(__file__).resolve().parents[1].parent / "shared" / "audio" / "longform"
+LONGFORM = SPEECH / "longform"
 
 
 # The policy -------------------------------------------------------------------------------------
@@ -182,9 +183,9 @@ def ct2_tiny():
 
 
 def test_temperature_0_decodes_a_clip_the_same_way_twice(ct2_tiny):
-    jfk = read_16k_mono(Path(__file__).parent / "data" / "jfk.flac")
+    speech = espeak(SPOKEN, voice="en", speed=150)
     for options in (DecodeOptions(), DecodeOptions(ends_in_pause=True)):  # faster-whisper's loop, lockstep
-        first, second = ct2_tiny.transcribe(jfk, options), ct2_tiny.transcribe(jfk, options)
+        first, second = ct2_tiny.transcribe(speech, options), ct2_tiny.transcribe(speech, options)
         assert first.text and first == second
         assert {s.temperature for s in first.segments} == {0.0}
 

@@ -335,7 +335,7 @@ def test_status_lists_the_gpus_and_their_faults(monkeypatch, tmp_path, capsys):
     """``asrctl status`` against a real service on a host whose GPU 0 fell off the bus: a row that
     says so, the other GPU's figures, no traceback."""
     from app.control import cli
-    from support import bring_up, run_asrctl, spoken_wav
+    from support import bring_up, run_asrctl
 
     try:
         service = bring_up(tmp_path, 1, "--device", "cpu")

@@ -30,7 +30,7 @@ from app.jobs.store import JobStore
 from app import peers
 from app.engines.base import DecodeOptions
 from app.longform import Lane, decode_chunks
-from support import shared_audio, bring_up, english_set_a, read_16k_mono, spoken_wav, wav_bytes, wer
+from support import SPOKEN, bring_up, english_set_a, read_16k_mono, shared_audio, spoken_wav, wav_bytes, wer
 
 RATE = 16_000
 KEY_A = "job-key-a-0123456789abcdef"
@@ -329,7 +329,7 @@ def test_a_job_is_visible_only_to_the_key_that_created_it_and_its_id_is_never_lo
     assert requests.get(direct, headers=B, timeout=10).status_code == 404
 
     done = wait_for(service, job_id, finished, 180)
-    assert done["state"] == "done" and wer([JFK_TEXT], [done["result"]["text"]]) < 0.1
+    assert done["state"] == "done" and wer([SPOKEN], [done["result"]["text"]]) < 0.1
     assert requests.get(url + "/result", headers=B, timeout=10).status_code == 404
     assert requests.delete(url, headers=B, timeout=10).status_code == 404
     assert requests.get(url + "/result", headers=A, params={"output": "txt"}, timeout=10).status_code == 200
@@ -358,8 +358,6 @@ def test_a_job_is_visible_only_to_the_key_that_created_it_and_its_id_is_never_lo
     assert any(line.get("job") == ref and line.get("method") == "DELETE" and line["status"] == 204 for line in instance)
     assert any(line.get("request_id", "").startswith(f"job-{ref}-") for line in instance)   # the runner's chunks
 
-
-JFK_TEXT = "And so, my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
 
 
 def test_a_poison_chunk_fails_its_job_within_the_attempt_limit_and_the_next_job_completes(service, speech, proxy):
