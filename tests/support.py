@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,3 +258,14 @@ class SteadyLoad:
 
     def served_by(self) -> set[str]:
         return {r[1] for r in self.results if r[1]}
+
+
+def poll(condition, seconds: float, step: float = 0.25):
+    """``condition()`` until it is truthy (returned) or ``seconds`` pass (None)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    return None

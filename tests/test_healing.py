@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import requests
@@ -18,7 +17,7 @@ from app.config import load_settings
 from app.control import processes
 from app.control.paths import RunPaths
 from app.control.systemd import commands
-from support import BIN, SteadyLoad, bring_up, short_clips
+from support import BIN, SteadyLoad, bring_up, poll, short_clips
 
 pytestmark = pytest.mark.integration
 
@@ -34,17 +33,6 @@ def _ports(service) -> set[int]:
     pool = json.loads((service.run_dir / "pool.json").read_text())
     return {service.port, *service.instance_ports,
             *(i["port"] for i in pool["instances"] + pool.get("adopted", []))}
-
-
-def _poll(condition, seconds: float, step: float = 0.25):
-    """Until ``condition()`` is truthy (returned) or ``seconds`` pass (None)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    return None
 
 
 def _down_leaves_nothing(service, ports: set[int]) -> None:
@@ -75,14 +63,14 @@ def test_nginx_master_kill_9_is_healed_and_the_next_scale_is_true(tmp_path):
             master = _programs(service)["nginx"]["pid"]
             workers = processes.tree(master) - {master}
             os.kill(master, signal.SIGKILL)
-            assert _poll(lambda: _programs(service)["nginx"]["pid"] not in (None, master), 30)
-            assert _poll(lambda: not any(processes.wait_gone(list(workers), 0)) or None, 60) is not None
-            assert _poll(lambda: _supervised_nginx_serves_alone(service), 30)
+            assert poll(lambda: _programs(service)["nginx"]["pid"] not in (None, master), 30)
+            assert poll(lambda: not any(processes.wait_gone(list(workers), 0)) or None, 60) is not None
+            assert poll(lambda: _supervised_nginx_serves_alone(service), 30)
             service.asrctl("scale", "2")
             ports |= _ports(service)
             new = f"asr-{max(_ports(service) - {service.port})}"
             after_scale = load.count()
-            assert _poll(lambda: new in {r[1] for r in load.results[after_scale:]}, 90), \
+            assert poll(lambda: new in {r[1] for r in load.results[after_scale:]}, 90), \
                 "after scale 2 no request reached the new instance"
         assert load.failures() == [], load.failures()[:5]
     finally:
@@ -135,7 +123,7 @@ def test_supervisord_kill_9_under_the_systemd_unit_comes_back_through_adoption(t
             supervisord = subprocess.Popen(unit["supervisord"].split(), stdout=subprocess.DEVNULL,
                                            stderr=subprocess.DEVNULL,   # with the unit's Environment=
                                            env={**os.environ, **processes.identity(RunPaths.at(service.run_dir))})
-            adopted = _poll(lambda: not processes.wait_gone(orphan_pids, 0)
+            adopted = poll(lambda: not processes.wait_gone(orphan_pids, 0)
                             and not json.loads((service.run_dir / "pool.json").read_text())["adopted"], 180, 0.5)
             assert adopted, (service.run_dir / "logs" / "watcher.log").read_text()[-3000:]
             ports |= _ports(service)
@@ -160,10 +148,10 @@ def test_a_frozen_instance_is_restarted_and_its_requests_are_served_elsewhere(tm
             worker = requests.get(f"http://127.0.0.1:{victim_port}/health", timeout=5).json()["pid"]
             os.kill(worker, signal.SIGSTOP)
             frozen_at = load.count()
-            row = _poll(lambda: (r := _programs(service)[victim])["ready"] and r["pid"] != master and r, 120, 0.5)
+            row = poll(lambda: (r := _programs(service)[victim])["ready"] and r["pid"] != master and r, 120, 0.5)
             assert row, f"{victim} was not restarted: {_programs(service)}"
             rejoined_at = load.count()
-            assert _poll(lambda: victim in {r[1] for r in load.results[rejoined_at:]}, 60), \
+            assert poll(lambda: victim in {r[1] for r in load.results[rejoined_at:]}, 60), \
                 f"{victim} never served again after its restart"
         assert load.failures() == [], load.failures()[:5]
         assert load.count() > frozen_at + 3
@@ -184,7 +172,7 @@ def test_down_from_a_broken_state_leaves_nothing(tmp_path):
     ports = _ports(service)
     master = _programs(service)["nginx"]["pid"]
     os.kill(master, signal.SIGKILL)
-    assert _poll(lambda: _programs(service)["nginx"]["pid"] not in (None, master), 30)
+    assert poll(lambda: _programs(service)["nginx"]["pid"] not in (None, master), 30)
     worker = requests.get(f"http://127.0.0.1:{service.instance_ports[0]}/health", timeout=5).json()["pid"]
     os.kill(worker, signal.SIGSTOP)
     os.kill(int((service.run_dir / "supervisord.pid").read_text()), signal.SIGKILL)

@@ -21,17 +21,7 @@ import requests
 
 from app.control import processes
 from app.control.paths import RunPaths
-from support import BIN, free_ports, run_asrctl
-
-
-def _poll(condition, seconds: float, step: float = 0.1):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    return None
+from support import BIN, free_ports, poll, run_asrctl
 
 
 def _carrying(root: str | Path, *argv: str) -> subprocess.Popen:
@@ -58,7 +48,7 @@ def test_identity_is_the_exact_run_directory_not_a_prefix(tmp_path):
     prefix = _carrying(f"{root.root}-b", "sleep", "30")
     parent = _carrying(root.root.parent, "sleep", "30")
     try:
-        assert _poll(lambda: _found(root, exact.pid), 5)
+        assert poll(lambda: _found(root, exact.pid), 5)
         pids = {p.pid for p in processes.run_processes(root)}
         assert exact.pid in pids
         assert prefix.pid not in pids and parent.pid not in pids
@@ -72,7 +62,7 @@ def test_a_process_is_ours_by_descent_and_each_signal_reaches_only_the_process_f
     # The child clears its environment: it is still the run's, as a child of a process that carries it.
     parent = _carrying(paths.root, "sh", "-c", "env -i sleep 30 & wait")
     try:
-        family = _poll(lambda: (found := processes.run_processes(paths)) and len(found) == 2 and found, 5)
+        family = poll(lambda: (found := processes.run_processes(paths)) and len(found) == 2 and found, 5)
         assert family, processes.run_processes(paths)
         child = next(p for p in family if p.pid != parent.pid)
         assert processes._environ(child.pid).get(processes.IDENTITY_ENV) is None
@@ -97,9 +87,9 @@ def test_a_process_that_no_longer_carries_the_identity_is_not_signalled(tmp_path
     paths = RunPaths.at(tmp_path / "asr")
     proc = _carrying(paths.root, "sh", "-c", f"sleep 0.5; exec env -u {processes.IDENTITY_ENV} sleep 30")
     try:
-        found = _poll(lambda: _found(paths, proc.pid), 5)
+        found = poll(lambda: _found(paths, proc.pid), 5)
         assert found and found.kind == "other"
-        assert _poll(lambda: processes._cmdline(proc.pid)[:1] == ["sleep"] and
+        assert poll(lambda: processes._cmdline(proc.pid)[:1] == ["sleep"] and
                      processes._cmdline(proc.pid)[1:] == ["30"], 5)
         assert processes.start_time(proc.pid) == found.started
         assert not processes.send(found, signal.SIGTERM)
@@ -112,7 +102,7 @@ def test_a_process_that_no_longer_carries_the_identity_is_not_signalled(tmp_path
 def test_a_gone_process_is_not_signalled(tmp_path):
     paths = RunPaths.at(tmp_path / "asr")
     proc = _carrying(paths.root, "sleep", "30")
-    found = _poll(lambda: _found(paths, proc.pid), 5)
+    found = poll(lambda: _found(paths, proc.pid), 5)
     _stop(proc)
     assert found and not processes.send(found, signal.SIGTERM)
 
@@ -133,7 +123,7 @@ def test_a_port_held_by_another_process_is_refused_naming_it(tmp_path):
                        f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); "
                        "s.listen(); time.sleep(30)")
     try:
-        assert _poll(lambda: processes.listeners({port}).get(port) == {holder.pid}, 10)
+        assert poll(lambda: processes.listeners({port}).get(port) == {holder.pid}, 10)
         processes.refuse_foreign(paths, {port}, "asrctl up")
         assert processes.foreign_holders(paths, {port}) == {}
     finally:
@@ -162,7 +152,7 @@ def test_up_refuses_a_public_port_another_process_holds_and_starts_nothing(tmp_p
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     paths = RunPaths.at(tmp_path / "asr")
     try:
-        assert _poll(lambda: processes.listeners({public}).get(public) == {foreign.pid}, 20)
+        assert poll(lambda: processes.listeners({public}).get(public) == {foreign.pid}, 20)
         up = _up(paths.root, 1, public, base, check=False)
         assert up.returncode == 1 and up.stdout == "", up.stdout
         assert up.stderr.startswith(f"asrctl up: port {public} is held by pid {foreign.pid} (")
@@ -200,7 +190,7 @@ def test_a_foreign_listener_on_an_instance_port_survives_up_scale_and_down(tmp_p
     run_dir = tmp_path / "asr"
     paths = RunPaths.at(run_dir)
     try:
-        assert _poll(lambda: processes.listeners({taken}).get(taken) == {foreign.pid}, 20)
+        assert poll(lambda: processes.listeners({taken}).get(taken) == {foreign.pid}, 20)
         started = processes.start_time(foreign.pid)
 
         up = _up(run_dir, 2, public, base, check=False)
