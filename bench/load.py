@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from urllib3 import encode_multipart_formdata
 
-from bench.clips import Clip
+from app.selfcheck.speech import Clip
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 REQUEST_TIMEOUT = 300

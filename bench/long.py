@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from bench.clips import REPO, SPEECH
+from bench import REPO
+from app.selfcheck.speech import SPEECH
 from bench.machine import busy_seconds
 from bench.service import Service, tree_cpu_seconds
-from bench.wer import word_error_rate
+from app.selfcheck.wer import word_error_rate
 
 RATE = 16_000
 
@@ -277,7 +278,7 @@ def engine_batches(minutes: float, engine: str, device: str, batch: int) -> dict
     model, alternating twice so drift hits both). On CPU it shows what batching does not buy there."""
     import soundfile
 
-    from app import chunking, longform
+    from app.audio import chunking, longform
     from app.config import Settings
     from app.engines import load_engine
     from app.engines.base import DecodeOptions

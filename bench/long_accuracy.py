@@ -35,11 +35,12 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.bare import stop_child
-from bench.clips import REPO, SPEECH
+from bench import REPO
+from app.selfcheck.speech import SPEECH
 from bench.long import OtherLoad, run_job, transcribe
 from bench.machine import cpu_model
 from bench.service import Service
-from bench.wer import word_error_rate
+from app.selfcheck.wer import word_error_rate
 
 LONGFORM = SPEECH / "longform"
 MAX_RATIO = 0.55       # (c) seconds / (a) seconds
@@ -156,7 +157,7 @@ def _bare_child(conn, model_dir: str, compute_type: str, core: int) -> None:
 
         os.environ["OMP_NUM_THREADS"] = "1"
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        from app.instance import pin_to_cores
+        from app.runtime.instance import pin_to_cores
 
         threads = pin_to_cores(str(core), 1)
         import ctranslate2
@@ -185,7 +186,7 @@ def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> d
     """Both pools and the bare engine up at once (idle, they cost nothing), then per round and
     recording the four modes one after the other, so the machine's drift hits all of them."""
     from app.config import load_settings
-    from app.devices import parse_cores
+    from app.hardware.devices import parse_cores
     from app.engines.models import display_name, resolve_model
 
     started, load_start, code = time.time(), os.getloadavg()[0], _code_version()   # the code measured

@@ -27,7 +27,8 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.bare import BareEngine
-from bench.clips import REPO, Clip, load_clips
+from bench import REPO
+from app.selfcheck.speech import Clip, load_clips
 from bench.load import Connection, Record, Uploads, run_load
 from bench.machine import busy_seconds, cpu_model
 from bench.report import check_targets, summarize_bare, summarize_http, write_files
@@ -370,8 +371,8 @@ def _batch_size(plan: Plan, device: str) -> int:
 def _device(plan: Plan) -> str:
     """Where the services run, so the bare engine runs there too (a GPU service against a CPU bare
     engine measures the hardware, not the service)."""
-    from app.control.placement import resolve_device
-    from app.gpu import inventory
+    from app.control.plan.placement import resolve_device
+    from app.hardware.nvml import inventory
 
     found = inventory()
     return resolve_device(plan.device, found.gpus, found.error)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections import defaultdict
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from app.control.processes import port_free
+from app.control.act.processes import free_ports
 
 BIN = Path(sys.executable).parent
 
@@ -62,15 +61,6 @@ def asrctl(*args: str, env: dict | None = None, check: bool = True, timeout: flo
     return result
 
 
-def free_ports(count: int) -> list[int]:
-    """Free consecutive loopback ports: base_port..base_port+N-1 must all be free."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count < 65000 and all(port_free(base + i) for i in range(count)):
-            return [base + i for i in range(count)]
-    raise RuntimeError("no free range of loopback ports")
 
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.clips import load_clips
+from app.selfcheck.speech import load_clips
 from bench.load import Connection, Record, Uploads, run_load
 from bench.service import Service
 

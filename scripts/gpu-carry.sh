@@ -53,7 +53,7 @@ say "debs (for this host's architecture, $(dpkg --print-architecture)): ${DEBS[*
 (cd "$out/debs" && apt-get download "${DEBS[@]}" >/dev/null 2>&1) ||
   (apt-get update -qq && cd "$out/debs" && apt-get download "${DEBS[@]}" >/dev/null)
 
-# The embedded model's tokenizer.json, which bench/random_whisper.py lays out as a multilingual one.
+# The embedded model's tokenizer.json, which app/selfcheck/random_whisper.py lays out as a multilingual one.
 tokenizer=$(.venv/bin/python -c 'from app.engines.models import embedded_ct2_dir; print(embedded_ct2_dir() / "tokenizer.json")')
 gzip -9c "$tokenizer" > "$out/whisper-tokenizer.json.gz"
 

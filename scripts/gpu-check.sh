@@ -4,11 +4,11 @@
 # supervisord, two instances per engine), transcribe JFK through nginx, read each instance's GPU,
 # dtype and memory and NVML's figures on /metrics, time spawn to ready, and measure dynamic batching
 # (max_batch 8 vs 1) on random weights of whisper-large-v3's shape (float16) and of Qwen3-ASR-1.7B's
-# (bfloat16). One JSON report; bench/gpu_check.py does the measuring.
+# (bfloat16). One JSON report; app/selfcheck/check.py does the measuring.
 #
 #   scripts/gpu-check.sh [--wheelhouse DIR | --carried DIR] [--nginx-deb FILE] [--report FILE]
 #                        [--deadline SECONDS] [--cpu-rehearsal]
-#                        [-- options for python -m bench.gpu_check, e.g. --engines transformers]
+#                        [-- options for python -m app.selfcheck, e.g. --engines transformers]
 #
 #   --wheelhouse DIR   install every Python package from DIR, no network (pip --no-index); DIR may
 #                      also hold nginx_*.deb, unpacked in place when the host has no nginx
@@ -21,7 +21,7 @@
 #                      checks that need the embedded model are skipped, and the report says so.
 #   --nginx-deb FILE   that .deb, named directly: used even where the host has an nginx
 #   --report FILE      where the JSON report goes (default $OUT/gpu-check.json when $OUT is set, else
-#                      bench/results/gpu-check-<time>.json)
+#                      gpu-check-<time>.json in the current directory)
 #   --deadline S       seconds for the checks themselves (default 360: with set-up from a wheelhouse, the whole run fits in 8 minutes)
 #   --system-site-packages   a new .venv uses the image's own torch, transformers, nvidia-ml-py,
 #                      so the wheelhouse need hold only the rest
@@ -124,7 +124,7 @@ fi
 # 4. The checks, bounded: the harness stops starting work at its deadline, the timeout kills it after.
 [ -n "$report" ] && args+=(--report "$report")
 [ $rehearsal = 1 ] && args+=(--device cpu --shape test --qwen-shape tiny --clips 3 --clip-seconds 1)
-timeout --kill-after=20 $((deadline + 60)) "$python" -m bench.gpu_check "${args[@]}" "$@"
+timeout --kill-after=20 $((deadline + 60)) "$python" -m app.selfcheck "${args[@]}" "$@"
 rc=$?
 [ $rc -eq 0 ] && exit 0
 [ $rc -eq 1 ] && exit $EXIT_FAILED

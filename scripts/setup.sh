@@ -26,7 +26,7 @@
 #   ctranslate2 alone   no torch, the `gpu` extra
 # torch 2.13's only CUDA 12 build is cu126 (PyTorch dropped cu128 in 2.12); like CTranslate2's CUDA 12
 # wheel it has no kernels for Blackwell GPUs (compute capability 10.x, 12.x): there, --engine transformers.
-# After installing, `python -m app.cuda` fails the set-up if two cuDNN builds (or two nvidia-* wheels
+# After installing, `python -m app.hardware.cuda` fails the set-up if two cuDNN builds (or two nvidia-* wheels
 # writing one library file) ended up in the environment. This GPU path has not run on a GPU yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,7 +81,7 @@ plan() {
   fi
   # torch alone and first, so the build is chosen here and nowhere else.
   if [ -n "$wheelhouse" ]; then
-    torch_pip=(torch) torch_note="torch from $wheelhouse (python -m app.cuda checks its CUDA libraries)"
+    torch_pip=(torch) torch_note="torch from $wheelhouse (python -m app.hardware.cuda checks its CUDA libraries)"
   elif [ "$gpu" = 1 ]; then
     cuda=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\)\..*/\1/p' | head -n 1 || true)
     index=${ASR_TORCH_INDEX:-}
@@ -121,7 +121,7 @@ if [ "$dry_run" = 1 ]; then
   echo "# engine=$engine gpu=$gpu: $torch_note"
   [ ${#torch_pip[@]} -eq 0 ] || echo "$pip ${torch_pip[*]}"
   echo "$pip -e $(spec)"
-  echo "python -m app.cuda"
+  echo "python -m app.hardware.cuda"
   exit 0
 fi
 
@@ -170,7 +170,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing the service: $(spec)"
   "${pip[@]}" -e "$(spec)"
   # One cuDNN, and no library file that two nvidia-* wheels both wrote (pip does not notice).
-  .venv/bin/python -m app.cuda || { log "remove .venv and run scripts/setup.sh again"; exit 1; }
+  .venv/bin/python -m app.hardware.cuda || { log "remove .venv and run scripts/setup.sh again"; exit 1; }
   echo "$want" > "$stamp"
 fi
 log "ready: .venv/bin/asrctl up   (then: espeak-ng -w hello.wav \"ask not what your country can do for you\"; curl -F audio=@hello.wav http://127.0.0.1:7860/asr)"

@@ -3,7 +3,7 @@ answer from a list of fake GPUs, and raise pynvml's real error classes for the f
 (``GpuIsLost`` for a GPU that fell off the bus, ``NotSupported`` for utilization on MIG or vGPU and
 for the process list where it is not offered), and answer ``usedGpuMemory=None`` for a process whose
 memory NVML cannot tell (MIG, some containers), as pynvml does.
-Everything above pynvml (``app.gpu``, placement, the autoscaler, ``/metrics``, ``asrctl status``) is
+Everything above pynvml (``app.hardware.nvml``, placement, the autoscaler, ``/metrics``, ``asrctl status``) is
 the real code. No GPU exists on the test machines: this is the hardware boundary.
 """
 from __future__ import annotations
@@ -48,15 +48,15 @@ class FakeNvml:
             g.pci_bus_id = g.pci_bus_id or f"00000000:{0x10 + i:02X}:00.0"
 
     def install(self, monkeypatch) -> "FakeNvml":
-        import app.gpu
+        import app.hardware.nvml
 
         for name in ("nvmlInit", "nvmlShutdown", "nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex",
                      "nvmlDeviceGetHandleByUUID", "nvmlDeviceGetIndex", "nvmlDeviceGetName", "nvmlDeviceGetUUID",
                      "nvmlDeviceGetPciInfo", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUtilizationRates",
                      "nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetMigMode"):
             monkeypatch.setattr(pynvml, name, getattr(self, name))
-        app.gpu.reset()
-        monkeypatch.setattr(app.gpu, "_reported", {})
+        app.hardware.nvml.reset()
+        monkeypatch.setattr(app.hardware.nvml, "_reported", {})
         return self
 
     # -- pynvml's functions --
@@ -135,9 +135,9 @@ class FakeNvml:
 
 
 def cuda_sees(monkeypatch, g: FakeGpu) -> None:
-    """CUDA's device 0 (``app.cuda.current_device``, the CUDA driver's answer) is ``g``: the other half
+    """CUDA's device 0 (``app.hardware.cuda.current_device``, the CUDA driver's answer) is ``g``: the other half
     of the hardware boundary, for an instance that loads on ``cuda`` here."""
-    import app.cuda
+    import app.hardware.cuda
 
-    monkeypatch.setattr(app.cuda, "current_device", lambda: {"uuid": g.uuid, "name": g.name,
+    monkeypatch.setattr(app.hardware.cuda, "current_device", lambda: {"uuid": g.uuid, "name": g.name,
                                                              "pci_bus_id": g.pci_bus_id, "visible": 1})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.random_qwen3_asr import ASR_TEMPLATE
+from app.selfcheck.random_qwen3_asr import ASR_TEMPLATE
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
            "<timestamp>"]
@@ -26,7 +26,7 @@ _CORPUS = [
     "我们今天讨论的问题是语音识别。", "Guten Tag, wie geht es Ihnen?",
 ]
 
-_ASR_TEMPLATE = ASR_TEMPLATE  # the released checkpoints' layout (bench/random_qwen3_asr.py)
+_ASR_TEMPLATE = ASR_TEMPLATE  # the released checkpoints' layout (app/selfcheck/random_qwen3_asr.py)
 _ALIGNER_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- for content in message['content'] %}"

@@ -22,9 +22,9 @@ import requests
 import soundfile
 import soxr
 
-from bench.clips import SENTENCES, SPEECH, espeak_wav  # the bench and the tests read the same clips, speak alike
-from bench.service import free_ports  # noqa: F401  (the bench and the tests pick ports alike)
-from bench.wer import normalize  # the bench and the tests compare words alike
+from app.control.act.processes import free_ports  # noqa: F401  (the bench and the tests pick ports alike)
+from app.selfcheck.speech import SENTENCES, SPEECH, espeak_wav  # the bench and the tests read the same clips, speak alike
+from app.selfcheck.wer import normalize  # the bench and the tests compare words alike
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

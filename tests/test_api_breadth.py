@@ -230,7 +230,7 @@ def test_language_detection_switched_off_by_configuration(qwen_models):
     when a client asks for detection. On the tiny Qwen3-ASR, which would detect English here."""
     import io
 
-    from app import create_app
+    from app.routes import create_app
     from app.config import load_settings
 
     settings = load_settings(env={}, overrides={"detect_language": False, "language": "de", "max_queue": 2,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soxr
 
-from app.audio import decode_audio
+from app.audio.decode import decode_audio
 from app.errors import ApiError
 from support import clip_bytes, encode, espeak, manifest_params, wav_bytes
 

@@ -11,7 +11,7 @@ from app.config import load_settings
 from app.engines import load_engine
 from app.engines.base import DecodeOptions, Transcript
 from app.engines.models import embedded_ct2_dir, resolve_model
-from app.queue import InferenceQueue, QueueFull
+from app.runtime.queue import InferenceQueue, QueueFull
 from support import shared_audio, english_set_a, read_16k_mono
 
 
@@ -178,7 +178,7 @@ def test_batch_metrics_reach_prometheus(started_queue):
     from flask import Flask
     from prometheus_client.parser import text_string_to_metric_families
 
-    from app import metrics
+    from app.runtime import metrics
 
     engine = ScriptedEngine(hold_first=True)
     q = started_queue(engine, max_batch=4, max_wait_ms=10)

@@ -1,12 +1,12 @@
-"""Cutting long audio at quiet points (app/chunking.py): synthetic timelines for the rules, real speech
+"""Cutting long audio at quiet points (app/audio/chunking.py): synthetic timelines for the rules, real speech
 for the detector, and joining chunk transcripts back onto one timeline."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from app import vad
-from app.chunking import MIN_TAIL_SECONDS, OVERLAP_SECONDS, Chunk, cuts, join, join_texts, overlapping, plan_chunks
+from app.audio import vad
+from app.audio.chunking import MIN_TAIL_SECONDS, OVERLAP_SECONDS, Chunk, cuts, join, join_texts, overlapping, plan_chunks
 from app.engines.base import SAMPLE_RATE, Segment, Transcript, Word
 from support import shared_audio, read_16k_mono
 

@@ -18,7 +18,7 @@ import pytest
 from app.engines import fallback
 from app.engines.base import SAMPLE_RATE, DecodeOptions
 from app.engines.fallback import Attempt
-from bench.clips import SPEECH
+from app.selfcheck.speech import SPEECH
 from support import SPOKEN, espeak, read_16k_mono
 
 LOOP_TOKEN = 262    # " the" in the embedded tokenizer's byte-level BPE
@@ -82,7 +82,7 @@ def looping(tmp_path_factory) -> tuple[Path, Path]:
     import torch
     from transformers import WhisperForConditionalGeneration
 
-    from bench import random_whisper
+    from app.selfcheck import random_whisper
 
     out = tmp_path_factory.mktemp("looping-whisper")
     hf, _ = random_whisper.build(out, "test", ct2=False)

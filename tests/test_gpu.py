@@ -1,5 +1,5 @@
 """GPU hosts through a fake NVML at the pynvml boundary (tests/fake_nvml.py), driving the real code:
-``app.gpu``, placement, rendering, the autoscaler, an instance's /health and /metrics, and ``asrctl
+``app.hardware.nvml``, placement, rendering, the autoscaler, an instance's /health and /metrics, and ``asrctl
 status``. Mixed GPUs, vGPU (utilization NotSupported), MIG mode and MIG slices, a GPU lost mid-run, a
 full GPU, a hung NVML, no driver and a broken driver, processes whose memory NVML cannot tell; CUDA's
 own answer through a fake driver; an instance's memory measured after its warm-up; and what each
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from app import gpu
+from app.hardware import nvml
 from app.config import ConfigError, load_settings
-from app.control.actuator import measured_memory_mb
-from app.control.autoscaler import Autoscaler
-from app.control.placement import Placement, place_one
-from app.control.pool import Pool
-from app.control.render import InstanceSpec, plan_instances
+from app.control.act.actuator import measured_memory_mb
+from app.control.daemons.autoscaler import Autoscaler
+from app.control.plan.placement import Placement, place_one
+from app.control.plan.pool import Pool
+from app.control.render.files import InstanceSpec, plan_instances
 from fake_nvml import FakeGpu, FakeNvml, cuda_sees
 
 
@@ -31,19 +31,19 @@ def mixed() -> list[FakeGpu]:
 
 
 def test_without_a_driver_nvml_gives_no_gpus_and_no_traceback(caplog):
-    gpu.reset()
+    nvml.reset()
     caplog.set_level(logging.INFO, "asr.gpu")
-    found = gpu.inventory()          # the real pynvml on this host: no libnvidia-ml
+    found = nvml.inventory()          # the real pynvml on this host: no libnvidia-ml
     assert found.gpus == [] and found.error
-    assert gpu.gpu("0") is None and gpu.process_memory_mb("0", os.getpid()) is None
+    assert nvml.gpu("0") is None and nvml.process_memory_mb("0", os.getpid()) is None
     assert sum("NVML unavailable" in r.message for r in caplog.records) == 1
-    gpu.inventory()
+    nvml.inventory()
     assert sum("NVML unavailable" in r.message for r in caplog.records) == 1   # logged once, not per call
 
 
 def test_mixed_gpus_are_read_placed_weighted_and_pinned_by_uuid(monkeypatch, tmp_path):
     fake = FakeNvml(mixed()).install(monkeypatch)
-    found = gpu.detect_gpus()
+    found = nvml.detect_gpus()
     assert [(g.index, g.name, g.memory_total_mb, g.memory_free_mb, g.utilization_pct) for g in found] == [
         (0, "NVIDIA H100 80GB HBM3", 81_559, 51_559, 40.0), (1, "NVIDIA L4", 23_034, 22_534, 5.0)]
     settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "instances": 3, "device": "cuda",
@@ -67,17 +67,17 @@ def test_a_full_gpu_takes_no_instance_and_up_says_why(monkeypatch, tmp_path):
     FakeNvml(gpus).install(monkeypatch)
     settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "instances": 2, "device": "cuda",
                                                 "instance_gpu_memory_mb": 4_000})
-    assert [s.placement.gpu for s in plan_instances(settings, gpu.detect_gpus())] == [1, 1]
+    assert [s.placement.gpu for s in plan_instances(settings, nvml.detect_gpus())] == [1, 1]
     greedy = load_settings(env={}, overrides={**vars(settings), "instances": 6})
     with pytest.raises(ConfigError, match=r"room on the GPUs for 5 of 6 instances: GPU memory full \(gpu0 1028 MB free"):
-        plan_instances(greedy, gpu.detect_gpus())
+        plan_instances(greedy, nvml.detect_gpus())
 
 
 def test_a_vgpu_without_utilization_still_places_and_serves_figures(monkeypatch, caplog):
     gpus = [FakeGpu("GRID A100D-40C", 40_192, used_mb=100, util_not_supported=True)]
     FakeNvml(gpus).install(monkeypatch)
     caplog.set_level(logging.INFO, "asr.gpu")
-    (g,) = gpu.detect_gpus()
+    (g,) = nvml.detect_gpus()
     assert g.usable and g.fault == "" and g.utilization_fault == "" and g.utilization_pct is None
     assert g.memory_free_mb == 40_092 and not caplog.records          # NotSupported is no fault
     placement = place_one([], "cuda", [g], [0], 1, instance_memory_mb=3_000)
@@ -89,20 +89,20 @@ def test_a_gpu_in_mig_mode_is_not_placed_on_and_says_why(monkeypatch, tmp_path):
     no slice's: asrctl places on whole GPUs only, and says so instead of starting instances that fail."""
     fake = FakeNvml([FakeGpu("NVIDIA A100-SXM4-80GB", 81_920, util_not_supported=True, mig=True),
                      FakeGpu("NVIDIA A100-SXM4-80GB", 81_920, used_mb=1_000, mig=False)]).install(monkeypatch)
-    mig, whole = gpu.detect_gpus()
+    mig, whole = nvml.detect_gpus()
     assert not mig.usable and "MIG mode is on" in mig.fault and whole.usable
     settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "instances": 2, "device": "cuda"})
     assert [s.placement.gpu for s in plan_instances(settings, [mig, whole])] == [1, 1]
     fake.gpus[1].mig = True
     with pytest.raises(ConfigError, match=r"room on the GPUs for 0 of 2 instances: NVML fault \(gpu0: MIG mode is on"):
-        plan_instances(settings, gpu.detect_gpus())
+        plan_instances(settings, nvml.detect_gpus())
 
 
 def test_an_instance_given_a_mig_slice_finds_it_under_either_prefix(monkeypatch, tmp_path):
     """On Kubernetes the device plugin hands a pod one MIG slice. CUDA names it by 16 bytes, written
     GPU-...; NVML knows it as MIG-...: the instance finds its slice's figures all the same."""
-    from app import cuda
-    from app.instance import ModelInstance
+    from app.hardware import cuda
+    from app.runtime.instance import ModelInstance
 
     slice_ = FakeGpu("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40_192, used_mb=13, util_not_supported=True,
                      uuid="MIG-4b2c9a1e-7d3f-5e60-8a9b-0c1d2e3f4a5b")
@@ -113,16 +113,16 @@ def test_an_instance_given_a_mig_slice_finds_it_under_either_prefix(monkeypatch,
     inst.gpu = inst._check_gpu()
     assert inst.gpu["uuid"] == slice_.uuid and inst.gpu["seen_by"] == "cuda"   # NVML's own name for it
     assert inst._gpu_used_before_mb == 13 and inst.gpu_identity() == slice_.uuid
-    assert gpu.gpu(inst.gpu_identity()).memory_total_mb == 40_192 and fake.gpus[0].mig
+    assert nvml.gpu(inst.gpu_identity()).memory_total_mb == 40_192 and fake.gpus[0].mig
 
 
 def test_a_gpu_lost_mid_run_degrades_to_a_fault_and_placement_avoids_it(monkeypatch, caplog):
     fake = FakeNvml(mixed()).install(monkeypatch)
     caplog.set_level(logging.WARNING, "asr.gpu")
-    assert all(g.usable for g in gpu.detect_gpus())
+    assert all(g.usable for g in nvml.detect_gpus())
     fake.gpus[0].lost = True
     for _ in range(3):
-        lost, healthy = gpu.detect_gpus()
+        lost, healthy = nvml.detect_gpus()
     assert not lost.usable and "GPU is lost" in lost.fault and lost.memory_free_mb is None
     assert healthy.usable
     assert sum("GPU is lost" in r.message for r in caplog.records) == 1  # one line, not one per tick
@@ -135,8 +135,8 @@ def test_a_gpu_lost_mid_run_degrades_to_a_fault_and_placement_avoids_it(monkeypa
 def test_measured_memory_replaces_the_estimate_and_starting_instances_are_charged(monkeypatch):
     fake = FakeNvml([FakeGpu("NVIDIA L40S", 46_068, used_mb=0)]).install(monkeypatch)
     fake.gpus[0].processes = {os.getpid(): 5_120}
-    assert gpu.process_memory_mb(fake.gpus[0].uuid, os.getpid()) == 5_120
-    assert gpu.process_memory_mb(fake.gpus[0].uuid, 1) is None           # a process not on this GPU
+    assert nvml.process_memory_mb(fake.gpus[0].uuid, os.getpid()) == 5_120
+    assert nvml.process_memory_mb(fake.gpus[0].uuid, 1) is None           # a process not on this GPU
     settings = load_settings(env={}, overrides={"device": "cuda", "model": "large-v3", "engine": "transformers"})
     of = lambda mb, model="large-v3", engine="transformers", batch=8: {  # noqa: E731 - an instance's /health
         "gpu": {"memory_mb": mb}, "engine": engine, "model": model, "model_config": {"max_batch": batch}}
@@ -148,7 +148,7 @@ def test_measured_memory_replaces_the_estimate_and_starting_instances_are_charge
                                                    of(3_000, batch=1), of(4_000)]) == 4_000
     # 40948 MB free; instances measured at 5120 MB; starting ones charged (NVML does not show them yet):
     # 6 starting leave 10228 MB, room for one more; 7 leave 5108 MB, below 5120 + 512 headroom.
-    (g,) = gpu.detect_gpus()
+    (g,) = nvml.detect_gpus()
     starting = [Placement("cuda", gpu=0)] * 6
     place_one([], "cuda", [g], [0], 1, instance_memory_mb=5_120, starting=starting, headroom_mb=512)
     with pytest.raises(ConfigError, match="gpu0 5108 MB free; an instance needs 5632 MB"):
@@ -249,7 +249,7 @@ def test_autoscaler_places_by_the_memory_its_gpu_instances_measured(monkeypatch,
     """``observe`` reads each GPU instance's /health ``gpu.memory_mb`` (the most of them is one
     instance's memory) into the policy's context, and the tick's room check uses it instead of the
     configured 2048 MB."""
-    from app.control.autoscaler import observe
+    from app.control.daemons.autoscaler import observe
 
     FakeNvml([FakeGpu("NVIDIA L40S", 46_068, used_mb=34_068)]).install(monkeypatch)   # 12000 MB free
     settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "device": "cuda", "min_instances": 1,
@@ -263,7 +263,7 @@ def test_autoscaler_places_by_the_memory_its_gpu_instances_measured(monkeypatch,
     stubs = _HealthStubs([{**busy, "gpu": {"memory_mb": 5_120}}, {**busy, "gpu": {"memory_mb": 4_900}}])
     try:
         pool = Pool([InstanceSpec(f"asr-{p}", p, 1, Placement("cuda", gpu=0)) for p in stubs.ports])
-        ctx = observe(pool, settings, gpu.detect_gpus(), now=0.0, last_change_at=None)
+        ctx = observe(pool, settings, nvml.detect_gpus(), now=0.0, last_change_at=None)
         assert ctx.instance_memory_mb == 5_120 and ctx.gpu_pool
         assert [(i.in_flight, i.queue_depth, i.ready) for i in ctx.instances] == [(2, 8, True)] * 2
         # 12000 MB free takes two instances of 5120 MB (+ 512 headroom): 12000 -> 6880 -> 1760. The
@@ -279,7 +279,7 @@ def test_autoscaler_places_by_the_memory_its_gpu_instances_measured(monkeypatch,
 
 
 def _gpu_app(monkeypatch, tmp_path, pin: str, **overrides):
-    from app import create_app
+    from app.routes import create_app
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", pin)
     settings = load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": pin, "instance_port": 1,
@@ -465,7 +465,7 @@ def test_up_names_the_missing_engine_packages_of_a_ctranslate2_only_install(monk
 def test_an_instance_measures_its_gpu_memory_from_the_best_figure_it_can_get(monkeypatch, tmp_path):
     """NVML's per-process figure first; in a container whose pids NVML does not see, the engine's own
     figure; for an engine with none, the GPU's used memory after loading minus before."""
-    from app.instance import ModelInstance
+    from app.runtime.instance import ModelInstance
 
     fake = FakeNvml([FakeGpu("NVIDIA H200", 143_771, used_mb=1_000)]).install(monkeypatch)
     h200 = fake.gpus[0]
@@ -515,7 +515,7 @@ class _WarmingEngine:
 def _load_on_fake_gpu(monkeypatch, tmp_path, g: FakeGpu, make_engine, **overrides):
     """A real instance app on ``cuda`` (CUDA's device 0 is ``g``), its engine made by ``make_engine``
     where the real one would load: (test client, instance, the engine loaded, load_engine's arguments)."""
-    import app.instance
+    import app.runtime.instance
 
     cuda_sees(monkeypatch, g)
     loaded = []
@@ -524,7 +524,7 @@ def _load_on_fake_gpu(monkeypatch, tmp_path, g: FakeGpu, make_engine, **override
         loaded.append((make_engine(), device))
         return loaded[-1][0]
 
-    monkeypatch.setattr(app.instance, "load_engine", load_engine)
+    monkeypatch.setattr(app.runtime.instance, "load_engine", load_engine)
     client, inst = _gpu_app(monkeypatch, tmp_path, g.uuid, **overrides)
     assert inst.state == "ready", inst.error
     (engine, device), = loaded
@@ -549,29 +549,29 @@ def test_an_instance_measures_its_gpu_memory_after_a_full_warm_up_batch(monkeypa
     assert health["gpu"]["uuid"] == h200.uuid
 
 
-@pytest.mark.parametrize("nvml", ["usedGpuMemory None", "NotSupported"])
-def test_without_nvml_per_process_memory_an_instance_reports_the_engines_figure(monkeypatch, tmp_path, nvml):
+@pytest.mark.parametrize("refusal", ["usedGpuMemory None", "NotSupported"])
+def test_without_nvml_per_process_memory_an_instance_reports_the_engines_figure(monkeypatch, tmp_path, refusal):
     """MIG and some containers list processes with no memory figure (pynvml's ``usedGpuMemory`` is
-    None), and some GPUs refuse the process list (NotSupported): ``app.gpu.process_memory_mb`` says
+    None), and some GPUs refuse the process list (NotSupported): ``app.hardware.nvml.process_memory_mb`` says
     it does not know, and the instance reports the engine's own figure (torch's reserved memory)."""
     fake = FakeNvml([FakeGpu("NVIDIA A100-SXM4-80GB", 81_920, used_mb=800)]).install(monkeypatch)
     a100 = fake.gpus[0]
-    a100.process_memory_hidden = nvml == "usedGpuMemory None"
-    a100.processes_not_supported = nvml == "NotSupported"
+    a100.process_memory_hidden = refusal == "usedGpuMemory None"
+    a100.processes_not_supported = refusal == "NotSupported"
     client, inst, engine, _ = _load_on_fake_gpu(
         monkeypatch, tmp_path, a100, lambda: _WarmingEngine(a100, loaded_mb=1_500, batch_mb=4_200, own_mb=3_968))
-    assert gpu.process_memory_mb(a100.uuid, os.getpid()) is None
+    assert nvml.process_memory_mb(a100.uuid, os.getpid()) is None
     reported = client.get("/health").get_json()["gpu"]
     assert (reported["memory_mb"], reported["memory_source"]) == (3_968, "engine")
     a100.process_memory_hidden = a100.processes_not_supported = False     # the same GPU, figures given
-    assert gpu.process_memory_mb(a100.uuid, os.getpid()) == 4_200
+    assert nvml.process_memory_mb(a100.uuid, os.getpid()) == 4_200
 
 
 def test_an_instance_refuses_a_gpu_other_than_the_one_it_was_placed_on(monkeypatch):
     """CUDA's device 0 (asked of the driver; faked here, there is no GPU) must be the GPU placement
     chose: a wrong pin fails the instance with both names, instead of serving from the wrong card."""
-    from app import cuda
-    from app.instance import ModelInstance
+    from app.hardware import cuda
+    from app.runtime.instance import ModelInstance
 
     fake = FakeNvml(mixed()).install(monkeypatch)
     h100, l4 = fake.gpus
@@ -598,13 +598,13 @@ def test_a_hung_nvml_is_a_fault_within_its_timeout_and_recovers(monkeypatch, tmp
     import threading
 
     fake = FakeNvml(mixed()).install(monkeypatch)
-    monkeypatch.setattr(gpu, "CALL_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(nvml, "CALL_TIMEOUT_S", 0.5)
     client, _ = _gpu_app(monkeypatch, tmp_path, fake.gpus[1].uuid)
-    assert all(g.usable for g in gpu.detect_gpus())
+    assert all(g.usable for g in nvml.detect_gpus())
     fake.gpus[0].hang = threading.Event()
     try:
         t0 = time.monotonic()
-        stuck = gpu.detect_gpus()
+        stuck = nvml.detect_gpus()
         assert time.monotonic() - t0 < 3          # one timeout, then every call fails at once
         assert "NVML not answering (nvmlDeviceGetName has not returned since" in stuck[0].fault
         assert not any(g.usable for g in stuck)   # NVML answers nothing while a call is stuck
@@ -615,7 +615,7 @@ def test_a_hung_nvml_is_a_fault_within_its_timeout_and_recovers(monkeypatch, tmp
         # Still stuck seconds later: the same fault, not a new log line per scrape or tick.
         time.sleep(1.1)
         for _ in range(2):
-            later = gpu.inventory()        # now even the count fails at once: no GPU figures at all
+            later = nvml.inventory()        # now even the count fails at once: no GPU figures at all
             assert later.gpus == [] and "NVML not answering" in later.error
             client.get("/metrics")
         stuck_log = capsys.readouterr().out
@@ -623,9 +623,9 @@ def test_a_hung_nvml_is_a_fault_within_its_timeout_and_recovers(monkeypatch, tmp
     finally:
         fake.gpus[0].hang.set()
     deadline = time.monotonic() + 10
-    while gpu._caller.stuck and time.monotonic() < deadline:
+    while nvml._caller.stuck and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert all(g.usable for g in gpu.detect_gpus())
+    assert all(g.usable for g in nvml.detect_gpus())
     logged = stuck_log + capsys.readouterr().out     # the JSON log lines (create_app set them up)
     assert "NVML gpu0: memory: NVML not answering" in logged and "NVML gpu0: cleared" in logged
 
@@ -640,7 +640,7 @@ def test_a_broken_driver_is_not_taken_for_a_cpu_host(monkeypatch, tmp_path, caps
 
     caplog.set_level(logging.INFO, "asr.gpu")
     FakeNvml([], init_error=pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH).install(monkeypatch)
-    found = gpu.inventory()
+    found = nvml.inventory()
     assert found.gpus == [] and found.error and not found.no_driver
     assert any(r.levelno == logging.WARNING and "NVML unavailable" in r.message for r in caplog.records)
     auto = load_settings(env={}, overrides={"run_dir": str(tmp_path / "run"), "instances": 1})
@@ -655,12 +655,12 @@ def test_a_broken_driver_is_not_taken_for_a_cpu_host(monkeypatch, tmp_path, caps
     assert not (tmp_path / "run" / "supervisor.sock").exists()
 
     FakeNvml([], driver=False).install(monkeypatch)
-    absent = gpu.inventory()
+    absent = nvml.inventory()
     assert absent.no_driver and plan_instances(auto, [], nvml_error=absent.error)[0].placement.device == "cpu"
 
 
 class FakeLibcuda:
-    """The CUDA driver API's few calls ``app.cuda`` makes, answering through the same ctypes
+    """The CUDA driver API's few calls ``app.hardware.cuda`` makes, answering through the same ctypes
     arguments the real libcuda.so.1 gets (no GPU here: the hardware boundary)."""
 
     def __init__(self, devices: list[tuple[str, str, str]], init_status: int = 0):
@@ -700,7 +700,7 @@ class FakeLibcuda:
 
 
 def test_cuda_names_device_0_as_nvml_does_and_its_errors_by_name(monkeypatch):
-    from app import cuda
+    from app.hardware import cuda
 
     h100 = ("NVIDIA H100 80GB HBM3", "GPU-6f3a0c2e-9b1d-4e57-a8c3-0d2e4f6a8b9c", "0000:3B:00.0")
     monkeypatch.setattr(cuda.ctypes, "CDLL", lambda name: FakeLibcuda([h100]))
@@ -720,8 +720,8 @@ def test_cuda_names_device_0_as_nvml_does_and_its_errors_by_name(monkeypatch):
 
 
 def test_an_instance_whose_cuda_fails_says_so_and_names_no_gpu(monkeypatch):
-    from app import cuda
-    from app.instance import ModelInstance
+    from app.hardware import cuda
+    from app.runtime.instance import ModelInstance
 
     fake = FakeNvml(mixed()).install(monkeypatch)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", fake.gpus[1].uuid)
@@ -735,8 +735,8 @@ def test_an_instance_whose_cuda_fails_says_so_and_names_no_gpu(monkeypatch):
 def test_scaling_by_several_reads_the_gpus_again_for_each_new_instance(monkeypatch, tmp_path):
     """``asrctl scale 4`` adds instances one after another; each placement must see the memory the
     ones before it took once loaded, not the free memory read before the first."""
-    from app.control import actuator as actuation
-    from app.control.actuator import Actuator
+    from app.control.act import actuator as actuation
+    from app.control.act.actuator import Actuator
 
     states = {9000: "ready"}       # each instance's /health state, by port
     monkeypatch.setattr(actuation, "get_json", lambda port, path: {"state": states[port]} if port in states else None)
@@ -744,7 +744,7 @@ def test_scaling_by_several_reads_the_gpus_again_for_each_new_instance(monkeypat
     settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "device": "cuda",
                                                 "instance_gpu_memory_mb": 7_000, "gpu_headroom_mb": 512})
     pool = Pool([InstanceSpec("asr-9000", 9000, 1, Placement("cuda", gpu=0, gpu_uuid=fake.gpus[0].uuid))])
-    actuator = Actuator(settings, client=None, gpus=gpu.detect_gpus(), log=lambda m: None)
+    actuator = Actuator(settings, client=None, gpus=nvml.detect_gpus(), log=lambda m: None)
     for port in (9001, 9002):
         placement = actuator.place_next(pool)
         assert placement.gpu == 0 and placement.gpu_uuid == fake.gpus[0].uuid
@@ -772,7 +772,7 @@ def test_the_autoscaler_charges_the_instances_that_do_not_hold_their_memory_yet(
     """The autoscaler's room check and asrctl scale charge the same instances: one loading its model
     again is charged (NVML does not show what it is about to take), one draining is not (it still
     holds its memory, which NVML shows)."""
-    from app.control import autoscaler
+    from app.control.daemons import autoscaler
 
     fake = FakeNvml([FakeGpu("NVIDIA L4", 23_034, used_mb=7_000)]).install(monkeypatch)
     settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "device": "cuda", "min_instances": 4,
@@ -781,7 +781,7 @@ def test_the_autoscaler_charges_the_instances_that_do_not_hold_their_memory_yet(
                  for p in (9000, 9001)])
     states = {9000: "ready", 9001: "loading"}
     monkeypatch.setattr(autoscaler, "get_json", lambda port, path: {"state": states[port], "queue": {}})
-    ctx = autoscaler.observe(pool, settings, gpu.detect_gpus(), now=1_000.0, last_change_at=None)
+    ctx = autoscaler.observe(pool, settings, nvml.detect_gpus(), now=1_000.0, last_change_at=None)
     assert [(i.ready, i.holds_its_memory) for i in ctx.instances] == [(True, True), (False, False)]
     # Two more wanted (min 4). 16034 MB free, less 7000 for the instance loading again: 9034, room for
     # one 7512 MB instance; were the loading one not charged, there would be room for two.
@@ -789,7 +789,7 @@ def test_the_autoscaler_charges_the_instances_that_do_not_hold_their_memory_yet(
     assert decision.desired == 3 and decision.placement == (0,), decision
     states[9001] = "ready"
     pool.draining.add("asr-9001")
-    ctx = autoscaler.observe(pool, settings, gpu.detect_gpus(), now=1_000.0, last_change_at=None)
+    ctx = autoscaler.observe(pool, settings, nvml.detect_gpus(), now=1_000.0, last_change_at=None)
     assert [(i.ready, i.holds_its_memory) for i in ctx.instances] == [(True, True), (False, True)]
 
 
@@ -797,7 +797,7 @@ def test_an_instance_reports_the_most_gpu_memory_it_has_held(monkeypatch):
     """Measured after a warm-up on silence, the figure grows with what real decoding takes (checked
     every GPU_MEMORY_REFRESH_SECONDS on a thread of its own); it never shrinks, as placement must
     charge what an instance can come to hold."""
-    from app.instance import ModelInstance
+    from app.runtime.instance import ModelInstance
 
     fake = FakeNvml([FakeGpu("NVIDIA H200", 143_771)]).install(monkeypatch)
     h200 = fake.gpus[0]

@@ -24,7 +24,7 @@ def test_the_script_says_no_gpu_and_exits_with_its_own_code():
 
 def _harness(tmp_path, *args):
     report = tmp_path / "report.json"
-    result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--report", str(report), *args],
+    result = subprocess.run([sys.executable, "-m", "app.selfcheck", "--report", str(report), *args],
                             capture_output=True, text=True, timeout=420, cwd=REPO,
                             env={**os.environ, "ASR_MODEL_CACHE": str(tmp_path / "cache")})
     return result, json.loads(report.read_text())
@@ -64,7 +64,7 @@ def test_the_large_v3_shape_is_whisper_large_v3s():
     import torch
     from transformers import WhisperForConditionalGeneration
 
-    from bench.random_whisper import whisper_config
+    from app.selfcheck.random_whisper import whisper_config
 
     config = whisper_config("large-v3")
     with torch.device("meta"):

@@ -14,9 +14,9 @@ import pytest
 import requests
 
 from app.config import load_settings
-from app.control import processes
+from app.control.act import processes
 from app.control.paths import RunPaths
-from app.control.systemd import commands
+from app.control.render.systemd import commands
 from support import BIN, SteadyLoad, bring_up, poll, short_clips
 
 pytestmark = pytest.mark.integration

@@ -25,11 +25,11 @@ import requests
 import soundfile
 
 from app import jobs
-from app.control.supervisor import SupervisorClient
+from app.control.act.supervisor import SupervisorClient
 from app.jobs.store import JobStore
-from app import peers
+from app.audio import peers
 from app.engines.base import DecodeOptions
-from app.longform import Lane, decode_chunks
+from app.audio.longform import Lane, decode_chunks
 from support import SPOKEN, bring_up, english_set_a, read_16k_mono, shared_audio, spoken_wav, wav_bytes, wer
 
 RATE = 16_000
@@ -118,7 +118,7 @@ def test_a_chunk_lost_after_it_was_sent_counts_as_failed_and_one_never_sent_does
 def test_a_streamed_job_upload_is_refused_exactly_as_asr_refuses_it(tmp_path):
     """decode_to_flac (the job path) and decode_audio (/asr) give the same error for the same bytes,
     and the same samples (to 16-bit) for good ones; nothing is left behind on a refusal."""
-    from app.audio import decode_audio, decode_to_flac
+    from app.audio.decode import decode_audio, decode_to_flac
     from app.errors import ApiError
     from support import encode
 
@@ -153,7 +153,7 @@ def test_a_streamed_job_upload_is_refused_exactly_as_asr_refuses_it(tmp_path):
 
 
 def test_without_api_keys_jobs_have_no_owner_and_are_not_listed(tmp_path, capsys):
-    from app import create_app
+    from app.routes import create_app
     from app.config import load_settings
 
     app = create_app(load_settings(None, overrides={"run_dir": str(tmp_path)}), load_in_background=False)

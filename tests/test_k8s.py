@@ -267,7 +267,7 @@ def test_dockerfile():
     (healthcheck,) = [a for k, a in final if k == "HEALTHCHECK"]
     assert "/health" in healthcheck
     (cmd,) = [a for k, a in final if k == "CMD"]
-    assert json.loads(cmd) == ["gunicorn", "--config", "python:app.gunicorn_conf"]
+    assert json.loads(cmd) == ["gunicorn", "--config", "python:app.runtime.gunicorn_conf"]
     (expose,) = [a for k, a in final if k == "EXPOSE"]
     assert expose == env["ASR_INSTANCE_PORT"]
     ignored = (REPO / ".dockerignore").read_text().split()
@@ -319,7 +319,7 @@ def test_grace_period_outlasts_the_longest_inference(variant, objects, tmp_path,
     for name, value in pod_env(c).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("ASR_CONFIG", str(tmp_path / "asr.toml"))
-    gunicorn = runpy.run_module("app.gunicorn_conf")
+    gunicorn = runpy.run_module("app.runtime.gunicorn_conf")
     assert gunicorn["graceful_timeout"] == settings.graceful_timeout_seconds
     assert gunicorn["bind"] == f"0.0.0.0:{c['ports'][0]['containerPort']}"
     assert gunicorn["workers"] == 1
@@ -351,7 +351,7 @@ def test_pod_environment_is_settings_the_app_knows(variant, objects, tmp_path):
 def app_routes() -> dict[str, set[str]]:
     from flask import Flask
 
-    from app import probes
+    from app.routes import probes
 
     flask_app = Flask("probe-routes")
     flask_app.register_blueprint(probes.bp)
@@ -416,7 +416,7 @@ def host_nginx_conf() -> str:
     """The host's nginx configuration as asrctl renders it with the default settings."""
     import tempfile
 
-    from app.control.render import plan_instances, render_all
+    from app.control.render.files import plan_instances, render_all
 
     with tempfile.TemporaryDirectory(prefix="k8s-host-nginx-") as run_dir:
         settings = Settings(run_dir=run_dir)
@@ -447,9 +447,9 @@ def test_ingress_is_sized_like_the_hosts_nginx(variant, objects, tmp_path):
 
 @pytest.mark.parametrize("variant", MODEL_VARIANTS)
 def test_ingress_routes_the_client_routes_only(variant, objects):
-    from app.openapi import OPERATIONS
+    from app.routes.openapi import OPERATIONS
 
-    for module in ("app.api", "app.openai_api", "app.probes"):
+    for module in ("app.routes.asr", "app.routes.openai", "app.routes.probes"):
         importlib.import_module(module)  # each registers its routes' OpenAPI operations
 
     objs = objects[variant]
@@ -493,7 +493,7 @@ def test_ingress_asks_the_service_for_api_keys(objects):
 def test_auth_route_checks_the_hosts_api_keys(tmp_path):
     from flask import Flask
 
-    from app import auth
+    from app.routes import auth
 
     keys = tmp_path / "keys"
     keys.write_text("# the ops team\n" + "a" * 24 + "\n" + "b" * 24 + "\n")
@@ -557,7 +557,7 @@ def test_adapter_rule_serves_the_hpa_metric(objects):
 def exported_metrics(tmp_path, objects) -> dict[str, str]:
     """name -> type from the app's /metrics, for an instance built with the CPU variant's config and
     its real model (the embedded tiny.en loads in about a second)."""
-    from app import create_app
+    from app.routes import create_app
 
     flask_app = create_app(pod_settings(objects["cpu"], tmp_path), load_in_background=False)
     assert flask_app.extensions["asr_instance"].ready

@@ -1,4 +1,4 @@
-"""Long recordings cut at pauses and decoded chunk by chunk (app/longform.py): the same words as
+"""Long recordings cut at pauses and decoded chunk by chunk (app/audio/longform.py): the same words as
 window-after-window decoding on real speech, fair queueing next to short requests, a fast 503 when
 there is no room, and the scheduler's rules for lanes that are busy, fail or are cancelled."""
 from __future__ import annotations
@@ -12,13 +12,13 @@ import pytest
 
 import jiwer
 
-from app import chunking, longform, vad
+from app.audio import chunking, longform, vad
 from app.config import load_settings
-from app.chunking import Chunk
+from app.audio.chunking import Chunk
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Transcript
-from app.instance import ModelInstance
-from app.peers import Busy
-from app.queue import QueueFull, result_within
+from app.runtime.instance import ModelInstance
+from app.audio.peers import Busy
+from app.runtime.queue import QueueFull, result_within
 from support import JFK_REFERENCE, shared_audio, english_set_a, espeak, normalize, read_16k_mono, set_a_sequence, wer
 
 

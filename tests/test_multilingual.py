@@ -2,7 +2,7 @@
 language, translate, on both engines, in-process and through nginx.
 
 No multilingual weights can be had offline, so these tests run a small Whisper with random weights
-(bench/random_whisper.py), converted for both engines. It says nothing meaningful about the
+(app/selfcheck/random_whisper.py), converted for both engines. It says nothing meaningful about the
 speech; what the tests check is what crosses the interfaces: both engines, given the same weights,
 detect the same language with the same probability and decode the same tokens, and the task and
 language a request names reach the model (changing either changes the tokens decoded).
@@ -14,11 +14,11 @@ import openai
 import pytest
 import requests
 
-from bench import random_whisper as random_multilingual
-from app import longform
+from app.selfcheck import random_whisper as random_multilingual
+from app.audio import longform
 from app.config import load_settings
 from app.engines import load_engine
-from app.instance import ModelInstance
+from app.runtime.instance import ModelInstance
 from app.engines.base import DecodeOptions
 from app.languages import LANGUAGE_NAMES
 from support import shared_audio, bring_up, manifest, read_16k_mono

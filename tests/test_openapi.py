@@ -8,7 +8,7 @@ import io
 import pytest
 from openapi_spec_validator import validate
 
-from app import create_app, openapi
+from app.routes import create_app, openapi
 from app.config import load_settings
 from support import spoken_wav
 
@@ -136,7 +136,7 @@ def test_api_keys_show_in_the_document(app, tmp_path):
 
 def test_a_route_module_adds_operations_with_path_parameters(app):
     from app.config import Settings
-    from app.openapi import Operation
+    from app.routes.openapi import Operation
 
     op = Operation("get", "/v1/jobs/{job_id}", "A job", "jobs", errors=("503",)).document(Settings())
     assert op["operationId"] == "get_v1_jobs_job_id"

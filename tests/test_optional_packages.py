@@ -18,7 +18,7 @@ CHILD = """
 import json, sys
 for name in {unneeded!r}:
     sys.modules[name] = None
-from app import create_app
+from app.routes import create_app
 from app.config import load_settings
 
 answers = {{}}
@@ -35,7 +35,7 @@ print(json.dumps(answers))
 
 
 def test_app_serves_without_the_packages_only_other_paths_need(tmp_path):
-    from bench import random_qwen3_asr, random_whisper
+    from app.selfcheck import random_qwen3_asr, random_whisper
 
     whisper, _ = random_whisper.build(tmp_path / "whisper", "test", ct2=False)
     qwen = random_qwen3_asr.build(tmp_path / "qwen", "tiny")

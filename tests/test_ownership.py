@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.control import processes
+from app.control.act import processes
 from app.control.paths import RunPaths
 from support import BIN, free_ports, poll, run_asrctl
 
@@ -256,7 +256,7 @@ def test_a_worker_nginx_forks_during_the_scan_is_not_taken_for_an_orphan(tmp_pat
     tree was taken but before the scan read it must still count as the master's (it was QUIT as an
     'orphan' when the tree came first). Orphans are what the scan shows with another parent."""
     from app.config import Settings
-    from app.control import heal
+    from app.control.act import heal
 
     master, fresh_worker, orphan = 1000, 1001, 1002
     scan = [processes.Proc(master, 1, "nginx", (7860,), 1, "nginx: master", str(tmp_path)),

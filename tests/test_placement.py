@@ -2,7 +2,7 @@
 import pytest
 
 from app.config import ConfigError
-from app.control.placement import GpuInfo, Placement, parse_cores, place_one, plan_placement, resolve_device
+from app.control.plan.placement import GpuInfo, Placement, parse_cores, place_one, plan_placement, resolve_device
 
 
 def test_cpu_instances_get_disjoint_core_sets():

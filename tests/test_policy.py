@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from app.config import ConfigError
-from app.control.policy import (
+from app.control.plan.policy import (
     Decision,
     GpuLoad,
     HostLoad,

@@ -119,8 +119,8 @@ def test_metric_names_are_read_from_expressions():
 # A real Prometheus following a real pool ------------------------------------------------------------
 
 def gpu_metric_names(monkeypatch) -> set[str]:
-    """What a GPU instance adds, from app.metrics with NVML faked (no GPU here: the hardware boundary)."""
-    from app import metrics
+    """What a GPU instance adds, from app.runtime.metrics with NVML faked (no GPU here: the hardware boundary)."""
+    from app.runtime import metrics
     from fake_nvml import FakeGpu, FakeNvml
 
     h200 = FakeNvml([FakeGpu("NVIDIA H200", 143_771, used_mb=1_000)]).install(monkeypatch).gpus[0]

@@ -9,12 +9,12 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from app import create_app
+from app.routes import create_app
 from app.config import load_settings
 from app.control.paths import RunPaths
-from app.control.render import rendered_generation
-from app.instance import ModelInstance
-from app.public_routes import PUBLIC_ROUTES, is_public
+from app.control.render.files import rendered_generation
+from app.runtime.instance import ModelInstance
+from app.control.render.public_routes import PUBLIC_ROUTES, is_public
 from support import bring_up
 
 pytestmark = pytest.mark.integration
@@ -99,8 +99,8 @@ def test_monitoring_and_the_configuration_generation_answer_on_loopback(service)
 
 def test_a_configured_scraper_address_may_read_metrics(tmp_path):
     """monitor_allow adds addresses to loopback for /metrics and /nginx_status (rendered, nginx -t)."""
-    from app.control import nginx
-    from app.control.render import plan_instances, render_all
+    from app.control.act import nginx
+    from app.control.render.files import plan_instances, render_all
 
     settings = load_settings(env={}, overrides={"run_dir": str(tmp_path / "run"), "monitor_allow": "10.0.0.7, 10.1.0.0/16"})
     paths = render_all(settings, plan_instances(settings, gpus=[]))

@@ -6,9 +6,9 @@ import pytest
 from supervisor.options import ServerOptions
 
 from app.config import ConfigError, load_settings
-from app.control import nginx
-from app.control.placement import GpuInfo
-from app.control.render import plan_instances, render_all
+from app.control.act import nginx
+from app.control.plan.placement import GpuInfo
+from app.control.render.files import plan_instances, render_all
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 major per environment. PyPI's torch 2.13 is the CUDA 13 build (nvidia-cudnn-cu13), the `gpu` extra
 brings nvidia-cudnn-cu12 for CTranslate2, and both write nvidia/cudnn/lib/libcudnn*.so.9, so no plan
 may hold both. nvidia-smi is faked on PATH (the hardware boundary) to drive the GPU detection; and
-``python -m app.cuda``, the check setup.sh runs after pip, is run on distributions laid out as pip
+``python -m app.hardware.cuda``, the check setup.sh runs after pip, is run on distributions laid out as pip
 lays them out."""
 import os
 import re
@@ -49,7 +49,7 @@ def steps(result: subprocess.CompletedProcess) -> tuple[list[str] | None, list[s
     """(the torch step's pip arguments or None, the service's extras), checked for the plan's shape."""
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
-    assert lines[-1] == "python -m app.cuda", lines          # the clash check runs after pip
+    assert lines[-1] == "python -m app.hardware.cuda", lines          # the clash check runs after pip
     service = re.fullmatch(r"pip install -q -e \.(?:\[(.*)\])?", lines[-2])
     assert service, lines
     torch = lines[0].split()[3:] if len(lines) == 3 else None
@@ -144,14 +144,14 @@ def dist(site, name: str, version: str, *files: str) -> None:
 
 
 def check(site) -> subprocess.CompletedProcess:
-    """setup.sh's check, `python -m app.cuda`, with `site` on the path as a site-packages would be."""
+    """setup.sh's check, `python -m app.hardware.cuda`, with `site` on the path as a site-packages would be."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
-    return subprocess.run([sys.executable, "-m", "app.cuda"], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "app.hardware.cuda"], capture_output=True, text=True, env=env,
                           timeout=60, cwd=REPO)
 
 
 def test_the_check_passes_one_cuda_major_and_fails_two_cudnn_builds(tmp_path, monkeypatch):
-    from app import cuda
+    from app.hardware import cuda
 
     site = tmp_path / "site-packages"
     # CUDA 12 (torch cu126 with the gpu extra) and CUDA 13's cuBLAS, which has its own folder: no clash.

@@ -1,4 +1,4 @@
-"""The systemd unit: rendered from deploy/systemd/asr-service.service.j2, checked by systemd's own tools,
+"""The systemd unit: rendered from app/control/render/templates/systemd/asr-service.service.j2, checked by systemd's own tools,
 and its invariants (timeouts nest, the sandbox is complete) held for several settings."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from app.config import load_settings
 from app.control.paths import RunPaths
-from app.control.systemd import STOP_MARGIN_SECONDS, render_unit, stop_groups
+from app.control.render.systemd import STOP_MARGIN_SECONDS, render_unit, stop_groups
 from support import BIN, REPO
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -35,7 +35,7 @@ def _current_user() -> str:
 
 def _render(**overrides) -> str:
     # The venv's real binaries: systemd-analyze verify refuses an ExecStart that does not exist.
-    return render_unit(_settings(**overrides), _current_user(), REPO, bin_dir=BIN)
+    return render_unit(_settings(**overrides), _current_user(), REPO, BIN)
 
 
 def _parse(text: str) -> dict[str, dict[str, list[str]]]:
@@ -101,7 +101,7 @@ def test_sandbox_exposure_is_low(tmp_path):
     help_text = subprocess.run([SYSTEMD_ANALYZE, "security", "--help"], capture_output=True, text=True).stdout
     if "--offline" not in help_text or "--threshold" not in help_text:
         pytest.skip("this systemd-analyze cannot score a unit file offline (needs systemd >= 250)")
-    path = _write(tmp_path, render_unit(_settings(device="cpu"), "asr", REPO, bin_dir=BIN))
+    path = _write(tmp_path, render_unit(_settings(device="cpu"), "asr", REPO, BIN))
     result = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=20", "--no-pager", str(path)],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
@@ -117,7 +117,7 @@ def test_sandbox_exposure_is_low(tmp_path):
 ], ids=["defaults", "small", "long audio, 8 instances, autoscaler"])
 def test_timeouts_nest(overrides):
     settings = _settings(**overrides)
-    unit = _parse(render_unit(settings, "asr", REPO, bin_dir=BIN))
+    unit = _parse(render_unit(settings, "asr", REPO, BIN))
     stop = int(_one(unit, "TimeoutStopSec"))
     # systemd never SIGKILLs before supervisord would have; supervisord never before gunicorn would have.
     assert stop > settings.stop_wait_seconds > settings.graceful_timeout_seconds > settings.max_inference_seconds
@@ -198,12 +198,12 @@ def test_gpu_devices_stay_visible_unless_the_device_is_cpu():
         assert "PrivateDevices" not in _parse(_render(device=device))["Service"]
 
 
-def test_relative_paths_are_taken_from_the_checkout():
+def test_relative_paths_are_taken_from_the_working_directory():
     # A checkout where a service would live (this test's own clone may sit under /tmp, which the
     # unit's PrivateTmp hides, so the renderer rightly refuses that one).
     checkout = Path("/srv/asr-service")
     unit = _parse(render_unit(load_settings(env={}, overrides={"run_dir": "run", "model_cache": MODEL_CACHE}),
-                              "asr", checkout, bin_dir=BIN))
+                              "asr", checkout, BIN))
     assert unit["Service"]["ReadWritePaths"][0] == str(checkout / "run")
     assert unit["Service"]["WorkingDirectory"][0] == str(checkout)
 
@@ -211,7 +211,7 @@ def test_relative_paths_are_taken_from_the_checkout():
 @pytest.mark.parametrize("setting", ["run_dir", "model_cache"])
 def test_a_directory_under_tmp_is_refused(setting):
     with pytest.raises(ValueError, match="PrivateTmp"):
-        render_unit(_settings(**{setting: "/tmp/asr/x"}), "asr", REPO, bin_dir=BIN)
+        render_unit(_settings(**{setting: "/tmp/asr/x"}), "asr", REPO, BIN)
 
 
 def test_every_setting_says_why_it_is_there():
@@ -227,7 +227,7 @@ def test_every_setting_says_why_it_is_there():
 # -- the trip points a new operator meets ----------------------------------------------------------
 
 def test_the_run_directory_is_created_for_the_service_user_before_anything_runs():
-    unit = _parse(render_unit(_settings(), "asr", REPO, bin_dir=BIN, group="asr"))
+    unit = _parse(render_unit(_settings(), "asr", REPO, BIN, group="asr"))
     create = unit["Service"]["ExecStartPre"][0]
     # "+": as root, so it can create /srv/... and hand it to the service user.
     assert create == f"+/usr/bin/install -d -o asr -g asr -m 0750 {RUN_DIR} {MODEL_CACHE}"
@@ -235,7 +235,7 @@ def test_the_run_directory_is_created_for_the_service_user_before_anything_runs(
 
 def test_a_model_cache_under_a_home_directory_becomes_systemd_s_cache_directory():
     """ProtectHome=read-only would make ~/.cache/asr-service unwritable: the unit uses /var/cache."""
-    unit = _parse(render_unit(_settings(model_cache="/home/asr/.cache/asr-service"), "asr", REPO, bin_dir=BIN))
+    unit = _parse(render_unit(_settings(model_cache="/home/asr/.cache/asr-service"), "asr", REPO, BIN))
     service = unit["Service"]
     assert service["CacheDirectory"] == ["asr-service"]
     assert service["Environment"] == [f"ASRCTL_RUN={RUN_DIR}", "ASR_MODEL_CACHE=/var/cache/asr-service"]

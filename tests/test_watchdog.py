@@ -5,8 +5,8 @@ import time
 import numpy as np
 
 from app.engines.base import DecodeOptions, Transcript
-from app.queue import InferenceQueue
-from app.watchdog import Watchdog
+from app.runtime.queue import InferenceQueue
+from app.runtime.stuck_calls import Watchdog
 
 
 class _HangingEngine:
@@ -114,15 +114,15 @@ def test_an_instance_on_cuda_bounds_a_call_by_its_audio_and_by_the_request_timeo
     """The watchdog a GPU instance starts (max_batch 8) gives a call the time its audio needs, never
     more than the request timeout: the old limit, max_inference_seconds x max_batch, kept a stuck
     batch's instance past every request's timeout (2640 s with the defaults)."""
-    import app.instance
+    import app.runtime.instance
     from app.config import DECODE_START_SECONDS, load_settings
-    from app.instance import ModelInstance
+    from app.runtime.instance import ModelInstance
     from fake_nvml import FakeGpu, FakeNvml, cuda_sees
 
     fake = FakeNvml([FakeGpu("NVIDIA L4", 23_034)]).install(monkeypatch)
     cuda_sees(monkeypatch, fake.gpus[0])
     engine = _GatedEngine()
-    monkeypatch.setattr(app.instance, "load_engine", lambda *args, **kwargs: engine)
+    monkeypatch.setattr(app.runtime.instance, "load_engine", lambda *args, **kwargs: engine)
     watchdogs, stuck = [], []
 
     class RecordingWatchdog(Watchdog):     # the instance's own watchdog; a trip is recorded, not fatal
@@ -130,7 +130,7 @@ def test_an_instance_on_cuda_bounds_a_call_by_its_audio_and_by_the_request_timeo
             super().__init__(*args, on_stuck=stuck.append, **kwargs)
             watchdogs.append(self)
 
-    monkeypatch.setattr(app.instance, "Watchdog", RecordingWatchdog)
+    monkeypatch.setattr(app.runtime.instance, "Watchdog", RecordingWatchdog)
     # 60 s clips keep a full batch of the longest small in memory; the rule is the same at 600 s.
     settings = load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": fake.gpus[0].uuid, "max_batch": 8,
                                                 "max_queue": 16, "max_audio_seconds": 60})

@@ -1,0 +1,1 @@
+"""``asrctl`` and what it runs: plan (pure) → render (files) → act (live system), and the daemons."""

@@ -19,16 +19,16 @@ from pathlib import Path
 import requests
 
 from app.config import ConfigError, Settings, load_settings
-from app.control import heal, nginx, processes
-from app.control.actuator import ActuationError, Actuator, get_json, wait_ready
+from app.control.act import heal, nginx, processes
+from app.control.act.actuator import ActuationError, Actuator, get_json, wait_ready
 from app.control.paths import RunPaths
-from app.gpu import detect_gpus, inventory
-from app.control.placement import NoRoomError
-from app.control.pool import Pool, save_unhealthy
-from app.control.render import (
+from app.hardware.nvml import detect_gpus, inventory
+from app.control.plan.placement import NoRoomError
+from app.control.plan.pool import Pool, save_unhealthy
+from app.control.render.files import (
     CONTROL_PROGRAMS, JOBS_PROGRAM, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all,
 )
-from app.control.supervisor import SupervisorClient, SupervisorError, start_supervisord
+from app.control.act.supervisor import SupervisorClient, SupervisorError, start_supervisord
 from app.engines import missing_modules
 from app.engines.models import display_name, resolve_model
 
@@ -132,7 +132,7 @@ def cmd_down(args) -> int:
     """Stop everything of this run directory, from whatever state it is in: supervisord's programs in
     order (nginx gracefully first, then the instances), then any process of the run a killed nginx
     master or supervisord left behind, until none is left. Only processes carrying the run's identity
-    are signalled (app/control/processes.py); a port held by anything else is reported, not touched."""
+    are signalled (app/control/act/processes.py); a port held by anything else is reported, not touched."""
     settings = _settings(args, from_run_dir=True)
     paths = RunPaths.at(settings.run_dir)
     ports = heal.run_ports(settings, Pool.load(paths))
@@ -267,14 +267,14 @@ def cmd_systemd_unit(args) -> int:
     """Print the systemd unit that runs this service under supervisord (install it as root)."""
     import getpass
 
-    from app.control.systemd import render_unit
+    from app.control.render.systemd import render_unit
 
     settings = _settings(args)
     flags = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in SETTING_FLAGS
              if getattr(args, name, None) is not None]
     if args.config:
         flags.insert(0, f"--config={Path(args.config).resolve()}")
-    print(render_unit(settings, args.user or getpass.getuser(), Path(__file__).resolve().parents[2],
+    print(render_unit(settings, args.user or getpass.getuser(), Path.cwd(), Path(sys.executable).parent,
                       flags=flags), end="")
     return 0
 
@@ -303,7 +303,7 @@ def cmd_restart(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    from app.control.watcher import Watcher
+    from app.control.daemons.watcher import Watcher
 
     settings, _pool, actuator = _control_program(args, "asr.watch")
     Watcher(settings, actuator).run()
@@ -311,7 +311,7 @@ def cmd_watch(args) -> int:
 
 
 def cmd_autoscale(args) -> int:
-    from app.control.autoscaler import Autoscaler
+    from app.control.daemons.autoscaler import Autoscaler
 
     settings, pool, actuator = _control_program(args, "asr.autoscale")
     autoscaler = Autoscaler(settings, actuator)
@@ -427,7 +427,7 @@ def instance_status(client: SupervisorClient) -> list[dict]:
 
 def job_counts(settings: Settings) -> dict[str, int] | None:
     """Jobs by state, read from the run directory's job database (None: jobs off, or none yet)."""
-    from app.jobs.api import counts
+    from app.jobs import counts
 
     return counts(settings) if settings.jobs else None
 

@@ -24,10 +24,10 @@ class RunPaths:
     nginx_temp = property(lambda self: self.root / "nginx" / "tmp")
     nginx_pid = property(lambda self: self.root / "nginx.pid")
     nginx_generation = property(lambda self: self.root / "nginx" / "generation")
-    # Held open by nginx's master and every worker: how asrctl knows this run's nginx (app/control/processes.py).
+    # Held open by nginx's master and every worker: how asrctl knows this run's nginx (app/control/act/processes.py).
     nginx_identity = property(lambda self: self.root / "nginx" / "identity.log")
     lock = property(lambda self: self.root / "control.lock")
-    prometheus = property(lambda self: self.root / "prometheus")  # file_sd targets (app.control.prometheus_sd)
+    prometheus = property(lambda self: self.root / "prometheus")  # file_sd targets (app.control.render.prometheus_sd)
 
     def program_file(self, name: str) -> Path:
         return self.programs / f"{name}.conf"

@@ -28,7 +28,7 @@ class DecodeOptions:
     fallback: bool = True          # at temperature 0: Whisper's temperature fallback (app.engines.fallback)
     initial_prompt: str = ""       # text the first window is conditioned on: names, spelling, style
     word_timestamps: bool = False  # align each word to the audio (cross-attention DTW)
-    # The clip is a chunk of a longer recording, cut in a pause (app.longform): no speech runs on past
+    # The clip is a chunk of a longer recording, cut in a pause (app.audio.longform): no speech runs on past
     # its end, so a Whisper window that reaches its end can be its last one.
     ends_in_pause: bool = False
 

@@ -29,7 +29,7 @@ fallback: left as faster-whisper leaves it). An open segment that starts past th
 dropped, where faster-whisper's loop ends (Whisper otherwise writes a word into the padding).
 Word timestamps move a clip's position by its last word, so such clips, and those asking for one
 temperature above 0, go through faster-whisper one by one, with the same guards. VAD is not the
-engine's business: ``app.vad`` cuts the silence out before any engine sees the audio.
+engine's business: ``app.audio.vad`` cuts the silence out before any engine sees the audio.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class CTranslate2Engine:
             condition_on_previous_text=False,  # transformers' long-form default
             initial_prompt=options.initial_prompt or None,
             word_timestamps=options.word_timestamps,
-            vad_filter=False,                  # done before the engine, the same for both (app.vad)
+            vad_filter=False,                  # done before the engine, the same for both (app.audio.vad)
         )
         parts = [Segment(round(s.start, 3), round(s.end, 3), s.text.strip(), _words(s.words), s.temperature)
                  for s in segments]

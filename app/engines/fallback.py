@@ -25,7 +25,7 @@ SEED = 0        # transformers' sampling is seeded per call (CTranslate2's canno
 
 
 def temperatures(requested: float, fallback: bool = True) -> tuple[float, ...]:
-    """What the API's ``temperature`` means (app.params): 0, the default, is the whole ladder, as
+    """What the API's ``temperature`` means (app.routes.params): 0, the default, is the whole ladder, as
     OpenAI's API and faster-whisper's defaults do (unless ``fallback`` is off: the operator's
     ``temperature_fallback``); a value above 0 is that temperature only."""
     return LADDER if requested == 0 and fallback else (float(requested),)

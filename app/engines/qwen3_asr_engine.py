@@ -7,7 +7,7 @@ language probability. So this engine:
 - forces a requested language the way the reference implementation does (the assistant turn is
   prefilled with ``language <Name><asr_text>``), and maps the model's language names to ISO codes;
 - reports ``language_probability`` as None: the model gives none, and none is invented;
-- cuts audio longer than ``chunk_seconds`` at quiet points (``app.chunking``), decodes every chunk of
+- cuts audio longer than ``chunk_seconds`` at quiet points (``app.audio.chunking``), decodes every chunk of
   every clip in the batch as one left-padded ``generate()`` call, and joins them on one timeline;
   each chunk is a segment: a short clip is one, from its start to its end; a cut one's chunks run
   from the first to the last speech Silero VAD heard in each (VAD runs only where there is cutting
@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from app import chunking, vad
+from app.audio import chunking, vad
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Segment, Transcript, Word
 from app.engines.torch_common import TORCH_DTYPES, reserved_gpu_memory_mb, resolve_compute_type
 

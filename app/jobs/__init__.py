@@ -1,5 +1,5 @@
 """Async jobs for recordings too long to wait for: ``POST /v1/jobs`` stores the audio and a queued job
-(``app.jobs.api``), a supervised runner decodes it chunk by chunk over the pool (``app.jobs.runner``),
+(``app.routes.jobs``), a supervised runner decodes it chunk by chunk over the pool (``app.jobs.runner``),
 and both meet in one SQLite database (``app.jobs.store``).
 
 Where a job's audio lives: ``<run_dir>/jobs/audio/<id>.flac``, the decoded 16 kHz mono samples as
@@ -36,6 +36,13 @@ def db_path(settings: Settings) -> Path:
 
 def store(settings: Settings) -> JobStore:
     return JobStore(db_path(settings))
+
+
+def counts(settings: Settings) -> dict[str, int] | None:
+    """Jobs by state (/metrics, ``asrctl status``), or None before the first job: the database is
+    not created by reading it."""
+    path = db_path(settings)
+    return JobStore(path).counts() if path.exists() else None
 
 
 def owner_hash(api_key: str) -> str:

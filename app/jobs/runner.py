@@ -5,7 +5,7 @@ It takes one job at a time (one already running first: a resumed job, else the o
 cuts its audio at pauses once and records the chunks, then decodes the chunks left over the pool's
 ready instances (``run/upstream.json``), each instance holding at most its fair share of the job's
 chunks at once (``Settings.chunk_slots``), through the same scheduler and chunk requests a long
-``/asr`` request uses (``app.longform``, ``app.peers``). Each chunk's transcript is stored the moment
+``/asr`` request uses (``app.audio.longform``, ``app.audio.peers``). Each chunk's transcript is stored the moment
 it arrives, so a restart of anything loses at most the chunks in flight, which are decoded again.
 
 It cannot hang on one job:
@@ -42,9 +42,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app import chunking, formats, jobs, longform, peers, vad
-from app.audio import MIN_SECONDS
-from app.chunking import Chunk
+from app.audio import chunking, longform, peers, vad
+from app import formats, jobs
+from app.audio.decode import MIN_SECONDS
+from app.audio.chunking import Chunk
 from app.config import Settings, load_settings
 from app.engines.base import SAMPLE_RATE, DecodeOptions, Transcript
 from app.jobs.store import CANCELLED, Job
@@ -208,7 +209,7 @@ class Runner:
             rows = self.store.chunks(job.id)
         if self.stopping.is_set() or self._cancelled(job):
             return
-        # Every chunk was decoded (VAD's silence too: app.longform) but one too short for any word.
+        # Every chunk was decoded (VAD's silence too: app.audio.longform) but one too short for any word.
         transcripts = [formats.from_dict(r.result) if r.result else longform.silent(c, options.language or "und")
                        for r, c in zip(rows, chunks)]
         transcript = chunking.join(transcripts, chunks, len(timeline) / SAMPLE_RATE)

@@ -1,0 +1,238 @@
+"""Long recordings: cut at quiet points, chunks decoded side by side where capacity is idle.
+
+A recording longer than ``chunk_seconds`` is cut into chunks at pauses (``app.audio.chunking`` on Silero
+VAD's stretches), overlapping where a cut has to fall inside speech. Every chunk is decoded, also
+one in which VAD heard nothing (unless ``vad_filter`` removed the silence first), and each detects
+its own language unless the request named one, so a recording that changes language keeps both.
+Chunks go to *lanes*: the instance's own queue and, where ``chunk_fanout`` is on, the sibling
+instances that are ready and idle when the request starts (``app.audio.peers``), each lane taking chunks
+in order from one shared list. The job runner uses the same scheduler with one lane
+per ready instance.
+
+Fairness (a busy pool is never starved by one long file):
+
+* In its own instance a request holds at most ``Settings.chunk_slots(max_batch)`` queue slots at
+  once: a whole batch on a GPU (where one batched call decodes them together), one on CPU, never more
+  than half of ``max_queue``. Each chunk queues FIFO behind what is already waiting, so short
+  requests that arrive meanwhile interleave with the chunks instead of waiting for all of them.
+* On a sibling it holds the same number of slots, and only siblings with an empty queue are asked.
+  A sibling that answers 503 (full, draining) or fails is not asked again for this request: its
+  chunk goes back to the list and the other lanes take it.
+* Nothing ever waits for a queue slot. A chunk that finds the local queue full is retried after a
+  short pause only while the request already holds work somewhere (a finished chunk or one in
+  flight); with nothing held it is a fast 503, as for any request. So request threads cannot
+  deadlock waiting on each other's chunks, and a chunk occupies exactly one slot where it runs
+  (``max_queue`` counts each chunk once, the request that was cut holds none of its own).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import numpy as np
+
+from app.audio import chunking, peers, vad
+from app.audio.chunking import Chunk
+from app.engines.base import SAMPLE_RATE, DecodeOptions, Transcript
+from app.audio.peers import Busy
+from app.runtime.queue import QueueFull, result_within
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 0.2   # pause before a chunk that found the local queue full tries again
+
+
+class Overloaded(Exception):
+    """No lane could take the chunks that are left."""
+
+
+@dataclass
+class Lane:
+    """Somewhere chunks can be decoded: ``slots`` chunks at a time, ``decode(index)`` each.
+
+    ``decode`` raises ``Busy`` when the lane takes no more now; a ``patient`` lane (the instance's own
+    queue) then retries while the request holds other work, any other lane gives the chunk back.
+    """
+    name: str
+    slots: int
+    decode: Callable[[int], Transcript]
+    patient: bool = False
+
+
+def split(samples: np.ndarray, chunk_seconds: float, times_words: bool = False) -> list[Chunk]:
+    """Chunks of at most ``chunk_seconds`` cut at pauses; one chunk when the audio is that short.
+    A cut inside speech overlaps its chunks only where the engine can time words (``times_words``):
+    the overlap is merged by word times (``chunking.join``)."""
+    if len(samples) <= chunk_seconds * SAMPLE_RATE:
+        return [Chunk(0, len(samples), True)]
+    overlap = chunking.OVERLAP_SECONDS if times_words else 0.0
+    return chunking.plan_chunks(samples, chunk_seconds, vad.speech_stretches(samples), overlap)
+
+
+def times_words(settings) -> bool:
+    """Whether the pool's engine can time words, from configuration alone (the job runner loads no
+    model): faster-whisper always, Qwen3-ASR with a forced aligner. The transformers engine times
+    words only for Whisper models, which its configuration does not tell, so it is not assumed."""
+    return settings.engine == "ctranslate2" or (settings.engine == "qwen3-asr" and bool(settings.aligner_model))
+
+
+def chunk_options(options: DecodeOptions, chunks: Sequence[Chunk], index: int) -> DecodeOptions:
+    """An initial prompt primes only the first window with speech, as in window-after-window decoding
+    (no conditioning on previous text): it goes to the first chunk with speech only. A chunk that
+    ends in a pause or at the recording's end lets a Whisper engine finish it in one window; one that
+    overlaps a neighbour (a cut inside speech) asks for word times, which place each word of the
+    overlap in one chunk (``chunking.join``; the words reach the caller only if it asked for them).
+    The language is the request's, else each chunk detects its own."""
+    first = next((i for i, c in enumerate(chunks) if c.speech), 0)
+    overlaps = chunking.overlapping(chunks, index)
+    ends_in_pause = index + 1 == len(chunks) or chunks[index].end <= chunks[index + 1].start
+    return replace(options, ends_in_pause=ends_in_pause, word_timestamps=options.word_timestamps or overlaps,
+                   initial_prompt=options.initial_prompt if index == first else "")
+
+
+def progress_seconds(chunks: Sequence[Chunk], index: int, duration: float) -> float:
+    """Chunk ``index``'s share of a recording of ``duration`` seconds: its length against all chunks'
+    (overlaps and a VAD-shortened timeline included), so the shares add up to ``duration``."""
+    total = sum(c.end - c.start for c in chunks)
+    return duration * (chunks[index].end - chunks[index].start) / total if total else duration
+
+
+def words_requested(transcript: Transcript, options: DecodeOptions) -> Transcript:
+    """The transcript with word times only where the caller asked for them (chunks around a cut
+    inside speech were decoded with them for the join)."""
+    if options.word_timestamps:
+        return transcript
+    return replace(transcript, segments=[replace(s, words=()) for s in transcript.segments])
+
+
+def decode_chunks(indices: Sequence[int], lanes: Sequence[Lane], deadline: float,
+                  on_done: Callable[[int, Transcript, str], None] | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> dict[int, tuple[Transcript, str]]:
+    """Decode the chunks ``indices`` on ``lanes``: {index: (transcript, lane name)} for those done.
+
+    Chunks left over (every lane busy, ``cancelled()`` turned true) are simply missing from the
+    result; the first error that is not ``Busy`` stops the others and is raised.
+    """
+    todo = deque(indices)
+    done: dict[int, tuple[Transcript, str]] = {}
+    errors: list[BaseException] = []
+    state = threading.Condition()
+    in_flight = [0]
+
+    def take() -> int | None:
+        with state:
+            # Wait while chunks are out on other lanes: one may come back (its lane was busy).
+            while not todo and in_flight[0] and not errors:
+                state.wait()
+            if errors or not todo or (cancelled and cancelled()):
+                return None
+            in_flight[0] += 1
+            return todo.popleft()
+
+    def give_back(index: int, error: BaseException | None = None) -> None:
+        with state:
+            todo.appendleft(index)
+            if error is not None:
+                errors.append(error)
+            in_flight[0] -= 1
+            state.notify_all()
+
+    def work(lane: Lane) -> None:
+        while (index := take()) is not None:
+            while True:
+                try:
+                    transcript = lane.decode(index)
+                    break
+                except Busy:
+                    with state:
+                        holds_work = bool(done) or in_flight[0] > 1
+                    if lane.patient and holds_work and not errors and time.monotonic() < deadline:
+                        time.sleep(RETRY_SECONDS)
+                        continue
+                    give_back(index)
+                    return
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    give_back(index, e)
+                    return
+            if on_done is not None:
+                try:
+                    on_done(index, transcript, lane.name)
+                except BaseException as e:  # noqa: BLE001 - e.g. the store failed: the chunk is not done
+                    give_back(index, e)
+                    return
+            with state:
+                done[index] = (transcript, lane.name)
+                in_flight[0] -= 1
+                state.notify_all()
+
+    threads = [threading.Thread(target=work, args=(lane,), name=f"chunks-{lane.name}", daemon=True)
+               for lane in lanes for _ in range(max(1, lane.slots))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return done
+
+
+# Inside an instance --------------------------------------------------------------------------------
+
+def transcribe_long(inst, samples: np.ndarray, options: DecodeOptions, request_id: str = "") -> tuple[Transcript, dict]:
+    """A recording longer than one chunk, decoded chunk by chunk here and on idle siblings.
+
+    Returns the joined transcript and where its chunks went ({lane name: chunks}). Raises
+    ``QueueFull`` when nothing could take the chunks, ``TimeoutError`` past the request's deadline.
+    """
+    settings = inst.settings
+    deadline = time.monotonic() + settings.request_timeout_seconds
+    chunks = split(samples, settings.chunk_seconds, inst.engine.word_timestamps)
+    # Every chunk is decoded, silent to VAD or not: with vad_filter the silence is already gone
+    # (app.routes.asr), and without it quiet speech VAD misses is the model's to hear (its no-speech check).
+    # No language is forced: each chunk detects its own unless the request named one.
+    indices = list(range(len(chunks)))
+
+    def audio(index: int) -> np.ndarray:
+        return samples[chunks[index].start:chunks[index].end]
+
+    def local(index: int) -> Transcript:
+        try:
+            future = inst.queue.submit(audio(index), chunk_options(options, chunks, index))
+        except QueueFull:
+            raise Busy("local queue full") from None
+        return result_within(future, max(0.0, deadline - time.monotonic()))
+
+    lanes = [Lane(inst.id, settings.chunk_slots(inst.queue.max_batch), local, patient=True)]
+    if settings.chunk_fanout and len(chunks) > 1:
+        for peer in peers.ready_peers(settings.peers_file, exclude=inst.port):
+            if peer.idle:
+                lanes.append(Lane(peer.name, settings.chunk_slots(peer.max_batch),
+                                  _remote(peer.port, audio, options, chunks, deadline, request_id)))
+    done = decode_chunks(indices, lanes, deadline)
+    missing = [i for i in indices if i not in done]
+    if missing:
+        raise QueueFull(f"{len(missing)} of {len(chunks)} chunks found no room")
+    placed: dict[str, int] = {}
+    for _, lane in done.values():
+        placed[lane] = placed.get(lane, 0) + 1
+    joined = chunking.join([done[i][0] for i in indices], chunks, len(samples) / SAMPLE_RATE)
+    return words_requested(joined, options), placed
+
+
+def _remote(port: int, audio: Callable[[int], np.ndarray], options: DecodeOptions, chunks: Sequence[Chunk],
+            deadline: float, request_id: str) -> Callable[[int], Transcript]:
+    def decode(index: int) -> Transcript:
+        remaining = deadline - time.monotonic()
+        if remaining <= 1:
+            raise Busy("no time left for a remote chunk")
+        try:
+            return peers.decode_on(port, audio(index), chunk_options(options, chunks, index), remaining,
+                                   f"{request_id}-{index}" if request_id else "")
+        except peers.ChunkRefused as e:  # decoded here instead: a refusal there is one here too
+            log.warning("instance on port %d refused a chunk: %s", port, e)
+            raise Busy(str(e)) from None
+    return decode

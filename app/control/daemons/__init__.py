@@ -1,0 +1,1 @@
+"""The long-running control programs under supervisord: the watcher (liveness) and the autoscaler."""

@@ -1,0 +1,1 @@
+"""Config files from the plan: supervisord, nginx, systemd and Prometheus targets, from ``templates/``."""

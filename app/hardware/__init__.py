@@ -1,0 +1,1 @@
+"""The hardware boundary: NVML (GPU inventory and memory), CUDA libraries, CPU sets and pinning."""
