@@ -196,7 +196,7 @@ class Settings:
     def batch_size(self, device: str) -> int:
         """Requests per engine call on ``device``: batching is what keeps a GPU busy; on CPU it gave
         2-7 % more audio per CPU second while every clip waits for the longest in its batch
-        (bench/README.md), so auto means no batching there."""
+        (docs/performance.md), so auto means no batching there."""
         size = self.max_batch or (8 if device == "cuda" else 1)
         return min(size, self.max_queue)
 
