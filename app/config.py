@@ -49,11 +49,11 @@ class Settings:
     temperature_fallback: bool = True
 
     # How many instances and where they listen.
-    instances: int = 2
+    instances: int = 2                   # model instances `asrctl up` starts
     host: str = "0.0.0.0"                # nginx, the only public entry
-    port: int = 7860
+    port: int = 7860                     # nginx's public port
     base_port: int = 7861                # instances listen on 127.0.0.1:base_port..base_port+N-1
-    run_dir: str = "run"
+    run_dir: str = "run"                 # configs, socket, pids, logs and jobs: all a run writes
 
     # Placement: which GPU or CPU cores an instance gets.
     gpu_map: str = ""                    # e.g. "0,0,1": instance i -> GPU gpu_map[i]; "" = most free memory
@@ -62,11 +62,11 @@ class Settings:
     gpu_headroom_mb: int = 512           # free memory a GPU keeps beyond the instances placed on it
 
     # Limits that size every timeout and buffer in the chain.
-    max_audio_seconds: float = 600.0
+    max_audio_seconds: float = 600.0     # longest audio /asr accepts (413 beyond)
     max_upload_mb: float = 0.0           # 0 = derived from max_audio_seconds (uncompressed 48 kHz stereo)
     slowest_realtime_factor: float = 0.5 # worst inference seconds per audio second on this hardware
     max_queue: int = 8                   # requests an instance holds (running + waiting) before 503
-    retry_after_seconds: int = 2
+    retry_after_seconds: int = 2         # Retry-After on a 503
 
     # Dynamic batching inside an instance (app/runtime/queue.py): one engine call for several requests.
     max_batch: int = 0                   # requests per engine call; 0 = auto: 1 on CPU, 8 on GPU
@@ -91,38 +91,38 @@ class Settings:
 
     # nginx balancing.
     weights: str = ""                    # e.g. "2,1": per-instance upstream weight; "" = all 1
-    max_fails: int = 3
-    fail_timeout_seconds: int = 10
-    upstream_keepalive: int = 32
+    max_fails: int = 3                   # nginx's passive health check: failed tries before an instance is skipped
+    fail_timeout_seconds: int = 10       # ... within this many seconds, and skipped this long
+    upstream_keepalive: int = 32         # idle keepalive connections from nginx to the instances
     nginx_user: str = ""                 # workers' user when nginx runs as root; "" = the run dir's owner
 
     # Edge security at nginx (the instances listen on loopback only).
     api_keys_file: str = ""              # one key per line; when set, requests need "Bearer <key>"
     rate_limit_per_second: float = 0.0   # per client address; 0 = no limit
-    rate_limit_burst: int = 20
+    rate_limit_burst: int = 20           # requests a client may send at once beyond the rate
 
     # Elastic pool: asrctl scale / autoscale (app/control/plan/policy.py documents each rule).
     autoscale: bool = False              # run `asrctl autoscale` as a supervisord program
-    min_instances: int = 1
-    max_instances: int = 4
+    min_instances: int = 1               # fewest instances asrctl scale and the autoscaler leave
+    max_instances: int = 4               # most instances asrctl scale and the autoscaler start
     target_in_flight: float = 2.0        # requests (running + waiting) per instance the pool aims for
-    upscale_delay_seconds: float = 30.0
-    downscale_delay_seconds: float = 300.0
-    cooldown_seconds: float = 60.0
-    autoscale_interval_seconds: float = 10.0
+    upscale_delay_seconds: float = 30.0  # load must stay high this long before the pool grows
+    downscale_delay_seconds: float = 300.0 # load must stay low this long before it shrinks
+    cooldown_seconds: float = 60.0       # no change this soon after the last one
+    autoscale_interval_seconds: float = 10.0 # how often the autoscaler decides
     drain_timeout_seconds: float = 0.0   # 0 = request_timeout_seconds: the longest a request may take
 
     # Liveness on one host (asrctl watch, a supervisord program): like Kubernetes' livenessProbe.
     liveness: bool = True                # watch every instance's /health and restart a frozen one
-    liveness_interval_seconds: float = 0.5
+    liveness_interval_seconds: float = 0.5 # how often the watcher probes each /health
     liveness_timeout_seconds: float = 1.0  # /health answers from a thread of its own, even mid-inference
     liveness_failures: int = 3           # missed probes in a row before the instance is restarted
     monitor_allow: str = ""              # addresses or CIDRs besides loopback that may read /metrics, /nginx_status
 
     # Per-instance values, set by supervisord in each program's environment.
-    instance_id: str = ""
+    instance_id: str = ""                # the instance's name, asr-PORT
     instance_host: str = "127.0.0.1"     # loopback: nginx is the public entry (a pod binds 0.0.0.0)
-    instance_port: int = 0
+    instance_port: int = 0               # the instance's own port
     cpu_cores: str = ""                  # e.g. "0-3" or "0,2"; "" = no pinning
     gpu_uuid: str = ""                   # the GPU placement chose (checked against CUDA's device 0)
 
@@ -196,7 +196,7 @@ class Settings:
     def batch_size(self, device: str) -> int:
         """Requests per engine call on ``device``: batching is what keeps a GPU busy; on CPU it gave
         2-7 % more audio per CPU second while every clip waits for the longest in its batch
-        (bench/README.md), so auto means no batching there."""
+        (docs/performance.md), so auto means no batching there."""
         size = self.max_batch or (8 if device == "cuda" else 1)
         return min(size, self.max_queue)
 
