@@ -3,7 +3,7 @@
 A page holds a marker (``<!-- generated: configuration -->`` or ``<!-- generated: api-parameters -->``)
 and the build replaces it with a table read from the definitions the service itself runs on: every
 field of ``app.config.Settings`` with the comments written beside it in the source, and every
-``Param`` of every route's ``Params`` as ``app.openapi`` registers them. A field without a
+``Param`` of every route's ``Params`` as ``app.routes.openapi`` registers them. A field without a
 description, or an unknown marker, fails the build, so the reference cannot go stale or incomplete.
 """
 from __future__ import annotations
@@ -25,10 +25,11 @@ def _sources():
 
     Importing the route modules registers their operations (with their ``Params``) in ``openapi``.
     """
-    import app.api  # noqa: F401  POST /asr, /detect-language
-    import app.jobs.api  # noqa: F401  /v1/jobs
-    import app.openai_api  # noqa: F401  /v1/audio/*
-    from app import config, openapi
+    import app.routes.asr  # noqa: F401  POST /asr, /detect-language
+    import app.routes.jobs  # noqa: F401  /v1/jobs
+    import app.routes.openai  # noqa: F401  /v1/audio/*
+    from app import config
+    from app.routes import openapi
     return config, openapi
 
 

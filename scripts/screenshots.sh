@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Retake the README's screenshots (docs/screenshots/*.png) with the browser tests: the try-it page
+# Retake the docs' screenshots (docs/screenshots/*.png) with the browser tests: the try-it page
 # after a file and after a microphone recording, and Swagger UI after "Try it out" on POST /asr.
 set -euo pipefail
 cd "$(dirname "$0")/.."

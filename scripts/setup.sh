@@ -27,7 +27,7 @@
 # torch 2.13's only CUDA 12 build is cu126 (PyTorch dropped cu128 in 2.12); like CTranslate2's CUDA 12
 # wheel it has no kernels for Blackwell GPUs (compute capability 10.x, 12.x): there, --engine transformers.
 # After installing, `python -m app.hardware.cuda` fails the set-up if two cuDNN builds (or two nvidia-* wheels
-# writing one library file) ended up in the environment. This GPU path has not run on a GPU yet.
+# writing one library file) ended up in the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -173,4 +173,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m app.hardware.cuda || { log "remove .venv and run scripts/setup.sh again"; exit 1; }
   echo "$want" > "$stamp"
 fi
-log "ready: .venv/bin/asrctl up   (then: espeak-ng -w hello.wav \"ask not what your country can do for you\"; curl -F audio=@hello.wav http://127.0.0.1:7860/asr)"
+log "ready: .venv/bin/asrctl up   (then: espeak-ng -v en -s 150 -w hello.wav \"ask not what your country can do for you\"; curl -F audio=@hello.wav http://127.0.0.1:7860/asr)"

@@ -215,17 +215,15 @@ def test_openai_error_shape_with_curl_like_requests(service):
 # The documented examples, run as written (only the URL changes) ------------------------------------
 
 def _doc_blocks(language: str) -> list[str]:
-    """Code blocks of the README's API reference: what users copy is what the tests run."""
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("### API reference")
-    text = readme[start:readme.index("\n## ", start)]
+    """Code blocks of the API page (docs/api.md): what users copy is what the tests run."""
+    text = (REPO / "docs" / "api.md").read_text()
     return [block.split("\n```")[0] for block in text.split(f"```{language}\n")[1:]]
 
 
 def test_documented_curl_examples_work(service, tmp_path):
     import shlex
     import subprocess
-    # Every example on the README's hello.wav runs as written; the jobs examples (a meeting.m4a and a
+    # Every example on the API page's hello.wav runs as written; the jobs examples (a meeting.m4a and a
     # placeholder job id) are run in spirit by tests/test_long_recordings.py.
     (tmp_path / "hello.wav").write_bytes(SPEECH.read_bytes())
     commands = [line for block in _doc_blocks("bash") for line in block.splitlines()
@@ -251,7 +249,7 @@ def test_documented_openai_example_works(service, capsys, tmp_path):
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        exec(compile(code.replace("http://127.0.0.1:7860", service.url), "README.md", "exec"), {})
+        exec(compile(code.replace("http://127.0.0.1:7860", service.url), "docs/api.md", "exec"), {})
     finally:
         os.chdir(cwd)
     subtitles, words = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)

@@ -35,7 +35,7 @@ _TRANSCRIPT = {"type": "object", "required": ["text", "segments"], "properties":
     "device": {"type": "string"}, "processing_time": {"type": "number"}, "request_id": {"type": "string"}}}
 SCHEMAS = {"Error": _ERROR, "OpenAIError": _OPENAI_ERROR, "Segment": _SEGMENT, "Transcript": _TRANSCRIPT}
 
-# Statuses every upload route may answer, with the error codes of the README's table.
+# Statuses every upload route may answer, with the error codes of docs/api.md's table.
 _ERROR_STATUSES = {
     "400": "missing_audio, empty_audio, multiple_files",
     "413": "audio_too_long, payload_too_large",

@@ -199,8 +199,8 @@ def pin_to_cores(cores_spec: str, cpu_threads: int) -> int:
 
     Also makes the OpenMP threads the engines start (CTranslate2's libgomp, torch's) sleep when they
     wait, unless ``OMP_WAIT_POLICY`` is already set: with the default, inside a gunicorn worker both of
-    CTranslate2's threads kept spinning and a decode the bare engine does in 1 s took 11 s
-    (bench/README.md). Must run before the engine's library is first imported: OpenMP reads the variable
+    CTranslate2's threads kept spinning and a decode the bare engine does in 1 s took 11 s.
+    Must run before the engine's library is first imported: OpenMP reads the variable
     when it loads.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
