@@ -21,15 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _sources():
-    """The modules the references are read from: the one place to edit when they move.
+    """The modules the references are read from: the settings, and every route module of
+    ``app.routes`` (importing one registers its operations, with their ``Params``, in ``openapi``)."""
+    import importlib
+    import pkgutil
 
-    Importing the route modules registers their operations (with their ``Params``) in ``openapi``.
-    """
-    import app.routes.asr  # noqa: F401  POST /asr, /detect-language
-    import app.routes.jobs  # noqa: F401  /v1/jobs
-    import app.routes.openai  # noqa: F401  /v1/audio/*
+    import app.routes
     from app import config
     from app.routes import openapi
+
+    for module in pkgutil.iter_modules(app.routes.__path__):
+        importlib.import_module(f"app.routes.{module.name}")
     return config, openapi
 
 
