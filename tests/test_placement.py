@@ -2,7 +2,8 @@
 import pytest
 
 from app.config import ConfigError
-from app.control.plan.placement import GpuInfo, Placement, parse_cores, place_one, plan_placement, resolve_device
+from app.control.plan.placement import GpuInfo, Placement, place_one, plan_placement, resolve_device
+from app.hardware.devices import parse_cores
 
 
 def test_cpu_instances_get_disjoint_core_sets():

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from app.config import ConfigError
-from app.hardware.devices import available_cores, format_cores, parse_cores  # noqa: F401  (re-exported)
-from app.hardware.nvml import GpuInfo, detect_gpus, driver_absent  # noqa: F401  (detect_gpus re-exported)
+from app.hardware.devices import format_cores
+from app.hardware.nvml import GpuInfo, driver_absent
 
 
 class NoRoomError(ConfigError):
