@@ -57,20 +57,27 @@ as_root() {
 
 # -- cleanup: only what this run started -----------------------------------------------------------
 work=$(mktemp -d "${TMPDIR:-/tmp}/asr-image.XXXXXX")
-container="" inflight_pid="" pods_before="" volumes_before="" played=0
+container="" inflight_pid="" pods_before="" volumes_before="" played=0 deployment="" claimed=""
+remove_new_volumes() {  # the manifest's PVC and ConfigMap volumes that did not exist before the play
+  local v
+  for v in $claimed; do
+    grep -qx "$v" <<<"$volumes_before" || ! podman volume exists "$v" || timeout 60 podman volume rm -f "$v" >/dev/null 2>&1
+  done
+}
+new_pods() {  # the pods of the played Deployment that were not there before the play
+  local p
+  for p in $(podman pod ps -q --no-trunc --filter "name=^$deployment-"); do grep -qx "$p" <<<"$pods_before" || echo "$p"; done
+}
 cleanup() {
   local rc=$? p v
   set +e
   [ -z "$inflight_pid" ] || kill "$inflight_pid" 2>/dev/null
   [ -z "$container" ] || timeout 60 podman rm -f -v "$container" >/dev/null 2>&1
+  # Not `podman kube down`: after a failed play, a pod of the same name may be someone else's. Only
+  # the pods and volumes named by the manifest that were not there before the play.
   if [ "$played" = 1 ]; then
-    timeout 120 podman kube down "$work/play.yaml" >/dev/null 2>&1
-    for p in $(podman pod ps -q --no-trunc); do
-      grep -qx "$p" <<<"$pods_before" || timeout 60 podman pod rm -f "$p" >/dev/null 2>&1
-    done
-    for v in $(podman volume ls -q); do
-      grep -qx "$v" <<<"$volumes_before" || timeout 60 podman volume rm -f "$v" >/dev/null 2>&1
-    done
+    for p in $(new_pods); do timeout 60 podman pod rm -f "$p" >/dev/null 2>&1; done
+    remove_new_volumes
   fi
   [ ! -d "$work/rootfs" ] || as_root rm -rf "$work/rootfs"
   rm -rf "$work"
@@ -247,6 +254,8 @@ if [ "$kube" = 1 ]; then
   "$kubectl" kustomize deploy/k8s/overlays/cpu \
     | "$python" scripts/podman_kube.py --image "$image" --host-port "$kport" >"$work/play.yaml"
   log "pod: playing deploy/k8s/overlays/cpu ($(grep -c '^kind:' "$work/play.yaml") objects: $(grep '^kind:' "$work/play.yaml" | cut -d' ' -f2 | paste -sd, -)) on 127.0.0.1:$kport"
+  names() { "$python" -c 'import sys, yaml; print(" ".join(d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) if d["kind"] in sys.argv[2:]))' "$work/play.yaml" "$@"; }
+  deployment=$(names Deployment) claimed=$(names PersistentVolumeClaim ConfigMap)
   pods_before=$(podman pod ps -q --no-trunc) volumes_before=$(podman volume ls -q)
   played=1
   started=$(now)
@@ -257,9 +266,8 @@ if [ "$kube" = 1 ]; then
   [ "$code" = 200 ] || die "pod: POST /asr answered $code"
   check_jfk "$work/pod.json" "pod /asr"
   timeout $((GRACE + 60)) podman kube down "$work/play.yaml" >/dev/null || die "podman kube down failed"
-  for v in $(podman volume ls -q); do
-    grep -qx "$v" <<<"$volumes_before" || podman volume rm "$v" >/dev/null
-  done
+  [ -z "$(new_pods)" ] || die "podman kube down left the pod"
+  remove_new_volumes
   played=0
   log "pod: torn down (podman kube down), its volumes removed"
 fi
