@@ -101,7 +101,9 @@ if [ "$kube" = 1 ]; then
   [ -x "$python" ] || python=python3
   "$python" -c 'import yaml' 2>/dev/null || die "$python lacks PyYAML (scripts/setup.sh installs it in .venv)"
 fi
-log "podman $(podman version --format '{{.Client.Version}}'), runtime $(podman info --format '{{.Host.OCIRuntime.Name}}'), cgroup manager $(podman info --format '{{.Host.CgroupManager}}')"
+log "podman $(podman version --format '{{.Client.Version}}')," \
+    "runtime $(podman info --format '{{.Host.OCIRuntime.Name}}')," \
+    "cgroup manager $(podman info --format '{{.Host.CgroupManager}}')"
 
 # -- the base --------------------------------------------------------------------------------------
 # This host's Debian mirror for bookworm (deb822 .sources or one-line .list), else deb.debian.org.
@@ -166,7 +168,10 @@ elif [ -f "$conf" ]; then
 fi
 # Health checks run from systemd timers; without systemd podman logs an error per container instead.
 run_opts=()
-[ -d /run/systemd/system ] || { run_opts+=(--no-healthcheck); log "no systemd: the container runs without the image's HEALTHCHECK (this script polls /ready itself)"; }
+if [ ! -d /run/systemd/system ]; then
+  run_opts+=(--no-healthcheck)
+  log "no systemd: the container runs without the image's HEALTHCHECK (this script polls /ready itself)"
+fi
 
 # -- build -----------------------------------------------------------------------------------------
 build=(podman build --format docker --build-arg "PYTHON_IMAGE=$base" "${build_args[@]}" -t "$image")
@@ -230,7 +235,11 @@ check_jfk "$work/asr.json" "container /asr"
 asr "$port" "$work/long.wav" "$work/inflight.json" >"$work/inflight.code" 2>&1 &
 inflight_pid=$!
 deadline=$((SECONDS + 60))
-until curl -sf --max-time 5 "http://127.0.0.1:$port/health" | python3 -c 'import json, sys; sys.exit(0 if json.load(sys.stdin)["queue"]["running"] else 1)' 2>/dev/null; do
+running() {  # /health's count of requests being transcribed now
+  curl -sf --max-time 5 "http://127.0.0.1:$1/health" \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["queue"]["running"])' 2>/dev/null || echo 0
+}
+until [ "$(running "$port")" -gt 0 ]; do
   kill -0 "$inflight_pid" 2>/dev/null || die "the long request finished before it was seen in flight"
   [ "$SECONDS" -lt "$deadline" ] || die "the long request was not seen in flight within 60 s"
   sleep 0.2
@@ -253,14 +262,22 @@ if [ "$kube" = 1 ]; then
   kport=$(free_port)
   "$kubectl" kustomize deploy/k8s/overlays/cpu \
     | "$python" scripts/podman_kube.py --image "$image" --host-port "$kport" >"$work/play.yaml"
-  log "pod: playing deploy/k8s/overlays/cpu ($(grep -c '^kind:' "$work/play.yaml") objects: $(grep '^kind:' "$work/play.yaml" | cut -d' ' -f2 | paste -sd, -)) on 127.0.0.1:$kport"
-  names() { "$python" -c 'import sys, yaml; print(" ".join(d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) if d["kind"] in sys.argv[2:]))' "$work/play.yaml" "$@"; }
+  log "pod: playing deploy/k8s/overlays/cpu ($(grep '^kind:' "$work/play.yaml" | cut -d' ' -f2 | paste -sd, -))" \
+      "on 127.0.0.1:$kport"
+  names() {  # the names of the played objects of these kinds
+    "$python" -c 'import sys, yaml
+print(" ".join(d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) if d["kind"] in sys.argv[2:]))' \
+      "$work/play.yaml" "$@"
+  }
   deployment=$(names Deployment) claimed=$(names PersistentVolumeClaim ConfigMap)
   pods_before=$(podman pod ps -q --no-trunc) volumes_before=$(podman volume ls -q)
   played=1
   started=$(now)
   timeout 300 podman kube play "$work/play.yaml" >"$work/play.log" 2>&1 || { cat "$work/play.log"; die "podman kube play failed"; }
-  kube_ready_s=$(wait_ready "$kport" "$started") || { podman pod logs --tail 30 "$(podman pod ps -q --latest)" 2>&1; die "pod: no /ready within $READY_TIMEOUT s"; }
+  if ! kube_ready_s=$(wait_ready "$kport" "$started"); then
+    for p in $(new_pods); do podman pod logs --tail 30 "$p" 2>&1; done
+    die "pod: no /ready within $READY_TIMEOUT s"
+  fi
   log "pod: ready in $kube_ready_s s"
   code=$(asr "$kport" "$work/jfk.wav" "$work/pod.json") || true
   [ "$code" = 200 ] || die "pod: POST /asr answered $code"
@@ -272,6 +289,9 @@ if [ "$kube" = 1 ]; then
   log "pod: torn down (podman kube down), its volumes removed"
 fi
 
-python3 -c 'import json, sys; k = ["image", "size_bytes", "build_seconds", "ready_seconds", "stop_seconds", "pod_ready_seconds"]; print("[image] report", json.dumps(dict(zip(k, [sys.argv[1], int(sys.argv[2])] + [float(a) if a else None for a in sys.argv[3:]]))))' \
+python3 -c 'import json, sys
+keys = ["image", "size_bytes", "build_seconds", "ready_seconds", "stop_seconds", "pod_ready_seconds"]
+values = [sys.argv[1], int(sys.argv[2])] + [float(a) if a else None for a in sys.argv[3:]]
+print("[image] report", json.dumps(dict(zip(keys, values))))' \
   "$image" "$size" "$build_s" "$ready_s" "$stop_s" "$kube_ready_s"
 echo "$image"
