@@ -101,6 +101,9 @@ if [ "$kube" = 1 ]; then
   [ -x "$python" ] || python=python3
   "$python" -c 'import yaml' 2>/dev/null || die "$python lacks PyYAML (scripts/setup.sh installs it in .venv)"
 fi
+if command -v docker >/dev/null && timeout 20 docker info >/dev/null 2>&1; then
+  log "Docker is running here too; this script builds with podman, whose store podman kube play reads"
+fi
 log "podman $(podman version --format '{{.Client.Version}}')," \
     "runtime $(podman info --format '{{.Host.OCIRuntime.Name}}')," \
     "cgroup manager $(podman info --format '{{.Host.CgroupManager}}')"
