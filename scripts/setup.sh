@@ -10,7 +10,7 @@
 #   scripts/setup.sh --gpu | --cpu          override the GPU detection (nvidia-smi -L)
 #   scripts/setup.sh --system-site-packages a new .venv sees the system's packages: a GPU image's own
 #                                           torch (and transformers, nvidia-ml-py) is used, not installed
-#   scripts/setup.sh --with-test-tools      also chromium and prometheus from apt (scripts/test.sh)
+#   scripts/setup.sh --with-test-tools      also chromium, prometheus and podman from apt (scripts/test.sh)
 #   scripts/setup.sh --dry-run              print the pip commands it would run (the plan) and exit:
 #                                           no apt, no .venv, nothing downloaded
 #
@@ -143,12 +143,16 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || missing+=(python3)
 python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
-# --with-test-tools (scripts/test.sh): what only the tests need, a real browser for the pages and a
-# real Prometheus with promtool for the monitoring set-up.
+# --with-test-tools (scripts/test.sh): what only the tests need, a real browser for the pages, a
+# real Prometheus with promtool for the monitoring set-up, and podman (with runc, catatonit for a pod's
+# infra container, and debootstrap for a base image where no registry is reachable) for the image and
+# the pod that scripts/image.sh builds and runs.
 if [ "$test_tools" = 1 ]; then
   command -v chromium >/dev/null || missing+=(chromium)
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
   command -v promtool >/dev/null || missing+=(prometheus)
+  for tool in podman buildah runc catatonit; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
 fi
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 

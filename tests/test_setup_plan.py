@@ -176,23 +176,41 @@ def test_the_check_passes_one_cuda_major_and_fails_two_cudnn_builds(tmp_path, mo
     assert "two cuDNN builds installed" in result.stderr and "one CUDA major per environment" in result.stderr
 
 
-def dockerfile_torch_step(variant: str) -> subprocess.CompletedProcess:
-    """The Dockerfile's torch RUN step for TORCH_VARIANT=`variant`, with pip replaced by an echo."""
+def dockerfile_torch_step(variant: str, engines: str = "all", **args: str) -> subprocess.CompletedProcess:
+    """The Dockerfile's torch RUN step (its mounts left out) for TORCH_VARIANT=`variant`, with pip replaced
+    by an echo of its arguments and of where it would look (no PIP_* of this host's)."""
     text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
-    (step,) = [line[4:] for line in text.splitlines() if line.startswith("RUN case \"$TORCH_VARIANT\"")]
-    return subprocess.run(["bash", "-c", 'pip() { echo pip "$@"; }; ' + step], capture_output=True, text=True,
-                          env={**os.environ, "TORCH_VARIANT": variant, "TORCH_VERSION": "2.13.0"}, timeout=30)
+    (step,) = [re.sub(r"^RUN\s+(--mount=\S+\s+)*", "", line) for line in text.splitlines()
+               if line.startswith("RUN ") and "TORCH_VARIANT must be" in line]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update({"ENGINES": engines, "TORCH_VARIANT": variant, "TORCH_VERSION": "2.13.0", "TORCH_INDEX_URL": "",
+                "TORCH_WHEELS": "", **args})
+    echo = 'pip() { echo pip "$@" "index=${PIP_INDEX_URL:-}" "find_links=${PIP_FIND_LINKS:-}" "no_index=${PIP_NO_INDEX:-}"; }; '
+    return subprocess.run(["bash", "-c", echo + step], capture_output=True, text=True, env=env, timeout=30)
 
 
 def test_the_images_cuda_variant_takes_torchs_cuda12_build():
-    # The image holds both engines (the gpu extra in every CUDA variant): CUDA 12 alone, as setup.sh.
+    # With the transformers engines, CTranslate2 beside torch: CUDA 12 alone, as setup.sh.
     for variant, index in (("cuda", CU126), ("cu129", "https://download.pytorch.org/whl/cu129"),
                            ("cpu", "https://download.pytorch.org/whl/cpu")):
         result = dockerfile_torch_step(variant)
-        assert result.returncode == 0 and f"--index-url {index} torch==2.13.0" in result.stdout, (variant, result)
+        assert result.returncode == 0 and f"--no-deps torch==2.13.0 index={index} find_links= " in result.stdout, (variant, result)
     for variant in ("cu130", "pypi"):
         result = dockerfile_torch_step(variant)
         assert result.returncode == 1 and "TORCH_VARIANT must be" in result.stderr, (variant, result)
+
+
+def test_the_default_image_has_no_torch_and_torch_comes_from_where_it_is_told():
+    for variant in ("cpu", "cuda"):
+        result = dockerfile_torch_step(variant, engines="ctranslate2")
+        assert result.returncode == 0 and "pip" not in result.stdout, (variant, result)
+    result = dockerfile_torch_step("cpu", engines="transformers")
+    assert result.returncode == 1 and "ENGINES must be" in result.stderr, result
+    result = dockerfile_torch_step("cpu", TORCH_INDEX_URL="https://mirror.example/torch-cpu")
+    assert "index=https://mirror.example/torch-cpu " in result.stdout, result
+    # A wheel directory in the build context (mounted at /context): no index at all.
+    result = dockerfile_torch_step("cuda", TORCH_WHEELS="wheels")
+    assert "index= find_links=/context/wheels no_index=1" in result.stdout, result
 
 
 def test_the_real_run_runs_the_plan_and_stops_on_a_clash(tmp_path):
