@@ -589,8 +589,8 @@ def test_autoscaling_metrics_are_what_the_app_exports(objects, tmp_path):
 
 def test_documented_docker_commands_use_the_images_they_build(objects):
     """`docker run` and the overlays name the image `docker build -t` makes (push goes by a tag of it)."""
-    lines = [line.split("#")[0] for line in (REPO / "docs" / "kubernetes.md").read_text().splitlines()
-             if line.startswith("docker ")]
+    lines = [line.split("#")[0] for page in ("README.md", "docs/kubernetes.md")
+             for line in (REPO / page).read_text().splitlines() if line.startswith("docker ")]
     image = r"(\S*asr-service:\S+)"
     built = {m[1] for line in lines if line.startswith("docker build") for m in [re.search(r"-t " + image, line)]}
     tagged = {m[2] for line in lines if line.startswith("docker tag") for m in [re.search(image + " " + image, line)]}
