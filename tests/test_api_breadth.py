@@ -144,7 +144,10 @@ def test_vad_filter_drops_silence_and_keeps_times_absolute(service):
     duration = 12 + JFK_SECONDS + 12 + JFK_SECONDS
     with_vad = asr_json(service, padded, vad_filter="true", word_timestamps="true")
     check_times(with_vad, duration)
-    assert normalize(with_vad["text"]) == normalize(JFK_REFERENCE + " " + JFK_REFERENCE)
+    # Both sentences, each heard whole. Not word for word: the two speech stretches are decoded as two
+    # chunks, batched together or on two instances as the pool's load has it, and int8 decoding of a
+    # padded batch may hear "asked" for "ask" (3 words in 44); losing a stretch would cost 50 %.
+    assert wer([JFK_REFERENCE + " " + JFK_REFERENCE], [with_vad["text"]]) <= 0.1, with_vad["text"]
     words = words_of(with_vad)
     second = [w for w in words if w["start"] > 12 + JFK_SECONDS]
     assert len(second) == len(words) // 2            # each JFK's words lie on its own stretch of audio

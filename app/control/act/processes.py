@@ -415,12 +415,22 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
 
-def free_ports(count: int) -> list[int]:
-    """Free consecutive loopback ports: base_port..base_port+N-1 must all be free."""
+def free_ports(count: int, spare: int = 8) -> list[int]:
+    """Free consecutive loopback ports, base..base+count-1, for a pool the tests or the benchmark bring
+    up, with ``spare`` more free after them for scaling up.
+
+    Drawn below the kernel's ephemeral range (``ip_local_port_range``), where no outgoing connection
+    takes its source port: a port drawn inside it can be taken by any client socket on the host
+    between the draw and the bind (as the instance ports 7861.. of a real deployment never are)."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    top = max(low, 12000) - count - spare
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count < 65000 and all(port_free(base + i) for i in range(count)):
+        base = random.randrange(10000, top)
+        if all(port_free(base + i) for i in range(count + spare)):
             return [base + i for i in range(count)]
     raise RuntimeError("no free range of loopback ports")
