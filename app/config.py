@@ -72,6 +72,12 @@ class Settings:
     max_batch: int = 0                   # requests per engine call; 0 = auto: 1 on CPU, 8 on GPU
     max_wait_ms: float = 10.0            # longest a request waits for others to fill its batch
 
+    # Live transcription (GET /v1/realtime, app/routes/realtime.py): WebSocket streams, one instance each.
+    max_streams: int = 4                 # open streams an instance holds; one more gets 503 (nginx tries the next)
+    stream_idle_seconds: float = 60.0    # a stream that sends nothing this long is closed
+    stream_max_seconds: float = 3600.0   # a stream is closed after this long, however busy
+    stream_redecode_seconds: float = 1.0 # new audio in an open turn before it is decoded again (for deltas)
+
     # Long recordings (app/audio/longform.py): cut at pauses into chunks of chunk_seconds, decoded side by side.
     chunking: bool = True                # false: window after window on the instance that got it
     chunk_fanout: bool = True            # also send chunks to idle sibling instances (loopback)
@@ -190,8 +196,9 @@ class Settings:
 
     @property
     def gunicorn_threads(self) -> int:
-        """Threads to accept connections: the queue bound plus room for probes and refusals."""
-        return self.max_queue + 4
+        """Threads to accept connections: the queue bound, one per open stream (a WebSocket holds its
+        thread), plus room for probes and refusals."""
+        return self.max_queue + self.max_streams + 4
 
     def batch_size(self, device: str) -> int:
         """Requests per engine call on ``device``: batching is what keeps a GPU busy; on CPU it gave
@@ -319,6 +326,9 @@ def validate(s: Settings) -> None:
                           "job_runner_stall_seconds not negative")
     if s.instance_gpu_memory_mb < 1 or s.gpu_headroom_mb < 0:
         raise ConfigError("instance_gpu_memory_mb must be at least 1 and gpu_headroom_mb not negative")
+    if s.max_streams < 0 or s.stream_idle_seconds <= 0 or s.stream_max_seconds <= 0 or s.stream_redecode_seconds <= 0:
+        raise ConfigError("max_streams must not be negative (0: no live streams); stream_idle_seconds, "
+                          "stream_max_seconds and stream_redecode_seconds must be positive")
     if s.max_batch < 0 or s.max_wait_ms < 0:
         raise ConfigError("max_batch and max_wait_ms must not be negative (max_batch 0 = auto)")
     if any(w < 1 for w in s.weight_list()):
