@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import statistics
 import threading
 import time
@@ -309,3 +310,31 @@ def test_a_plain_get_is_told_to_upgrade(service):
     assert r.status_code == 426 and r.json()["error"]["code"] == "upgrade_required"
     bad = requests.get(f"{service.url}/v1/realtime?intent=conversation", timeout=30)
     assert bad.status_code == 422 and bad.json()["error"]["message"].startswith("intent")
+
+
+def metric(port: int, name: str) -> float:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    found = re.search(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
+    assert found, name
+    return float(found.group(1))
+
+
+def test_stream_decodes_go_through_the_queue_and_streams_are_counted(one_stream_service):
+    port = one_stream_service.instance_ports[0]
+    assert poll(lambda: metric(port, "asr_streams_open") == 0, 30)   # the stream of the test before has closed
+    batches_before = metric(port, "asr_batch_size_count")
+    turns_before = metric(port, "asr_stream_turn_latency_seconds_count")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    with client.realtime.connect(model="whisper-tiny.en", extra_query={"intent": "transcription"}) as connection:
+        assert connection.recv().type == "session.created"
+        assert metric(port, "asr_streams_open") == 1 and metric(port, "asr_streams_capacity") == 1
+        connection.session.update(session=session_update("whisper-tiny.en"))
+        assert connection.recv().type == "session.updated"
+        recorder = Recorder(connection, speech_with_pauses(SPOKEN)[0], speed=2.0)
+        recorder.run(1, 120)
+    deltas = recorder.count("conversation.item.input_audio_transcription.delta")
+    assert deltas >= 1
+    # Every delta came from a decode of its own, and the turn from one more: all through the queue.
+    assert metric(port, "asr_batch_size_count") - batches_before >= deltas + 1
+    assert metric(port, "asr_stream_turn_latency_seconds_count") - turns_before == 1
+    assert poll(lambda: metric(port, "asr_streams_open") == 0, 30)
