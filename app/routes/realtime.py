@@ -26,7 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, current_app, request
 
 from app import languages
 from app.audio.decode import resampler_from
@@ -37,6 +37,7 @@ from app.routes import asr
 from app.routes.openapi import Operation, register
 from app.routes.params import Param, Params
 from app.runtime.instance import READY, ModelInstance
+from app.runtime import metrics
 from app.runtime.queue import QueueFull
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def realtime():
     try:
         ws = simple_websocket.Server.accept(request.environ, max_message_size=MAX_MESSAGE_BYTES)
         try:
-            Stream(inst, ws, values["model"]).run()
+            Stream(inst, ws, values["model"], current_app._get_current_object()).run()
         finally:
             ws.close()
     finally:
@@ -134,8 +135,8 @@ class Final:
 class Stream:
     """One WebSocket session: its configuration, audio buffer, turns and decodes."""
 
-    def __init__(self, inst: ModelInstance, ws, url_model: str):
-        self.inst, self.ws = inst, ws
+    def __init__(self, inst: ModelInstance, ws, url_model: str, app=None):
+        self.inst, self.ws, self.app = inst, ws, app
         s = inst.settings
         self.model = inst.model_name
         self.language: str | None = languages.to_code(s.language)
@@ -372,6 +373,9 @@ class Stream:
             self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": final.item_id,
                        "content_index": 0, "transcript": final.future.result().text.strip(),
                        "usage": {"type": "duration", "seconds": round(len(final.audio) / SAMPLE_RATE, 3)}})
+            if self.app is not None:
+                metrics.observe_turn(self.app, time.monotonic() - final.committed_at)
+                metrics.count_audio(self.app, len(final.audio) / SAMPLE_RATE)
 
     # Server events ------------------------------------------------------------------------------
 
