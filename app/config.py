@@ -35,7 +35,9 @@ class Settings:
     compute_type: str = "auto"           # auto: int8 (ctranslate2) or float32 on CPU; float16 on GPU, bfloat16 for qwen3-asr
     aligner_model: str = ""              # qwen3-asr: a Qwen3-ForcedAligner-*-hf directory, for word timestamps
     chunk_seconds: float = 30.0          # longer audio is cut at quiet points into chunks this long at most
-                                         # (app/audio/longform.py for every engine; qwen3-asr's engine too)
+                                         # (app/audio/longform.py for every engine; qwen3-asr's engine too);
+                                         # a live stream's turn that never pauses is cut as long
+                                         # (app/audio/live.py)
     beam_size: int = 5                   # same decoding for both engines
     language: str = ""                   # default language; "" = detect where the model can
 

@@ -38,6 +38,17 @@ def test_turns_start_with_their_prefix_padding_and_stop_after_the_silence():
     assert events == [("start", 8 * FRAME), ("stop", 23 * FRAME)]
 
 
+def test_speech_without_a_pause_is_cut_at_its_quietest_frame_after_max_turn_seconds():
+    seconds_per_frame = FRAME / 16000
+    detector = TurnDetector(ServerVad(prefix_padding_ms=0), max_turn_seconds=40 * seconds_per_frame)
+    frames = [0.9] * 30 + [0.4] + [0.9] * 60          # a dip too short to end the turn, at frame 30
+    events = detector.feed(frames)
+    # 40 frames in, the turn is cut where it was quietest; the next cut comes 40 frames after that one.
+    assert events[:3] == [("start", 0), ("stop", 30 * FRAME), ("start", 30 * FRAME)]
+    assert [kind for kind, _ in events] == ["start", "stop", "start", "stop", "start"]
+    assert all(b - a <= 40 * FRAME for (_, a), (_, b) in zip(events[::2], events[1::2]))
+
+
 def test_local_agreement_gives_out_only_words_two_decodes_share_and_each_once():
     agreement = LocalAgreement()
     assert agreement.update("And so my") == []
@@ -195,6 +206,18 @@ def test_the_openai_client_streams_speech_and_gets_deltas_then_each_turns_transc
     assert all(lag < 10 for lag in lags), lags   # tolerant: the machine is shared
 
 
+def test_the_documented_example_works(service, capsys, tmp_path, monkeypatch):
+    """The live-transcription example of docs/api.md, run as written (only the URL changes)."""
+    from support import REPO, spoken_file
+
+    text = (REPO / "docs" / "api.md").read_text()
+    (code,) = [b.split("\n```")[0] for b in text.split("```python\n")[1:] if "client.realtime" in b]
+    (tmp_path / "hello.wav").write_bytes(spoken_file().read_bytes())
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("http://127.0.0.1:7860", service.url), "docs/api.md", "exec"), {})
+    assert normalize(capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)[-1]) == normalize(SPOKEN)
+
+
 def test_bad_events_get_error_events_and_the_stream_goes_on(service, model):
     with connect(service) as connection:
         assert connection.recv().type == "session.created"
@@ -305,11 +328,12 @@ API_KEY = "rt-key-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def one_stream_service(tmp_path_factory):
-    """One instance holding one stream, behind API keys."""
+    """One instance holding one stream, behind API keys; a turn that never pauses is cut after 4 s."""
     tmp = tmp_path_factory.mktemp("realtime-one")
     keys = tmp / "keys"
     keys.write_text(API_KEY + "\n")
-    svc = bring_up(tmp, 1, env={"ASR_MAX_STREAMS": "1", "ASR_API_KEYS_FILE": str(keys)})
+    svc = bring_up(tmp, 1, env={"ASR_MAX_STREAMS": "1", "ASR_API_KEYS_FILE": str(keys),
+                                     "ASR_CHUNK_SECONDS": "4"})
     yield svc
     svc.asrctl("down")
 
@@ -374,10 +398,30 @@ def test_stream_decodes_go_through_the_queue_and_streams_are_counted(one_stream_
         connection.session.update(session=session_update("whisper-tiny.en"))
         assert connection.recv().type == "session.updated"
         recorder = Recorder(connection, speech_with_pauses(SPOKEN)[0], speed=2.0)
-        recorder.run(1, 120)
+        recorder.run_all_turns(120)
     deltas = recorder.count("conversation.item.input_audio_transcription.delta")
     assert deltas >= 1
     # Every delta came from a decode of its own, and the turn from one more: all through the queue.
     assert metric(port, "asr_batch_size_count") - batches_before >= deltas + 1
-    assert metric(port, "asr_stream_turn_latency_seconds_count") - turns_before == 1
+    turns = recorder.count("conversation.item.input_audio_transcription.completed")
+    assert metric(port, "asr_stream_turn_latency_seconds_count") - turns_before == turns
     assert poll(lambda: metric(port, "asr_streams_open") == 0, 30)
+
+
+def test_speech_longer_than_a_turn_may_be_is_cut_between_words(one_stream_service):
+    """The sentence runs 6.5 s without a pause as long as silence_duration_ms; with chunk_seconds = 4 it
+    is cut at a quiet frame, and the turns' transcripts still make up the sentence."""
+    port = one_stream_service.instance_ports[0]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    assert poll(lambda: metric(port, "asr_streams_open") == 0, 30)
+    with client.realtime.connect(model="whisper-tiny.en", extra_query={"intent": "transcription"}) as connection:
+        assert connection.recv().type == "session.created"
+        connection.session.update(session=session_update("whisper-tiny.en"))
+        assert connection.recv().type == "session.updated"
+        recorder = Recorder(connection, speech_with_pauses(SPOKEN)[0], speed=4.0)
+        recorder.run_all_turns(120)
+    completed = [e for _, e in recorder.of("conversation.item.input_audio_transcription.completed")]
+    assert len(completed) >= 2 and all(e.usage.seconds <= 4 + 0.3 + 0.1 for e in completed), completed
+    joined = " ".join(e.transcript for e in completed)
+    print(f"cut into {len(completed)} turns: {[e.transcript for e in completed]}")
+    assert wer([SPOKEN], [joined]) <= 0.15, joined

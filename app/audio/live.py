@@ -6,6 +6,7 @@ runs the same Silero VAD model ``app.audio.vad`` uses, frame by frame as audio a
 """
 from __future__ import annotations
 
+import collections
 import re
 from dataclasses import dataclass
 
@@ -31,13 +32,23 @@ class ServerVad:
 class TurnDetector:
     """Turn starts and stops from frame probabilities, as sample positions on the stream's timeline
     (16 kHz samples since it began). A start is moved back by ``prefix_padding_ms``; a stop is where
-    ``silence_duration_ms`` of silence after the speech ends, that silence included."""
+    ``silence_duration_ms`` of silence after the speech ends, that silence included.
 
-    def __init__(self, vad: ServerVad, start_frame: int = 0):
+    Speech that never pauses that long is cut after ``max_turn_seconds`` at its quietest frame of the
+    last ``CUT_WINDOW_SECONDS`` (a stop and a start at the same place): a turn stays short enough to be
+    decoded again and again while it is spoken."""
+
+    CUT_WINDOW_SECONDS = 3.0
+
+    def __init__(self, vad: ServerVad, start_frame: int = 0, max_turn_seconds: float = 30.0):
         self.vad = vad
         self.frame = start_frame   # frames seen
         self.in_speech = False
         self._silent_frames = 0
+        self._turn_start = 0       # the frame the open turn's speech began at (or was cut at)
+        self._max_turn_frames = max(1, round(max_turn_seconds * SAMPLE_RATE / FRAME))
+        self._recent: collections.deque[tuple[float, int]] = collections.deque(
+            maxlen=max(1, round(self.CUT_WINDOW_SECONDS * SAMPLE_RATE / FRAME)))
 
     def feed(self, probabilities) -> list[tuple[str, int]]:
         events: list[tuple[str, int]] = []
@@ -47,7 +58,8 @@ class TurnDetector:
             position = self.frame * FRAME
             if not self.in_speech:
                 if p >= self.vad.threshold:
-                    self.in_speech, self._silent_frames = True, 0
+                    self.in_speech, self._silent_frames, self._turn_start = True, 0, self.frame
+                    self._recent.clear()
                     padding = self.vad.prefix_padding_ms * SAMPLE_RATE // 1000
                     events.append(("start", max(0, position - padding)))
             else:
@@ -55,6 +67,13 @@ class TurnDetector:
                 if self._silent_frames >= silence_frames:
                     self.in_speech = False
                     events.append(("stop", position + FRAME))
+                elif self.frame - self._turn_start >= self._max_turn_frames and self._recent:
+                    # The lowest probability; of equals the latest, so the turn cut off is as long as can be.
+                    _, quietest = min(self._recent, key=lambda pf: (pf[0], -pf[1]))
+                    events += [("stop", quietest * FRAME), ("start", quietest * FRAME)]
+                    self._turn_start = quietest
+                    self._recent.clear()
+            self._recent.append((float(p), self.frame))
             self.frame += 1
         return events
 

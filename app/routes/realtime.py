@@ -144,7 +144,7 @@ class Stream:
         self.vad: ServerVad | None = ServerVad()
         self.resampler = resampler_from(INPUT_RATE)
         self.probabilities = SpeechProbabilities()
-        self.detector = TurnDetector(self.vad)
+        self.detector = TurnDetector(self.vad, max_turn_seconds=s.chunk_seconds)
         self.buffer = np.zeros(0, np.float32)
         self.buffer_start = 0            # the timeline sample buffer[0] is
         self.turn: Turn | None = None
@@ -237,7 +237,8 @@ class Stream:
         self.language, self.prompt = language, prompt
         if vad != self.vad:
             self.vad = vad
-            self.detector = TurnDetector(vad or ServerVad(), start_frame=self.detector.frame)
+            self.detector = TurnDetector(vad or ServerVad(), start_frame=self.detector.frame,
+                                         max_turn_seconds=self.inst.settings.chunk_seconds)
             if self.turn is not None and vad is None:
                 self.turn = None   # without VAD the whole buffer is the open turn
         self.send({"type": "session.updated", "session": self.session()})
