@@ -328,6 +328,8 @@ class Stream:
             return
         if self.end - max(turn.decoded_to, turn.start) < self.inst.settings.stream_redecode_seconds * SAMPLE_RATE:
             return
+        if self.inst.queue.waiting:
+            return   # deltas yield: a turn's final decode or a file waiting in the queue goes first
         turn.decoding = self.submit(self.audio(turn.start, self.end), final=False)
         if turn.decoding is not None:
             turn.decoded_to = self.end
