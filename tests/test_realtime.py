@@ -15,6 +15,7 @@ import openai
 import pytest
 import requests
 import soxr
+import websockets.exceptions
 import websockets.sync.client as ws_client
 from websockets.exceptions import InvalidStatus
 
@@ -223,6 +224,8 @@ def test_bad_events_get_error_events_and_the_stream_goes_on(service, model):
         assert connection.recv().type == "session.created"
         sent = [
             ("not json {", "invalid_json"),
+            (b"\x00\x01 binary", "invalid_event"),
+            (json.dumps([1, 2]), "invalid_event"),
             (json.dumps({"type": "response.create"}), "unknown_event"),
             (json.dumps({"type": "input_audio_buffer.append", "audio": "%%% not base64"}), "invalid_base64"),
             (json.dumps({"type": "input_audio_buffer.commit", "event_id": "mine"}), "input_audio_buffer_commit_empty"),
@@ -235,9 +238,9 @@ def test_bad_events_get_error_events_and_the_stream_goes_on(service, model):
             event = connection.recv()
             assert event.type == "error" and event.error.code == code, (raw, event)
         assert event.error.param == "session.audio.input.turn_detection.threshold"
-        connection.send_raw(sent[3][0])
+        connection.send_raw(sent[5][0])
         assert connection.recv().error.event_id == "mine"
-        connection.send_raw(sent[4][0])
+        connection.send_raw(sent[6][0])
         assert model in connection.recv().error.message   # names the served model
         # Still usable: a good update, then speech that is transcribed.
         connection.session.update(session=session_update(model))
@@ -328,12 +331,14 @@ API_KEY = "rt-key-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def one_stream_service(tmp_path_factory):
-    """One instance holding one stream, behind API keys; a turn that never pauses is cut after 4 s."""
+    """One instance holding one stream, behind API keys; a turn that never pauses is cut after 4 s; a
+    stream is closed after 5 s without a message, or 20 s in all."""
     tmp = tmp_path_factory.mktemp("realtime-one")
     keys = tmp / "keys"
     keys.write_text(API_KEY + "\n")
     svc = bring_up(tmp, 1, env={"ASR_MAX_STREAMS": "1", "ASR_API_KEYS_FILE": str(keys),
-                                     "ASR_CHUNK_SECONDS": "4"})
+                                     "ASR_CHUNK_SECONDS": "4", "ASR_STREAM_IDLE_SECONDS": "5",
+                                     "ASR_STREAM_MAX_SECONDS": "20"})
     yield svc
     svc.asrctl("down")
 
@@ -425,3 +430,33 @@ def test_speech_longer_than_a_turn_may_be_is_cut_between_words(one_stream_servic
     joined = " ".join(e.transcript for e in completed)
     print(f"cut into {len(completed)} turns: {[e.transcript for e in completed]}")
     assert wer([SPOKEN], [joined]) <= 0.15, joined
+
+
+def test_a_quiet_stream_and_a_long_one_are_told_why_then_closed(one_stream_service):
+    port = one_stream_service.instance_ports[0]
+    url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
+    assert poll(lambda: metric(port, "asr_streams_open") == 0, 30)
+    with ws_client.connect(url) as quiet:
+        started = time.monotonic()
+        assert json.loads(quiet.recv(timeout=30))["type"] == "session.created"
+        event = json.loads(quiet.recv(timeout=30))
+        assert event["type"] == "error" and event["error"]["code"] == "idle_timeout"
+        assert 4.5 < time.monotonic() - started < 20
+        with pytest.raises(websockets.exceptions.ConnectionClosedOK):
+            quiet.recv(timeout=30)
+    assert poll(lambda: metric(port, "asr_streams_open") == 0, 30)
+    silence = base64.b64encode(bytes(4800)).decode()
+    with ws_client.connect(url) as busy:
+        started = time.monotonic()
+        assert json.loads(busy.recv(timeout=30))["type"] == "session.created"
+        while True:   # 100 ms of silence a second: never idle
+            busy.send(json.dumps({"type": "input_audio_buffer.append", "audio": silence}))
+            try:
+                event = json.loads(busy.recv(timeout=1))
+                break
+            except TimeoutError:
+                assert time.monotonic() - started < 60
+        assert event["type"] == "error" and event["error"]["code"] == "session_expired"
+        assert 19 < time.monotonic() - started < 45
+        with pytest.raises(websockets.exceptions.ConnectionClosedOK):
+            busy.recv(timeout=30)
