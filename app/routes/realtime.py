@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
+import simple_websocket
 from flask import Blueprint, Response, current_app, request
 
 from app import languages
@@ -68,8 +69,6 @@ register(Operation(
 @bp.get("/v1/realtime", websocket=True)
 @bp.get("/v1/realtime", endpoint="realtime_plain")
 def realtime():
-    import simple_websocket
-
     inst = asr.instance()
     values = REALTIME_PARAMS.parse(inst.settings)
     if request.headers.get("Upgrade", "").lower() != "websocket":
@@ -84,6 +83,9 @@ def realtime():
         ws = simple_websocket.Server.accept(request.environ, max_message_size=MAX_MESSAGE_BYTES)
         try:
             Stream(inst, ws, values["model"], current_app._get_current_object()).run()
+        except Exception:  # noqa: BLE001 - a bug ends this stream with a close frame, never an HTTP answer on it
+            log.exception("live stream failed")
+            ws.close(reason=1011, message="server error")
         finally:
             ws.close()
     finally:
@@ -155,8 +157,6 @@ class Stream:
     # The loop -----------------------------------------------------------------------------------
 
     def run(self) -> None:
-        from simple_websocket import ConnectionClosed
-
         s = self.inst.settings
         opened = last_heard = time.monotonic()
         self.send({"type": "session.created", "session": self.session()})
@@ -172,7 +172,7 @@ class Stream:
             wait = POLL_SECONDS if busy else min(1.0, s.stream_idle_seconds - (now - last_heard))
             try:
                 message = self.ws.receive(timeout=max(0.0, wait))
-            except ConnectionClosed:
+            except simple_websocket.ConnectionClosed:
                 return
             if message is not None:
                 last_heard = time.monotonic()
