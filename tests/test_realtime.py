@@ -203,7 +203,10 @@ def test_the_openai_client_streams_speech_and_gets_deltas_then_each_turns_transc
     assert len(said) >= 3 and said == normalize(SPOKEN).split()[:len(said)], said
     assert deltas[0][0] < stopped[0][0], "the first delta came only after the turn ended"
     lags = [t - (recorder.started + end) for (t, _), end in zip(completed, ends)]
-    print(f"end of speech -> completed: {', '.join(f'{lag:.2f} s' for lag in lags)}")
+    first_words = deltas[0][0] - (recorder.started + 0.5)   # the speech begins 0.5 s into the audio
+    print(f"end of speech -> completed: {', '.join(f'{lag:.2f} s' for lag in lags)}; "
+          f"speech began -> first delta: {first_words:.2f} s; words in deltas before the turn ended: "
+          f"{len(normalize(''.join(e.delta for t, e in deltas if t < stopped[0][0])).split())} of {len(said)}")
     assert all(lag < 10 for lag in lags), lags   # tolerant: the machine is shared
 
 
