@@ -327,6 +327,15 @@ def test_a_recording_streamed_at_four_times_real_time_is_heard_nearly_as_well_as
     assert stream_wer <= batch_wer + WER_MARGIN, (streamed, batch.json()["text"], [e.transcript for _, e in recorder.of("conversation.item.input_audio_transcription.completed")])
 
 
+def test_streams_leave_no_error_in_the_instance_logs(service):
+    """Runs after the other streams on ``service``: however a stream ended (the client closing it first,
+    mostly), its instance logged it as a 101 and no traceback."""
+    logs = [p.read_text(errors="replace") for p in sorted(service.run_dir.rglob("asr-*.log"))]
+    assert logs and all("Traceback" not in text and "Socket error" not in text for text in logs), \
+        [line for text in logs for line in text.splitlines() if "rror" in line][:5]
+    assert any('"GET /v1/realtime 101"' in text for text in logs)
+
+
 # The stream limit ---------------------------------------------------------------------------------
 
 API_KEY = "rt-key-0123456789abcdef"

@@ -85,12 +85,20 @@ def realtime():
             Stream(inst, ws, values["model"], current_app._get_current_object()).run()
         except Exception:  # noqa: BLE001 - a bug ends this stream with a close frame, never an HTTP answer on it
             log.exception("live stream failed")
-            ws.close(reason=1011, message="server error")
+            _close(ws, 1011, "server error")
         finally:
-            ws.close()
+            _close(ws)
     finally:
         inst.close_stream()
-    return _Upgraded()
+    return _Upgraded(status=101)   # for the request's log line; nothing is written
+
+
+def _close(ws, reason: int | None = None, message: str | None = None) -> None:
+    """Close the WebSocket unless the client already has."""
+    try:
+        ws.close(reason=reason, message=message)
+    except simple_websocket.ConnectionClosed:
+        pass
 
 
 class _Upgraded(Response):
@@ -181,7 +189,7 @@ class Stream:
 
     def _close(self, code: str, message: str) -> None:
         self.send_error(EventError(code, message))
-        self.ws.close(reason=1000, message=code)
+        _close(self.ws, 1000, code)
 
     def handle(self, message) -> None:
         event_id = None
