@@ -35,7 +35,9 @@ class Settings:
     compute_type: str = "auto"           # auto: int8 (ctranslate2) or float32 on CPU; float16 on GPU, bfloat16 for qwen3-asr
     aligner_model: str = ""              # qwen3-asr: a Qwen3-ForcedAligner-*-hf directory, for word timestamps
     chunk_seconds: float = 30.0          # longer audio is cut at quiet points into chunks this long at most
-                                         # (app/audio/longform.py for every engine; qwen3-asr's engine too)
+                                         # (app/audio/longform.py for every engine; qwen3-asr's engine too);
+                                         # a live stream's turn that never pauses is cut as long
+                                         # (app/audio/live.py)
     beam_size: int = 5                   # same decoding for both engines
     language: str = ""                   # default language; "" = detect where the model can
 
@@ -71,6 +73,12 @@ class Settings:
     # Dynamic batching inside an instance (app/runtime/queue.py): one engine call for several requests.
     max_batch: int = 0                   # requests per engine call; 0 = auto: 1 on CPU, 8 on GPU
     max_wait_ms: float = 10.0            # longest a request waits for others to fill its batch
+
+    # Live transcription (GET /v1/realtime, app/routes/realtime.py): WebSocket streams, one instance each.
+    max_streams: int = 4                 # open streams an instance holds; one more gets 503 (nginx tries the next); 0: none
+    stream_idle_seconds: float = 60.0    # a stream that sends nothing this long is closed
+    stream_max_seconds: float = 3600.0   # a stream is closed after this long, however busy
+    stream_redecode_seconds: float = 1.0 # new audio in an open turn before it is decoded again (for deltas)
 
     # Long recordings (app/audio/longform.py): cut at pauses into chunks of chunk_seconds, decoded side by side.
     chunking: bool = True                # false: window after window on the instance that got it
@@ -190,8 +198,9 @@ class Settings:
 
     @property
     def gunicorn_threads(self) -> int:
-        """Threads to accept connections: the queue bound plus room for probes and refusals."""
-        return self.max_queue + 4
+        """Threads to accept connections: the queue bound, one per open stream (a WebSocket holds its
+        thread), plus room for probes and refusals."""
+        return self.max_queue + self.max_streams + 4
 
     def batch_size(self, device: str) -> int:
         """Requests per engine call on ``device``: batching is what keeps a GPU busy; on CPU it gave
@@ -319,6 +328,9 @@ def validate(s: Settings) -> None:
                           "job_runner_stall_seconds not negative")
     if s.instance_gpu_memory_mb < 1 or s.gpu_headroom_mb < 0:
         raise ConfigError("instance_gpu_memory_mb must be at least 1 and gpu_headroom_mb not negative")
+    if s.max_streams < 0 or s.stream_idle_seconds <= 0 or s.stream_max_seconds <= 0 or s.stream_redecode_seconds <= 0:
+        raise ConfigError("max_streams must not be negative (0: no live streams); stream_idle_seconds, "
+                          "stream_max_seconds and stream_redecode_seconds must be positive")
     if s.max_batch < 0 or s.max_wait_ms < 0:
         raise ConfigError("max_batch and max_wait_ms must not be negative (max_batch 0 = auto)")
     if any(w < 1 for w in s.weight_list()):

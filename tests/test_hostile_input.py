@@ -461,7 +461,7 @@ def test_a_thousand_bad_requests_do_not_grow_memory(watched):
     # RSS climbs until every thread that serves requests has held a large one, then stays flat
     # (measured: +25-40 MB over the first few hundred mixed requests, then about 1 % per thousand).
     # gthread only starts a thread when none is idle, so large uploads from more clients than the
-    # burst below uses (but no more than nginx's max_conns lets through: 2 x max_queue) warm every
+    # burst below uses (but no more than nginx's max_conns lets through: max_queue + max_streams each) warm every
     # thread it will touch; then every input once or more.
     assert len(large) >= 2
     warm = burst(large, 96, 12, 30) + burst(mix, max(100, len(mix)), 4, 30)

@@ -23,13 +23,21 @@ def test_nginx_accepts_the_rendered_config(settings):
     paths = render_all(settings, plan_instances(settings, gpus=[]))
     nginx.check_config(paths)  # raises with nginx's message if refused
     text = paths.nginx_conf.read_text()
-    servers = re.findall(r"server 127\.0\.0\.1:(\d+) weight=(\d+) max_conns=8 max_fails=3 fail_timeout=10s;", text)
+    # max_conns: the queue (max_queue 8) and the live streams (max_streams 4) an instance holds.
+    servers = re.findall(r"server 127\.0\.0\.1:(\d+) weight=(\d+) max_conns=12 max_fails=3 fail_timeout=10s;", text)
     assert servers == [("19100", "2"), ("19101", "1"), ("19102", "1")]
     assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in text
     assert "proxy_next_upstream_tries 3;" in text
     assert f"client_max_body_size {settings.max_upload_bytes};" in text
     assert f"proxy_read_timeout {settings.request_timeout_seconds}s;" in text
     assert "listen 127.0.0.1:17860 reuseport;" in text
+    # The live-transcription WebSocket: upgraded, unbuffered, retried elsewhere only at the handshake
+    # (never non_idempotent), and read for longer than the instance lets a stream stay quiet.
+    realtime = text.split("location = /v1/realtime {", 1)[1].split("\n        }", 1)[0]
+    assert "proxy_set_header Upgrade $http_upgrade;" in realtime and "proxy_buffering off;" in realtime
+    assert "proxy_set_header Connection $asr_connection_upgrade;" in realtime
+    assert "proxy_next_upstream error timeout http_502 http_503;" in realtime
+    assert f"proxy_read_timeout {int(settings.stream_idle_seconds) + 30}s;" in realtime
     assert f"pid {paths.nginx_pid};" in text
     assert "zone asr_instances" in text           # max_conns and failures shared by all workers
     assert "Bearer" not in text and "limit_req " not in text  # both off unless configured
@@ -46,6 +54,8 @@ def test_api_keys_and_rate_limit_render_and_pass_nginx_t(tmp_path, settings):
     text = paths.nginx_conf.read_text()
     assert '"Bearer k3y-0123456789abcdef" 1;' in text and '"Bearer second.key_0123456789/+=" 1;' in text
     assert "rate=300r/m" in text and "burst=7 nodelay" in text
+    realtime = text.split("location = /v1/realtime {", 1)[1].split("\n        }", 1)[0]
+    assert "return 401;" in realtime and "burst=7 nodelay" in realtime   # keys and limits as /asr
     keys.write_text('bad key"; return 200;\n')
     with pytest.raises(ConfigError, match="api_keys_file"):
         load_settings(env={}, overrides={**vars(settings), "api_keys_file": str(keys)}).api_keys()

@@ -162,6 +162,12 @@ class DecodedFile:
         return self.samples / SAMPLE_RATE
 
 
+def resampler_from(rate: int) -> soxr.ResampleStream:
+    """Mono float32 audio at ``rate`` to 16 kHz, block by block: the filter ``decode_audio`` uses in one
+    call, for audio that arrives in pieces (a job's upload, a live stream)."""
+    return soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+
+
 def decode_to_flac(upload: BinaryIO, destination: Path, max_seconds: float) -> DecodedFile:
     """Decode the upload (a seekable file) into ``destination`` as 16 kHz mono 16-bit FLAC, atomically.
 
@@ -199,8 +205,7 @@ class _MonoFlacWriter:
         self.frames = 0              # source frames seen
         self.written = 0             # 16 kHz samples written
         self.finite = True
-        self.resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ") \
-            if rate != SAMPLE_RATE else None
+        self.resampler = resampler_from(rate) if rate != SAMPLE_RATE else None
         self.out = soundfile.SoundFile(str(path), "w", SAMPLE_RATE, 1, format="FLAC", subtype="PCM_16")
 
     def add(self, block: np.ndarray, last: bool = False) -> None:

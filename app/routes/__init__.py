@@ -12,7 +12,7 @@ from app.config import Settings, load_settings
 
 
 def create_app(settings: Settings | None = None, *, load_in_background: bool = True) -> Flask:
-    from app.routes import asr, auth, openai, pages, probes
+    from app.routes import asr, auth, models, openai, pages, probes, realtime
     from app.runtime import context, logs, metrics
     from app import errors
     from app.runtime.instance import ModelInstance
@@ -35,6 +35,8 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = T
     app.register_blueprint(asr.bp)
     app.register_blueprint(probes.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(models.bp)
+    app.register_blueprint(realtime.bp)
     if settings.jobs:
         from app.routes import jobs as jobs_api
 

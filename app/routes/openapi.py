@@ -44,7 +44,8 @@ _ERROR_STATUSES = {
            "audio_too_short, invalid_samples, unsupported_sample_rate, unsupported_channels, no_speech",
     "503": "overloaded, not_ready, no_instance_available, jobs_full; with Retry-After",
     "403": "listing_needs_api_keys: jobs are listed per API key, and this server has none",
-    "404": "job_not_found (unknown, another API key's, or removed job_retention_seconds after it finished)",
+    "404": "job_not_found (unknown, another API key's, or removed job_retention_seconds after it finished), "
+           "model_not_found (not the model this server serves)",
     "409": "job_not_finished (with Retry-After), job_failed, job_cancelled",
 }
 
@@ -99,13 +100,17 @@ class Operation:
             if self.raw_body:
                 content["audio/*"] = {"schema": {"type": "string", "format": "binary"}}
             op["requestBody"] = {"required": True, "content": content}
-        op["responses"] = {self.ok_status: {"description": "Accepted" if self.ok_status == "202" else "OK",
-                                   "content": {media: {"schema": schema} for media, schema in self.ok.items()}}}
+        ok = {"description": _OK_DESCRIPTIONS.get(self.ok_status, "OK")}
+        if self.ok:
+            ok["content"] = {media: {"schema": schema} for media, schema in self.ok.items()}
+        op["responses"] = {self.ok_status: ok}
         for status in self.errors:
             op["responses"][status] = {"description": _ERROR_STATUSES[status], "content": {
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{self.error_schema}"}}}}
         return op
 
+
+_OK_DESCRIPTIONS = {"202": "Accepted", "101": "Switching Protocols: the WebSocket is open"}
 
 OPERATIONS: list[Operation] = []
 

@@ -46,6 +46,7 @@ class ModelInstance:
         self.started_at = time.time()
         self.load_seconds: float | None = None
         self.requests_in_flight = 0  # /asr requests between arrival and answer, decode included
+        self.streams_open = 0        # live WebSocket streams (GET /v1/realtime) this instance holds
         self.gpu: dict | None = None  # on cuda: the GPU CUDA really uses, and the memory this holds
         self._gpu_used_before_mb: int | None = None   # the GPU's used memory before this loaded
         self._count_lock = threading.Lock()
@@ -70,6 +71,18 @@ class ModelInstance:
         finally:
             with self._count_lock:
                 self.requests_in_flight -= 1
+
+    def open_stream(self) -> bool:
+        """Take one of the ``max_streams`` stream slots; False when all are held (the handshake gets 503)."""
+        with self._count_lock:
+            if self.streams_open >= self.settings.max_streams:
+                return False
+            self.streams_open += 1
+            return True
+
+    def close_stream(self) -> None:
+        with self._count_lock:
+            self.streams_open -= 1
 
     def drain(self) -> None:
         if self.state == READY:

@@ -37,6 +37,10 @@ class InstanceCollector:
         yield GaugeMetricFamily("asr_queue_waiting", "Requests waiting for the model", value=inst.queue.waiting)
         yield GaugeMetricFamily("asr_queue_capacity", "Requests the queue holds before refusing with 503",
                                 value=inst.queue.max_pending)
+        yield GaugeMetricFamily("asr_streams_open", "Live transcription streams (WebSocket) open on this instance",
+                                value=inst.streams_open)
+        yield GaugeMetricFamily("asr_streams_capacity", "Streams the instance holds before refusing with 503 (max_streams)",
+                                value=inst.settings.max_streams)
         yield GaugeMetricFamily("asr_instance_ready", "1 when the model is loaded and not draining",
                                 value=1 if inst.ready else 0)
         yield GaugeMetricFamily("asr_model_load_seconds", "Seconds the model took to load and warm up",
@@ -119,9 +123,13 @@ def init_app(app: Flask, instance) -> None:
         for wait in waits:
             queue_wait.observe(wait)
 
+    # Per turn of a live stream: its end (server VAD's stop or the client's commit) to its transcript.
+    turn_latency = Histogram("asr_stream_turn_latency_seconds", "Live streams: end of a turn to its completed transcript",
+                             buckets=LATENCY_BUCKETS, registry=registry)
+
     instance.queue.observer = _observe_batch
     registry.register(InstanceCollector(instance))
-    app.extensions["asr_metrics"] = {"audio_seconds": audio_seconds}
+    app.extensions["asr_metrics"] = {"audio_seconds": audio_seconds, "turn_latency": turn_latency}
 
     @app.after_request
     def _record(response):
@@ -137,3 +145,7 @@ def init_app(app: Flask, instance) -> None:
 
 def count_audio(app: Flask, seconds: float) -> None:
     app.extensions["asr_metrics"]["audio_seconds"].inc(seconds)
+
+
+def observe_turn(app: Flask, seconds: float) -> None:
+    app.extensions["asr_metrics"]["turn_latency"].observe(seconds)

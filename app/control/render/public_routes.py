@@ -8,6 +8,9 @@ answers 404 for any path not listed here. Each route has a kind, which sets how 
   server. A route that creates state (a job) must not be ``api``; give it a kind without retries.
 - ``probe``: ``/health`` and ``/ready``, open to load balancers and monitors, never limited.
 - ``docs``: documentation pages and their assets, public, read-only.
+- ``realtime``: the live-transcription WebSocket. Keys and limits as ``api``; the upgrade headers pass
+  through, nothing is buffered, and reads wait as long as a stream may stay quiet. Another instance is
+  tried only at the handshake (a full instance answers 503): an open stream stays on its instance.
 - ``jobs``: async jobs (only where ``jobs = true``). Keys and limits as ``api``, the larger job upload
   limit, and never a resent POST: it creates a job.
 """
@@ -16,13 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-KINDS = ("api", "probe", "docs", "jobs")
+KINDS = ("api", "probe", "docs", "jobs", "realtime")
 
 
 @dataclass(frozen=True)
 class PublicRoute:
     path: str
-    kind: str            # api | probe | docs | jobs
+    kind: str            # api | probe | docs | jobs | realtime
     prefix: bool = False  # True: every path under ``path`` (which ends with "/")
 
     def __post_init__(self):
@@ -39,6 +42,9 @@ PUBLIC_ROUTES: tuple[PublicRoute, ...] = (
     PublicRoute("/asr", "api"),
     PublicRoute("/detect-language", "api"),
     PublicRoute("/v1/audio/", "api", prefix=True),
+    PublicRoute("/v1/models", "api"),
+    PublicRoute("/v1/models/", "api", prefix=True),
+    PublicRoute("/v1/realtime", "realtime"),
     PublicRoute("/v1/jobs", "jobs"),
     PublicRoute("/v1/jobs/", "jobs", prefix=True),
     PublicRoute("/health", "probe"),
