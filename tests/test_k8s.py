@@ -450,8 +450,11 @@ def test_ingress_is_sized_like_the_hosts_nginx(variant, objects, tmp_path):
 def test_ingress_routes_the_client_routes_only(variant, objects):
     from app.routes.openapi import OPERATIONS
 
-    for module in ("app.routes.asr", "app.routes.openai", "app.routes.probes"):
-        importlib.import_module(module)  # each registers its routes' OpenAPI operations
+    import pkgutil
+
+    import app.routes
+    for module in pkgutil.iter_modules(app.routes.__path__):  # each registers its routes' operations
+        importlib.import_module(f"app.routes.{module.name}")
 
     objs = objects[variant]
     service = one(objs, "Service")
