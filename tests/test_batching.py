@@ -182,7 +182,7 @@ def test_batch_metrics_reach_prometheus(started_queue):
 
     engine = ScriptedEngine(hold_first=True)
     q = started_queue(engine, max_batch=4, max_wait_ms=10)
-    instance = SimpleNamespace(queue=q, device="cpu", ready=True, load_seconds=1.0, requests_in_flight=0,
+    instance = SimpleNamespace(queue=q, device="cpu", ready=True, load_seconds=1.0, requests_in_flight=0, streams_open=0,
                                state="ready", settings=load_settings(env={}, overrides={"jobs": False}))
     app = Flask(__name__)
     metrics.init_app(app, instance)
