@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import signal
 import statistics
 import threading
 import time
@@ -472,3 +474,150 @@ def test_a_quiet_stream_and_a_long_one_are_told_why_then_closed(one_stream_servi
         assert 19 < time.monotonic() - started < 45
         with pytest.raises(websockets.exceptions.ConnectionClosedOK):
             busy.recv(timeout=30)
+
+
+# Faults: a drained instance, a killed one -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fault_pool(tmp_path_factory):
+    svc = bring_up(tmp_path_factory.mktemp("realtime-faults"), 2)
+    yield svc
+    svc.asrctl("down")
+
+
+def health(port: int) -> dict:
+    return requests.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+
+
+def open_raw(svc):
+    """A stream through nginx (plain websockets), configured for server VAD; returns it and the port of
+    the instance holding it."""
+    before = {port: health(port)["streams_open"] for port in svc.instance_ports}
+    connection = ws_client.connect(f"ws://127.0.0.1:{svc.port}/v1/realtime?intent=transcription", open_timeout=30)
+    assert json.loads(connection.recv(timeout=30))["type"] == "session.created"
+    connection.send(json.dumps({"type": "session.update", "session": session_update("whisper-tiny.en")}))
+    assert json.loads(connection.recv(timeout=30))["type"] == "session.updated"
+    holder = poll(lambda: [p for p in svc.instance_ports if health(p)["streams_open"] > before[p]], 10)
+    assert holder, "no instance counts the new stream"
+    return connection, holder[0]
+
+
+def send_paced(connection, samples16k: np.ndarray, speed: float = 1.0) -> threading.Thread:
+    """Append the audio paced at ``speed`` x real time on a thread of its own; stops quietly when the
+    socket closes."""
+    pcm, step = pcm24k(samples16k), int(24000 * CHUNK_SECONDS) * 2
+
+    def run():
+        started = time.monotonic()
+        for i, at in enumerate(range(0, len(pcm), step)):
+            time.sleep(max(0.0, started + i * CHUNK_SECONDS / speed - time.monotonic()))
+            try:
+                connection.send(json.dumps({"type": "input_audio_buffer.append",
+                                            "audio": base64.b64encode(pcm[at:at + step]).decode()}))
+            except websockets.exceptions.ConnectionClosed:
+                return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def events_until_closed(connection, timeout: float) -> tuple[list[dict], object]:
+    """Every event until the server closes the socket, and the close frame it sent (None: no frame)."""
+    events, deadline = [], time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, [e["type"] for e in events]
+        try:
+            events.append(json.loads(connection.recv(timeout=max(0.1, deadline - time.monotonic()))))
+        except websockets.exceptions.ConnectionClosed as closed:
+            return events, closed.rcvd
+        except TimeoutError:
+            continue
+
+
+def test_a_draining_instance_lets_its_stream_finish_the_turn_then_closes_it_for_a_reconnect(fault_pool):
+    from app.control.act.actuator import wait_drained
+
+    svc = fault_pool
+    assert poll(lambda: all(svc.instance_ready(p) == 200 for p in svc.instance_ports), 120)
+    connection, port = open_raw(svc)
+    samples, _ = speech_with_pauses(SPOKEN, SECOND_SENTENCE)
+    send_paced(connection, samples)
+    event = json.loads(connection.recv(timeout=30))
+    assert event["type"] == "input_audio_buffer.speech_started", event
+    drained = requests.post(f"http://127.0.0.1:{port}/admin/drain", timeout=10).json()
+    assert drained["state"] == "draining" and drained["streams_open"] == 1
+    # The drain waits for the stream as for a request.
+    assert wait_drained(port, 0.5) == 1
+    events, close = events_until_closed(connection, 60)
+    kinds = [e["type"] for e in events]
+    completed = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    # The turn being spoken when the drain began was finished and transcribed; the next one never opened.
+    assert len(completed) == 1 and normalize(completed[0]["transcript"]) == normalize(SPOKEN), kinds
+    assert kinds.count("input_audio_buffer.speech_started") == 0, kinds
+    assert kinds[-1] == "error" and events[-1]["error"]["code"] == "instance_draining", kinds
+    assert close is not None and close.code == 1012, close
+    assert poll(lambda: health(port)["streams_open"] == 0, 10) and wait_drained(port, 0.5) == 0
+    try:
+        # Reconnecting through nginx lands on the other instance: the draining one refuses the handshake.
+        with pytest.raises(InvalidStatus) as refused:
+            ws_client.connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription", open_timeout=30)
+        assert refused.value.response.status_code == 503
+        again, other = open_raw(svc)
+        assert other != port
+        again.close()
+    finally:
+        requests.post(f"http://127.0.0.1:{port}/admin/undrain", timeout=10)
+
+
+def test_killing_an_instance_mid_stream_closes_only_its_streams_and_a_reconnect_succeeds(fault_pool):
+    svc = fault_pool
+    assert poll(lambda: all(svc.instance_ready(p) == 200 and health(p)["streams_open"] == 0
+                            for p in svc.instance_ports), 120)
+    streams: dict[int, object] = {}
+    for _ in range(6):   # nginx alternates between the two instances; one stream on each
+        connection, port = open_raw(svc)
+        if port in streams:
+            connection.close()
+        else:
+            streams[port] = connection
+        if len(streams) == 2:
+            break
+    assert len(streams) == 2, "both streams landed on one instance"
+    doomed, survivor = svc.instance_ports
+    samples, _ = speech_with_pauses(SPOKEN)
+    for connection in streams.values():
+        send_paced(connection, samples)
+    assert json.loads(streams[doomed].recv(timeout=30))["type"] == "input_audio_buffer.speech_started"
+    os.kill(health(doomed)["pid"], signal.SIGKILL)   # the model's process, as the OOM killer would
+    killed_at = time.monotonic()
+    # The killed instance's stream ends, promptly, with the socket closed (nothing is left to send a frame).
+    _, _ = events_until_closed(streams[doomed], 30)
+    assert time.monotonic() - killed_at < 10
+    # Reconnecting at once, while the killed instance restarts, lands on the live one: twice, so that
+    # nginx's turn comes to the restarting instance too.
+    reconnects = [open_raw(svc) for _ in range(2)]
+    assert time.monotonic() - killed_at < 15 and svc.instance_ready(doomed) != 200, "the instance was back already"
+    assert [port for _, port in reconnects] == [survivor, survivor]
+    # The other stream goes on to its whole transcript.
+    events = events_until(streams[survivor], "conversation.item.input_audio_transcription.completed", 60)
+    completed = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert [normalize(e["transcript"]) for e in completed] == [normalize(SPOKEN)]
+    streams[survivor].close()
+    # The speaker of the killed stream is heard on the reconnected one.
+    again = reconnects[0][0]
+    reconnects[1][0].close()
+    with again:
+        send_paced(again, speech_with_pauses(SECOND_SENTENCE)[0], speed=2.0)
+        events = events_until(again, "conversation.item.input_audio_transcription.completed", 60)
+    assert normalize(events[-1]["transcript"]) == normalize(SECOND_SENTENCE)
+
+
+def events_until(connection, kind: str, timeout: float) -> list[dict]:
+    """Every event up to the first of ``kind``."""
+    events, deadline = [], time.monotonic() + timeout
+    while not events or events[-1]["type"] != kind:
+        assert time.monotonic() < deadline, [e["type"] for e in events]
+        events.append(json.loads(connection.recv(timeout=max(0.1, deadline - time.monotonic()))))
+        assert events[-1]["type"] != "error", events[-1]
+    return events

@@ -42,6 +42,7 @@ def health():
         model=inst.model_name,
         model_load_seconds=inst.load_seconds and round(inst.load_seconds, 2),
         requests_in_flight=inst.requests_in_flight,
+        streams_open=inst.streams_open,
         queue={"running": inst.queue.in_flight, "waiting": inst.queue.waiting,
                "max": inst.queue.max_pending},
         model_config=model_config(inst),
@@ -82,7 +83,7 @@ def ready():
 def drain():
     inst = instance()
     inst.drain()
-    return jsonify(state=inst.state, requests_in_flight=inst.requests_in_flight)
+    return jsonify(state=inst.state, requests_in_flight=inst.requests_in_flight, streams_open=inst.streams_open)
 
 
 @bp.post("/admin/undrain")

@@ -11,7 +11,9 @@ A turn is re-decoded every ``stream_redecode_seconds`` of new audio; the words t
 agree on go out as deltas (``app.audio.live.LocalAgreement``), and the whole turn is decoded once
 more when it ends. Every decode goes through the instance's queue, batching with all other requests.
 A stream holds a gunicorn thread and one of ``max_streams`` slots; the handshake of one more is
-refused with 503 and Retry-After, so nginx tries the next instance.
+refused with 503 and Retry-After, so nginx tries the next instance. When the instance drains, a stream
+finishes the turn being spoken (no new one opens), sends its transcript, then says so in an ``error``
+event and closes with 1012 (service restart): the client reconnects through nginx to another instance.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from app.errors import ApiError
 from app.routes import asr
 from app.routes.openapi import Operation, register
 from app.routes.params import Param, Params
-from app.runtime.instance import READY, ModelInstance
+from app.runtime.instance import DRAINING, READY, ModelInstance
 from app.runtime import metrics
 from app.runtime.queue import QueueFull
 
@@ -161,6 +163,7 @@ class Stream:
         self.finals: collections.deque[Final] = collections.deque()
         self.previous_item: str | None = None
         self.url_model = url_model
+        self.draining_since: float | None = None
 
     # The loop -----------------------------------------------------------------------------------
 
@@ -186,10 +189,28 @@ class Stream:
                 last_heard = time.monotonic()
                 self.handle(message)
             self.collect()
+            if self.inst.state == DRAINING and self.drain():
+                return self._close("instance_draining", "this instance is shutting down; the turn being spoken "
+                                   "was transcribed: reconnect to go on", 1012)
 
-    def _close(self, code: str, message: str) -> None:
+    def _close(self, code: str, message: str, close_code: int = 1000) -> None:
         self.send_error(EventError(code, message))
-        _close(self.ws, 1000, code)
+        _close(self.ws, close_code, code)
+
+    def drain(self) -> bool:
+        """The instance is draining: let the open turn end (server VAD's silence, a commit or the longest a
+        turn may be), open no new one, and say True once every committed turn has its transcript."""
+        now = time.monotonic()
+        if self.draining_since is None:
+            self.draining_since = now
+        turn_ends_by = self.draining_since + self.inst.settings.chunk_seconds
+        if not self.vad or (self.turn is not None and now >= turn_ends_by):
+            # Without server VAD the turn is the buffer, which only the client would commit: commit it now.
+            start = self.turn.start if self.turn is not None else self.buffer_start
+            if (self.end - start) * 1000 >= MIN_COMMIT_MS * SAMPLE_RATE:
+                self.commit_turn(self.turn.item_id if self.turn is not None else _id("item"), start, self.end)
+            self.turn = None
+        return self.turn is None and not self.finals
 
     def handle(self, message) -> None:
         event_id = None
@@ -272,7 +293,7 @@ class Stream:
         # The detector hears every frame, so its timeline holds when server VAD is switched on later.
         events = self.detector.feed(self.probabilities.add(samples))
         for kind, position in events if self.vad else ():
-            if kind == "start" and self.turn is None:
+            if kind == "start" and self.turn is None and self.draining_since is None:
                 self.turn = Turn(_id("item"), max(position, self.buffer_start))
                 self.send({"type": "input_audio_buffer.speech_started", "item_id": self.turn.item_id,
                            "audio_start_ms": self.turn.start * 1000 // SAMPLE_RATE})
@@ -329,7 +350,7 @@ class Stream:
 
     def redecode(self) -> None:
         """Decode the open turn again once ``stream_redecode_seconds`` of new audio came in."""
-        if self.turn is None and not self.vad and len(self.buffer):
+        if self.turn is None and not self.vad and len(self.buffer) and self.draining_since is None:
             self.turn = Turn(_id("item"), self.buffer_start)   # without VAD the buffer is the turn
         turn = self.turn
         if turn is None or turn.decoding is not None:

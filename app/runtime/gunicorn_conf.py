@@ -52,3 +52,20 @@ def post_fork(server, worker):
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != worker.ppid:  # the master died before prctl took effect
         os._exit(1)
+
+
+def post_worker_init(worker):
+    """A stop (SIGTERM from supervisord) drains the instance first: live streams finish the turn being
+    spoken and close with 1012 while gunicorn waits up to graceful_timeout, rather than being cut off."""
+    import signal
+
+    stop = signal.getsignal(signal.SIGTERM)
+    inst = getattr(worker.wsgi, "extensions", {}).get("asr_instance")
+
+    def drain_then_stop(signum, frame):
+        if inst is not None:
+            inst.drain()
+        stop(signum, frame)
+
+    if inst is not None and callable(stop):
+        signal.signal(signal.SIGTERM, drain_then_stop)

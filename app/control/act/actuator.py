@@ -135,7 +135,7 @@ class Actuator:
         _post(spec.port, "/admin/drain")
         left = wait_drained(spec.port, self.settings.drain_seconds)
         if left:
-            self.log(f"{spec.name}: still had {left} request(s) after {self.settings.drain_seconds:g} s; "
+            self.log(f"{spec.name}: still had {left} request(s) or stream(s) after {self.settings.drain_seconds:g} s; "
                      "stopping gracefully anyway (gunicorn finishes them within its graceful timeout)")
 
     def _reweigh(self, pool: Pool) -> None:
@@ -180,13 +180,14 @@ def not_loaded(pool: Pool, name: str, health: dict | None) -> bool:
 
 
 def least_loaded(pool: Pool) -> str:
-    """The instance to drain: not ready first, then fewest requests in flight, then the newest."""
+    """The instance to drain: not ready first, then fewest requests in flight and live streams (a stream
+    cut short costs its speaker a reconnect), then the newest."""
     def key(spec: InstanceSpec):
         health = get_json(spec.port, "/health")
         if not health:
             return (0, 0, -spec.port)
         ready = health.get("state") == "ready"
-        return (1 if ready else 0, health.get("requests_in_flight", 0), -spec.port)
+        return (1 if ready else 0, health.get("requests_in_flight", 0) + health.get("streams_open", 0), -spec.port)
     return min(pool.instances, key=key).name
 
 
@@ -226,11 +227,12 @@ def check_answering_process(client: SupervisorClient, name: str, port: int) -> i
 
 
 def wait_drained(port: int, timeout: float) -> int:
-    """Wait until the instance holds no request; return how many it still held at the deadline."""
+    """Wait until the instance holds no request and no live stream (a draining stream ends after its
+    current turn); return how many it still held at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         health = get_json(port, "/health")
-        left = health.get("requests_in_flight", 0) if health else 0
+        left = health.get("requests_in_flight", 0) + health.get("streams_open", 0) if health else 0
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
