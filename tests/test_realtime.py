@@ -364,6 +364,26 @@ def test_a_stream_needs_an_api_key_as_asr_does(one_stream_service):
         assert connection.recv().type == "session.created"
 
 
+def test_a_browser_offers_its_api_key_as_a_subprotocol(one_stream_service):
+    """A browser cannot set Authorization on a WebSocket: it offers ``openai-insecure-api-key.<key>``
+    beside ``realtime``, which the server must name in its answer (the browser drops the socket else)."""
+    url = f"ws://127.0.0.1:{one_stream_service.port}/v1/realtime?intent=transcription"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_client.connect(url, subprotocols=["realtime", "openai-insecure-api-key.wrong-key-0123456789"], open_timeout=30)
+    assert refused.value.response.status_code == 401
+
+    def opened():
+        try:
+            with ws_client.connect(url, subprotocols=["realtime", f"openai-insecure-api-key.{API_KEY}"],
+                                   open_timeout=30) as browser_like:
+                return browser_like.subprotocol == "realtime" and \
+                    json.loads(browser_like.recv(timeout=30))["type"] == "session.created"
+        except InvalidStatus as e:   # 503 while the test before's stream still holds the only slot
+            assert e.response.status_code == 503
+            return False
+    assert poll(opened, 30, step=0.5)
+
+
 def test_an_instance_refuses_one_stream_more_than_max_streams_at_the_handshake(one_stream_service):
     svc = one_stream_service
     direct = f"ws://127.0.0.1:{svc.instance_ports[0]}/v1/realtime?intent=transcription"
@@ -375,6 +395,10 @@ def test_an_instance_refuses_one_stream_more_than_max_streams_at_the_handshake(o
         response = refused.value.response
         assert response.status_code == 503 and response.headers["Retry-After"] == "2"
         assert json.loads(response.body)["error"]["code"] == "streams_full"
+        # A plain GET tells why a browser's handshake (which shows no status) would be refused.
+        plain = requests.get(f"{svc.url}/v1/realtime?intent=transcription", timeout=30,
+                             headers={"Authorization": f"Bearer {API_KEY}"})
+        assert plain.status_code == 503 and plain.json()["error"]["code"] == "streams_full"
         with pytest.raises(InvalidStatus) as through_nginx:   # the pool's only instance is full
             ws_client.connect(f"ws://127.0.0.1:{svc.port}/v1/realtime?intent=transcription", open_timeout=30,
                               additional_headers={"Authorization": f"Bearer {API_KEY}"})
