@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import statistics
 import threading
 import time
@@ -20,11 +19,10 @@ import websockets.sync.client as ws_client
 from websockets.exceptions import InvalidStatus
 
 from app.audio.live import FRAME, LocalAgreement, ServerVad, TurnDetector
-from support import SPOKEN, bring_up, espeak, normalize, poll, set_a_sequence, wav_bytes, wer
+from support import SECOND_SENTENCE, SPOKEN, bring_up, espeak, metric, normalize, poll, set_a_sequence, speech_with_pauses, wav_bytes, wer
 
 pytestmark = pytest.mark.integration
 
-SECOND_SENTENCE = "Please call me back tomorrow morning, after the meeting."  # tiny.en: word for word
 CHUNK_SECONDS = 0.1   # the size of each append, as a microphone would send it
 
 
@@ -88,19 +86,6 @@ def test_models_lists_the_served_model_as_openai_does(service, model):
 
 def pcm24k(samples16k: np.ndarray) -> bytes:
     return (np.clip(soxr.resample(samples16k, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
-
-
-def speech_with_pauses(*texts: str, pause: float = 1.5) -> tuple[np.ndarray, list[float]]:
-    """The sentences spoken one after another, ``pause`` s of silence after each (16 kHz), and where
-    each sentence's speech ends (seconds)."""
-    pieces, ends, at = [np.zeros(8000, np.float32)], [], 0.5
-    for text in texts:
-        speech = espeak(text, voice="en", speed=150)
-        at += len(speech) / 16000
-        ends.append(at)
-        pieces += [speech, np.zeros(int(pause * 16000), np.float32)]
-        at += pause
-    return np.concatenate(pieces), ends
 
 
 def session_update(model: str, silence_ms: int = 500) -> dict:
@@ -418,13 +403,6 @@ def test_a_plain_get_is_told_to_upgrade(service):
     assert r.status_code == 426 and r.json()["error"]["code"] == "upgrade_required"
     bad = requests.get(f"{service.url}/v1/realtime?intent=conversation", timeout=30)
     assert bad.status_code == 422 and bad.json()["error"]["message"].startswith("intent")
-
-
-def metric(port: int, name: str) -> float:
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-    found = re.search(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
-    assert found, name
-    return float(found.group(1))
 
 
 def test_stream_decodes_go_through_the_queue_and_streams_are_counted(one_stream_service):
