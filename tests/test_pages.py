@@ -1,10 +1,13 @@
 """The browser pages for real: Debian's chromium, driven by selenium through chromedriver, against the
 service through nginx. The try-it page transcribes jfk.flac from a file input and from chromium's
-fake microphone (fed from a wav), and its SRT and WebVTT downloads equal the service's own; Swagger
-UI at /docs renders and its "Try it out" on POST /asr gets a transcript.
+fake microphone (fed from a wav), and its SRT and WebVTT downloads equal the service's own; its live
+captions stream the fake microphone (espeak-ng speech) over /v1/realtime with an API key, show why a
+stream is refused, and Stop closes the stream; Swagger UI at /docs renders and its "Try it out" on
+POST /asr gets a transcript.
 
 Screenshots land in $ASR_SCREENSHOTS when set (scripts/screenshots.sh: docs/screenshots/).
 """
+import json
 import os
 import shutil
 import time
@@ -13,13 +16,14 @@ from pathlib import Path
 import pytest
 import requests
 import soundfile
+import websockets.sync.client as ws_client
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from support import JFK_REFERENCE, bring_up, read_16k_mono, shared_audio, wer
-
+from support import (JFK_REFERENCE, SECOND_SENTENCE, SPOKEN, bring_up, metric, poll, read_16k_mono, shared_audio,
+                     speech_with_pauses, wer)
 
 
 def jfk() -> Path:
@@ -133,5 +137,86 @@ def test_swagger_ui_try_it_out_transcribes(service):
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'})",
                                op.find_element(By.CSS_SELECTOR, ".live-responses-table"))
         screenshot(browser, "docs")
+    finally:
+        browser.quit()
+
+
+# Live captions ------------------------------------------------------------------------------------
+
+LIVE_KEY = "page-live-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def live_service(tmp_path_factory):
+    """One instance holding one live stream, behind an API key: the page must send the key the way a
+    browser's WebSocket can, and a second stream is refused."""
+    tmp = tmp_path_factory.mktemp("pages-live")
+    keys = tmp / "keys"
+    keys.write_text(LIVE_KEY + "\n")
+    svc = bring_up(tmp, 1, env={"ASR_MAX_STREAMS": "1", "ASR_API_KEYS_FILE": str(keys)})
+    yield svc
+    svc.asrctl("down")
+
+
+def test_live_captions_stream_the_microphone_show_refusals_and_stop(live_service, tmp_path):
+    """One browser: a wrong key and a full pool are told apart on the page; then the fake microphone's
+    two sentences appear as provisional captions, then as final ones; Stop closes the stream."""
+    samples, _ = speech_with_pauses(SPOKEN, SECOND_SENTENCE)
+    wav = tmp_path / "live.wav"
+    soundfile.write(wav, samples, 16000, subtype="PCM_16")
+    port = live_service.instance_ports[0]
+    browser = chromium("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                       f"--use-file-for-fake-audio-capture={wav}%noloop")
+    try:
+        browser.get(f"{live_service.url}/")
+        live, stop, key = (browser.find_element(By.ID, name) for name in ("live", "live-stop", "api-key"))
+        error = lambda: browser.find_element(By.ID, "live-error").text   # noqa: E731
+        state = lambda: browser.find_element(By.ID, "live-state").text   # noqa: E731
+
+        key.send_keys("wrong-key-0123456789")
+        live.click()
+        WebDriverWait(browser, 30).until(lambda b: error())
+        assert "401" in error() and "unauthorized" in error(), error()
+        assert live.is_enabled() and not stop.is_enabled()
+
+        key.clear()
+        key.send_keys(LIVE_KEY)
+        with ws_client.connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription") as other:
+            assert json.loads(other.recv(timeout=30))["type"] == "session.created"   # the only slot taken
+            live.click()
+            WebDriverWait(browser, 30).until(lambda b: "503" in error())
+            assert "streams_full" in error(), error()
+        assert poll(lambda: metric(port, "asr_streams_open") == 0, 30)
+
+        # A language tiny.en lacks: the session.update's error event is shown, the stream goes on in English.
+        browser.find_element(By.ID, "language").send_keys("fr")
+        live.click()
+        WebDriverWait(browser, 30).until(lambda b: "invalid_value" in error())
+        assert "English only" in error(), error()
+        reference = f"{SPOKEN} {SECOND_SENTENCE}"
+        provisional, finals, shot, deadline = [], [], False, time.monotonic() + 120
+        while time.monotonic() < deadline:
+            now = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "#caption-lines p.provisional") if p.text.strip()]
+            finals = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "#caption-lines p.final")]
+            provisional += now
+            if finals and now and not shot:   # for the docs: a final turn and one still spoken
+                screenshot(browser, "page-live")
+                shot = True
+            if finals and wer([reference], [" ".join(finals)]) <= 0.15:
+                break
+            time.sleep(0.2)
+        heard = " ".join(finals)
+        print(f"live captions: {len(finals)} turns, WER {wer([reference], [heard]):.1%}: {heard!r}; "
+              f"provisional lines seen: {len(provisional)}; {state()}")
+        assert wer([reference], [heard]) <= 0.15, heard
+        assert provisional, "no provisional caption (delta) was shown while a turn was spoken"
+        assert metric(port, "asr_streams_open") == 1 and stop.is_enabled()
+        assert not browser.find_element(By.ID, "result").is_displayed()   # no file transcribed: no empty result
+
+        stop.click()
+        WebDriverWait(browser, 30).until(lambda b: state() == "stopped")
+        assert poll(lambda: metric(port, "asr_streams_open") == 0, 30)
+        assert live.is_enabled() and not stop.is_enabled()
+        assert " ".join(p.text for p in browser.find_elements(By.CSS_SELECTOR, "#caption-lines p.final")) == heard
     finally:
         browser.quit()
