@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import soundfile
@@ -160,6 +161,39 @@ def live_service(tmp_path_factory):
     svc.asrctl("down")
 
 
+RESAMPLE = """
+const [rate, tones, done] = arguments;
+(async () => {
+  const context = new OfflineAudioContext(1, rate, rate);   // 1 s
+  await context.audioWorklet.addModule("static/live-worklet.js");
+  const node = new AudioWorkletNode(context, "pcm-resampler",
+    { numberOfOutputs: 0, processorOptions: { rate: 24000, chunk: 0.1 } });
+  const out = [];
+  node.port.onmessage = (e) => { if (e.data.pcm) out.push(...new Int16Array(e.data.pcm)); };
+  for (const frequency of tones) {
+    const tone = new OscillatorNode(context, { frequency });
+    tone.connect(new GainNode(context, { gain: 0.4 })).connect(node);
+    tone.start();
+  }
+  await context.startRendering();
+  await new Promise((resolve) => setTimeout(resolve, 300));   // the last messages from the audio thread
+  done(out);
+})().catch((e) => done(String(e)));
+"""
+
+
+def resampled_spectrum(browser: webdriver.Chrome, rate: int, tones: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """The page's microphone resampler (static/live-worklet.js) run in chromium on 1 s of tones at
+    ``rate``: the amplitude spectrum of what it posts (1 Hz bins, as a fraction of full scale), and
+    how many samples it posted."""
+    out = browser.execute_async_script(RESAMPLE, rate, list(tones))
+    assert isinstance(out, list), out
+    pcm = np.array(out, np.float64) / 32768
+    steady = pcm[2400:2400 + 19200]   # skip the first 100 ms; 0.8 s, so 1.25 Hz bins
+    spectrum = np.abs(np.fft.rfft(steady * np.hanning(len(steady)))) / (len(steady) / 4)
+    return np.interp(np.arange(12001), np.fft.rfftfreq(len(steady), 1 / 24000), spectrum), len(pcm)
+
+
 def test_live_captions_stream_the_microphone_show_refusals_and_stop(live_service, tmp_path):
     """One browser: a wrong key and a full pool are told apart on the page; then the fake microphone's
     first two sentences appear as provisional captions, then as final ones; Stop during the third ends
@@ -172,6 +206,16 @@ def test_live_captions_stream_the_microphone_show_refusals_and_stop(live_service
                        f"--use-file-for-fake-audio-capture={wav}%noloop")
     try:
         browser.get(f"{live_service.url}/")
+        # The resampler: 24 kHz out of 48 kHz and 44.1 kHz; a tone above 12 kHz is filtered, not folded
+        # onto the speech band (16 kHz from 44.1 kHz would fold to 8 kHz, 15 kHz from 48 kHz to 9 kHz).
+        for rate, high in ((48000, 15000), (44100, 16000)):
+            spectrum, count = resampled_spectrum(browser, rate, (1000, high))
+            folded = 24000 - high
+            print(f"resampler {rate} Hz -> 24 kHz: {count} samples; 1 kHz at {spectrum[1000]:.3f}, "
+                  f"{high} Hz folded to {folded} Hz at {spectrum[folded - 20:folded + 21].max():.5f}")
+            assert 21600 <= count <= 24000 and int(np.argmax(spectrum)) in range(995, 1006)
+            assert 0.36 < spectrum[1000] < 0.44 and spectrum[folded - 20:folded + 21].max() < 0.004
+
         live, stop, key = (browser.find_element(By.ID, name) for name in ("live", "live-stop", "api-key"))
         error = lambda: browser.find_element(By.ID, "live-error").text   # noqa: E731
         state = lambda: browser.find_element(By.ID, "live-state").text   # noqa: E731
