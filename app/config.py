@@ -105,7 +105,7 @@ class Settings:
     nginx_user: str = ""                 # workers' user when nginx runs as root; "" = the run dir's owner
 
     # Edge security at nginx (the instances listen on loopback only).
-    api_keys_file: str = ""              # one key per line; when set, requests need "Bearer <key>"
+    api_keys_file: str = ""              # one key per line; when set, requests need "Bearer <key>" (or API_KEY_SUBPROTOCOL)
     rate_limit_per_second: float = 0.0   # per client address; 0 = no limit
     rate_limit_burst: int = 20           # requests a client may send at once beyond the rate
 
@@ -259,6 +259,9 @@ class Settings:
 
 _ADDRESS = re.compile(r"[0-9A-Fa-f.:]+(/[0-9]{1,3})?")
 _API_KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
+# A browser cannot set headers on a WebSocket: it offers the key as this subprotocol plus the key, as
+# OpenAI's Realtime API takes it (nginx's map and /auth read it where Authorization is absent).
+API_KEY_SUBPROTOCOL = "openai-insecure-api-key."
 _PER_INSTANCE = {"instance_id", "instance_host", "instance_port", "cpu_cores", "gpu_uuid"}
 
 

@@ -6,6 +6,7 @@ import functools
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ JFK_REFERENCE = "And so, my fellow Americans, ask not what your country can do f
 # embedded tiny.en transcribes word for word): the README's first request and every test that needs
 # some speech, not a particular recording.
 SPOKEN = JFK_REFERENCE
+SECOND_SENTENCE = "Please call me back tomorrow morning, after the meeting."  # tiny.en: word for word
 
 
 def shared_audio(name: str = "") -> Path:
@@ -88,6 +90,19 @@ def espeak(text: str, voice: str = "en-us", speed: int = 160) -> np.ndarray:
     samples = soxr.resample(mono, rate, 16000, quality="HQ").astype(np.float32)
     samples.flags.writeable = False  # shared by every caller of the cache
     return samples
+
+
+def speech_with_pauses(*texts: str, pause: float = 1.5) -> tuple[np.ndarray, list[float]]:
+    """The sentences spoken one after another, ``pause`` s of silence after each (16 kHz), and where
+    each sentence's speech ends (seconds)."""
+    pieces, ends, at = [np.zeros(8000, np.float32)], [], 0.5
+    for text in texts:
+        speech = espeak(text, voice="en", speed=150)
+        at += len(speech) / 16000
+        ends.append(at)
+        pieces += [speech, np.zeros(int(pause * 16000), np.float32)]
+        at += pause
+    return np.concatenate(pieces), ends
 
 
 def spoken_wav(text: str = SPOKEN) -> bytes:
@@ -258,6 +273,14 @@ class SteadyLoad:
 
     def served_by(self) -> set[str]:
         return {r[1] for r in self.results if r[1]}
+
+
+def metric(port: int, name: str) -> float:
+    """One value of an instance's /metrics (its loopback port)."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    found = re.search(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
+    assert found, name
+    return float(found.group(1))
 
 
 def poll(condition, seconds: float, step: float = 0.25):

@@ -512,6 +512,12 @@ def test_auth_route_checks_the_hosts_api_keys(tmp_path):
             assert response.status_code == status, (keys_file, header)
             if status == 401:
                 assert response.json["error"]["code"] == "unauthorized" and "Bearer" in response.headers["WWW-Authenticate"]
+        # A browser's WebSocket carries the key as a subprotocol, as nginx on a host takes it.
+        for protocols, status in ((f"realtime, openai-insecure-api-key.{'b' * 24}", 204),
+                                  (f"openai-insecure-api-key.{'c' * 24}, realtime", 401 if keys_file else 204),
+                                  ("realtime", 401 if keys_file else 204)):
+            response = client.get("/auth", headers={"Sec-WebSocket-Protocol": protocols})
+            assert response.status_code == status, (keys_file, protocols)
 
 
 # -- autoscaling ---------------------------------------------------------------------------------

@@ -1,25 +1,31 @@
 """The browser pages for real: Debian's chromium, driven by selenium through chromedriver, against the
 service through nginx. The try-it page transcribes jfk.flac from a file input and from chromium's
-fake microphone (fed from a wav), and its SRT and WebVTT downloads equal the service's own; Swagger
-UI at /docs renders and its "Try it out" on POST /asr gets a transcript.
+fake microphone (fed from a wav), and its SRT and WebVTT downloads equal the service's own; its live
+captions stream the fake microphone (espeak-ng speech) over /v1/realtime with an API key, show why a
+stream is refused, and Stop closes the stream; Swagger UI at /docs renders and its "Try it out" on
+POST /asr gets a transcript.
 
 Screenshots land in $ASR_SCREENSHOTS when set (scripts/screenshots.sh: docs/screenshots/).
 """
+import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import soundfile
+import websockets.sync.client as ws_client
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from support import JFK_REFERENCE, bring_up, read_16k_mono, shared_audio, wer
-
+from support import (JFK_REFERENCE, SECOND_SENTENCE, SPOKEN, bring_up, metric, normalize, poll,
+                     read_16k_mono, shared_audio, speech_with_pauses, wer)
 
 
 def jfk() -> Path:
@@ -133,5 +139,147 @@ def test_swagger_ui_try_it_out_transcribes(service):
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'})",
                                op.find_element(By.CSS_SELECTOR, ".live-responses-table"))
         screenshot(browser, "docs")
+    finally:
+        browser.quit()
+
+
+# Live captions ------------------------------------------------------------------------------------
+
+LIVE_KEY = "page-live-key-0123456789"
+# Stop comes while this is spoken: long (7 s), so a loaded machine's late delta still comes before its end.
+LAST_SENTENCE = "We measure how long each request takes, from the first byte to the last, on every instance of the pool."
+
+
+@pytest.fixture(scope="module")
+def live_service(tmp_path_factory):
+    """One instance holding one live stream, behind an API key: the page must send the key the way a
+    browser's WebSocket can, and a second stream is refused."""
+    tmp = tmp_path_factory.mktemp("pages-live")
+    keys = tmp / "keys"
+    keys.write_text(LIVE_KEY + "\n")
+    svc = bring_up(tmp, 1, env={"ASR_MAX_STREAMS": "1", "ASR_API_KEYS_FILE": str(keys)})
+    yield svc
+    svc.asrctl("down")
+
+
+RESAMPLE = """
+const [rate, tones, done] = arguments;
+(async () => {
+  const context = new OfflineAudioContext(1, rate, rate);   // 1 s
+  await context.audioWorklet.addModule("static/live-worklet.js");
+  const node = new AudioWorkletNode(context, "pcm-resampler",
+    { numberOfOutputs: 0, processorOptions: { rate: 24000, chunk: 0.1 } });
+  const out = [];
+  node.port.onmessage = (e) => { if (e.data.pcm) out.push(...new Int16Array(e.data.pcm)); };
+  for (const frequency of tones) {
+    const tone = new OscillatorNode(context, { frequency });
+    tone.connect(new GainNode(context, { gain: 0.4 })).connect(node);
+    tone.start();
+  }
+  await context.startRendering();
+  await new Promise((resolve) => setTimeout(resolve, 300));   // the last messages from the audio thread
+  done(out);
+})().catch((e) => done(String(e)));
+"""
+
+
+def resampled_spectrum(browser: webdriver.Chrome, rate: int, tones: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """The page's microphone resampler (static/live-worklet.js) run in chromium on 1 s of tones at
+    ``rate``: the amplitude spectrum of what it posts (1 Hz bins, as a fraction of full scale), and
+    how many samples it posted."""
+    out = browser.execute_async_script(RESAMPLE, rate, list(tones))
+    assert isinstance(out, list), out
+    pcm = np.array(out, np.float64) / 32768
+    steady = pcm[2400:2400 + 19200]   # skip the first 100 ms; 0.8 s, so 1.25 Hz bins
+    spectrum = np.abs(np.fft.rfft(steady * np.hanning(len(steady)))) / (len(steady) / 4)
+    return np.interp(np.arange(12001), np.fft.rfftfreq(len(steady), 1 / 24000), spectrum), len(pcm)
+
+
+def test_live_captions_stream_the_microphone_show_refusals_and_stop(live_service, tmp_path):
+    """One browser: a wrong key and a full pool are told apart on the page; then the fake microphone's
+    first two sentences appear as provisional captions, then as final ones; Stop during the third ends
+    its turn, which gets a final transcript, and closes the stream."""
+    samples, _ = speech_with_pauses(SPOKEN, SECOND_SENTENCE, LAST_SENTENCE)
+    wav = tmp_path / "live.wav"
+    soundfile.write(wav, samples, 16000, subtype="PCM_16")
+    port = live_service.instance_ports[0]
+    browser = chromium("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                       f"--use-file-for-fake-audio-capture={wav}%noloop")
+    try:
+        browser.get(f"{live_service.url}/")
+        # The resampler: 24 kHz out of 48 kHz and 44.1 kHz; a tone above 12 kHz is filtered, not folded
+        # onto the speech band (16 kHz from 44.1 kHz would fold to 8 kHz, 15 kHz from 48 kHz to 9 kHz).
+        for rate, high in ((48000, 15000), (44100, 16000)):
+            spectrum, count = resampled_spectrum(browser, rate, (1000, high))
+            folded = 24000 - high
+            print(f"resampler {rate} Hz -> 24 kHz: {count} samples; 1 kHz at {spectrum[1000]:.3f}, "
+                  f"{high} Hz folded to {folded} Hz at {spectrum[folded - 20:folded + 21].max():.5f}")
+            assert 21600 <= count <= 24000 and int(np.argmax(spectrum)) in range(995, 1006)
+            assert 0.36 < spectrum[1000] < 0.44 and spectrum[folded - 20:folded + 21].max() < 0.004
+
+        live, stop, key = (browser.find_element(By.ID, name) for name in ("live", "live-stop", "api-key"))
+        error = lambda: browser.find_element(By.ID, "live-error").text   # noqa: E731
+        state = lambda: browser.find_element(By.ID, "live-state").text   # noqa: E731
+
+        key.send_keys("wrong-key-0123456789")
+        live.click()
+        WebDriverWait(browser, 30).until(lambda b: error())
+        assert "401" in error() and "unauthorized" in error(), error()
+        assert live.is_enabled() and not stop.is_enabled()
+
+        key.clear()
+        key.send_keys(LIVE_KEY)
+        with ws_client.connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription") as other:
+            assert json.loads(other.recv(timeout=30))["type"] == "session.created"   # the only slot taken
+            live.click()
+            WebDriverWait(browser, 30).until(lambda b: "503" in error())
+            assert "streams_full" in error(), error()
+        assert poll(lambda: metric(port, "asr_streams_open") == 0, 30)
+
+        # A language tiny.en lacks: the session.update's error event is shown, the stream goes on in English.
+        browser.find_element(By.ID, "language").send_keys("fr")
+        live.click()
+        WebDriverWait(browser, 30).until(lambda b: "invalid_value" in error())
+        assert "English only" in error(), error()
+        reference = f"{SPOKEN} {SECOND_SENTENCE}"
+        provisional, finals, shot, deadline = [], [], False, time.monotonic() + 120
+        while time.monotonic() < deadline:   # until the third sentence is being spoken
+            now = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "#caption-lines p.provisional") if p.text.strip()]
+            finals = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "#caption-lines p.final")]
+            provisional += now
+            if finals and now and not shot:   # for the docs: a final turn and one still spoken
+                screenshot(browser, "page-live")
+                shot = True
+            if now and len(now[-1].split()) >= 3 and wer([reference], [" ".join(finals)]) <= 0.15:
+                break   # three words of the third sentence settled
+            time.sleep(0.1)
+        heard = " ".join(finals)
+        print(f"live captions: {len(finals)} turns, WER {wer([reference], [heard]):.1%}: {heard!r}; "
+              f"provisional lines seen: {len(provisional)}; {state()}")
+        assert wer([reference], [heard]) <= 0.15, heard
+        assert provisional, "no provisional caption (delta) was shown while a turn was spoken"
+        assert metric(port, "asr_streams_open") == 1 and stop.is_enabled()
+        assert not browser.find_element(By.ID, "result").is_displayed()   # no file transcribed: no empty result
+
+        stop.click()   # the third sentence half spoken: its turn is committed and transcribed, then the socket closed
+        WebDriverWait(browser, 30).until(lambda b: state() == "stopped")
+        assert poll(lambda: metric(port, "asr_streams_open") == 0, 30)
+        assert live.is_enabled() and not stop.is_enabled()
+        lines = [(p.get_attribute("class"), p.text) for p in browser.find_elements(By.CSS_SELECTOR, "#caption-lines p")]
+        print(f"after Stop: {lines}")
+        assert [text for _, text in lines[:-1]] == finals and len(lines) == len(finals) + 1, lines
+        kind, last = lines[-1]
+        said = normalize(last).split()
+        spoken = normalize(LAST_SENTENCE).split()
+        assert kind == "final" and 3 <= len(said) < len(spoken), lines   # cut by Stop, not by a pause
+        assert wer([" ".join(spoken[:len(said) - 1])], [" ".join(said[:-1])]) <= 0.25, lines   # the last word may be cut
+
+        # A stream the server drops: its instance's worker killed mid-stream; the page says so.
+        live.click()
+        WebDriverWait(browser, 30).until(lambda b: state().startswith("listening"))
+        worker = requests.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["pid"]   # this test's own instance
+        os.kill(worker, signal.SIGKILL)
+        WebDriverWait(browser, 30).until(lambda b: "closed" in error())
+        assert "the live stream was closed (1006)" in error() and live.is_enabled(), error()
     finally:
         browser.quit()

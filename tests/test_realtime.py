@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import signal
 import statistics
 import threading
@@ -22,11 +21,10 @@ import websockets.sync.client as ws_client
 from websockets.exceptions import InvalidStatus
 
 from app.audio.live import FRAME, LocalAgreement, ServerVad, TurnDetector
-from support import SPOKEN, bring_up, espeak, normalize, poll, set_a_sequence, wav_bytes, wer
+from support import SECOND_SENTENCE, SPOKEN, bring_up, espeak, metric, normalize, poll, set_a_sequence, speech_with_pauses, wav_bytes, wer
 
 pytestmark = pytest.mark.integration
 
-SECOND_SENTENCE = "Please call me back tomorrow morning, after the meeting."  # tiny.en: word for word
 CHUNK_SECONDS = 0.1   # the size of each append, as a microphone would send it
 
 
@@ -90,19 +88,6 @@ def test_models_lists_the_served_model_as_openai_does(service, model):
 
 def pcm24k(samples16k: np.ndarray) -> bytes:
     return (np.clip(soxr.resample(samples16k, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
-
-
-def speech_with_pauses(*texts: str, pause: float = 1.5) -> tuple[np.ndarray, list[float]]:
-    """The sentences spoken one after another, ``pause`` s of silence after each (16 kHz), and where
-    each sentence's speech ends (seconds)."""
-    pieces, ends, at = [np.zeros(8000, np.float32)], [], 0.5
-    for text in texts:
-        speech = espeak(text, voice="en", speed=150)
-        at += len(speech) / 16000
-        ends.append(at)
-        pieces += [speech, np.zeros(int(pause * 16000), np.float32)]
-        at += pause
-    return np.concatenate(pieces), ends
 
 
 def session_update(model: str, silence_ms: int = 500) -> dict:
@@ -366,6 +351,26 @@ def test_a_stream_needs_an_api_key_as_asr_does(one_stream_service):
         assert connection.recv().type == "session.created"
 
 
+def test_a_browser_offers_its_api_key_as_a_subprotocol(one_stream_service):
+    """A browser cannot set Authorization on a WebSocket: it offers ``openai-insecure-api-key.<key>``
+    beside ``realtime``, which the server must name in its answer (the browser drops the socket else)."""
+    url = f"ws://127.0.0.1:{one_stream_service.port}/v1/realtime?intent=transcription"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_client.connect(url, subprotocols=["realtime", "openai-insecure-api-key.wrong-key-0123456789"], open_timeout=30)
+    assert refused.value.response.status_code == 401
+
+    def opened():
+        try:
+            with ws_client.connect(url, subprotocols=["realtime", f"openai-insecure-api-key.{API_KEY}"],
+                                   open_timeout=30) as browser_like:
+                return browser_like.subprotocol == "realtime" and \
+                    json.loads(browser_like.recv(timeout=30))["type"] == "session.created"
+        except InvalidStatus as e:   # 503 while the test before's stream still holds the only slot
+            assert e.response.status_code == 503
+            return False
+    assert poll(opened, 30, step=0.5)
+
+
 def test_an_instance_refuses_one_stream_more_than_max_streams_at_the_handshake(one_stream_service):
     svc = one_stream_service
     direct = f"ws://127.0.0.1:{svc.instance_ports[0]}/v1/realtime?intent=transcription"
@@ -377,6 +382,10 @@ def test_an_instance_refuses_one_stream_more_than_max_streams_at_the_handshake(o
         response = refused.value.response
         assert response.status_code == 503 and response.headers["Retry-After"] == "2"
         assert json.loads(response.body)["error"]["code"] == "streams_full"
+        # A plain GET tells why a browser's handshake (which shows no status) would be refused.
+        plain = requests.get(f"{svc.url}/v1/realtime?intent=transcription", timeout=30,
+                             headers={"Authorization": f"Bearer {API_KEY}"})
+        assert plain.status_code == 503 and plain.json()["error"]["code"] == "streams_full"
         with pytest.raises(InvalidStatus) as through_nginx:   # the pool's only instance is full
             ws_client.connect(f"ws://127.0.0.1:{svc.port}/v1/realtime?intent=transcription", open_timeout=30,
                               additional_headers={"Authorization": f"Bearer {API_KEY}"})
@@ -396,13 +405,6 @@ def test_a_plain_get_is_told_to_upgrade(service):
     assert r.status_code == 426 and r.json()["error"]["code"] == "upgrade_required"
     bad = requests.get(f"{service.url}/v1/realtime?intent=conversation", timeout=30)
     assert bad.status_code == 422 and bad.json()["error"]["message"].startswith("intent")
-
-
-def metric(port: int, name: str) -> float:
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-    found = re.search(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
-    assert found, name
-    return float(found.group(1))
 
 
 def test_stream_decodes_go_through_the_queue_and_streams_are_counted(one_stream_service):

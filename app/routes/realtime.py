@@ -49,6 +49,7 @@ bp = Blueprint("realtime", __name__)
 INPUT_RATE = 24000            # the protocol's audio/pcm: 16-bit little-endian mono at 24 kHz
 MIN_COMMIT_MS = 100           # OpenAI refuses to commit less
 MAX_MESSAGE_BYTES = 16 * 2**20  # OpenAI's limit on one append is 15 MiB of base64
+SUBPROTOCOL = "realtime"      # what OpenAI's server answers a browser that offers subprotocols
 POLL_SECONDS = 0.05           # how often a stream with decodes in flight looks at them
 
 REALTIME_PARAMS = Params((
@@ -62,8 +63,9 @@ register(Operation(
     "openai", params=REALTIME_PARAMS, errors=("422", "503"), ok={}, ok_status="101",
     description=("A WebSocket upgrade (101). Events as in OpenAI's Realtime transcription sessions: audio/pcm "
                  "at 24 kHz in `input_audio_buffer.append`, server VAD turns, `delta` and `completed` "
-                 "transcription events. 426 without an upgrade; 503 with Retry-After when the instance "
-                 "holds max_streams streams.")))
+                 "transcription events. 426 without an upgrade where a stream could open; 503 with "
+                 "Retry-After when the instance holds max_streams streams. A browser may offer the "
+                 "subprotocols `realtime` and `openai-insecure-api-key.<key>` (its API key).")))
 
 
 # werkzeug routes a WebSocket handshake only to a rule marked websocket=True, and a plain request only to
@@ -73,16 +75,23 @@ register(Operation(
 def realtime():
     inst = asr.instance()
     values = REALTIME_PARAMS.parse(inst.settings)
-    if request.headers.get("Upgrade", "").lower() != "websocket":
-        raise ApiError(426, "upgrade_required", "GET /v1/realtime is a WebSocket: send Upgrade: websocket",
-                       {"Upgrade": "websocket"})
+    # Whether a stream could open comes first: a plain GET learns why a browser's handshake was refused
+    # (a browser's WebSocket shows no status), and 426 means "upgrade, and you get a stream".
     asr.require_ready(inst)
     if inst.state != READY:
         raise asr.unavailable("draining", "instance is draining: no new streams", inst)
+    if inst.streams_open >= inst.settings.max_streams:
+        raise streams_full(inst)
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        raise ApiError(426, "upgrade_required", "GET /v1/realtime is a WebSocket: send Upgrade: websocket",
+                       {"Upgrade": "websocket"})
     if not inst.open_stream():
-        raise asr.unavailable("streams_full", f"instance holds {inst.settings.max_streams} streams already", inst)
+        raise streams_full(inst)
     try:
-        ws = simple_websocket.Server.accept(request.environ, max_message_size=MAX_MESSAGE_BYTES)
+        # A browser offers "realtime" (and the API key as another subprotocol, which nginx reads):
+        # it drops a socket whose handshake names none of those it offered.
+        ws = simple_websocket.Server.accept(request.environ, subprotocols=[SUBPROTOCOL],
+                                            max_message_size=MAX_MESSAGE_BYTES)
         try:
             Stream(inst, ws, values["model"], current_app._get_current_object()).run()
         except Exception:  # noqa: BLE001 - a bug ends this stream with a close frame, never an HTTP answer on it
@@ -93,6 +102,10 @@ def realtime():
     finally:
         inst.close_stream()
     return _Upgraded(status=101)   # for the request's log line; nothing is written
+
+
+def streams_full(inst: ModelInstance) -> ApiError:
+    return asr.unavailable("streams_full", f"instance holds {inst.settings.max_streams} streams already", inst)
 
 
 def _close(ws, reason: int | None = None, message: str | None = None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 
 from app.hardware import cuda
-from app.config import Settings
+from app.config import API_KEY_SUBPROTOCOL, Settings
 from app.control.render.public_routes import PUBLIC_ROUTES
 from app.control.act import processes
 from app.control.render import prometheus_sd
@@ -166,7 +166,7 @@ def render_nginx(settings: Settings, upstream: list[InstanceSpec], paths: RunPat
         control_allow.append(settings.host)  # this host reaching its own address comes from it
     text = env.get_template("nginx/nginx.conf.j2").render(
         settings=settings, paths=paths, upstream=upstream, nginx_user=user, api_keys=settings.api_keys(),
-        next_upstream_tries=max(1, min(len(upstream), 3)), public_routes=PUBLIC_ROUTES,
+        key_subprotocol=API_KEY_SUBPROTOCOL, next_upstream_tries=max(1, min(len(upstream), 3)), public_routes=PUBLIC_ROUTES,
         monitor_allow=settings.monitor_addresses(), scrapers=settings.monitor_addresses()[2:],
         control_allow=control_allow, generation=generation,
     )
