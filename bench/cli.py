@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import long_accuracy
 
         return long_accuracy.main(argv[1:])
+    if argv[:1] == ["streaming"]:  # live transcription under load: its own options (bench/streaming.py)
+        from bench import streaming
+
+        return streaming.main(argv[1:])
     args = _parser().parse_args(argv)
     options = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "quick", "no_progress", "json")}
     if "out" in options:

@@ -418,7 +418,7 @@ def test_stream_decodes_go_through_the_queue_and_streams_are_counted(one_stream_
         assert metric(port, "asr_streams_open") == 1 and metric(port, "asr_streams_capacity") == 1
         connection.session.update(session=session_update("whisper-tiny.en"))
         assert connection.recv().type == "session.updated"
-        recorder = Recorder(connection, speech_with_pauses(SPOKEN)[0], speed=2.0)
+        recorder = Recorder(connection, speech_with_pauses(SPOKEN)[0], speed=1.0)   # real time: deltas settle even on a loaded machine
         recorder.run_all_turns(120)
     deltas = recorder.count("conversation.item.input_audio_transcription.delta")
     assert deltas >= 1
