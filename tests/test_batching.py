@@ -112,6 +112,22 @@ def test_max_batch_one_never_batches(started_queue):
     assert engine.calls == [1, 1, 1, 1] and engine.batched == []
 
 
+def test_low_priority_jobs_wait_behind_jobs_submitted_after_them(started_queue):
+    """A live stream's provisional decodes never hold up a turn's final decode or a file."""
+    engine = ScriptedEngine(hold_first=True)
+    q = started_queue(engine, max_batch=1)
+    first = q.submit(clip(0), DecodeOptions())
+    assert engine.started.wait(5)
+    order = []
+    futures = [q.submit(clip(1), DecodeOptions(), low_priority=True), q.submit(clip(2), DecodeOptions(), low_priority=True),
+               q.submit(clip(3), DecodeOptions()), q.submit(clip(4), DecodeOptions())]
+    for f in futures:
+        f.add_done_callback(lambda f: order.append(f.result().text))
+    engine.release.set()
+    assert first.result(5).text == "clip 0" and all(f.result(5) for f in futures)
+    assert order == ["clip 3", "clip 4", "clip 1", "clip 2"]
+
+
 def test_a_bad_clip_fails_only_its_own_request(started_queue):
     engine = ScriptedEngine(hold_first=True, bad=2)
     q = started_queue(engine, max_batch=4, max_wait_ms=50)

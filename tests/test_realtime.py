@@ -115,6 +115,9 @@ class Recorder:
             if delay > 0:
                 time.sleep(delay)
             self.connection.input_audio_buffer.append(audio=base64.b64encode(self.pcm[at:at + step]).decode())
+        # An event the server answers (session.updated, nothing changed): a reader blocked in recv()
+        # after the last turn's transcript wakes up and sees that the audio is all sent.
+        self.connection.send_raw(json.dumps({"type": "session.update", "session": {"type": "transcription"}}))
 
     def run(self, turns: int, timeout: float) -> None:
         sender = threading.Thread(target=self.send_audio, daemon=True)
@@ -274,12 +277,17 @@ def test_four_streams_at_once_each_get_the_whole_transcript(service, model):
         t.join(timeout=240)
     assert all(isinstance(r, Recorder) for r in results.values()) and len(results) == 4, results
     _, ends = speech_with_pauses(SPOKEN)
-    lags = []
+    lags, after_turn = [], []
     for recorder in results.values():
         (t, event), = recorder.of("conversation.item.input_audio_transcription.completed")
         assert normalize(event.transcript) == normalize(SPOKEN)
         lags.append(t - (recorder.started + ends[0]))
-    print(f"4 streams, end of speech -> completed: median {statistics.median(lags):.2f} s, max {max(lags):.2f} s")
+        (_, stopped), = recorder.of("input_audio_buffer.speech_stopped")
+        after_turn.append(t - (recorder.started + stopped.audio_end_ms / 1000))
+    # End of speech -> completed includes the silence server VAD waits for (silence_duration_ms); the
+    # turn's audio (audio_end_ms) ends after it.
+    print(f"4 streams, end of speech -> completed: median {statistics.median(lags):.2f} s, max {max(lags):.2f} s; "
+          f"end of the turn's audio -> completed: median {statistics.median(after_turn):.2f} s")
     assert statistics.median(lags) < 10, lags   # tolerant: the machine is shared
 
 

@@ -355,6 +355,8 @@ class Stream:
     def commit_turn(self, item_id: str, start: int, end: int) -> None:
         self.send({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": self.previous_item})
         self.previous_item = item_id
+        if self.turn is not None and self.turn.decoding is not None:
+            self.turn.decoding.cancel()   # a provisional decode still waiting: the final one replaces it
         final = Final(item_id, self.audio(start, end).copy(), time.monotonic())
         final.future = self.submit(final.audio, final=True)
         self.finals.append(final)
@@ -379,11 +381,12 @@ class Stream:
     def submit(self, audio: np.ndarray, final: bool) -> Future | None:
         """Queue a decode; None when the queue is full (a delta waits, a final decode is tried again)."""
         s = self.inst.settings
-        # Deltas: greedy, for speed; the turn's transcript: the configured beam and temperature fallback.
+        # Deltas: greedy, for speed, behind every other job in the queue; the turn's transcript: the
+        # configured beam and temperature fallback.
         options = DecodeOptions(language=self.language, beam_size=s.beam_size if final else 1,
                                 fallback=s.temperature_fallback and final, initial_prompt=self.prompt)
         try:
-            return self.inst.queue.submit(audio, options)
+            return self.inst.queue.submit(audio, options, low_priority=not final)
         except QueueFull:
             return None
 

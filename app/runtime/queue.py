@@ -10,12 +10,14 @@ Two kinds of job share the queue: transcription (``submit``) and language detect
 waiting jobs at once, waiting at most ``max_wait_ms`` after the first of them arrived for more to
 come, and runs each kind through one batched engine call (``transcribe_batch``,
 ``detect_language``). A job that already waited that long (the thread was busy) is never held back
-further. If a batched call fails, its jobs are retried one by one, so one bad clip fails only its
+further. Jobs submitted with ``low_priority`` (a live stream's provisional re-decodes) run only when
+nothing else waits: a turn's final decode or a file never queues behind them. If a batched call fails, its jobs are retried one by one, so one bad clip fails only its
 own request. An optional ``observer`` hears each batch's size and its jobs' queue waits (the
 metrics module counts them; this module stays free of Prometheus).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # Told once per batch: its size and how long each of its jobs waited in the queue (seconds).
 BatchObserver = Callable[[int, Sequence[float]], None]
+
+
+_NORMAL, _LOW, _STOP = 0, 1, 2   # priorities: lower runs first
 
 
 class QueueFull(Exception):
@@ -60,7 +65,9 @@ class InferenceQueue:
         self.max_batch = max(1, min(max_batch, max_pending))  # a batch never holds more than the queue
         self.max_wait = max(0.0, max_wait_ms) / 1000
         self.observer = observer
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        # (priority, order, job): FIFO within a priority; the stop marker (None) sorts after every job.
+        self._jobs: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue()
+        self._order = itertools.count()
         self._lock = threading.Lock()
         self._pending = 0          # waiting + running
         self._running = 0
@@ -86,24 +93,25 @@ class InferenceQueue:
 
     def stop(self) -> None:
         if self._thread:
-            self._jobs.put(None)
+            self._jobs.put((_STOP, next(self._order), None))
             self._thread.join()
             self._thread = None
 
-    def submit(self, audio: np.ndarray, options: DecodeOptions) -> JobFuture:
-        """Queue a transcription; its future's result is a ``Transcript``."""
-        return self._put(_Job(audio, options))
+    def submit(self, audio: np.ndarray, options: DecodeOptions, low_priority: bool = False) -> JobFuture:
+        """Queue a transcription; its future's result is a ``Transcript``. A ``low_priority`` job waits
+        behind every other job, including ones submitted after it."""
+        return self._put(_Job(audio, options), _LOW if low_priority else _NORMAL)
 
     def submit_language_detection(self, audio: np.ndarray) -> JobFuture:
         """Queue a language detection; its future's result is ``(language, probability)``."""
         return self._put(_Job(audio, None))
 
-    def _put(self, job: _Job) -> JobFuture:
+    def _put(self, job: _Job, priority: int = 0) -> JobFuture:
         with self._lock:
             if self._pending >= self.max_pending:
                 raise QueueFull(f"{self._pending} requests already queued (limit {self.max_pending})")
             self._pending += 1
-        self._jobs.put(job)
+        self._jobs.put((priority, next(self._order), job))
         return job.future
 
     def _run(self, engine: Engine) -> None:
@@ -121,10 +129,10 @@ class InferenceQueue:
         while len(batch) < self.max_batch:
             try:
                 if deadline is None:
-                    job = self._jobs.get()
+                    _, _, job = self._jobs.get()
                 else:
                     remaining = deadline - time.monotonic()
-                    job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
+                    _, _, job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
             except queue.Empty:
                 break
             if job is None:
