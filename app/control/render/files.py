@@ -18,6 +18,7 @@ from app.control.render.public_routes import PUBLIC_ROUTES
 from app.control.act import processes
 from app.control.render import prometheus_sd
 from app.control.paths import RunPaths
+from app.engines import engine_bin_dir
 from app.control.plan.placement import GpuInfo, Placement, capacity_weights, plan_placement, resolve_device
 from app.hardware.devices import available_cores, format_cores, gpu_environment
 
@@ -128,6 +129,8 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
         "settings": settings,
         "paths": paths,
         "bin_dir": Path(sys.executable).parent,
+        # The instances' gunicorn: from the engine's own environment where it has one (vllm's .venv-vllm).
+        "instance_bin_dir": engine_bin_dir(settings.engine, settings.engine_environment) or Path(sys.executable).parent,
         # Programs run where asrctl ran: relative paths in the settings mean the same to them.
         "work_dir": Path.cwd(),
         "nginx_bin": nginx_binary(),
