@@ -17,7 +17,9 @@ a transformers older than the one the qwen3-asr engine is tested with.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -58,9 +60,10 @@ class VllmEngine(Qwen3AsrEngine):
         from app.engines.torch_common import TORCH_DTYPES, resolve_compute_type
 
         compute_type = resolve_compute_type(compute_type, device, gpu_default="bfloat16")
-        llm = LLM(model=model, dtype=compute_type, tensor_parallel_size=tensor_parallel,
-                  max_model_len=MAX_MODEL_LEN, max_num_seqs=max_sequences, limit_mm_per_prompt={"audio": 1},
-                  enforce_eager=device == "cpu", seed=0, disable_log_stats=True)
+        with _flask_proxies_bound():
+            llm = LLM(model=model, dtype=compute_type, tensor_parallel_size=tensor_parallel,
+                      max_model_len=MAX_MODEL_LEN, max_num_seqs=max_sequences, limit_mm_per_prompt={"audio": 1},
+                      enforce_eager=device == "cpu", seed=0, disable_log_stats=True)
         processor = AutoProcessor.from_pretrained(model, local_files_only=True)
         aligner = aligner_processor = None
         if aligner_model:
@@ -114,3 +117,18 @@ class VllmEngine(Qwen3AsrEngine):
         clips = [np.asarray(a[: DETECT_SECONDS * SAMPLE_RATE], dtype=np.float32) for a in audios]
         tokens = self.generate(clips, [DecodeOptions(beam_size=1)] * len(clips), [DETECT_TOKENS] * len(clips))
         return [(self._code(self.processor.decode(row, return_format="parsed")["language"]), None) for row in tokens]
+
+
+def _flask_proxies_bound():
+    """A request context of a throwaway Flask app while vLLM starts, when Flask is loaded (in an instance).
+
+    vLLM's CPU platform rebinds kernels by scanning every loaded module's globals with ``hasattr``, and
+    Flask's ``request``, ``g``, ``current_app`` and ``session`` are proxies that raise RuntimeError (not
+    AttributeError) outside a context: the load failed with "Working outside of application context".
+    Bound to an app that serves nothing, they answer the scan; the instance's own app is untouched.
+    """
+    if "flask" not in sys.modules:
+        return contextlib.nullcontext()
+    import flask
+
+    return flask.Flask("vllm-start").test_request_context()
