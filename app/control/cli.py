@@ -29,7 +29,7 @@ from app.control.render.files import (
     CONTROL_PROGRAMS, JOBS_PROGRAM, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all,
 )
 from app.control.act.supervisor import SupervisorClient, SupervisorError, start_supervisord
-from app.engines import ENGINE_MODULES, engine_bin_dir, engine_environment
+from app.engines import ENGINE_MODULES, engine_bin_dir, engine_environment, missing_modules
 from app.engines.models import display_name, resolve_model
 
 # Flags that map one-to-one onto settings.
@@ -89,7 +89,7 @@ def _reader_gone() -> bool:
 def cmd_up(args) -> int:
     settings = _settings(args)
     if engine_bin_dir(settings.engine, settings.engine_environment) is None:
-        missing = " and ".join(ENGINE_MODULES[settings.engine])
+        missing = " and ".join(missing_modules(settings.engine) or ENGINE_MODULES[settings.engine])
         env = engine_environment(settings.engine, settings.engine_environment)
         if env is not None and env != Path(sys.prefix):
             raise CommandError(f"engine {settings.engine} needs {missing}, which neither this environment nor "
