@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -909,3 +910,46 @@ def test_the_autoscaler_adds_an_instance_on_two_gpus_charging_both():
     ctx = ScalingContext((starting,), gpus, HostLoad(cpu_pct=0.0, free_core_sets=0), now=0.0, last_change_at=None, gpu_pool=True)
     placement, note = _place(2, ctx, config)
     assert placement == [(3, 2)] and "1 of 2" in note, (placement, note)
+
+
+def test_render_for_vllm_on_two_gpus_pins_both_and_writes_the_tensor_parallel_setting(monkeypatch, tmp_path):
+    # asrctl's own rendering on the fake NVML: the files `asrctl up` hands supervisord (nothing starts:
+    # there is no GPU to load on here).
+    from app.control import cli
+
+    fake = FakeNvml(four_gpus()).install(monkeypatch)
+    run = tmp_path / "run"
+    venv = tmp_path / "venv-vllm"        # an environment that has vLLM, as engine_environment finds one
+    (venv / "lib" / "python3.11" / "site-packages" / "vllm").mkdir(parents=True)
+    (venv / "lib" / "python3.11" / "site-packages" / "vllm" / "__init__.py").write_text("")
+    monkeypatch.setenv("ASR_ENGINE_ENVIRONMENT", str(venv))
+    monkeypatch.setenv("ASR_INSTANCE_GPU_MEMORY_MB", "30000")
+    assert cli.main(["render", "--run-dir", str(run), "--engine", "vllm", "--model", str(tmp_path),
+                     "--beam-size", "1", "--device", "cuda", "--instances", "2", "--gpus-per-instance", "2",
+                     "--port", "17860", "--base-port", "17861"]) == 0
+    assert "gpus_per_instance = 2" in (run / "asr.toml").read_text().splitlines()
+    programs = sorted((run / "supervisor" / "programs").glob("asr-*.conf"))
+    texts = [p.read_text() for p in programs]
+    assert [f"command={venv / 'bin' / 'gunicorn'} --config python:app.runtime.gunicorn_conf" in t for t in texts] == \
+           [True, True]
+    pins = [re.search(r'CUDA_VISIBLE_DEVICES="([^"]*)"', t).group(1) for t in texts]
+    assert pins == [f"{fake.gpus[0].uuid},{fake.gpus[1].uuid}", f"{fake.gpus[3].uuid},{fake.gpus[0].uuid}"]
+
+
+def test_an_instance_spanning_two_gpus_refuses_to_load_when_cuda_sees_one(monkeypatch):
+    from app.hardware import cuda
+    from app.runtime.instance import ModelInstance
+
+    fake = FakeNvml(four_gpus()).install(monkeypatch)
+    first = fake.gpus[0]
+    settings = load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": first.uuid, "engine": "vllm",
+                                                "model": "/srv/q", "beam_size": 1, "gpus_per_instance": 2})
+    seen = {"uuid": first.uuid, "name": first.name, "pci_bus_id": first.pci_bus_id, "visible": 1}
+    monkeypatch.setattr(cuda, "current_device", lambda: seen)
+    with pytest.raises(RuntimeError, match=r"spans 2 GPUs \(gpus_per_instance\) but CUDA sees 1"):
+        ModelInstance(settings)._check_gpu()
+    seen["visible"] = 2
+    assert ModelInstance(settings)._check_gpu()["gpus"] == 2
+    from app.control.cli import _gpu_column
+    assert _gpu_column({"name": first.name, "uuid": first.uuid, "memory_mb": 100, "gpus": 2}).endswith(
+        "100 MB and 1 more GPU(s)")

@@ -442,7 +442,8 @@ def _gpu_column(gpu: dict | None) -> str:
     if not gpu:
         return "-"
     memory = f" {gpu['memory_mb']} MB" if gpu.get("memory_mb") is not None else ""
-    return f"{gpu.get('name') or '?'} {gpu.get('uuid') or gpu.get('pinned') or '?'}{memory}"
+    more = f" and {gpu['gpus'] - 1} more GPU(s)" if (gpu.get("gpus") or 1) > 1 else ""   # tensor parallel
+    return f"{gpu.get('name') or '?'} {gpu.get('uuid') or gpu.get('pinned') or '?'}{memory}{more}"
 
 
 def _print_gpus(gpus, wanted: bool) -> None:
