@@ -52,10 +52,11 @@ def engine_bin_dir(engine: str, configured: str = "") -> Path | None:
 
 def load_engine(engine: str, model: str, device: str, compute_type: str = "auto", cpu_threads: int = 0,
                 aligner_model: str = "", chunk_seconds: float = 30.0, gpus: int = 1,
-                max_sequences: int = 64) -> Engine:
+                max_sequences: int = 64, gpu_memory_mb: int = 0) -> Engine:
     """Load a model in this process. ``model`` is already resolved to a directory or cached id;
     ``aligner_model`` and ``chunk_seconds`` concern the Qwen3-ASR engines only, ``gpus`` (tensor
-    parallel) and ``max_sequences`` (requests decoded side by side) the vllm engine only."""
+    parallel), ``max_sequences`` (requests decoded side by side) and ``gpu_memory_mb`` (what it may take
+    of each GPU) the vllm engine only."""
     if engine == "ctranslate2":
         from app.engines.ctranslate2_engine import CTranslate2Engine
 
@@ -74,5 +75,5 @@ def load_engine(engine: str, model: str, device: str, compute_type: str = "auto"
 
         return VllmEngine.load(model, device=device, compute_type=compute_type, cpu_threads=cpu_threads,
                                aligner_model=aligner_model, chunk_seconds=chunk_seconds, tensor_parallel=gpus,
-                               max_sequences=max_sequences)
+                               max_sequences=max_sequences, gpu_memory_mb=gpu_memory_mb)
     raise ValueError(f"unknown engine {engine!r}")

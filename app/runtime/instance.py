@@ -102,7 +102,8 @@ class ModelInstance:
                 self.gpu = self._check_gpu()
             self.engine = load_engine(s.engine, model, self.device, s.compute_type, threads,
                                       aligner_model=s.aligner_model, chunk_seconds=s.chunk_seconds,
-                                      gpus=s.gpus_per_instance, max_sequences=self.queue.max_batch)
+                                      gpus=s.gpus_per_instance, max_sequences=self.queue.max_batch,
+                                      gpu_memory_mb=s.instance_gpu_memory_mb)
             self._warm_up()
             if self.device == "cuda":
                 self.gpu = {**self.gpu, **self._measure_gpu_memory()}   # one assignment: /health may be reading it
