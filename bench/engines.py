@@ -6,8 +6,9 @@ random layers (``app/selfcheck/random_qwen3_asr.py``, "tiny": heads of 32, the s
 attention runs), built here in seconds. Random weights rarely stop early, so each request decodes
 about its whole token budget on both engines alike: the figures compare the engines' machinery (vLLM's
 scheduler and paged cache against transformers' batched ``generate``), not a model's accuracy. One
-instance each, on all cores, one service at a time; each engine batches as it does by default (the
-transformers engine one request per call on a CPU, vLLM every waiting request). Figures on a GPU are
+instance each, on all cores, one service at a time. vLLM is handed every waiting request; the
+transformers engine runs at its default for the device (one request per call on a CPU) and with every
+waiting request in one call too. Figures on a GPU are
 what this benchmark exists for and have not been measured yet; the report says where it ran.
 """
 from __future__ import annotations
@@ -38,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
         model = args.model or str(_tiny_model(Path(tmp) / "qwen3-asr-tiny"))
-        for engine in args.engines:
-            service = Service(engine, Path(tmp) / f"run-{engine}", instances=1, cpu_threads=0,
+        for engine, max_batch in _configurations(args.engines, args.device, max(args.concurrency)):
+            label = f"{engine} max_batch={max_batch}"
+            service = Service(label, Path(tmp) / f"run-{engine}-{max_batch}", instances=1, cpu_threads=0,
                               flags=["--engine", engine, "--model", model, "--beam-size", "1",
                                      "--device", args.device, "--max-queue", str(max(args.concurrency))],
-                              env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+                              env={"VLLM_CPU_KVCACHE_SPACE": "1", "ASR_MAX_BATCH": str(max_batch)})
             try:
                 service.up(timeout=900)
                 for concurrency in args.concurrency:
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                     schedule = [clips[i % len(clips)] for i in range(count)]
                     records = run_load(service.url, uploads, schedule, f"{engine}-c{concurrency}",
                                        concurrency=concurrency, max_seconds=args.max_seconds)
-                    row = summarize_http(f"{engine} c={concurrency}", records, engine=engine, concurrency=concurrency)
+                    row = summarize_http(f"{label} c={concurrency}", records, engine=engine, max_batch=max_batch,
+                                         concurrency=concurrency)
                     rows.append(row)
                     print(_line(row), flush=True)
             finally:
@@ -64,6 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r["errors"] for r in rows) else 0
 
 
+def _configurations(engines: list[str], device: str, most: int) -> list[tuple[str, int]]:
+    """(engine, max_batch) to measure: the transformers engine at its default for the device (1 request
+    per call on a CPU, 8 on a GPU) and with every waiting request in one call, as vLLM is handed them."""
+    from app.config import Settings
+
+    out = []
+    for engine in engines:
+        default = Settings(engine=engine, max_queue=most).batch_size(device)
+        out += [(engine, default)] + ([(engine, most)] if default != most else [])
+    return out
+
+
 def _tiny_model(out: Path) -> Path:
     from app.selfcheck.random_qwen3_asr import build
 
@@ -71,16 +86,17 @@ def _tiny_model(out: Path) -> Path:
 
 
 def _line(row: dict) -> str:
-    return (f"{row['name']:<18} {row['requests_per_s'] or 0:>7.2f} req/s  p95 {row['p95_ms'] or 0:>9.0f} ms  "
+    return (f"{row['name']:<32} {row['requests_per_s'] or 0:>7.2f} req/s  p95 {row['p95_ms'] or 0:>9.0f} ms  "
             f"{row['ok']}/{row['requests']} ok")
 
 
 def markdown(result: dict) -> str:
     lines = [f"Engines on {result['device']}, {result['cpu']} ({result['cores']} cores), model: {result['model']}; "
              "one instance each, through nginx.", "",
-             "| engine | concurrency | requests/s | p50 ms | p95 ms | ok |", "| --- | --- | --- | --- | --- | --- |"]
+             "| engine | max_batch | concurrency | requests/s | p50 ms | p95 ms | ok |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
-        lines.append(f"| {r['engine']} | {r['concurrency']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
+        lines.append(f"| {r['engine']} | {r['max_batch']} | {r['concurrency']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
                      f"{r['ok']}/{r['requests']} |")
     return "\n".join(lines) + "\n"
 

@@ -4,8 +4,9 @@ Everything but the decoding is the transformers Qwen3-ASR engine's (``Qwen3AsrEn
 subclasses): options checked the same, long audio cut at quiet points, the model's language names
 mapped to ISO codes, words timed by the forced aligner (through transformers, as there). What changes
 is who runs the language model: one ``vllm.LLM`` owned by this instance, handed every chunk of every
-clip the queue gave it at once, so vLLM batches them continuously (a short chunk's slot goes to the
-next while the long ones still decode) with its paged KV cache. The prompts are the ones the
+clip the queue gave it (every request waiting) in one ``generate`` call, which vLLM schedules side by
+side with its paged KV cache, each sequence leaving the batch when it ends. Requests that arrive during
+a call wait for the next one: the queue's one thread calls the engine, as for every engine. The prompts are the ones the
 transformers processor renders; tests check that greedy tokens equal the transformers engine's.
 
 Greedy (``beam_size`` 1) and sampled decoding only: the Qwen3-ASR recipe decodes greedily, and vLLM's
