@@ -79,9 +79,12 @@ def test_a_missing_vllm_is_one_sentence_at_asrctl_up(tmp_path):
     # .venv (asrctl's environment here) has no vLLM, and engine_environment names one that does not
     # exist either: a host where scripts/setup.sh --engine vllm never ran. Nothing is started.
     port, base = free_ports(2)
-    up = run_asrctl("up", "--run-dir", str(tmp_path / "run"), "--instances", "1", "--host", "127.0.0.1",
-                    "--port", str(port), "--base-port", str(base), "--engine", "vllm", "--model", str(tmp_path),
-                    "--beam-size", "1", check=False, env={"ASR_ENGINE_ENVIRONMENT": str(tmp_path / "no-such-env")})
+    try:
+        up = run_asrctl("up", "--run-dir", str(tmp_path / "run"), "--instances", "1", "--host", "127.0.0.1",
+                        "--port", str(port), "--base-port", str(base), "--engine", "vllm", "--model", str(tmp_path),
+                        "--beam-size", "1", check=False, env={"ASR_ENGINE_ENVIRONMENT": str(tmp_path / "no-such-env")})
+    finally:  # should it have started anything, nothing outlives the test
+        run_asrctl("down", "--run-dir", str(tmp_path / "run"), check=False)
     said = (up.stdout + up.stderr).strip()
     assert up.returncode == 1 and not (tmp_path / "run" / "supervisor").exists()
     assert said == ("asrctl up: engine vllm needs vllm, which neither this environment nor "
