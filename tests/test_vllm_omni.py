@@ -3,7 +3,8 @@ the same tiny random weights (tests/random_qwen3_omni.py, run in .venv-vllm: see
 
 Greedy tokens must be equal clip by clip, with every clip in one vLLM call, for real speech and noise,
 with and without a requested language and a context prompt; the engine's transcripts are the text of
-those tokens, in the language asked for ("und" without one: the model names none, and none is invented).
+those tokens, in the language asked for ("und" without one: the model names none, and none is invented);
+and an instance serving the model behind nginx answers /asr and /detect-language so.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import requests
 
 from app.engines.qwen3_asr_engine import token_budget
 from support import REPO, manifest, read_16k_mono, shared_audio, vllm_python
@@ -20,9 +22,14 @@ S = 16_000
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory) -> tuple[list[dict], dict]:
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("omni")
+
+
+@pytest.fixture(scope="module")
+def result(work) -> tuple[list[dict], dict]:
+    """Builds the model in ``work``/model, then decodes with both."""
     python = vllm_python()
-    work = tmp_path_factory.mktemp("omni")
     speech = {code: read_16k_mono(shared_audio(manifest(language=code)[0]["file"])) for code in ("en", "de")}
     noise = (0.1 * np.random.default_rng(0).standard_normal(3 * S)).astype(np.float32)
     cases = [(speech["en"], None, ""), (speech["de"], "de", ""), (noise, "en", "Guten Tag"), (noise, None, "")]
@@ -62,3 +69,23 @@ def test_transcripts_are_the_tokens_text_in_the_language_asked_for(result):
     assert [text for text, _ in got["texts"]] == got["decoded"]
     assert [language for _, language in got["texts"]] == ["und", "de", "en", "und"]
     assert got["detected"] == [["und", None]] * len(clips)
+
+
+@pytest.mark.integration
+def test_an_omni_instance_behind_nginx_transcribes_in_the_language_asked_for(result, work):
+    from support import bring_up
+
+    svc = bring_up(work, 1, "--engine", "vllm", "--model", str(work / "model"), "--beam-size", "1",
+                   env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        speech = shared_audio(manifest(language="de")[0]["file"]).read_bytes()
+        forced = requests.post(f"{svc.url}/asr", files={"audio": ("de.wav", speech)}, data={"language": "de"},
+                               timeout=300)
+        assert forced.status_code == 200, forced.text
+        assert forced.json()["language"] == "de" and forced.json()["engine"] == "vllm" and forced.json()["text"]
+        auto = requests.post(f"{svc.url}/asr", files={"audio": ("de.wav", speech)}, timeout=300).json()
+        assert auto["language"] == "und" and auto["language_probability"] is None
+        detected = requests.post(f"{svc.url}/detect-language", files={"audio": ("de.wav", speech)}, timeout=300)
+        assert detected.status_code == 200 and detected.json()["language"] == "und", detected.text
+    finally:
+        svc.asrctl("down")
