@@ -29,11 +29,14 @@ _WORST_CASE_BYTES_PER_SECOND = 48_000 * 2 * 2
 @dataclass
 class Settings:
     # What serves: engine and model.
-    engine: str = "ctranslate2"          # "ctranslate2" (faster-whisper) | "transformers" | "qwen3-asr"
+    engine: str = "ctranslate2"          # "ctranslate2" (faster-whisper) | "transformers" | "qwen3-asr" | "vllm"
+                                         # (vllm: Qwen3-ASR through vLLM, in .venv-vllm: scripts/setup.sh --engine vllm)
     model: str = "embedded"              # "embedded" (Whisper), a model directory, or a cached hub id
     device: str = "auto"                 # "auto" | "cpu" | "cuda"
     compute_type: str = "auto"           # auto: int8 (ctranslate2) or float32 on CPU; float16 on GPU, bfloat16 for qwen3-asr
-    aligner_model: str = ""              # qwen3-asr: a Qwen3-ForcedAligner-*-hf directory, for word timestamps
+    engine_environment: str = ""         # the virtualenv whose gunicorn runs the instances; "" = asrctl's own if
+                                         # it has the engine, else the engine's beside the checkout (.venv-vllm)
+    aligner_model: str = ""              # qwen3-asr, vllm: a Qwen3-ForcedAligner-*-hf directory, for word timestamps
     chunk_seconds: float = 30.0          # longer audio is cut at quiet points into chunks this long at most
                                          # (app/audio/longform.py for every engine; qwen3-asr's engine too);
                                          # a live stream's turn that never pauses is cut as long
@@ -59,6 +62,7 @@ class Settings:
 
     # Placement: which GPU or CPU cores an instance gets.
     gpu_map: str = ""                    # e.g. "0,0,1": instance i -> GPU gpu_map[i]; "" = most free memory
+    gpus_per_instance: int = 1           # vllm: GPUs one instance spans (vLLM's tensor parallelism)
     cpu_threads: int = 0                 # threads per instance on CPU; 0 = its share of the cores
     instance_gpu_memory_mb: int = 2048   # GPU memory one instance holds, until one has loaded and measured it
     gpu_headroom_mb: int = 512           # free memory a GPU keeps beyond the instances placed on it
@@ -71,7 +75,8 @@ class Settings:
     retry_after_seconds: int = 2         # Retry-After on a 503
 
     # Dynamic batching inside an instance (app/runtime/queue.py): one engine call for several requests.
-    max_batch: int = 0                   # requests per engine call; 0 = auto: 1 on CPU, 8 on GPU
+    max_batch: int = 0                   # requests per engine call; 0 = auto: 1 on CPU, 8 on GPU,
+                                         # max_queue for vllm (every waiting request; vLLM batches them)
     max_wait_ms: float = 10.0            # longest a request waits for others to fill its batch
 
     # Live transcription (GET /v1/realtime, app/routes/realtime.py): WebSocket streams, one instance each.
@@ -206,6 +211,8 @@ class Settings:
         """Requests per engine call on ``device``: batching is what keeps a GPU busy; on CPU it gave
         2-7 % more audio per CPU second while every clip waits for the longest in its batch
         (docs/performance.md), so auto means no batching there."""
+        if self.engine == "vllm":   # vLLM schedules whatever it is handed: hand it all that waits
+            return min(self.max_batch or self.max_queue, self.max_queue)
         size = self.max_batch or (8 if device == "cuda" else 1)
         return min(size, self.max_queue)
 
@@ -298,11 +305,16 @@ def validate(s: Settings) -> None:
     from app.engines import ENGINES
     if s.engine not in ENGINES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {s.engine!r}")
-    if s.engine == "qwen3-asr" and s.model == "embedded":
-        raise ConfigError("engine qwen3-asr needs model = a Qwen3-ASR -hf directory or cached hub id "
+    if s.engine in ("qwen3-asr", "vllm") and s.model == "embedded":
+        raise ConfigError(f"engine {s.engine} needs model = a Qwen3-ASR -hf directory or cached hub id "
                           "(e.g. Qwen/Qwen3-ASR-1.7B-hf downloaded ahead): the embedded model is Whisper")
-    if s.aligner_model and s.engine != "qwen3-asr":
-        raise ConfigError("aligner_model is for engine qwen3-asr; Whisper engines time words themselves")
+    if s.aligner_model and s.engine not in ("qwen3-asr", "vllm"):
+        raise ConfigError("aligner_model is for engines qwen3-asr and vllm; Whisper engines time words themselves")
+    if s.engine == "vllm" and s.beam_size != 1:
+        raise ConfigError("engine vllm decodes greedily, as Qwen3-ASR's own vLLM recipe does: set beam_size = 1")
+    if s.gpus_per_instance < 1 or (s.gpus_per_instance > 1 and s.engine != "vllm"):
+        raise ConfigError("gpus_per_instance must be at least 1, and above 1 only for engine vllm "
+                          "(tensor parallelism); the other engines run on one GPU")
     if not 1 <= s.chunk_seconds <= 1200:
         raise ConfigError("chunk_seconds must be between 1 and 1200")
     if s.device not in ("auto", "cpu", "cuda"):

@@ -88,7 +88,7 @@ def _serve(conn, datas, cores, threads, engine_name, model, compute_type, beam_s
         # engine loads: its threads inherit both.
         os.environ["OMP_NUM_THREADS"] = str(len(parse_cores(cores)))
         if device == "cuda":
-            os.environ.update(gpu_environment(0, gpu))
+            os.environ.update(gpu_environment((0,), (gpu,)))
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         threads = pin_to_cores(cores, threads) if device == "cpu" else 0

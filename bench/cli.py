@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import long
 
         return long.main(argv[1:])
+    if argv[:1] == ["engines"]:  # the vllm and qwen3-asr engines side by side (bench/engines.py)
+        from bench import engines
+
+        return engines.main(argv[1:])
     if argv[:1] == ["long-accuracy"]:  # WER and time on long recordings: its own options (bench/long_accuracy.py)
         from bench import long_accuracy
 

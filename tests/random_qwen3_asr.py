@@ -37,8 +37,9 @@ _ALIGNER_TEMPLATE = (
 )
 
 
-def build(out: Path, examples: list[tuple] = (), steps: int = 150) -> tuple[Path, Path]:
+def build(out: Path, examples: list[tuple] = (), steps: int = 150, head_dim: int = 16) -> tuple[Path, Path]:
     """Write the model to ``out``/asr and the aligner to ``out``/aligner; return both directories.
+    ``head_dim`` 32 is the smallest vLLM's CPU attention runs (the vllm engine's tests).
 
     ``examples`` are (16 kHz audio, language name, text) the model is taught for ``steps`` steps
     first, so that it names a language and stops: a model that never emits its end token decodes to
@@ -56,7 +57,7 @@ def build(out: Path, examples: list[tuple] = (), steps: int = 150) -> tuple[Path
                       "downsample_hidden_size": 8, "num_mel_bins": 128},
         text_config={"model_type": "qwen3", "vocab_size": len(tokenizer), "hidden_size": 32,
                      "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 8192,
+                     "num_key_value_heads": 1, "head_dim": head_dim, "max_position_embeddings": 8192,
                      "tie_word_embeddings": True},
         audio_token_id=ids["<|audio_pad|>"], timestamp_token_id=ids["<timestamp>"],
         pad_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|endoftext|>"], ids["<|im_end|>"]],

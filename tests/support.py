@@ -292,3 +292,17 @@ def poll(condition, seconds: float, step: float = 0.25):
             return value
         time.sleep(step)
     return None
+
+
+def vllm_python() -> Path:
+    """The vllm environment's interpreter (scripts/setup.sh --engine vllm; scripts/test.sh makes it).
+    Where it is absent a test skips, saying so; in CI (``CI`` set) it fails instead: CI must run them."""
+    from app.engines import engine_bin_dir
+
+    bin_dir = engine_bin_dir("vllm")
+    if bin_dir is None:
+        message = "vLLM not installed (scripts/setup.sh --engine vllm makes .venv-vllm)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI runs the vllm engine's tests", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+    return bin_dir / "python"

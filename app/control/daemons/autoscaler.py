@@ -40,6 +40,7 @@ def scaling_config(settings: Settings) -> ScalingConfig:
         loop_interval_s=settings.autoscale_interval_seconds,
         instance_memory_mb=settings.instance_gpu_memory_mb,
         gpu_headroom_mb=settings.gpu_headroom_mb,
+        gpus_per_instance=settings.gpus_per_instance,
     )
 
 
@@ -59,6 +60,7 @@ def observe(pool: Pool, settings: Settings, gpus: list[GpuInfo], now: float,
         ready = health.get("state") == "ready" and spec.name not in pool.starting | pool.draining
         loads.append(InstanceLoad(spec.name, in_flight=queue.get("running", 0),
                                   queue_depth=queue.get("waiting", 0), ready=ready, gpu=spec.placement.gpu,
+                                  more_gpus=spec.placement.more_gpus,
                                   loaded=not not_loaded(pool, spec.name, answer)))
     threads = settings.cpu_threads or min((i.placement.threads for i in pool.instances), default=1)
     placements = [i.placement for i in pool.instances]

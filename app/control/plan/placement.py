@@ -24,14 +24,26 @@ class Placement:
     gpu: int | None = None      # NVML index (PCI bus order), for people and pool.json
     cpu_cores: tuple[int, ...] = ()
     gpu_uuid: str = ""          # what the instance is pinned by, when NVML gave it
+    # An instance that spans GPUs (vLLM's tensor parallelism, gpus_per_instance): the others after ``gpu``.
+    more_gpus: tuple[int, ...] = ()
+    more_gpu_uuids: tuple[str, ...] = ()
 
     @property
     def threads(self) -> int:
         return max(1, len(self.cpu_cores))
 
+    @property
+    def gpus(self) -> tuple[int, ...]:
+        """Every GPU the instance holds, ``gpu`` first."""
+        return (self.gpu, *self.more_gpus) if self.gpu is not None else ()
+
+    @property
+    def gpu_uuids(self) -> tuple[str, ...]:
+        return (self.gpu_uuid, *self.more_gpu_uuids) if self.gpu is not None else ()
+
     def describe(self) -> str:
         if self.device == "cuda":
-            return f"cuda:{self.gpu}"
+            return "cuda:" + "+".join(map(str, self.gpus))
         return "cpu:" + format_cores(self.cpu_cores)
 
 
@@ -45,11 +57,23 @@ class GpuRoom:
     busy: dict[int, float] = field(default_factory=dict)    # utilization at or over the limit
     faulty: dict[int, str] = field(default_factory=dict)    # no figures from NVML
     util_high_pct: float | None = None
+    per_instance: int = 1                                   # GPUs one instance spans
+
+    @property
+    def instances(self) -> list[tuple[int, ...]]:
+        """``chosen`` as one tuple of GPUs per instance."""
+        n = self.per_instance
+        return [tuple(self.chosen[i:i + n]) for i in range(0, len(self.chosen), n)]
 
     def problems(self) -> str:
         """Why no (more) instance fits: '' when nothing stood in the way."""
         full = [i for i in sorted(self.free_mb) if i not in self.busy and self.free_mb[i] < self.need_mb]
         parts = []
+        if self.per_instance > 1:
+            fit = [i for i in sorted(self.free_mb) if i not in self.busy and i not in full]
+            parts.append(f"an instance spans {self.per_instance} GPUs (gpus_per_instance) with {self.need_mb} MB "
+                         f"free on each, and {len(fit)} GPU(s) have that"
+                         + (f" ({', '.join(f'gpu{i}' for i in fit)})" if fit else ""))
         if full:
             parts.append("GPU memory full (" + ", ".join(f"gpu{i} {self.free_mb[i]} MB free" for i in full)
                          + f"; an instance needs {self.need_mb} MB)")
@@ -62,9 +86,13 @@ class GpuRoom:
 
 
 def choose_gpus(count: int, gpus: list, instance_mb: int, headroom_mb: int = 0,
-                reserved_mb: dict[int, int] | None = None, util_high_pct: float | None = None) -> GpuRoom:
+                reserved_mb: dict[int, int] | None = None, util_high_pct: float | None = None,
+                per_instance: int = 1) -> GpuRoom:
     """Up to ``count`` GPUs for new instances, each on the GPU with the most free memory that still
-    has ``instance_mb + headroom_mb`` free (ties: the lowest index).
+    has ``instance_mb + headroom_mb`` free (ties: the lowest index). With ``per_instance`` > 1 an
+    instance takes that many different GPUs, each charged ``instance_mb`` (its share: tensor
+    parallelism splits the weights and the cache evenly), and ``chosen`` holds them instance after
+    instance; an instance that does not find them all takes none.
 
     NVML's free memory already counts every instance that has loaded, so only what it cannot show yet
     is charged on top: ``reserved_mb`` per GPU (instances still starting) and each instance placed
@@ -82,13 +110,15 @@ def choose_gpus(count: int, gpus: list, instance_mb: int, headroom_mb: int = 0,
             room.free_mb[g.index] = g.memory_free_mb - reserved.get(g.index, 0)
         else:
             room.free_mb[g.index] = g.memory_free_mb - reserved.get(g.index, 0)
+    room.per_instance = per_instance
     for _ in range(count):
         fits = [i for i, free in room.free_mb.items() if i not in room.busy and free >= room.need_mb]
-        if not fits:
+        if len(fits) < per_instance:
             break
-        best = max(fits, key=lambda i: (room.free_mb[i], -i))
-        room.free_mb[best] -= instance_mb
-        room.chosen.append(best)
+        best = sorted(fits, key=lambda i: (-room.free_mb[i], i))[:per_instance]
+        for i in best:
+            room.free_mb[i] -= instance_mb
+        room.chosen.extend(best)
     return room
 
 
@@ -119,6 +149,7 @@ def plan_placement(
     instance_memory_mb: int = 2048,
     cpu_threads: int = 0,
     headroom_mb: int = 0,
+    gpus_per_instance: int = 1,
 ) -> list[Placement]:
     """One placement per instance.
 
@@ -130,14 +161,17 @@ def plan_placement(
     if device == "cuda":
         by_index = {g.index: g for g in gpus}
         if gpu_map is not None:
+            if gpus_per_instance > 1:
+                raise ConfigError("gpu_map names one GPU per instance; with gpus_per_instance above 1 leave it "
+                                  "empty and placement chooses each instance's GPUs")
             missing = sorted(set(gpu_map[:count]) - set(by_index))
             if missing:
                 raise ConfigError(f"gpu_map names GPU(s) {missing}, but this host has {sorted(by_index)}")
             return [Placement("cuda", gpu=g, gpu_uuid=by_index[g].uuid) for g in gpu_map[:count]]
-        room = choose_gpus(count, gpus, instance_memory_mb, headroom_mb)
-        if len(room.chosen) < count:
-            raise NoRoomError(f"room on the GPUs for {len(room.chosen)} of {count} instances: {room.problems()}")
-        return [Placement("cuda", gpu=i, gpu_uuid=by_index[i].uuid) for i in room.chosen]
+        room = choose_gpus(count, gpus, instance_memory_mb, headroom_mb, per_instance=gpus_per_instance)
+        if len(room.instances) < count:
+            raise NoRoomError(f"room on the GPUs for {len(room.instances)} of {count} instances: {room.problems()}")
+        return [gpu_placement(chosen, by_index) for chosen in room.instances]
     if not cpu_cores:
         raise ConfigError("no CPU cores available to place instances on")
     if count >= len(cpu_cores):
@@ -152,6 +186,13 @@ def plan_placement(
     if cpu_threads > 0:  # an explicit thread count caps each set
         sets = [s[:cpu_threads] for s in sets]
     return [Placement("cpu", cpu_cores=s) for s in sets]
+
+
+def gpu_placement(chosen: tuple[int, ...], by_index: dict) -> Placement:
+    """The placement of an instance on ``chosen`` GPUs (indices), pinned by their UUIDs."""
+    first, *more = chosen
+    return Placement("cuda", gpu=first, gpu_uuid=by_index[first].uuid, more_gpus=tuple(more),
+                     more_gpu_uuids=tuple(by_index[i].uuid for i in more))
 
 
 def core_usage(existing: list[Placement], cores: list[int]) -> dict[int, int]:
@@ -170,8 +211,8 @@ def free_core_sets(existing: list[Placement], cores: list[int], threads: int) ->
 
 
 def place_one(existing: list[Placement], device: str, gpus: list[GpuInfo], cores: list[int],
-              threads: int, gpu: int | None = None, instance_memory_mb: int = 2048,
-              starting: list[Placement] = (), headroom_mb: int = 0) -> Placement:
+              threads: int, gpu: int | tuple[int, ...] | None = None, instance_memory_mb: int = 2048,
+              starting: list[Placement] = (), headroom_mb: int = 0, gpus_per_instance: int = 1) -> Placement:
     """Where one more instance goes, next to those already placed.
 
     GPU: the one asked for, else ``choose_gpus``: NVML's free memory already holds the running
@@ -181,16 +222,18 @@ def place_one(existing: list[Placement], device: str, gpus: list[GpuInfo], cores
     """
     if device == "cuda":
         by_index = {g.index: g for g in gpus}
+        if isinstance(gpu, tuple):   # the autoscaler's choice for an instance that spans GPUs
+            return gpu_placement(gpu, by_index)
         if gpu is not None:
             return Placement("cuda", gpu=gpu, gpu_uuid=by_index[gpu].uuid if gpu in by_index else "")
         reserved: dict[int, int] = {}
         for p in starting:
-            if p.gpu is not None:
-                reserved[p.gpu] = reserved.get(p.gpu, 0) + instance_memory_mb
-        room = choose_gpus(1, gpus, instance_memory_mb, headroom_mb, reserved)
-        if not room.chosen:
+            for g in p.gpus:
+                reserved[g] = reserved.get(g, 0) + instance_memory_mb
+        room = choose_gpus(1, gpus, instance_memory_mb, headroom_mb, reserved, per_instance=gpus_per_instance)
+        if not room.instances:
             raise NoRoomError(f"no room on a GPU for another instance: {room.problems() or 'no GPU'}")
-        return Placement("cuda", gpu=room.chosen[0], gpu_uuid=by_index[room.chosen[0]].uuid)
+        return gpu_placement(room.instances[0], by_index)
     usage = core_usage(existing, cores)
     chosen = sorted(cores, key=lambda c: (usage[c], c))[:max(1, threads)]
     return Placement("cpu", cpu_cores=tuple(sorted(chosen)))

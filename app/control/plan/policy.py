@@ -77,6 +77,7 @@ class ScalingConfig:
     gpu_headroom_mb: int = 512           # free memory a GPU keeps beyond the instances it takes
     gpu_util_high_pct: float = 90.0      # a GPU at or above this utilization takes no new instance
     instance_memory_mb: int = 2048       # GPU memory one instance holds, until one has measured it
+    gpus_per_instance: int = 1           # GPUs one instance spans (vLLM's tensor parallelism)
 
     def __post_init__(self) -> None:
         _require_int("min_instances", self.min_instances, low=1)
@@ -133,13 +134,15 @@ def _require_number(name: str, value: object, positive: bool = False) -> None:
 
 @dataclass(frozen=True)
 class InstanceLoad:
-    """One instance as the control loop last saw it; ``gpu`` is its GPU index, None on CPU."""
+    """One instance as the control loop last saw it; ``gpu`` is its GPU index, None on CPU, and
+    ``more_gpus`` the others of an instance that spans GPUs."""
 
     name: str
     in_flight: int
     queue_depth: int
     ready: bool
     gpu: int | None = None
+    more_gpus: tuple[int, ...] = ()
     # Holds all the GPU memory it will (NVML's free figure shows it): False while it starts or loads
     # its model again, True while it drains. None: as ``ready`` says.
     loaded: bool | None = None
@@ -210,13 +213,14 @@ class PolicyState:
 class Decision:
     """What the pool should become.
 
-    ``placement`` has one entry per NEW instance (a GPU index, or None for a CPU core set);
+    ``placement`` has one entry per NEW instance (a GPU index, a tuple of them for an instance that
+    spans GPUs, or None for a CPU core set);
     ``remove`` names the instances to drain. At most one of them is non-empty, and
     ``desired == len(ctx.instances) + len(placement) - len(remove)``.
     """
 
     desired: int
-    placement: tuple[int | None, ...]
+    placement: tuple[int | tuple[int, ...] | None, ...]
     reason: str
     remove: tuple[str, ...] = ()
 
@@ -410,10 +414,11 @@ def _place_on_gpus(count: int, ctx: ScalingContext,
     reserved: dict[int, int] = {}
     for inst in ctx.instances:
         if not inst.holds_its_memory and inst.gpu is not None:
-            reserved[inst.gpu] = reserved.get(inst.gpu, 0) + instance_mb
+            for gpu in (inst.gpu, *inst.more_gpus):
+                reserved[gpu] = reserved.get(gpu, 0) + instance_mb
     room = choose_gpus(count, list(ctx.gpus), instance_mb, config.gpu_headroom_mb, reserved,
-                       config.gpu_util_high_pct)
-    placement: list[int | None] = list(room.chosen)
+                       config.gpu_util_high_pct, per_instance=config.gpus_per_instance)
+    placement: list = [g[0] if len(g) == 1 else g for g in room.instances]
     if len(placement) == count:
         return placement, ""
     return placement, _room_note(len(placement), count, room.problems())
@@ -475,5 +480,7 @@ def _s(n: int) -> str:
     return "" if n == 1 else "s"
 
 
-def _where(p: int | None) -> str:
-    return "cpu" if p is None else f"gpu{p}"
+def _where(p: int | tuple[int, ...] | None) -> str:
+    if p is None:
+        return "cpu"
+    return "gpu" + "+".join(map(str, p)) if isinstance(p, tuple) else f"gpu{p}"

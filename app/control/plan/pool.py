@@ -91,12 +91,14 @@ def save_unhealthy(paths: RunPaths, names: set[str]) -> None:
 
 def _spec(i: dict) -> InstanceSpec:
     return InstanceSpec(i["name"], i["port"], i["weight"],
-                        Placement(i["device"], i.get("gpu"), tuple(i.get("cpu_cores", ())), i.get("gpu_uuid", "")))
+                        Placement(i["device"], i.get("gpu"), tuple(i.get("cpu_cores", ())), i.get("gpu_uuid", ""),
+                                  tuple(i.get("more_gpus", ())), tuple(i.get("more_gpu_uuids", ()))))
 
 
 def _record(i: InstanceSpec) -> dict:
     return {"name": i.name, "port": i.port, "weight": i.weight, "device": i.placement.device,
-            "gpu": i.placement.gpu, "gpu_uuid": i.placement.gpu_uuid, "cpu_cores": list(i.placement.cpu_cores)}
+            "gpu": i.placement.gpu, "gpu_uuid": i.placement.gpu_uuid, "cpu_cores": list(i.placement.cpu_cores),
+            "more_gpus": list(i.placement.more_gpus), "more_gpu_uuids": list(i.placement.more_gpu_uuids)}
 
 
 def _write_json(path, data) -> None:

@@ -18,6 +18,7 @@ from app.control.render.public_routes import PUBLIC_ROUTES
 from app.control.act import processes
 from app.control.render import prometheus_sd
 from app.control.paths import RunPaths
+from app.engines import engine_bin_dir
 from app.control.plan.placement import GpuInfo, Placement, capacity_weights, plan_placement, resolve_device
 from app.hardware.devices import available_cores, format_cores, gpu_environment
 
@@ -50,8 +51,8 @@ class InstanceSpec:
         if self.placement.device == "cuda":
             # Pinned by UUID (PCI order for an index), and CUDA 12 libraries from pip's nvidia-*
             # wheels on the loader's path: CTranslate2 opens libcublas.so.12 by name.
-            env.update(gpu_environment(self.placement.gpu, self.placement.gpu_uuid))
-            env["ASR_GPU_UUID"] = self.placement.gpu_uuid
+            env.update(gpu_environment(self.placement.gpus, self.placement.gpu_uuids))
+            env["ASR_GPU_UUID"] = self.placement.gpu_uuid   # CUDA's device 0, checked by the instance
             library_path = cuda.library_path(os.environ.get("LD_LIBRARY_PATH", ""))
             if library_path:
                 env["LD_LIBRARY_PATH"] = library_path
@@ -73,7 +74,7 @@ def plan_instances(settings: Settings, gpus: list[GpuInfo], cores: list[int] | N
     placements = plan_placement(settings.instances, device, gpus, cores or available_cores(),
                                 gpu_map=settings.gpu_list(), cpu_threads=settings.cpu_threads,
                                 instance_memory_mb=settings.instance_gpu_memory_mb,
-                                headroom_mb=settings.gpu_headroom_mb)
+                                headroom_mb=settings.gpu_headroom_mb, gpus_per_instance=settings.gpus_per_instance)
     weights = instance_weights(settings, placements, gpus)
     return [
         InstanceSpec(instance_name(port), port, weight, placement)
@@ -128,6 +129,8 @@ def render_all(settings: Settings, instances: list[InstanceSpec], upstream: list
         "settings": settings,
         "paths": paths,
         "bin_dir": Path(sys.executable).parent,
+        # The instances' gunicorn: from the engine's own environment where it has one (vllm's .venv-vllm).
+        "instance_bin_dir": engine_bin_dir(settings.engine, settings.engine_environment) or Path(sys.executable).parent,
         # Programs run where asrctl ran: relative paths in the settings mean the same to them.
         "work_dir": Path.cwd(),
         "nginx_bin": nginx_binary(),
