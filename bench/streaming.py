@@ -33,6 +33,7 @@ import numpy as np
 from app.selfcheck.speech import SENTENCES, espeak_wav
 from app.selfcheck.wer import word_error_rate
 from bench import REPO
+from bench.long import OtherLoad
 from bench.long_accuracy import LONGFORM, NoRecordings, load_recordings
 from bench.machine import cpu_model
 from bench.service import Service
@@ -219,11 +220,13 @@ def run(audio: Audio, counts: list[int], fast: float, capacity_audio: Audio | No
         result["asr_wer"] = round(asr_wer(url, audio), 4)
         log(f"/asr on the same audio: WER {100 * result['asr_wer']:.2f} %")
         for count in counts:
-            row = streams_at_once(url, audio, count)
+            load = OtherLoad(pool)
+            row = {**streams_at_once(url, audio, count), "other_load_cores": load.cores()}
             result["pool"].append(row)
             log(_line(f"pool, {count} stream(s) at real time", row))
         if fast:
-            row = streams_at_once(url, audio, 1, speed=fast)
+            load = OtherLoad(pool)
+            row = {**streams_at_once(url, audio, 1, speed=fast), "other_load_cores": load.cores()}
             result["fast"] = row
             log(_line(f"pool, 1 stream at {fast:g}x real time", row))
     finally:
@@ -235,7 +238,8 @@ def run(audio: Audio, counts: list[int], fast: float, capacity_audio: Audio | No
             one.up(timeout=600)
             url = f"http://127.0.0.1:{one.port}"
             for count in range(1, capacity_max + 1):
-                row = streams_at_once(url, capacity_audio, count)
+                load = OtherLoad(one)
+                row = {**streams_at_once(url, capacity_audio, count), "other_load_cores": load.cores()}
                 result["capacity"].append(row)
                 log(_line(f"one instance core, {count} stream(s)", row))
                 if row["errors"] or row["latency_median"] is None or row["latency_median"] > max_latency:
@@ -260,7 +264,8 @@ def _line(what: str, row: dict) -> str:
     wer = "-" if row["wer_mean"] is None else f"{100 * row['wer_mean']:.2f} %"
     return (f"{what}: {row['turns']} turns, end of turn -> completed median {row['latency_median']} s "
             f"(p90 {row['latency_p90']}), first word -> first delta median {row['first_delta_median']} s, "
-            f"WER {wer}{', errors: ' + '; '.join(row['errors']) if row['errors'] else ''}")
+            f"WER {wer}, other load {row['other_load_cores']} cores"
+            f"{', errors: ' + '; '.join(row['errors']) if row['errors'] else ''}")
 
 
 def markdown(result: dict) -> str:
@@ -273,14 +278,14 @@ def markdown(result: dict) -> str:
     lines = [f"Audio: {result['audio']['name']} ({result['audio']['seconds']} s, {result['audio']['reference_words']} "
              f"words); {result['cpu_model']}, {result['cores']} cores; load average {result['loadavg_start']} -> "
              f"{result['loadavg_end']}.", "",
-             "| pool | streams | pace | turns | end of turn -> completed, median | p90 | first word -> first delta, median | WER streamed | WER /asr |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| pool | streams | pace | turns | end of turn -> completed, median | p90 | first word -> first delta, median | WER streamed | WER /asr | other load (cores) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = [("2 instances", r) for r in result["pool"]] + ([("2 instances", result["fast"])] if "fast" in result else [])
     rows += [("1 instance, 1 core", r) for r in result["capacity"]]
     for pool, r in rows:
         lines.append(f"| {pool} | {r['streams']} | {r['speed']:g}x | {r['turns']} | {s(r['latency_median'])} | "
                      f"{s(r['latency_p90'])} | {s(r['first_delta_median'])} | {pct(r['wer_mean'])} | "
-                     f"{pct(result.get('asr_wer')) if pool == '2 instances' else '-'} |")
+                     f"{pct(result.get('asr_wer')) if pool == '2 instances' else '-'} | {r['other_load_cores']} |")
     if result["capacity"]:
         lines += ["", f"One instance core held **{result['streams_per_core']}** real-time stream(s) with the median "
                       f"turn latency at most {result['max_latency']:g} s."]
