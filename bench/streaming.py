@@ -278,12 +278,12 @@ def markdown(result: dict) -> str:
     lines = [f"Audio: {result['audio']['name']} ({result['audio']['seconds']} s, {result['audio']['reference_words']} "
              f"words); {result['cpu_model']}, {result['cores']} cores; load average {result['loadavg_start']} -> "
              f"{result['loadavg_end']}.", "",
-             "| pool | streams | pace | turns | end of turn -> completed, median | p90 | first word -> first delta, median | WER streamed | WER /asr | other load (cores) |",
+             "| pool | streams | pace | turns (with a delta) | end of turn -> completed, median | p90 | first word -> first delta, median | WER streamed | WER /asr | other load (cores) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = [("2 instances", r) for r in result["pool"]] + ([("2 instances", result["fast"])] if "fast" in result else [])
     rows += [("1 instance, 1 core", r) for r in result["capacity"]]
     for pool, r in rows:
-        lines.append(f"| {pool} | {r['streams']} | {r['speed']:g}x | {r['turns']} | {s(r['latency_median'])} | "
+        lines.append(f"| {pool} | {r['streams']} | {r['speed']:g}x | {r['turns']} ({r['turns_with_delta']}) | {s(r['latency_median'])} | "
                      f"{s(r['latency_p90'])} | {s(r['first_delta_median'])} | {pct(r['wer_mean'])} | "
                      f"{pct(result.get('asr_wer')) if pool == '2 instances' else '-'} | {r['other_load_cores']} |")
     if result["capacity"]:
