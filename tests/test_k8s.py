@@ -296,8 +296,10 @@ def test_image_and_pods_agree(objects):
 
 def test_gpu_limit_only_in_gpu_variant(objects, tmp_path):
     gpu = container(objects["gpu"])["resources"]
-    assert int(gpu["limits"]["nvidia.com/gpu"]) == 1
-    assert pod_settings(objects["gpu"], tmp_path).device == "cuda"
+    settings = pod_settings(objects["gpu"], tmp_path)
+    # The pod is given the GPUs its instance spans (gpus_per_instance: vLLM's tensor parallelism).
+    assert int(gpu["limits"]["nvidia.com/gpu"]) == settings.gpus_per_instance
+    assert settings.device == "cuda"
     assert pod_spec(objects["gpu"])["nodeSelector"], "GPU pods go to GPU nodes"
 
     cpu_text = json.dumps(pod_spec(objects["cpu"]))
