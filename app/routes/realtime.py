@@ -94,6 +94,8 @@ def realtime():
                                             max_message_size=MAX_MESSAGE_BYTES)
         try:
             Stream(inst, ws, values["model"], current_app._get_current_object()).run()
+        except simple_websocket.ConnectionClosed:
+            pass   # the client closed the socket while this stream was answering it: nothing is left to say
         except Exception:  # noqa: BLE001 - a bug ends this stream with a close frame, never an HTTP answer on it
             log.exception("live stream failed")
             _close(ws, 1011, "server error")
