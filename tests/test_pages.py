@@ -246,7 +246,8 @@ def test_live_captions_stream_the_microphone_show_refusals_and_stop(live_service
         while time.monotonic() < deadline:   # until the third sentence is being spoken
             # One read of the lines: read apart, a turn completing in between showed its provisional line
             # as the third sentence's.
-            shown = [(p.get_attribute("class"), p.text) for p in browser.find_elements(By.CSS_SELECTOR, "#caption-lines p")]
+            shown = browser.execute_script(   # one round trip: the lines as they are at one instant
+                "return [...document.querySelectorAll('#caption-lines p')].map(p => [p.className, p.innerText]);")
             now = [text for kind, text in shown if kind == "provisional" and text.strip()]
             finals = [text for kind, text in shown if kind == "final"]
             provisional += now
