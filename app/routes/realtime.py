@@ -221,9 +221,7 @@ class Stream:
         turn_ends_by = self.draining_since + self.inst.settings.chunk_seconds
         if not self.vad or (self.turn is not None and now >= turn_ends_by):
             # Without server VAD the turn is the buffer, which only the client would commit: commit it now.
-            start = self.turn.start if self.turn is not None else self.buffer_start
-            if (self.end - start) * 1000 >= MIN_COMMIT_MS * SAMPLE_RATE:
-                self.commit_turn(self.turn.item_id if self.turn is not None else _id("item"), start, self.end)
+            self.commit_open_turn()
             self.turn = None
         return self.turn is None and not self.finals
 
@@ -324,13 +322,20 @@ class Stream:
         self.redecode()
 
     def commit(self, event: dict) -> None:
+        held_ms = self.commit_open_turn()
+        if held_ms is not None:
+            raise EventError("input_audio_buffer_commit_empty", f"buffer too small: at least {MIN_COMMIT_MS} ms of "
+                             f"audio is needed, it holds {held_ms} ms")
+        self.detector.reset()
+
+    def commit_open_turn(self) -> int | None:
+        """Commit the open turn (without server VAD, the buffer); None when done, else the milliseconds
+        it holds, fewer than a commit needs."""
         start = self.turn.start if self.turn is not None else self.buffer_start
         if (self.end - start) * 1000 < MIN_COMMIT_MS * SAMPLE_RATE:
-            raise EventError("input_audio_buffer_commit_empty", f"buffer too small: at least {MIN_COMMIT_MS} ms of "
-                             f"audio is needed, it holds {(self.end - start) * 1000 // SAMPLE_RATE} ms")
-        item_id = self.turn.item_id if self.turn is not None else _id("item")
-        self.commit_turn(item_id, start, self.end)
-        self.detector.reset()
+            return (self.end - start) * 1000 // SAMPLE_RATE
+        self.commit_turn(self.turn.item_id if self.turn is not None else _id("item"), start, self.end)
+        return None
 
     def clear(self, event: dict) -> None:
         self.turn = None

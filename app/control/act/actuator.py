@@ -187,7 +187,7 @@ def least_loaded(pool: Pool) -> str:
         if not health:
             return (0, 0, -spec.port)
         ready = health.get("state") == "ready"
-        return (1 if ready else 0, health.get("requests_in_flight", 0) + health.get("streams_open", 0), -spec.port)
+        return (1 if ready else 0, held(health), -spec.port)
     return min(pool.instances, key=key).name
 
 
@@ -226,13 +226,18 @@ def check_answering_process(client: SupervisorClient, name: str, port: int) -> i
         f"started: another process holds the port (asrctl down, then asrctl up, replaces it)")
 
 
+def held(health: dict) -> int:
+    """Requests in flight and live streams an instance reports in its /health."""
+    return health.get("requests_in_flight", 0) + health.get("streams_open", 0)
+
+
 def wait_drained(port: int, timeout: float) -> int:
     """Wait until the instance holds no request and no live stream (a draining stream ends after its
     current turn); return how many it still held at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         health = get_json(port, "/health")
-        left = health.get("requests_in_flight", 0) + health.get("streams_open", 0) if health else 0
+        left = held(health) if health else 0
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
