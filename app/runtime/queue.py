@@ -11,7 +11,8 @@ waiting jobs at once, waiting at most ``max_wait_ms`` after the first of them ar
 come, and runs each kind through one batched engine call (``transcribe_batch``,
 ``detect_language``). A job that already waited that long (the thread was busy) is never held back
 further. Jobs submitted with ``low_priority`` (a live stream's provisional re-decodes) run only when
-nothing else waits: a turn's final decode or a file never queues behind them. If a batched call fails, its jobs are retried one by one, so one bad clip fails only its
+nothing else waits: a turn's final decode or a file never queues behind them. If a batched call
+fails, its jobs are retried one by one, so one bad clip fails only its
 own request. An optional ``observer`` hears each batch's size and its jobs' queue waits (the
 metrics module counts them; this module stays free of Prometheus).
 """
@@ -106,7 +107,7 @@ class InferenceQueue:
         """Queue a language detection; its future's result is ``(language, probability)``."""
         return self._put(_Job(audio, None))
 
-    def _put(self, job: _Job, priority: int = 0) -> JobFuture:
+    def _put(self, job: _Job, priority: int = _NORMAL) -> JobFuture:
         with self._lock:
             if self._pending >= self.max_pending:
                 raise QueueFull(f"{self._pending} requests already queued (limit {self.max_pending})")
