@@ -936,6 +936,44 @@ def test_render_for_vllm_on_two_gpus_pins_both_and_writes_the_tensor_parallel_se
     assert pins == [f"{fake.gpus[0].uuid},{fake.gpus[1].uuid}", f"{fake.gpus[3].uuid},{fake.gpus[0].uuid}"]
 
 
+@pytest.mark.integration
+def test_up_for_vllm_on_two_gpus_starts_instances_pinned_to_both_and_says_why_they_fail_here(monkeypatch, tmp_path,
+                                                                                            capsys):
+    """The real ``asrctl up --engine vllm --gpus-per-instance 2`` on the fake NVML: it places each
+    instance on two GPUs, renders the pins and the tensor-parallel setting, starts supervisord, nginx
+    and the instances from the vllm environment; on this host they find no CUDA driver, and up says
+    so in one line and fails. ``asrctl down`` then leaves no process of the run."""
+    from app.control import cli
+    from app.control.act.processes import run_processes
+    from app.control.paths import RunPaths
+    from support import free_ports, vllm_python
+
+    vllm_python()
+    fake = FakeNvml(four_gpus()).install(monkeypatch)
+    monkeypatch.setenv("ASR_INSTANCE_GPU_MEMORY_MB", "30000")
+    run = tmp_path / "run"
+    ports = free_ports(3)
+    try:
+        assert cli.main(["up", "--run-dir", str(run), "--engine", "vllm", "--model", str(tmp_path), "--beam-size", "1",
+                         "--device", "cuda", "--instances", "2", "--gpus-per-instance", "2", "--port", str(ports[0]),
+                         "--base-port", str(ports[1]), "--timeout", "120"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert re.fullmatch(r"asrctl up: asr-\d+ failed to load its model: RuntimeError: device is cuda but this "
+                            r"host has no CUDA driver \(libcuda.so.1 not found\)", err), err
+        pool = json.loads((run / "pool.json").read_text())["instances"]
+        assert [[s["gpu"], *s["more_gpus"]] for s in pool] == [[0, 1], [3, 0]]
+        assert "gpus_per_instance = 2" in (run / "asr.toml").read_text().splitlines()
+        pins = {re.search(r'ASR_INSTANCE_ID="([^"]*)"', t).group(1): re.search(r'CUDA_VISIBLE_DEVICES="([^"]*)"', t).group(1)
+                for t in (p.read_text() for p in (run / "supervisor" / "programs").glob("asr-*.conf"))}
+        assert pins == {pool[0]["name"]: f"{fake.gpus[0].uuid},{fake.gpus[1].uuid}",
+                        pool[1]["name"]: f"{fake.gpus[3].uuid},{fake.gpus[0].uuid}"}
+        logs = "".join(p.read_text(errors="replace") for p in (run / "logs").glob("asr-*"))
+        assert "no CUDA driver" in logs, logs[-2000:]     # the instances themselves started, and refused
+    finally:
+        assert cli.main(["down", "--run-dir", str(run), "--quiet"]) == 0
+    assert run_processes(RunPaths.at(run)) == []
+
+
 def test_an_instance_spanning_two_gpus_refuses_to_load_when_cuda_sees_one(monkeypatch):
     from app.hardware import cuda
     from app.runtime.instance import ModelInstance
