@@ -10,6 +10,10 @@
 #                        [--deadline SECONDS] [--cpu-rehearsal]
 #                        [-- options for python -m app.selfcheck, e.g. --engines transformers]
 #
+# The vllm engine's stack runs from its own environment: .venv-vllm (scripts/setup.sh --engine vllm,
+# CUDA wheels on a GPU host) or the one $ASR_ENGINE_ENVIRONMENT names (a GPU image with vLLM); where
+# neither has vLLM the report skips it and says so.
+#
 #   --wheelhouse DIR   install every Python package from DIR, no network (pip --no-index); DIR may
 #                      also hold nginx_*.deb, unpacked in place when the host has no nginx
 #   --carried DIR      a GPU image with its own python3, torch and transformers (python3 -m venv

