@@ -586,6 +586,42 @@ def test_a_draining_instance_lets_its_stream_finish_the_turn_then_closes_it_for_
         requests.post(f"http://127.0.0.1:{port}/admin/undrain", timeout=10)
 
 
+def test_stopping_an_instance_under_supervisord_drains_its_stream_before_it_exits(fault_pool):
+    """``supervisorctl stop`` (SIGTERM to gunicorn, which passes it to its worker) mid-turn: the worker
+    drains first (gunicorn_conf.post_worker_init), so the stream gets the turn being spoken, then
+    ``instance_draining`` and 1012, before the process exits."""
+    import threading
+
+    from app.control.act.supervisor import SupervisorClient
+    from app.control.paths import RunPaths
+
+    svc = fault_pool
+    assert poll(lambda: all(svc.instance_ready(p) == 200 and health(p)["streams_open"] == 0
+                            for p in svc.instance_ports), 120)
+    connection, port = open_raw(svc)
+    name = health(port)["instance"]
+    client = SupervisorClient(RunPaths.at(svc.run_dir).socket)
+    samples, _ = speech_with_pauses(SPOKEN, SECOND_SENTENCE)
+    send_paced(connection, samples)
+    assert json.loads(connection.recv(timeout=30))["type"] == "input_audio_buffer.speech_started"
+    stopping = threading.Thread(target=client.stop, args=(name,), daemon=True)
+    stopping.start()
+    try:
+        events, close = events_until_closed(connection, 60)
+        kinds = [e["type"] for e in events]
+        completed = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+        assert len(completed) == 1 and normalize(completed[0]["transcript"]) == normalize(SPOKEN), kinds
+        assert kinds.count("input_audio_buffer.speech_started") == 0, kinds
+        assert kinds[-1] == "error" and events[-1]["error"]["code"] == "instance_draining", kinds
+        assert close is not None and close.code == 1012, close
+        stopping.join(60)
+        assert not stopping.is_alive() and client.process(name)["statename"] == "STOPPED"
+    finally:
+        stopping.join(60)
+        client.start(name)
+    assert poll(lambda: svc.instance_ready(port) == 200, 120)
+
+
 def test_killing_an_instance_mid_stream_closes_only_its_streams_and_a_reconnect_succeeds(fault_pool):
     svc = fault_pool
     assert poll(lambda: all(svc.instance_ready(p) == 200 and health(p)["streams_open"] == 0
