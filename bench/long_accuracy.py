@@ -15,7 +15,8 @@ Both pools come up with the real ``asrctl`` on free loopback ports (``--device c
 (issue #20): on every recording, (c)'s time at most 0.55 x (a)'s, and (c)'s WER at most 0.5
 percentage points above (a)'s. ``--seconds N`` decodes only the recordings' first utterances up to
 N seconds (needs ``manifest.jsonl`` with each utterance's times, as ``longform/`` has), for a quick
-check. Results: ``bench/results/long-accuracy-<timestamp>/`` (``summary.md``, ``results.json``).
+check; ``--lead-silence MS`` puts that much silence before each recording, to see how far each mode's
+WER moves when its windows and cuts fall a little elsewhere. Results: ``bench/results/long-accuracy-<timestamp>/`` (``summary.md``, ``results.json``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 from bench.bare import stop_child
 from bench import REPO
@@ -64,14 +67,18 @@ class Recording:
     data: bytes        # a 16-bit WAV: what every mode decodes
     seconds: float
     reference: str
+    lead_silence_ms: int = 0
 
 
-def load_recordings(folder: Path, only: list[str] | None = None, seconds: float | None = None) -> list[Recording]:
+def load_recordings(folder: Path, only: list[str] | None = None, seconds: float | None = None,
+                    lead_silence_ms: int = 0) -> list[Recording]:
     """Every ``X.wav`` in ``folder`` with a reference ``X.txt`` (``only``: these names, without the suffix).
 
     With ``seconds``, each recording is cut after its last utterance that ends by then, in the pause
     that follows it, and the reference is those utterances' text: ``manifest.jsonl`` must give them
-    (a row per file with ``parts``: ``start_s``, ``end_s``, ``text``).
+    (a row per file with ``parts``: ``start_s``, ``end_s``, ``text``). With ``lead_silence_ms``, that
+    much silence goes before each recording: the same speech, every window and cut moved a little,
+    to see how far the WER moves with where the decoders' windows fall.
     """
     import soundfile
 
@@ -93,18 +100,22 @@ def load_recordings(folder: Path, only: list[str] | None = None, seconds: float 
         manifest = {row["file"]: row for row in map(json.loads, path.read_text().splitlines()) if row.get("parts")}
     out = []
     for path in pairs:
-        if seconds is None:
+        if seconds is None and not lead_silence_ms:
             data = path.read_bytes()
             out.append(Recording(path.stem, data, soundfile.info(io.BytesIO(data)).duration,
                                  path.with_suffix(".txt").read_text().strip()))
             continue
-        if path.name not in manifest:
-            raise NoRecordings(f"{path.name} has no utterance times (parts) in {folder / 'manifest.jsonl'}")
-        cut, reference = first_utterances(manifest[path.name]["parts"], seconds)
         samples, rate = soundfile.read(str(path), dtype="int16")
+        reference = path.with_suffix(".txt").read_text().strip()
+        if seconds is not None:
+            if path.name not in manifest:
+                raise NoRecordings(f"{path.name} has no utterance times (parts) in {folder / 'manifest.jsonl'}")
+            cut, reference = first_utterances(manifest[path.name]["parts"], seconds)
+            samples = samples[:round(cut * rate)]
+        samples = np.concatenate([np.zeros(round(lead_silence_ms * rate / 1000), samples.dtype), samples])
         buffer = io.BytesIO()
-        soundfile.write(buffer, samples[:round(cut * rate)], rate, format="WAV", subtype="PCM_16")
-        out.append(Recording(path.stem, buffer.getvalue(), round(cut * rate) / rate, reference))
+        soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
+        out.append(Recording(path.stem, buffer.getvalue(), len(samples) / rate, reference, lead_silence_ms))
     return out
 
 
@@ -268,7 +279,7 @@ def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> d
         "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
         "rounds": rounds,
         "recordings": {r.name: {"audio_seconds": round(r.seconds, 1), "reference_words": len(r.reference.split())}
-                       for r in recordings},
+                       | ({"lead_silence_ms": r.lead_silence_ms} if r.lead_silence_ms else {}) for r in recordings},
         "rows": rows,
         "summary": summarize(rows),
     }
@@ -376,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="these recordings only, by name without .wav, e.g. long1")
     parser.add_argument("--seconds", type=float, help="only each recording's utterances within its first N seconds "
                                                       "(needs manifest.jsonl with utterance times)")
+    parser.add_argument("--lead-silence", dest="lead_silence", type=int, default=0, metavar="MS",
+                        help="this many milliseconds of silence before each recording (default 0)")
     parser.add_argument("--rounds", type=int, default=1, help="passes over every recording and mode (default 1)")
     parser.add_argument("--out", help="results folder (default: bench/results/long-accuracy-<timestamp>)")
     args = parser.parse_args(argv)
@@ -386,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 0
     try:
-        recordings = load_recordings(folder, args.only.split(",") if args.only else None, args.seconds)
+        recordings = load_recordings(folder, args.only.split(",") if args.only else None, args.seconds,
+                                     args.lead_silence)
     except NoRecordings as e:
         print(f"long-accuracy: {e}", file=sys.stderr)
         return 2

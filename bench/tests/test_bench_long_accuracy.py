@@ -91,3 +91,16 @@ def test_the_first_minute_of_long1_measured_four_ways(tmp_path):
         assert f"| ({mode}) {label} | {100 * rows[mode]['wer']:.2f} |" in summary_md
     assert f"| long1 | {ratio['measured']:.2f} (" in summary_md and f"{gap['measured']:+.2f} (" in summary_md
     assert summary_md in run.stdout
+
+
+def test_lead_silence_goes_before_the_same_samples_and_reference(tmp_path):
+    speech = (np.sin(np.arange(16000) / 5) * 8000).astype(np.int16)
+    soundfile.write(str(tmp_path / "talk.wav"), speech, 16000, subtype="PCM_16")
+    (tmp_path / "talk.txt").write_text("hello there\n")
+    (plain,) = load_recordings(tmp_path)
+    (moved,) = load_recordings(tmp_path, lead_silence_ms=30)
+    samples, rate = soundfile.read(io.BytesIO(moved.data), dtype="int16")
+    assert rate == 16000 and len(samples) == 16000 + 480
+    assert not samples[:480].any() and np.array_equal(samples[480:], speech)
+    assert moved.reference == plain.reference == "hello there"
+    assert moved.seconds == pytest.approx(plain.seconds + 0.03) and moved.lead_silence_ms == 30
