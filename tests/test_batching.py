@@ -213,6 +213,63 @@ def test_batch_metrics_reach_prometheus(started_queue):
     assert samples["asr_queue_wait_seconds_count"] == 4 and samples["asr_queue_wait_seconds_sum"] >= 0
 
 
+class SteppedEngine:
+    """A continuous engine (as vLLM): jobs begun one by one, each ending after as many steps (10 ms
+    each) as its clip's value; with ``fail_holding`` set, a step over that many jobs raises once, as
+    an engine that broke would."""
+
+    continuous = True
+
+    def __init__(self):
+        self.left: dict = {}
+        self.most_begun, self.abandoned = 0, 0
+        self.fail_holding: int | None = None
+
+    def begin(self, key, audio, options):
+        if audio[0] < 0:
+            raise ValueError("refused clip")
+        self.left[key] = [int(audio[0]), audio]
+        self.most_begun = max(self.most_begun, len(self.left))
+
+    def step(self):
+        time.sleep(0.01)
+        if self.fail_holding is not None and len(self.left) >= self.fail_holding:
+            self.fail_holding = None
+            raise RuntimeError("engine broke")
+        done = []
+        for key, entry in list(self.left.items()):
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del self.left[key]
+                done.append((key, True, Transcript(text=f"clip {entry[1][0]:g}", language="en", duration=0.1)))
+        return done
+
+    def abandon(self):
+        self.abandoned += len(self.left)
+        self.left = {}
+
+
+def test_a_continuous_engine_answers_each_job_when_it_ends_and_survives_a_broken_step(started_queue):
+    engine = SteppedEngine()
+    q = started_queue(engine, max_pending=8, max_batch=3)
+    futures = [q.submit(clip(n), DecodeOptions()) for n in (6, 1, 3, 2)]
+    refused = q.submit(clip(-1), DecodeOptions())
+    ended = []
+    for f in futures:
+        f.add_done_callback(lambda f: ended.append(f.result().text))
+    assert [f.result(10).text for f in futures] == ["clip 6", "clip 1", "clip 3", "clip 2"]
+    assert "refused clip" in str(refused.exception(10))            # a job the engine refuses fails alone
+    assert ended[0] == "clip 1" and ended[-1] == "clip 6", ended   # each answered when it ends, not with its batch
+    assert engine.most_begun == 3                                  # never more begun than max_batch
+    assert q.pending == 0 and q.in_flight == 0
+    # A step that raises fails every job begun, the engine drops them, and the queue serves on.
+    engine.fail_holding = 2
+    broken = [q.submit(clip(50), DecodeOptions()) for _ in range(2)]
+    assert all("engine broke" in str(f.exception(10)) for f in broken)
+    assert engine.abandoned == 2 and q.pending == 0 and q.in_flight == 0
+    assert q.submit(clip(2), DecodeOptions()).result(10).text == "clip 2"
+
+
 def test_batch_size_setting_is_chosen_per_device():
     settings = load_settings(env={})
     assert settings.batch_size("cpu") == 1 and settings.batch_size("cuda") == 8

@@ -93,3 +93,36 @@ def test_transcripts_and_detection_equal_the_transformers_engines(transformers_e
 
 def test_beams_are_refused_not_decoded_another_way(vllm_result):
     assert "decodes greedily" in vllm_result["refused_beams"]
+
+
+def test_the_queue_hands_vllm_each_job_as_it_comes_and_gets_the_same_answers(transformers_engine, clips,
+                                                                             vllm_result):
+    """Through the instance's queue (continuous batching: each job begun in vLLM as it comes, answered
+    when its last chunk ends) the transcripts and detected languages are the transformers engine's
+    too, and a request for beams fails alone."""
+    queued = vllm_result["queued"]
+    assert queued["continuous"] is True
+    options = [DecodeOptions(beam_size=1, language=language, initial_prompt=prompt) for _, language, prompt in clips]
+    expected = [transformers_engine.transcribe(audio, o) for (audio, _, _), o in zip(clips, options)]
+    assert [(t.text, t.language, [[s.start, s.end, s.text] for s in t.segments]) for t in expected] == \
+           [(t["text"], t["language"], t["segments"]) for t in queued["transcripts"]]
+    assert [tuple(d) for d in queued["detected"]] == transformers_engine.detect_language([a for a, _, _ in clips])
+    assert "decodes greedily" in queued["refused_beams"]
+
+
+def test_a_short_request_arriving_behind_a_long_one_is_answered_first(tmp_path):
+    """An untaught model decodes every clip up to its token budget: 25 s of audio takes 266 steps, 1 s
+    66. The short clip, submitted while the long one decodes, joins it in vLLM and ends first (one
+    generate call per batch would hold it until the long one ended), with the text it gets alone."""
+    import random_qwen3_asr
+
+    python = vllm_python()
+    asr, _ = random_qwen3_asr.build(tmp_path / "untaught", (), head_dim=32)
+    done = subprocess.run([str(python), str(REPO / "tests" / "vllm_decode.py"), "arrivals", str(asr),
+                           str(tmp_path / "result.json")],
+                          capture_output=True, text=True, timeout=VLLM_SECONDS, cwd=REPO,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert done.returncode == 0, done.stderr[-5000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["finished"] == ["short", "long"], result
+    assert result["texts"] == result["alone"]

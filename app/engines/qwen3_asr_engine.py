@@ -128,7 +128,12 @@ class Qwen3AsrEngine:
             self._check_options(option)
         pieces = [piece for clip, (audio, option) in enumerate(zip(audios, options))
                   for piece in self._pieces(clip, np.asarray(audio, dtype=np.float32), option)]
-        texts = self._decode(pieces)
+        return self._assemble(audios, pieces, self._decode(pieces))
+
+    def _assemble(self, audios: Sequence[np.ndarray], pieces: list[_Piece],
+                  texts: list[tuple[str | None, str]]) -> list[Transcript]:
+        """Each clip's transcript from its pieces' decoded (language, text): words timed by the aligner
+        where asked for, chunks joined on the clip's timeline."""
         words = self._align(pieces, texts) if any(p.options.word_timestamps for p in pieces) else {}
         by_clip: dict[int, list[tuple[_Piece, Transcript]]] = defaultdict(list)
         for i, piece in enumerate(pieces):

@@ -3,11 +3,14 @@
 Everything but the decoding is the transformers Qwen3-ASR engine's (``Qwen3AsrEngine``, which this
 subclasses): options checked the same, long audio cut at quiet points, the model's language names
 mapped to ISO codes, words timed by the forced aligner (through transformers, as there). What changes
-is who runs the language model: one ``vllm.LLM`` owned by this instance, handed every chunk of every
-clip the queue gave it (every request waiting) in one ``generate`` call, which vLLM schedules side by
-side with its paged KV cache, each sequence leaving the batch when it ends. Requests that arrive during
-a call wait for the next one: the queue's one thread calls the engine, as for every engine. The prompts are the ones the
-transformers processor renders; tests check that greedy tokens equal the transformers engine's.
+is who runs the language model: one ``vllm.LLM`` owned by this instance. The instance's queue hands it
+each request as it comes (``begin``) and steps vLLM (``step``) between arrivals, so vLLM batches
+continuously: every chunk of every clip is a sequence of its own in the paged KV cache, a new request
+joins those decoding at the next step, and each answer goes back as soon as its last chunk ends, not
+when the slowest request beside it does. ``transcribe_batch`` (one ``generate`` call for a list of
+clips) does the same decoding for a caller outside the queue. The prompts are the ones the
+transformers processor renders; tests check that greedy tokens equal the transformers engine's, both
+ways.
 
 Greedy (``beam_size`` 1) and sampled decoding only: the Qwen3-ASR recipe decodes greedily, and vLLM's
 beam search is a separate, slower path this engine does not take; a request for beams is refused
@@ -27,11 +30,12 @@ import contextlib
 import json
 import os
 import sys
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
 
 import numpy as np
 
-from app.engines.base import SAMPLE_RATE, DecodeOptions
+from app.engines.base import SAMPLE_RATE, DecodeOptions, Transcript
 from app.engines.qwen3_asr_engine import (DETECT_SECONDS, DETECT_TOKENS, UNDETERMINED, Qwen3AsrEngine,
                                           _load_checked, _Piece, token_budget)
 
@@ -42,6 +46,16 @@ MAX_MODEL_LEN = 4096     # a 30 s chunk is about 400 audio tokens, its text a fe
 OMNI = "qwen3_omni_moe"  # the model type of Qwen3-Omni's configuration
 
 
+@dataclass
+class _Begun:
+    """A job handed to vLLM: its requests (one per chunk; one for a detection) and the tokens of those
+    that have ended."""
+    audio: np.ndarray
+    pieces: list[_Piece] | None   # None: a language detection
+    ids: list[str]
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+
+
 class VllmEngine(Qwen3AsrEngine):
     name = "vllm"
 
@@ -49,6 +63,15 @@ class VllmEngine(Qwen3AsrEngine):
         super().__init__(*args, **kwargs)
         self.llm = llm
         self.omni = omni   # Qwen3-Omni's thinker, asked to transcribe, rather than Qwen3-ASR
+        self._begun: dict[Hashable, _Begun] = {}
+        self._owner: dict[str, Hashable] = {}             # vLLM request id -> the job's key
+        self._settled: list[tuple[Hashable, bool, object]] = []   # answered without vLLM
+
+    @property
+    def continuous(self) -> bool:
+        """Whether the queue may hand jobs over one at a time (``begin``, ``step``): the vLLM release
+        at hand lets requests be added to its engine between steps (else each batch is one call)."""
+        return hasattr(self.llm, "_add_completion_requests")
 
     @classmethod
     def load(cls, model: str, device: str = "cpu", compute_type: str = "auto", cpu_threads: int = 0,
@@ -122,9 +145,8 @@ class VllmEngine(Qwen3AsrEngine):
         conversation.append({"role": "assistant", "content": [{"type": "text", "text": prefill}]})
         return self.processor.apply_chat_template(conversation, tokenize=False, continue_final_message=True)
 
-    def generate(self, audios: Sequence[np.ndarray], options: Sequence[DecodeOptions],
-                 budgets: Sequence[int]) -> list[list[int]]:
-        """New token ids per clip, every clip in one ``LLM.generate`` call (vLLM schedules them)."""
+    def _requests(self, audios: Sequence[np.ndarray], options: Sequence[DecodeOptions],
+                  budgets: Sequence[int]) -> tuple[list[dict], list]:
         from vllm import SamplingParams
 
         requests = [{"prompt": self.prompt(o.language, o.initial_prompt.strip()),
@@ -132,8 +154,71 @@ class VllmEngine(Qwen3AsrEngine):
                     for a, o in zip(audios, options)]
         params = [SamplingParams(temperature=o.temperature, max_tokens=budget, skip_special_tokens=True)
                   for o, budget in zip(options, budgets)]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return requests, params
+
+    def generate(self, audios: Sequence[np.ndarray], options: Sequence[DecodeOptions],
+                 budgets: Sequence[int]) -> list[list[int]]:
+        """New token ids per clip, every clip in one ``LLM.generate`` call (vLLM schedules them)."""
+        outputs = self.llm.generate(*self._requests(audios, options, budgets), use_tqdm=False)
         return [list(out.outputs[0].token_ids) for out in outputs]
+
+    # Continuous batching: the queue's thread begins jobs as they come and steps vLLM -------------
+
+    def begin(self, key: Hashable, audio: np.ndarray, options: DecodeOptions | None) -> None:
+        """Hand one job to vLLM without waiting: a transcription, or with ``options`` None a language
+        detection; ``step`` gives its answer under ``key``. Options the engine refuses raise here."""
+        audio = np.asarray(audio, dtype=np.float32)
+        if options is None:
+            if self.omni:   # as detect_language: Qwen3-Omni names none
+                self._settled.append((key, True, (UNDETERMINED, None)))
+                return
+            pieces = None
+            calls = [(audio[: DETECT_SECONDS * SAMPLE_RATE], DecodeOptions(beam_size=1), DETECT_TOKENS)]
+        else:
+            self._check_options(options)
+            pieces = self._pieces(0, audio, options)
+            calls = [(p.audio, p.options, token_budget(len(p.audio) / SAMPLE_RATE)) for p in pieces]
+        added = self.llm._add_completion_requests(*self._requests(*zip(*calls)), use_tqdm=False)
+        # vLLM answers (and aborts) by the id LLM gave each request, a number; it returns its own
+        # internal id, that number with "-" and a random suffix.
+        ids = [rid.split("-", 1)[0] for rid in added]
+        self._begun[key] = _Begun(audio, pieces, ids)
+        self._owner.update((i, key) for i in ids)
+
+    def step(self) -> list[tuple[Hashable, bool, object]]:
+        """One vLLM step over every job begun; ``(key, True, answer)`` or ``(key, False, error)`` for
+        each job it finished (its last chunk ended)."""
+        finished, self._settled = self._settled, []
+        if not self._owner:
+            return finished
+        for out in self.llm.llm_engine.step():
+            key = self._owner.pop(out.request_id, None) if out.finished else None
+            if key is None:
+                continue
+            job = self._begun[key]
+            job.tokens[out.request_id] = list(out.outputs[0].token_ids)
+            if len(job.tokens) < len(job.ids):
+                continue
+            del self._begun[key]
+            try:
+                finished.append((key, True, self._answer(job, [job.tokens[i] for i in job.ids])))
+            except Exception as e:  # noqa: BLE001 - that job's error, handed to its request
+                finished.append((key, False, e))
+        return finished
+
+    def abandon(self) -> None:
+        """After a step failed: every job begun is aborted in vLLM and forgotten."""
+        try:
+            if self._owner:
+                self.llm.llm_engine.abort_request(list(self._owner))
+        finally:
+            self._begun, self._owner, self._settled = {}, {}, []
+
+    def _answer(self, job: _Begun, tokens: list[list[int]]) -> Transcript | tuple[str, None]:
+        if job.pieces is None:
+            return self._code(self.processor.decode(tokens[0], return_format="parsed")["language"]), None
+        texts = [self._parse(row, p.options.language) for row, p in zip(tokens, job.pieces)]
+        return self._assemble([job.audio], job.pieces, texts)[0]
 
     def _parse(self, tokens, forced: str | None) -> tuple[str | None, str]:
         if self.omni:  # the text alone; the language is the one asked for, or none

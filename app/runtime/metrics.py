@@ -113,7 +113,8 @@ def init_app(app: Flask, instance) -> None:
     latency = Histogram("asr_request_duration_seconds", "Request latency by route", ["route"],
                         buckets=LATENCY_BUCKETS, registry=registry)
     audio_seconds = Counter("asr_audio_seconds", "Seconds of audio transcribed", registry=registry)
-    batch_size = Histogram("asr_batch_size", "Requests per engine call (dynamic batching)",
+    batch_size = Histogram("asr_batch_size",
+                           "Requests per engine call (dynamic batching); for vLLM, requests begun together",
                            buckets=BATCH_BUCKETS, registry=registry)
     queue_wait = Histogram("asr_queue_wait_seconds", "Time a request waited in the queue before its engine call",
                            buckets=QUEUE_WAIT_BUCKETS, registry=registry)

@@ -10,7 +10,9 @@ Two kinds of job share the queue: transcription (``submit``) and language detect
 waiting jobs at once, waiting at most ``max_wait_ms`` after the first of them arrived for more to
 come, and runs each kind through one batched engine call (``transcribe_batch``,
 ``detect_language``). A job that already waited that long (the thread was busy) is never held back
-further. Jobs submitted with ``low_priority`` (a live stream's provisional re-decodes) run only when
+further. An engine that schedules its own batch (``continuous``: vLLM) is instead handed each job as
+it comes, up to ``max_batch`` at once, and stepped in between; each answer goes back as soon as that
+job is done. Jobs submitted with ``low_priority`` (a live stream's provisional re-decodes) run only when
 nothing else waits: a turn's final decode or a file never queues behind them. If a batched call
 fails, its jobs are retried one by one, so one bad clip fails only its
 own request. An optional ``observer`` hears each batch's size and its jobs' queue waits (the
@@ -116,11 +118,75 @@ class InferenceQueue:
         return job.future
 
     def _run(self, engine: Engine) -> None:
+        if getattr(engine, "continuous", False):
+            self._run_continuous(engine)
+            return
         stopping = False
         while not stopping:
             batch, stopping = self._next_batch()
             if batch:
                 self._execute(engine, batch)
+
+    def _run_continuous(self, engine) -> None:
+        """Jobs begun as they come (``engine.begin``), at most ``max_batch`` at once, and the engine
+        stepped (``engine.step``) between arrivals; each future is answered when its job ends. The
+        watchdog sees one step at a time, over the audio of every job begun. If a step fails, every job
+        begun fails with its error and the engine forgets them (``engine.abandon``)."""
+        begun: dict[int, tuple[_Job, float]] = {}
+        stopping = False
+        while begun or not stopping:
+            admitted: list[float] = []
+            while not stopping and len(begun) < self.max_batch:
+                try:   # wait for work only when nothing is being decoded
+                    _, _, job = self._jobs.get_nowait() if begun else self._jobs.get()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                if not job.future.set_running_or_notify_cancel():
+                    self._release(1, 0)
+                    continue
+                key, now = next(self._order), time.monotonic()
+                try:
+                    engine.begin(key, job.audio, job.options)
+                except Exception as e:  # noqa: BLE001 - a job the engine refuses fails alone
+                    self._release(1, 0)
+                    job.future.set_exception(e)
+                    continue
+                begun[key] = (job, now)
+                admitted.append(now - job.enqueued_at)
+                with self._lock:
+                    self._running += 1
+            if admitted and self.observer is not None:
+                try:
+                    self.observer(len(admitted), admitted)
+                except Exception:  # noqa: BLE001 - metrics must never stop inference
+                    log.exception("batch observer failed")
+            if not begun:
+                continue
+            self.busy_audio_seconds = sum(len(job.audio) for job, _ in begun.values()) / SAMPLE_RATE
+            self.busy_since = time.monotonic()
+            try:
+                finished = engine.step()
+            except Exception as e:  # noqa: BLE001 - the engine's state is unknown: drop what it held
+                log.exception("an engine step failed; failing the %d jobs it held", len(begun))
+                try:
+                    engine.abandon()
+                except Exception:  # noqa: BLE001 - the jobs still get their error below
+                    log.exception("abandoning the failed step's jobs failed too")
+                finished = [(key, False, e) for key in list(begun)]
+            finally:
+                self.busy_since = None
+            done = time.monotonic()
+            for key, ok, value in finished:
+                job, started = begun.pop(key)
+                self._release(1, 1)
+                job.future.queue_seconds, job.future.inference_seconds = started - job.enqueued_at, done - started
+                if ok:
+                    job.future.set_result(value)
+                else:
+                    job.future.set_exception(value)
 
     def _next_batch(self) -> tuple[list[_Job], bool]:
         """Block for the first live job, then take more until the batch is full or the first job has
