@@ -551,6 +551,19 @@ def events_until_closed(connection, timeout: float) -> tuple[list[dict], object]
             continue
 
 
+def closed_after_the_turn_being_spoken(connection) -> None:
+    """A draining instance's stream (speaking SPOKEN, then SECOND_SENTENCE): the turn being spoken when
+    the drain began is finished and transcribed, the next one never opens, then ``instance_draining``
+    and close code 1012 (service restart)."""
+    events, close = events_until_closed(connection, 60)
+    kinds = [e["type"] for e in events]
+    completed = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert len(completed) == 1 and normalize(completed[0]["transcript"]) == normalize(SPOKEN), kinds
+    assert kinds.count("input_audio_buffer.speech_started") == 0, kinds
+    assert kinds[-1] == "error" and events[-1]["error"]["code"] == "instance_draining", kinds
+    assert close is not None and close.code == 1012, close
+
+
 def test_a_draining_instance_lets_its_stream_finish_the_turn_then_closes_it_for_a_reconnect(fault_pool):
     from app.control.act.actuator import wait_drained
 
@@ -565,14 +578,7 @@ def test_a_draining_instance_lets_its_stream_finish_the_turn_then_closes_it_for_
     assert drained["state"] == "draining" and drained["streams_open"] == 1
     # The drain waits for the stream as for a request.
     assert wait_drained(port, 0.5) == 1
-    events, close = events_until_closed(connection, 60)
-    kinds = [e["type"] for e in events]
-    completed = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
-    # The turn being spoken when the drain began was finished and transcribed; the next one never opened.
-    assert len(completed) == 1 and normalize(completed[0]["transcript"]) == normalize(SPOKEN), kinds
-    assert kinds.count("input_audio_buffer.speech_started") == 0, kinds
-    assert kinds[-1] == "error" and events[-1]["error"]["code"] == "instance_draining", kinds
-    assert close is not None and close.code == 1012, close
+    closed_after_the_turn_being_spoken(connection)
     assert poll(lambda: health(port)["streams_open"] == 0, 10) and wait_drained(port, 0.5) == 0
     try:
         # Reconnecting through nginx lands on the other instance: the draining one refuses the handshake.
@@ -607,13 +613,7 @@ def test_stopping_an_instance_under_supervisord_drains_its_stream_before_it_exit
     stopping = threading.Thread(target=client.stop, args=(name,), daemon=True)
     stopping.start()
     try:
-        events, close = events_until_closed(connection, 60)
-        kinds = [e["type"] for e in events]
-        completed = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
-        assert len(completed) == 1 and normalize(completed[0]["transcript"]) == normalize(SPOKEN), kinds
-        assert kinds.count("input_audio_buffer.speech_started") == 0, kinds
-        assert kinds[-1] == "error" and events[-1]["error"]["code"] == "instance_draining", kinds
-        assert close is not None and close.code == 1012, close
+        closed_after_the_turn_being_spoken(connection)
         stopping.join(60)
         assert not stopping.is_alive() and client.process(name)["statename"] == "STOPPED"
     finally:
