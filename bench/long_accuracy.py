@@ -16,7 +16,8 @@ Both pools come up with the real ``asrctl`` on free loopback ports (``--device c
 percentage points above (a)'s. ``--seconds N`` decodes only the recordings' first utterances up to
 N seconds (needs ``manifest.jsonl`` with each utterance's times, as ``longform/`` has), for a quick
 check; ``--lead-silence MS`` puts that much silence before each recording, to see how far each mode's
-WER moves when its windows and cuts fall a little elsewhere. Results: ``bench/results/long-accuracy-<timestamp>/`` (``summary.md``, ``results.json``).
+WER moves when its windows and cuts fall a little elsewhere. Results:
+``bench/results/long-accuracy-<timestamp>/`` (``summary.md``, ``results.json``).
 """
 from __future__ import annotations
 

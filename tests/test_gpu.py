@@ -963,8 +963,9 @@ def test_up_for_vllm_on_two_gpus_starts_instances_pinned_to_both_and_says_why_th
         pool = json.loads((run / "pool.json").read_text())["instances"]
         assert [[s["gpu"], *s["more_gpus"]] for s in pool] == [[0, 1], [3, 0]]
         assert "gpus_per_instance = 2" in (run / "asr.toml").read_text().splitlines()
+        programs = [p.read_text() for p in (run / "supervisor" / "programs").glob("asr-*.conf")]
         pins = {re.search(r'ASR_INSTANCE_ID="([^"]*)"', t).group(1): re.search(r'CUDA_VISIBLE_DEVICES="([^"]*)"', t).group(1)
-                for t in (p.read_text() for p in (run / "supervisor" / "programs").glob("asr-*.conf"))}
+                for t in programs}
         assert pins == {pool[0]["name"]: f"{fake.gpus[0].uuid},{fake.gpus[1].uuid}",
                         pool[1]["name"]: f"{fake.gpus[3].uuid},{fake.gpus[0].uuid}"}
         logs = "".join(p.read_text(errors="replace") for p in (run / "logs").glob("asr-*"))

@@ -23,9 +23,10 @@ Phases, each bounded by what is left of ``--deadline`` seconds:
    same for the qwen3-asr engine on ``--qwen-shape`` in bfloat16, with its GPU memory.
 
 An engine whose packages are missing (ctranslate2 on a GPU image with the carried set of
-``scripts/gpu-carry.sh``; vllm where neither this environment nor ``.venv-vllm`` has it) is skipped, and the report's ``skipped`` says so and why. On a CPU host
-``--device cpu --shape test --qwen-shape tiny`` runs the same code small (tests/test_gpu_check.py,
-``scripts/gpu-check.sh --cpu-rehearsal``), so the script is not first run on the GPU.
+``scripts/gpu-carry.sh``; vllm where neither this environment nor ``.venv-vllm`` has it) is skipped,
+and the report's ``skipped`` says so and why. On a CPU host ``--device cpu --shape test --qwen-shape
+tiny`` runs the same code small (tests/test_gpu_check.py, ``scripts/gpu-check.sh --cpu-rehearsal``),
+so the script is not first run on the GPU.
 """
 from __future__ import annotations
 
@@ -154,8 +155,9 @@ def check_stack(report: Report, engine: str, device: str, work: Path, model: str
         return
     try:
         healths = [requests.get(f"http://127.0.0.1:{p}/health", timeout=5).json() for p in ports[1:]]
-        stack["instances"] = [{k: h.get(k) for k in ("instance", "engine", "device", "gpu", "model", "model_load_seconds")}
-                              | {"compute_type": h["model_config"]["compute_type"]} for h in healths]
+        fields = ("instance", "engine", "device", "gpu", "model", "model_load_seconds")
+        stack["instances"] = [{k: h.get(k) for k in fields} | {"compute_type": h["model_config"]["compute_type"]}
+                              for h in healths]
         ready = [requests.get(f"http://127.0.0.1:{p}/ready", timeout=5).status_code for p in ports[1:]]
         report.check(f"{engine}: both instances /ready", ready == [200, 200], ready)
         report.check(f"{engine}: both instances on {device}", all(h["device"] == device for h in healths),
