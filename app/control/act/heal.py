@@ -2,7 +2,10 @@
 
 - nginx master killed: its workers live on, holding the public port with the old configuration.
   supervisord starts a new master, which binds beside them (``listen ... reuseport``); once its own
-  workers listen, the orphans get QUIT: they stop accepting, finish their requests and exit.
+  workers listen, the orphans get QUIT: they stop accepting, finish their requests and exit. A
+  connection the kernel queued on an orphan's socket in the instant it closes is reset, unless the
+  host lets the kernel move it to another socket of the port (``net.ipv4.tcp_migrate_req = 1``,
+  Linux 5.14 and later): where it does not, the retirement says so in its log line.
 - supervisord killed: instances and nginx live on as orphans and keep serving. ``asrctl up`` (or the
   unit's ``ExecStartPre`` render under systemd) starts each replacement instance on a fresh port while
   nginx keeps sending traffic to the orphans; once the replacements are ready, they take over the
@@ -73,6 +76,16 @@ def supervised_nginx_listens(settings: Settings, nginx_pid: int | None) -> bool:
     return bool(listening & (processes.tree(nginx_pid) - {nginx_pid}))
 
 
+def reset_risk() -> str:
+    """What retiring an nginx orphan risks on this host, for the line that says it is retired: "" where
+    the kernel moves the connections queued on a closing socket to another socket of the port."""
+    migrate = processes.migrates_queued_connections()
+    if migrate:
+        return ""
+    return (f"; net.ipv4.tcp_migrate_req is {'0' if migrate is False else 'not there'}: a connection queued "
+            "on an orphan's socket as it closes is reset (docs/operations.md)")
+
+
 def retire_nginx_orphans(settings: Settings, paths: RunPaths, client, log: Callable[[str], None],
                          wait: float | None = None) -> int:
     """QUIT nginx orphans once the supervised nginx's workers listen (``wait``: until they exit, KILL
@@ -83,7 +96,7 @@ def retire_nginx_orphans(settings: Settings, paths: RunPaths, client, log: Calla
     if not found or not supervised_nginx_listens(settings, pid):
         return 0  # none, or they are all that serves the port until the supervised master's workers listen
     log(f"nginx: {len(found)} orphaned process(es) on port {settings.port} "
-        f"({', '.join(str(p.pid) for p in found)}); the supervised master is pid {pid}")
+        f"({', '.join(str(p.pid) for p in found)}); the supervised master is pid {pid}{reset_risk()}")
     if wait is None:
         for p in found:
             processes.send_graceful(p)

@@ -159,6 +159,19 @@ def listeners(ports: set[int]) -> dict[int, set[int]]:
     return found
 
 
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def migrates_queued_connections() -> bool | None:
+    """Whether the kernel moves the connections queued on a closing listening socket to another
+    socket of the same port (``net.ipv4.tcp_migrate_req``, Linux 5.14 and later) instead of resetting
+    them; None where the setting does not exist (an older kernel) or cannot be read."""
+    try:
+        return MIGRATE_REQ.read_text().strip() != "0"
+    except OSError:
+        return None
+
+
 def listening_ports(ports: set[int]) -> set[int]:
     """Which of these ports something listens on (also a process whose pid this user cannot see)."""
     return set(_listening_inodes(ports).values())

@@ -205,8 +205,8 @@ class Watcher:
             self.retiring[p] = now + self.settings.stop_wait_seconds
         if not found:
             return
-        log.warning("nginx: retiring %d orphaned worker(s) %s gracefully; the supervised master is pid %d",
-                    len(found), ", ".join(str(p.pid) for p in found), pid)
+        log.warning("nginx: retiring %d orphaned worker(s) %s gracefully; the supervised master is pid %d%s",
+                    len(found), ", ".join(str(p.pid) for p in found), pid, heal.reset_risk())
 
 
 def probe(port: int, timeout: float) -> dict | None:
