@@ -113,7 +113,9 @@ def test_the_queue_hands_vllm_each_job_as_it_comes_and_gets_the_same_answers(tra
 def test_a_short_request_arriving_behind_a_long_one_is_answered_first(tmp_path):
     """An untaught model decodes every clip up to its token budget: 25 s of audio takes 266 steps, 1 s
     66. The short clip, submitted while the long one decodes, joins it in vLLM and ends first (one
-    generate call per batch would hold it until the long one ended), with the text it gets alone."""
+    generate call per batch would hold it until the long one ended). The untaught model's text is
+    empty: what the answers hold is the other test's (queued transcripts equal the transformers
+    engine's)."""
     import random_qwen3_asr
 
     python = vllm_python()
@@ -125,4 +127,3 @@ def test_a_short_request_arriving_behind_a_long_one_is_answered_first(tmp_path):
     assert done.returncode == 0, done.stderr[-5000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["finished"] == ["short", "long"], result
-    assert result["texts"] == result["alone"]

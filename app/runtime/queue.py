@@ -158,11 +158,8 @@ class InferenceQueue:
                 admitted.append(now - job.enqueued_at)
                 with self._lock:
                     self._running += 1
-            if admitted and self.observer is not None:
-                try:
-                    self.observer(len(admitted), admitted)
-                except Exception:  # noqa: BLE001 - metrics must never stop inference
-                    log.exception("batch observer failed")
+            if admitted:
+                self._observe(admitted)
             if not begun:
                 continue
             self.busy_audio_seconds = sum(len(job.audio) for job, _ in begun.values()) / SAMPLE_RATE
@@ -182,11 +179,7 @@ class InferenceQueue:
             for key, ok, value in finished:
                 job, started = begun.pop(key)
                 self._release(1, 1)
-                job.future.queue_seconds, job.future.inference_seconds = started - job.enqueued_at, done - started
-                if ok:
-                    job.future.set_result(value)
-                else:
-                    job.future.set_exception(value)
+                _settle(job, ok, value, started, done - started)
 
     def _next_batch(self) -> tuple[list[_Job], bool]:
         """Block for the first live job, then take more until the batch is full or the first job has
@@ -219,26 +212,36 @@ class InferenceQueue:
             self._running = len(batch)
             self.busy_audio_seconds = sum(len(job.audio) for job in batch) / SAMPLE_RATE
             self.busy_since = started
-        if self.observer is not None:
-            try:
-                self.observer(len(batch), [started - job.enqueued_at for job in batch])
-            except Exception:  # noqa: BLE001 - metrics must never stop inference
-                log.exception("batch observer failed")
+        self._observe([started - job.enqueued_at for job in batch])
         outcomes = _outcomes(engine, batch)
         inference = time.monotonic() - started
         self.busy_since = None
         self._release(len(batch), len(batch))
         for job, (ok, value) in zip(batch, outcomes):
-            job.future.queue_seconds, job.future.inference_seconds = started - job.enqueued_at, inference
-            if ok:
-                job.future.set_result(value)
-            else:  # the request thread reports it; this thread lives on
-                job.future.set_exception(value)
+            _settle(job, ok, value, started, inference)
+
+    def _observe(self, waits: list[float]) -> None:
+        """Tell the observer about jobs handed to the engine together and how long each waited."""
+        if self.observer is not None:
+            try:
+                self.observer(len(waits), waits)
+            except Exception:  # noqa: BLE001 - metrics must never stop inference
+                log.exception("batch observer failed")
 
     def _release(self, jobs: int, running: int) -> None:
         with self._lock:
             self._pending -= jobs
             self._running -= running
+
+
+def _settle(job: _Job, ok: bool, value, started: float, inference: float) -> None:
+    """Answer a job's future with its result or its error (the request thread reports an error; the
+    inference thread lives on), with where its time went."""
+    job.future.queue_seconds, job.future.inference_seconds = started - job.enqueued_at, inference
+    if ok:
+        job.future.set_result(value)
+    else:
+        job.future.set_exception(value)
 
 
 def _outcomes(engine: Engine, batch: list[_Job]) -> list[tuple[bool, object]]:

@@ -471,10 +471,12 @@ def _phase(report: Report, name: str, run, *args, **kwargs) -> None:
 
 
 def _missing(engine: str) -> list[str]:
-    """What ``engine`` lacks where its instances would run from (vllm: its own environment)."""
+    """What ``engine`` lacks where its instances would run from (vllm: its own environment, or the
+    configured ``engine_environment``)."""
+    from app.config import load_settings
     from app.engines import ENGINE_MODULES, engine_bin_dir, missing_modules
 
-    if engine_bin_dir(engine, os.environ.get("ASR_ENGINE_ENVIRONMENT", "")) is not None:
+    if engine_bin_dir(engine, load_settings().engine_environment) is not None:
         return []
     return missing_modules(engine) or list(ENGINE_MODULES[engine])
 
