@@ -178,8 +178,11 @@ def test_the_openai_client_streams_speech_and_gets_deltas_then_each_turns_transc
     samples, ends = speech_with_pauses(*texts)
     recorder = stream_sentences(service, model, texts)
     completed = recorder.of("conversation.item.input_audio_transcription.completed")
-    assert [normalize(e.transcript) for _, e in completed] == [batch_transcript(service, t) for t in texts] \
-        == [normalize(t) for t in texts]
+    # The first turn has no context: /asr's transcript of the sentence, word for word. The second is decoded
+    # after the first's transcript (as a prompt), where tiny.en hears "call me back" or "call me mac",
+    # depending on details (resampling, padding) that differ from /asr's.
+    assert normalize(completed[0][1].transcript) == batch_transcript(service, texts[0]) == normalize(texts[0])
+    assert len(completed) == 2 and wer([normalize(texts[1])], [completed[1][1].transcript]) <= 0.15, completed
     started, stopped = recorder.of("input_audio_buffer.speech_started"), recorder.of("input_audio_buffer.speech_stopped")
     committed = recorder.of("input_audio_buffer.committed")
     items = [e.item_id for _, e in completed]
@@ -298,11 +301,11 @@ def test_four_streams_at_once_each_get_the_whole_transcript(service, model):
 
 # Server VAD closes a turn at every pause this long; OpenAI's default.
 SILENCE_MS = 500
-# Measured: 4.5 % streamed against 1.8 % through /asr. Turns cut at 500 ms pauses are sentence fragments,
-# which tiny.en hears worse alone ("And so, my fellow Americans" -> "And so am I fellow Americans" both
-# streamed and when the fragment is posted to /asr). The goal is 1.5 points; this bound guards
-# what is reached so far.
-WER_MARGIN = 0.03
+# Measured: 3.6 % streamed against 1.8 % through /asr (4.5 % with each turn decoded without the text
+# before it). Turns cut at 500 ms pauses are sentence fragments, which tiny.en hears worse
+# ("And so, my fellow Americans" -> "And so am I fellow Americans" both streamed and when the fragment is
+# posted to /asr). The goal is 1.5 points; this bound guards what is reached so far.
+WER_MARGIN = 0.02
 
 
 def test_a_recording_streamed_at_four_times_real_time_is_heard_nearly_as_well_as_through_asr(service, model):

@@ -9,7 +9,9 @@ gets an ``error`` event and the stream goes on.
 
 A turn is re-decoded every ``stream_redecode_seconds`` of new audio; the words two successive decodes
 agree on go out as deltas (``app.audio.live.LocalAgreement``), and the whole turn is decoded once
-more when it ends. Every decode goes through the instance's queue, batching with all other requests.
+more when it ends. Every decode goes through the instance's queue, batching with all other requests,
+and is conditioned on the end of the stream's transcript so far (``CONTEXT_CHARS``), so a turn's final
+decode waits for the turns before it.
 A stream holds a gunicorn thread and one of ``max_streams`` slots; the handshake of one more is
 refused with 503 and Retry-After, so nginx tries the next instance. When the instance drains, a stream
 finishes the turn being spoken (no new one opens), sends its transcript, then says so in an ``error``
@@ -51,6 +53,10 @@ MIN_COMMIT_MS = 100           # OpenAI refuses to commit less
 MAX_MESSAGE_BYTES = 16 * 2**20  # OpenAI's limit on one append is 15 MiB of base64
 SUBPROTOCOL = "realtime"      # what OpenAI's server answers a browser that offers subprotocols
 POLL_SECONDS = 0.05           # how often a stream with decodes in flight looks at them
+# Each decode is conditioned on the end of the stream's transcript so far, as Whisper conditions a window
+# on the text before it: a turn cut at a pause is heard as part of what was being said. About 40 tokens,
+# the length whisper_streaming's prompt keeps (200 characters).
+CONTEXT_CHARS = 200
 
 REALTIME_PARAMS = Params((
     Param("intent", "string", choices=("transcription",), default="transcription",
@@ -177,6 +183,7 @@ class Stream:
         self.turn: Turn | None = None
         self.finals: collections.deque[Final] = collections.deque()
         self.previous_item: str | None = None
+        self.said = ""                   # the end of the completed turns' transcripts (CONTEXT_CHARS)
         self.url_model = url_model
         self.draining_since: float | None = None
 
@@ -365,7 +372,8 @@ class Stream:
         if self.turn is not None and self.turn.decoding is not None:
             self.turn.decoding.cancel()   # a provisional decode still waiting: the final one replaces it
         final = Final(item_id, self.audio(start, end).copy(), time.monotonic())
-        final.future = self.submit(final.audio, final=True)
+        if not self.finals:   # else collect() submits it once the turns before it have their transcripts
+            final.future = self.submit(final.audio, final=True)
         self.finals.append(final)
         self.turn = None
         self.trim_to(end)
@@ -391,7 +399,8 @@ class Stream:
         # Deltas: greedy, for speed, behind every other job in the queue; the turn's transcript: the
         # configured beam and temperature fallback.
         options = DecodeOptions(language=self.language, beam_size=s.beam_size if final else 1,
-                                fallback=s.temperature_fallback and final, initial_prompt=self.prompt)
+                                fallback=s.temperature_fallback and final,
+                                initial_prompt=f"{self.prompt} {self.said}".strip())
         try:
             return self.inst.queue.submit(audio, options, low_priority=not final)
         except QueueFull:
@@ -425,8 +434,10 @@ class Stream:
                            "content_index": 0, "error": {"type": "server_error", "code": "transcription_failed",
                                                          "message": str(error)[:200]}})
                 continue
+            transcript = final.future.result().text.strip()
+            self.said = _last_words(f"{self.said} {transcript}".strip(), CONTEXT_CHARS)
             self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": final.item_id,
-                       "content_index": 0, "transcript": final.future.result().text.strip(),
+                       "content_index": 0, "transcript": transcript,
                        "usage": {"type": "duration", "seconds": round(len(final.audio) / SAMPLE_RATE, 3)}})
             if self.app is not None:
                 metrics.observe_turn(self.app, time.monotonic() - final.committed_at)
@@ -463,6 +474,16 @@ class Stream:
             return asr.language(self.inst, value)
         except ApiError as e:
             raise EventError("invalid_value", e.message, "session.audio.input.transcription.language") from None
+
+
+def _last_words(text: str, chars: int) -> str:
+    """The end of ``text``, at most ``chars`` characters, starting at a word."""
+    if len(text) <= chars:
+        return text
+    tail = text[-chars:]
+    if text[-chars - 1] == " " or " " not in tail:
+        return tail
+    return tail.split(" ", 1)[1]
 
 
 def _object(parent: dict, key: str, where: str) -> dict:
