@@ -260,6 +260,42 @@ def run(audio: Audio, counts: list[int], fast: float, capacity_audio: Audio | No
     return result
 
 
+def whole_recordings(fast: float, out: Path, folder: Path = LONGFORM, log=print) -> dict:
+    """Each recording of ``folder`` (``X.wav`` with its reference ``X.txt``) streamed whole by one client
+    at ``fast`` x real time on the default pool: the joined turns' WER next to ``/asr``'s on the same audio."""
+    import soundfile
+
+    recordings, rows = load_recordings(folder), []
+    pool = Service("pool", out / "run-whole", 2, cpu_threads=1, env={
+        "ASR_DEVICE": "cpu", "ASR_ENGINE": "ctranslate2", "ASR_MAX_AUDIO_SECONDS": "3600"})
+    try:
+        pool.up(timeout=600)
+        url = f"http://127.0.0.1:{pool.port}"
+        for rec in recordings:
+            samples, _ = soundfile.read(io.BytesIO(rec.data), dtype="float32")
+            audio = Audio(rec.name, np.concatenate([samples, np.zeros(16000, np.float32)]), rec.reference)
+            load = OtherLoad(pool)
+            row = {**streams_at_once(url, audio, 1, speed=fast), "other_load_cores": load.cores()}
+            row.update(name=rec.name, seconds=round(rec.seconds, 1), asr_wer=round(asr_wer(url, audio), 4))
+            rows.append(row)
+            log(_line(f"{rec.name}, whole, 1 stream at {fast:g}x real time", row) + f"; /asr {100 * row['asr_wer']:.2f} %")
+    finally:
+        pool.down()
+        shutil.rmtree(pool.run_dir, ignore_errors=True)
+    result = {"whole": rows, "cpu_model": cpu_model(), "cores": os.cpu_count()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"{result['cpu_model']}, {result['cores']} cores; each recording streamed whole by one client at "
+             f"{fast:g}x real time on the default pool.", "",
+             "| recording | seconds | turns | WER streamed | WER /asr | difference (points) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        streamed = "-" if r["wer_mean"] is None else f"{100 * r['wer_mean']:.2f} %"
+        gap = "-" if r["wer_mean"] is None else f"{100 * (r['wer_mean'] - r['asr_wer']):+.2f}"
+        lines.append(f"| {r['name']} | {r['seconds']:g} | {r['turns']} | {streamed} | {100 * r['asr_wer']:.2f} % | {gap} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
 def _line(what: str, row: dict) -> str:
     wer = "-" if row["wer_mean"] is None else f"{100 * row['wer_mean']:.2f} %"
     return (f"{what}: {row['turns']} turns, end of turn -> completed median {row['latency_median']} s "
@@ -301,9 +337,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="audio per stream in the capacity ramp (0: no ramp; default 30)")
     parser.add_argument("--capacity-max", type=int, default=8, help="the most streams the ramp tries (default 8)")
     parser.add_argument("--max-latency", type=float, default=2.0, help="median turn latency the ramp allows (s)")
+    parser.add_argument("--whole", action="store_true",
+                        help="instead: each recording of --audio streamed whole at --fast x real time, WER against /asr")
+    parser.add_argument("--audio", type=Path, default=LONGFORM,
+                        help="with --whole: a folder of X.wav with reference X.txt (default ../shared/audio/longform)")
     parser.add_argument("--out", help="results folder (default bench/results/streaming-<timestamp>)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"streaming-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.whole:
+        try:
+            result = whole_recordings(args.fast or 4, out, args.audio)
+        except NoRecordings as e:
+            print(f"skipped: {e}")
+            return 0
+        print((out / "summary.md").read_text())
+        print(f"results: {out}")
+        return 1 if any(r["errors"] for r in result["whole"]) else 0
     counts = [int(x) for x in args.streams.split(",") if x.strip()]
     audio = load_audio(args.seconds)
     capacity = load_audio(args.capacity_seconds) if args.capacity_seconds > 0 else None

@@ -43,3 +43,26 @@ def test_the_benchmark_streams_through_a_pool_and_ramps_one_instance(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "end of turn -> completed" in summary and "| 2 instances | 2 | 1x |" in summary
     assert not list(out.glob("run-*")), "the pools' run directories are left behind"
+
+
+def test_whole_recordings_are_streamed_and_compared_with_asr(tmp_path):
+    """``--whole``: each recording of a folder streamed at 4x, its WER next to /asr's on the same audio."""
+    import numpy as np
+    import soundfile
+    from support import SECOND_SENTENCE, SPOKEN, speech_with_pauses
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    samples, _ = speech_with_pauses(SPOKEN, SECOND_SENTENCE)
+    soundfile.write(folder / "two.wav", np.asarray(samples), 16000, subtype="PCM_16")
+    (folder / "two.txt").write_text(f"{SPOKEN} {SECOND_SENTENCE}\n")
+    (folder / "no-reference.wav").write_bytes((folder / "two.wav").read_bytes())
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "bench", "streaming", "--whole", "--audio", str(folder),
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    (row,) = json.loads((out / "results.json").read_text())["whole"]
+    assert row["name"] == "two" and row["speed"] == 4 and row["turns"] == 2 and not row["errors"]
+    assert row["wer_mean"] <= 0.15 and row["asr_wer"] <= 0.15, row
+    assert "| two |" in (out / "summary.md").read_text()
+    assert not list(out.glob("run-*")), "the pool's run directory is left behind"
