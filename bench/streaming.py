@@ -250,6 +250,8 @@ def run(audio: Audio, counts: list[int], fast: float, capacity_audio: Audio | No
     held = [r["streams"] for r in result["capacity"]
             if not r["errors"] and r["latency_median"] is not None and r["latency_median"] <= max_latency]
     result["streams_per_core"] = max(held, default=0)
+    # the ramp stopped at its end, not at a row over the limit: the capacity is a lower bound
+    result["capacity_ramp_ended"] = bool(held) and max(held) == capacity_max
     result.update(max_latency=max_latency, cpu_model=cpu_model(), cores=os.cpu_count(),
                   started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                   duration_seconds=round(time.time() - started, 1),
@@ -323,8 +325,10 @@ def markdown(result: dict) -> str:
                      f"{s(r['latency_p90'])} | {s(r['first_delta_median'])} | {pct(r['wer_mean'])} | "
                      f"{pct(result.get('asr_wer')) if pool == '2 instances' else '-'} | {r['other_load_cores']} |")
     if result["capacity"]:
-        lines += ["", f"One instance core held **{result['streams_per_core']}** real-time stream(s) with the median "
-                      f"turn latency at most {result['max_latency']:g} s."]
+        bound = ("at least " if result.get("capacity_ramp_ended") else "")
+        lines += ["", f"One instance core held {bound}**{result['streams_per_core']}** real-time stream(s) with the median "
+                      f"turn latency at most {result['max_latency']:g} s"
+                      + (" (the most the ramp tried; `--capacity-max` raises it)." if bound else ".")]
     return "\n".join(lines) + "\n"
 
 

@@ -42,6 +42,9 @@ def test_the_benchmark_streams_through_a_pool_and_ramps_one_instance(tmp_path):
     assert 1 <= len(result["capacity"]) <= 2 and result["capacity"][0]["turns"] >= 1
     summary = (out / "summary.md").read_text()
     assert "end of turn -> completed" in summary and "| 2 instances | 2 | 1x |" in summary
+    ramp_ended = result["streams_per_core"] == 2                       # the ramp's last row held: a lower bound
+    assert result["capacity_ramp_ended"] is ramp_ended
+    assert ("held at least **2**" in summary) is ramp_ended, summary
     assert not list(out.glob("run-*")), "the pools' run directories are left behind"
 
 
