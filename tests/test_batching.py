@@ -12,7 +12,7 @@ from app.engines import load_engine
 from app.engines.base import DecodeOptions, Transcript
 from app.engines.models import embedded_ct2_dir, resolve_model
 from app.runtime.queue import InferenceQueue, QueueFull
-from support import shared_audio, english_set_a, read_16k_mono
+from support import shared_audio, english_set_a, read_16k_mono, wer
 
 
 # -- the queue, with a scripted engine ------------------------------------------------------------
@@ -300,6 +300,28 @@ def test_ctranslate2_batched_equals_one_by_one(set_a):
     assert batched[3].segments[0].words and not batched[2].segments[0].words
     unprompted = engine.transcribe(clips[1], DecodeOptions(beam_size=5))
     assert batched[1].text != unprompted.text      # the prompt did reach the lockstep decode
+
+
+def test_ctranslate2_continues_a_prefix_and_returns_only_what_follows_it(set_a):
+    """DecodeOptions.prefix, as a live stream hears a turn after the turns before it: two clips back to
+    back, the first one's transcript as the prefix; the decode gives the second one's words only, and
+    batched (prefixes of different lengths, a prompt, a clip without a prefix) as one by one."""
+    engine = load_engine("ctranslate2", str(embedded_ct2_dir()), "cpu", "int8", cpu_threads=1)
+    first, second = set_a[0], set_a[5]
+    heard = engine.transcribe(first, DecodeOptions(beam_size=5)).text
+    alone = engine.transcribe(second, DecodeOptions(beam_size=5)).text
+    both = np.concatenate([first, second])
+    options = [DecodeOptions(beam_size=5, prefix=heard),
+               DecodeOptions(beam_size=5, prefix=" ".join(heard.split()[-6:])),
+               DecodeOptions(beam_size=5),
+               DecodeOptions(beam_size=5, prefix=heard, initial_prompt="um so yeah we were like talking about it")]
+    one_by_one = [engine.transcribe(both, o) for o in options]
+    batched = engine.transcribe_batch([both] * len(options), options)
+    assert batched == one_by_one
+    for continued in (batched[0], batched[1], batched[3]):
+        assert wer([alone], [continued.text]) <= 0.2, (alone, continued.text)
+        assert len(continued.segments) == 1 and continued.segments[0].end == pytest.approx(len(both) / 16000, abs=0.02)
+    assert wer([f"{heard} {alone}"], [batched[2].text]) <= 0.2, batched[2].text   # without one: both clips' words
 
 
 def test_an_open_last_segment_is_kept_only_in_a_final_window():

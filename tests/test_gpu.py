@@ -495,6 +495,7 @@ class _WarmingEngine:
 
     name, model_name, device, compute_type = "ctranslate2", "fake", "cuda", "float16"
     multilingual, languages, can_translate, word_timestamps = False, frozenset({"en"}), False, False
+    continues_prefix = False
 
     def __init__(self, g: FakeGpu, loaded_mb: int, batch_mb: int, own_mb: int | None = None):
         self.g, self.batch_mb, self.batches = g, batch_mb, []

@@ -31,6 +31,10 @@ class DecodeOptions:
     # The clip is a chunk of a longer recording, cut in a pause (app.audio.longform): no speech runs on past
     # its end, so a Whisper window that reaches its end can be its last one.
     ends_in_pause: bool = False
+    # The clip opens with speech already transcribed as ``prefix`` (a live stream's previous turns, before
+    # the turn to decode): the decode continues that text, without timestamps, and returns only what
+    # follows it. Set only where the engine's ``continues_prefix`` is True.
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class Engine(Protocol):
     languages: frozenset[str]  # language codes the model accepts
     can_translate: bool        # whether task="translate" means anything to the model
     word_timestamps: bool      # whether words can be timed (Qwen3-ASR: only with a forced aligner)
+    continues_prefix: bool     # whether DecodeOptions.prefix is understood
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript: ...
 

@@ -55,6 +55,7 @@ _MAX_INITIAL_TIMESTAMP = 1.0      # the first timestamp may not be later than th
 class CTranslate2Engine:
     name = "ctranslate2"
     word_timestamps = True
+    continues_prefix = True
 
     def __init__(self, model, model_name: str, device: str, compute_type: str):
         from faster_whisper.tokenizer import _LANGUAGE_CODES
@@ -80,7 +81,7 @@ class CTranslate2Engine:
         return cls(whisper, model, device, compute_type)
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
-        if options.ends_in_pause and _lockstep(options):
+        if (options.ends_in_pause or options.prefix) and _lockstep(options):
             return self._decode_lockstep([audio], [options], options.task, options.beam_size)[0]
         segments, info = self._model.transcribe(
             audio,
@@ -140,7 +141,8 @@ class CTranslate2Engine:
         from faster_whisper.tokenizer import Tokenizer
 
         extractor = self._model.feature_extractor
-        clips = [_Clip(extractor(np.asarray(audio, dtype=np.float32)), len(audio), ends_in_pause=o.ends_in_pause)
+        clips = [_Clip(extractor(np.asarray(audio, dtype=np.float32)), len(audio), ends_in_pause=o.ends_in_pause,
+                       timestamps=not o.prefix.strip())
                  for audio, o in zip(audios, options)]
         languages = self._languages(clips, options)
         for clip, option, (language, probability) in zip(clips, options, languages):
@@ -148,14 +150,17 @@ class CTranslate2Engine:
             clip.tokenizer = Tokenizer(self._model.hf_tokenizer, self.multilingual, task=task, language=language)
             if option.initial_prompt.strip():  # encoded as faster-whisper does: one leading space
                 clip.prompt = clip.tokenizer.encode(" " + option.initial_prompt.strip())
+            if option.prefix.strip():
+                clip.prefix = clip.tokenizer.encode(" " + option.prefix.strip())
         window = extractor.nb_max_frames
         ladder = fallback.temperatures(0.0, options[0].fallback)  # the group shares it
         while active := [c for c in clips if c.seek < c.content_frames]:
             # CTranslate2 wants <|startoftranscript|> at one position across a batch: clips whose
             # prompts differ in length decode in separate calls (only first windows have prompts).
-            by_prompt: dict[int, list[_Clip]] = defaultdict(list)
+            by_prompt: dict[tuple[int, int], list[_Clip]] = defaultdict(list)
             for clip in active:
-                by_prompt[len(clip.prompt)].append(clip)
+                prompt = _prompt(clip)
+                by_prompt[(prompt.index(clip.tokenizer.sot), len(prompt))].append(clip)
             for group in by_prompt.values():
                 self._decode_round(group, beam_size, window, extractor.time_per_frame, ladder)
         return [_transcript(c.segments, c.language, c.language_probability, c.samples) for c in clips]
@@ -176,7 +181,9 @@ class CTranslate2Engine:
             return [_attempt(r, clips[i].tokenizer, temperature) for i, r in zip(indices, results)]
 
         attempts = fallback.decode_with_fallback(len(clips), decode, ladder)
-        tokens = [a.result.sequences_ids[0] for a in attempts]
+        # CTranslate2 returns a prefix's tokens with what follows them (and Whisper's checks above read
+        # both, as faster-whisper's do): the clip's text is what follows.
+        tokens = [_after(a.result.sequences_ids[0], _forced(c)) for a, c in zip(attempts, clips)]
         # A chunk's last window that left its last segment open: that segment again on the same
         # encoder output, primed with its start timestamp, rather than a second window.
         # One that starts past the clip's audio is dropped, as faster-whisper's loop drops it.
@@ -255,7 +262,7 @@ class CTranslate2Engine:
         if fallback.is_silence(attempt):
             clip.seek += size  # a skipped window keeps the prompt for the next one, as faster-whisper does
             return
-        clip.prompt = []
+        clip.prompt, clip.prefix = [], []
         tokenizer = clip.tokenizer
         time_offset = clip.seek * time_per_frame
         pieces, seek = _split_by_timestamps(tokens, tokenizer.timestamp_begin, time_offset,
@@ -288,6 +295,8 @@ class _Clip:
     language_probability: float = 1.0
     tokenizer: object = None
     prompt: list[int] = field(default_factory=list)  # initial-prompt tokens, until a window is decoded
+    prefix: list[int] = field(default_factory=list)  # DecodeOptions.prefix's tokens, likewise
+    timestamps: bool = True       # False for a clip with a prefix: its text continues the prefix's
     segments: list[Segment] = field(default_factory=list)
 
     @property
@@ -341,10 +350,22 @@ def _repeats(before: str, tail: str, words: int = 3, join: int = 2) -> bool:
 
 def _prompt(clip: _Clip) -> list[int]:
     """faster-whisper's decoder prompt: the initial prompt's last tokens after <|startofprev|> (at most
-    half the text context), then the start-of-transcript sequence."""
-    if not clip.prompt:
-        return list(clip.tokenizer.sot_sequence)
-    return [clip.tokenizer.sot_prev, *clip.prompt[-(_MAX_LENGTH // 2 - 1):], *clip.tokenizer.sot_sequence]
+    half the text context), then the start-of-transcript sequence; for a clip with a prefix,
+    <|notimestamps|> and the prefix's last tokens (at most a quarter of the text context), as
+    faster-whisper's ``prefix`` with ``without_timestamps``: what the model writes next continues them."""
+    tokenizer = clip.tokenizer
+    previous = [tokenizer.sot_prev, *clip.prompt[-(_MAX_LENGTH // 2 - 1):]] if clip.prompt else []
+    start = list(tokenizer.sot_sequence) if clip.timestamps else [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+    return [*previous, *start, *_forced(clip)]
+
+
+def _forced(clip: _Clip) -> list[int]:
+    """The prefix tokens a clip's window is primed with."""
+    return clip.prefix[-(_MAX_LENGTH // 4):]
+
+
+def _after(tokens: list[int], forced: list[int]) -> list[int]:
+    return tokens[len(forced):] if forced and tokens[:len(forced)] == forced else tokens
 
 
 def _words(words) -> tuple[Word, ...]:

@@ -76,6 +76,7 @@ class Qwen3AsrEngine:
     name = "qwen3-asr"
     multilingual = True
     can_translate = False
+    continues_prefix = False
 
     def __init__(self, model_name: str, device: str, compute_type: str, model, processor,
                  aligner=None, aligner_processor=None, chunk_seconds: float = 30.0):

@@ -57,6 +57,7 @@ class TransformersEngine:
         self.languages = runner.languages
         self.can_translate = runner.multilingual
         self.word_timestamps = isinstance(runner, _WhisperRunner)
+        self.continues_prefix = False
 
     @classmethod
     def load(
