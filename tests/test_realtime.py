@@ -21,7 +21,8 @@ import websockets.sync.client as ws_client
 from websockets.exceptions import InvalidStatus
 
 from app.audio.live import FRAME, LocalAgreement, ServerVad, SpeechProbabilities, TurnDetector
-from support import SECOND_SENTENCE, SPOKEN, bring_up, espeak, metric, normalize, poll, set_a_sequence, speech_with_pauses, wav_bytes, wer
+from support import (SECOND_SENTENCE, SPOKEN, bring_up, espeak, metric, normalize, poll, read_16k_mono, set_a_sequence,
+                     shared_audio, speech_with_pauses, wav_bytes, wer)
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +77,39 @@ def test_local_agreement_gives_out_only_words_two_decodes_share_and_each_once():
     assert agreement.update("And so my fellow Americans, ask not") == ["Americans,", "ask"]
     assert agreement.update("Hand so my fellow Americans ask not what") == []   # a settled word revised
     assert agreement.settled == ["And", "so,", "my", "fellow", "Americans,", "ask"]
+
+
+def test_a_turn_is_decoded_after_the_last_turns_that_fit_with_it_in_one_window():
+    """The context policy of a stream's decodes, on a stand-in instance whose queue records what it is
+    given: the last turns' audio before the turn's and their transcripts as the prefix, as many as fit
+    in CONTEXT_SECONDS and, with the turn, in one window; a turn heard as nothing ends the context; an
+    engine that does not continue a prefix gets the transcript so far as the prompt instead."""
+    from types import SimpleNamespace
+
+    from app.config import load_settings
+    from app.routes.realtime import CONTEXT_SECONDS, WINDOW_SECONDS, Stream
+
+    submitted = []
+    queue = SimpleNamespace(submit=lambda audio, options, low_priority: submitted.append((audio, options)))
+    engine = SimpleNamespace(continues_prefix=True)
+    stream = Stream(SimpleNamespace(settings=load_settings({}), model_name="m", engine=engine, queue=queue), ws=None, url_model="")
+    second = lambda n, value=0.0: np.full(int(n * 16000), value, np.float32)  # noqa: E731
+    stream.heard.extend([(second(1, 1), "one"), (second(5, 2), "two"), (second(0.5, 3), ""), (second(6, 4), "three"),
+                         (second(5, 5), "four")])
+    stream.prompt, stream.said = "Zed.", "two three four"
+    assert CONTEXT_SECONDS == 12 and WINDOW_SECONDS == 30
+    for turn, prefix, before in ((3, "three four", [4] * 96000 + [5] * 80000),   # 11 s, and "" stops it (0.5 s would fit)
+                                 (20, "four", [5] * 80000),                       # 10 s of room
+                                 (28, "", [])):                                   # 2 s: none fits
+        stream.submit(second(turn, 9), final=True)
+        audio, options = submitted.pop()
+        assert options.prefix == prefix and audio[:len(before)].tolist() == before
+        assert len(audio) == len(before) + turn * 16000 and audio[len(before):].min() == 9
+        assert options.initial_prompt == ("Zed." if prefix else "Zed. two three four")
+    engine.continues_prefix = False
+    stream.submit(second(3, 9), final=False)
+    audio, options = submitted.pop()
+    assert len(audio) == 3 * 16000 and options.prefix == "" and options.initial_prompt == "Zed. two three four"
 
 
 # Through nginx ------------------------------------------------------------------------------------
@@ -197,8 +231,8 @@ def test_the_openai_client_streams_speech_and_gets_deltas_then_each_turns_transc
     recorder = stream_sentences(service, model, texts)
     completed = recorder.of("conversation.item.input_audio_transcription.completed")
     # The first turn has no context: /asr's transcript of the sentence, word for word. The second is decoded
-    # after the first's transcript (as a prompt), where tiny.en hears "call me back" or "call me mac",
-    # depending on details (resampling, padding) that differ from /asr's.
+    # after the first's audio and transcript, where tiny.en may hear "call me back" otherwise than /asr,
+    # depending on details (resampling, padding) that differ from it.
     assert normalize(completed[0][1].transcript) == batch_transcript(service, texts[0]) == normalize(texts[0])
     assert len(completed) == 2 and wer([normalize(texts[1])], [completed[1][1].transcript]) <= 0.15, completed
     started, stopped = recorder.of("input_audio_buffer.speech_started"), recorder.of("input_audio_buffer.speech_stopped")
@@ -321,10 +355,9 @@ def test_four_streams_at_once_each_get_the_whole_transcript(service, model):
 SILENCE_MS = 500
 # Measured: 4.5 % streamed against 1.8 % through /asr. Turns cut at 500 ms pauses are sentence fragments,
 # which tiny.en hears worse ("And so, my fellow Americans" -> "And so am I fellow Americans" both streamed
-# and when the fragment is posted to /asr). Set A is unrelated clips back to back, where the context of
-# the turns before misleads as often as it helps: 3.6 % with it switched off ("You can call me Abby" is
-# heard as "Abigail" after "I'm Abigail Claflin"). The issue's goal is 1.5 points; this bound guards what
-# is reached so far.
+# and when the fragment is posted to /asr). Set A is 111 words of unrelated clips back to back, where the
+# context of the turns before misleads as often as it helps: 3.6 % with each turn decoded alone. Three
+# words over /asr; the long recordings below meet the 1.5-point bar.
 WER_MARGIN = 0.03
 
 
@@ -348,6 +381,33 @@ def test_a_recording_streamed_at_four_times_real_time_is_heard_nearly_as_well_as
     print(f"{len(samples) / 16000:.0f} s at 4x real time in {turns} turns: WER {stream_wer:.3%} streamed, "
           f"{batch_wer:.3%} through /asr")
     assert stream_wer <= batch_wer + WER_MARGIN, (streamed, batch.json()["text"], [e.transcript for _, e in recorder.of("conversation.item.input_audio_transcription.completed")])
+
+
+# The bar for a whole recording streamed at 4x: its joined turns within 1.5 points of /asr's WER. Measured on
+# long2.wav (411 s, 88 turns), the harder of the two: 12.24 % streamed against 11.05 % through /asr (each
+# turn decoded alone: 16.36 %; after the transcript so far as a prompt, without the audio: 14.19 %); on
+# long1.wav 12.07 against 14.04 % (`python -m bench streaming --whole` streams both).
+LONG_MARGIN = 0.015
+
+
+def test_a_long_recording_streamed_at_four_times_real_time_is_heard_within_a_point_and_a_half_of_asr(service, model):
+    """long2.wav from ../shared/audio/longform (skipped where absent): 50 read utterances of five readers,
+    each turn heard after the audio and transcripts of the turns before it."""
+    samples = np.concatenate([read_16k_mono(shared_audio("longform/long2.wav")), np.zeros(16000, np.float32)])
+    reference = shared_audio("longform/long2.txt").read_text()
+    with connect(service) as connection:
+        assert connection.recv().type == "session.created"
+        connection.session.update(session=session_update(model, SILENCE_MS))
+        assert connection.recv().type == "session.updated"
+        recorder = Recorder(connection, samples, speed=4.0)
+        recorder.run_all_turns(timeout=400)
+    streamed = " ".join(e.transcript for _, e in recorder.of("conversation.item.input_audio_transcription.completed"))
+    batch = service.transcribe(wav_bytes(samples, 16000), language="en")
+    assert batch.status_code == 200, batch.text
+    stream_wer, batch_wer = wer([reference], [streamed]), wer([reference], [batch.json()["text"]])
+    print(f"long2: {recorder.count('conversation.item.input_audio_transcription.completed')} turns at 4x, "
+          f"WER {stream_wer:.2%} streamed, {batch_wer:.2%} through /asr")
+    assert stream_wer <= batch_wer + LONG_MARGIN, (stream_wer, batch_wer, streamed)
 
 
 def test_streams_leave_no_error_in_the_instance_logs(service):
