@@ -316,8 +316,12 @@ def test_ctranslate2_continues_a_prefix_and_returns_only_what_follows_it(set_a):
                DecodeOptions(beam_size=5),
                DecodeOptions(beam_size=5, prefix=heard, initial_prompt="um so yeah we were like talking about it")]
     one_by_one = [engine.transcribe(both, o) for o in options]
+    generate, calls = engine._generate, []
+    engine._generate = lambda encoded, prompts, *a, **k: calls.append(sorted(map(len, prompts))) or generate(encoded, prompts, *a, **k)
     batched = engine.transcribe_batch([both] * len(options), options)
     assert batched == one_by_one
+    # Prefixes of different lengths share one beam search (CTranslate2 takes them so, word for word).
+    assert any(len(lengths) >= 2 and lengths[0] != lengths[-1] for lengths in calls), calls
     for continued in (batched[0], batched[1], batched[3]):
         assert wer([alone], [continued.text]) <= 0.2, (alone, continued.text)
         assert len(continued.segments) == 1 and continued.segments[0].end == pytest.approx(len(both) / 16000, abs=0.02)

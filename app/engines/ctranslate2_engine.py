@@ -155,12 +155,12 @@ class CTranslate2Engine:
         window = extractor.nb_max_frames
         ladder = fallback.temperatures(0.0, options[0].fallback)  # the group shares it
         while active := [c for c in clips if c.seek < c.content_frames]:
-            # CTranslate2 wants <|startoftranscript|> at one position across a batch: clips whose
-            # prompts differ in length decode in separate calls (only first windows have prompts).
-            by_prompt: dict[tuple[int, int], list[_Clip]] = defaultdict(list)
+            # CTranslate2 wants <|startoftranscript|> at one position across a batch, and as many task
+            # tokens after it: clips whose prompts differ in length, or that differ in timestamps, decode
+            # in separate calls (only first windows have prompts). Prefixes may differ in length.
+            by_prompt: dict[tuple[int, bool], list[_Clip]] = defaultdict(list)
             for clip in active:
-                prompt = _prompt(clip)
-                by_prompt[(prompt.index(clip.tokenizer.sot), len(prompt))].append(clip)
+                by_prompt[(_prompt(clip).index(clip.tokenizer.sot), clip.timestamps)].append(clip)
             for group in by_prompt.values():
                 self._decode_round(group, beam_size, window, extractor.time_per_frame, ladder)
         return [_transcript(c.segments, c.language, c.language_probability, c.samples) for c in clips]
