@@ -361,26 +361,32 @@ SILENCE_MS = 500
 WER_MARGIN = 0.03
 
 
+def stream_at_four_times(service, model, samples: np.ndarray, reference: str, timeout: float) -> tuple[float, float, list[str], str]:
+    """Stream a recording at 4x real time, then post it to /asr: both word error rates against
+    ``reference``, the turns' transcripts and /asr's."""
+    with connect(service) as connection:
+        assert connection.recv().type == "session.created"
+        connection.session.update(session=session_update(model, SILENCE_MS))
+        assert connection.recv().type == "session.updated"
+        recorder = Recorder(connection, samples, speed=4.0)
+        recorder.run_all_turns(timeout=timeout)
+    turns = [e.transcript for _, e in recorder.of("conversation.item.input_audio_transcription.completed")]
+    batch = service.transcribe(wav_bytes(samples, 16000), language="en")
+    assert batch.status_code == 200, batch.text
+    stream_wer, batch_wer = wer([reference], [" ".join(turns)]), wer([reference], [batch.json()["text"]])
+    print(f"{len(samples) / 16000:.0f} s at 4x real time in {len(turns)} turns: WER {stream_wer:.3%} streamed, "
+          f"{batch_wer:.3%} through /asr")
+    return stream_wer, batch_wer, turns, batch.json()["text"]
+
+
 def test_a_recording_streamed_at_four_times_real_time_is_heard_nearly_as_well_as_through_asr(service, model):
     """Real speech (English set A, back to back with 1 s pauses; skipped where ../shared/audio is absent):
     the joined turns' word error rate against /asr's on the very same audio."""
     samples, places = set_a_sequence(gap=1.0)
     samples = np.concatenate([samples, np.zeros(32000, np.float32)])
     reference = " ".join(text for _, _, text in places)
-    with connect(service) as connection:
-        assert connection.recv().type == "session.created"
-        connection.session.update(session=session_update(model, SILENCE_MS))
-        assert connection.recv().type == "session.updated"
-        recorder = Recorder(connection, samples, speed=4.0)
-        recorder.run_all_turns(timeout=300)
-    streamed = " ".join(e.transcript for _, e in recorder.of("conversation.item.input_audio_transcription.completed"))
-    batch = service.transcribe(wav_bytes(samples, 16000), language="en")
-    assert batch.status_code == 200, batch.text
-    stream_wer, batch_wer = wer([reference], [streamed]), wer([reference], [batch.json()["text"]])
-    turns = recorder.count("conversation.item.input_audio_transcription.completed")
-    print(f"{len(samples) / 16000:.0f} s at 4x real time in {turns} turns: WER {stream_wer:.3%} streamed, "
-          f"{batch_wer:.3%} through /asr")
-    assert stream_wer <= batch_wer + WER_MARGIN, (streamed, batch.json()["text"], [e.transcript for _, e in recorder.of("conversation.item.input_audio_transcription.completed")])
+    stream_wer, batch_wer, turns, batch_text = stream_at_four_times(service, model, samples, reference, timeout=300)
+    assert stream_wer <= batch_wer + WER_MARGIN, (turns, batch_text)
 
 
 # The bar for a whole recording streamed at 4x: its joined turns within 1.5 points of /asr's WER. Measured on
@@ -395,19 +401,8 @@ def test_a_long_recording_streamed_at_four_times_real_time_is_heard_within_a_poi
     each turn heard after the audio and transcripts of the turns before it."""
     samples = np.concatenate([read_16k_mono(shared_audio("longform/long2.wav")), np.zeros(16000, np.float32)])
     reference = shared_audio("longform/long2.txt").read_text()
-    with connect(service) as connection:
-        assert connection.recv().type == "session.created"
-        connection.session.update(session=session_update(model, SILENCE_MS))
-        assert connection.recv().type == "session.updated"
-        recorder = Recorder(connection, samples, speed=4.0)
-        recorder.run_all_turns(timeout=400)
-    streamed = " ".join(e.transcript for _, e in recorder.of("conversation.item.input_audio_transcription.completed"))
-    batch = service.transcribe(wav_bytes(samples, 16000), language="en")
-    assert batch.status_code == 200, batch.text
-    stream_wer, batch_wer = wer([reference], [streamed]), wer([reference], [batch.json()["text"]])
-    print(f"long2: {recorder.count('conversation.item.input_audio_transcription.completed')} turns at 4x, "
-          f"WER {stream_wer:.2%} streamed, {batch_wer:.2%} through /asr")
-    assert stream_wer <= batch_wer + LONG_MARGIN, (stream_wer, batch_wer, streamed)
+    stream_wer, batch_wer, turns, batch_text = stream_at_four_times(service, model, samples, reference, timeout=400)
+    assert stream_wer <= batch_wer + LONG_MARGIN, (stream_wer, batch_wer, turns)
 
 
 def test_streams_leave_no_error_in_the_instance_logs(service):
