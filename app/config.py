@@ -84,7 +84,7 @@ class Settings:
                                          # Measured (python -m bench streaming): one CPU core keeps 5 real-time
                                          # streams under 2 s from a turn's end to its transcript, with deltas
                                          # for the first 2 only; raise it on a GPU
-    stream_idle_seconds: float = 60.0    # a stream that sends nothing this long is closed
+    stream_idle_seconds: float = 60.0    # a stream that sends nothing this long, owed no transcript, is closed
     stream_max_seconds: float = 3600.0   # a stream is closed after this long, however busy
     stream_redecode_seconds: float = 1.0 # new audio in an open turn before it is decoded again (for deltas)
 

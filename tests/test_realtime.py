@@ -570,6 +570,41 @@ def test_a_quiet_stream_and_a_long_one_are_told_why_then_closed(one_stream_servi
             busy.recv(timeout=30)
 
 
+
+def test_a_stream_owed_a_transcript_is_not_idle_however_long_its_decode_takes(tmp_path):
+    """The client commits a 20 s turn and waits, silent. Its instance is frozen (SIGSTOP) mid-decode for
+    longer than ``stream_idle_seconds``, as a host stalls: once it runs again the client gets the turn's
+    transcript, not ``idle_timeout`` (the idle clock runs only while the stream is owed nothing)."""
+    svc = bring_up(tmp_path, 1, env={"ASR_STREAM_IDLE_SECONDS": "2"})
+    try:
+        sentence = espeak(SECOND_SENTENCE, "en", 150)
+        turn = np.tile(np.concatenate([sentence, np.zeros(8000, np.float32)]), 4)
+        worker = health(svc.instance_ports[0])["pid"]
+        with connect(svc) as connection:
+            assert connection.recv().type == "session.created"
+            session = session_update("whisper-tiny.en")
+            session["audio"]["input"]["turn_detection"] = None
+            connection.session.update(session=session)
+            assert connection.recv().type == "session.updated"
+            connection.input_audio_buffer.append(audio=base64.b64encode(pcm24k(turn)).decode())
+            connection.input_audio_buffer.commit()
+            event = connection.recv()
+            while event.type != "input_audio_buffer.committed":
+                assert event.type != "error", event
+                event = connection.recv()
+            os.kill(worker, signal.SIGSTOP)   # the turn's final decode (about a second here) is in flight
+            try:
+                time.sleep(3)
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            while event.type != "conversation.item.input_audio_transcription.completed":
+                event = connection.recv()
+                assert event.type != "error", event
+        heard = normalize(event.transcript)
+        assert wer([normalize(" ".join([SECOND_SENTENCE] * 4))], [heard]) <= 0.15, heard
+    finally:
+        svc.asrctl("down")
+
 # Faults: a drained instance, a killed one -----------------------------------------------------------
 
 @pytest.fixture(scope="module")

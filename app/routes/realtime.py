@@ -200,7 +200,7 @@ class Stream:
 
     def run(self) -> None:
         s = self.inst.settings
-        opened = last_heard = time.monotonic()
+        opened = last_active = time.monotonic()   # last_active: the client's last message, or a transcript owed
         self.send({"type": "session.created", "session": self.session()})
         if self.url_model and self.url_model != self.model:
             self.send_error(EventError("model_not_found", self._wrong_model(self.url_model), "model"))
@@ -208,16 +208,18 @@ class Stream:
             now = time.monotonic()
             if now - opened >= s.stream_max_seconds:
                 return self._close("session_expired", f"a stream may last {s.stream_max_seconds:g} s")
-            if now - last_heard >= s.stream_idle_seconds:
-                return self._close("idle_timeout", f"nothing received for {s.stream_idle_seconds:g} s")
             busy = self.turn is not None and self.turn.decoding is not None or self.finals
-            wait = POLL_SECONDS if busy else min(1.0, s.stream_idle_seconds - (now - last_heard))
+            if busy:  # a client waiting for transcripts (a slow or queued decode) is not idle
+                last_active = now
+            if now - last_active >= s.stream_idle_seconds:
+                return self._close("idle_timeout", f"nothing received for {s.stream_idle_seconds:g} s")
+            wait = POLL_SECONDS if busy else min(1.0, s.stream_idle_seconds - (now - last_active))
             try:
                 message = self.ws.receive(timeout=max(0.0, wait))
             except simple_websocket.ConnectionClosed:
                 return
             if message is not None:
-                last_heard = time.monotonic()
+                last_active = time.monotonic()
                 self.handle(message)
             self.collect()
             if self.inst.state == DRAINING and self.drain():
