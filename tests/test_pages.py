@@ -68,6 +68,12 @@ def blob_text(browser: webdriver.Chrome, link_id: str) -> str:
         f"fetch(document.getElementById('{link_id}').href).then(r => r.text()).then(done);")
 
 
+def clock(seconds: float) -> str:
+    """A time as the page's segment table shows it: 00:00:08.000."""
+    millis = round(seconds * 1000)
+    return f"{millis // 3_600_000:02d}:{millis // 60_000 % 60:02d}:{millis // 1000 % 60:02d}.{millis % 1000:03d}"
+
+
 def transcribe_on_page(browser: webdriver.Chrome) -> None:
     wait = WebDriverWait(browser, 30)
     wait.until(lambda b: b.find_element(By.ID, "transcribe").is_enabled())
@@ -87,10 +93,13 @@ def test_page_transcribes_a_file_and_offers_the_services_subtitles(service):
         browser.find_element(By.ID, "file").send_keys(str(jfk()))
         transcribe_on_page(browser)
         assert browser.find_element(By.ID, "transcript").text == expected["text"].strip()
+        # The table is the service's segments: two on most CPUs (JFK pauses after "fellow Americans"), where
+        # some CPUs' int8 kernels hear the clip as one.
         rows = browser.find_elements(By.CSS_SELECTOR, "#segments tbody tr")
-        assert len(rows) == len(expected["segments"]) >= 2
-        first = rows[1].find_elements(By.TAG_NAME, "td")
-        assert first[0].text == "00:00:08.000" and first[2].text == expected["segments"][1]["text"].strip()
+        assert len(rows) == len(expected["segments"]) >= 1
+        for row, segment in zip(rows, expected["segments"]):
+            cells = row.find_elements(By.TAG_NAME, "td")
+            assert [cells[0].text, cells[2].text] == [clock(segment["start"]), segment["text"].strip()]
         for output, link in (("srt", "download-srt"), ("vtt", "download-vtt")):
             served = requests.post(f"{service.url}/asr", files={"audio_file": jfk().open("rb")},
                                    data={"output": output}, timeout=120).text
@@ -246,8 +255,8 @@ def test_live_captions_stream_the_microphone_show_refusals_and_stop(live_service
         WebDriverWait(browser, 30).until(lambda b: "invalid_value" in error())
         assert "English only" in error(), error()
         reference = f"{SPOKEN} {SECOND_SENTENCE}"
-        provisional, finals, shot, deadline = [], [], False, time.monotonic() + 120
-        while time.monotonic() < deadline:   # until the third sentence is being spoken
+        provisional, finals, shot = [], [], False
+        while time.monotonic() < stop_at:   # until the third sentence is 40 % spoken
             # One read of the lines: read apart, a turn completing in between showed its provisional line
             # as the third sentence's.
             shown = browser.execute_script(   # one round trip: the lines as they are at one instant
@@ -258,24 +267,23 @@ def test_live_captions_stream_the_microphone_show_refusals_and_stop(live_service
             if finals and now and not shot:   # for the docs: a final turn and one still spoken
                 screenshot(browser, "page-live")
                 shot = True
-            if len(finals) >= 2 and wer([reference], [" ".join(finals)]) <= 0.15 and time.monotonic() >= stop_at:
-                break
             time.sleep(0.1)
-        heard = " ".join(finals)
-        print(f"live captions: {len(finals)} turns, WER {wer([reference], [heard]):.1%}: {heard!r}; "
-              f"provisional lines seen: {len(provisional)}; {state()}")
-        assert wer([reference], [heard]) <= 0.15, heard
+        print(f"live captions before Stop: {finals}; provisional lines seen: {len(provisional)}; {state()}")
         assert provisional, "no provisional caption (delta) was shown while a turn was spoken"
         assert metric(port, "asr_streams_open") == 1 and stop.is_enabled()
         assert not browser.find_element(By.ID, "result").is_displayed()   # no file transcribed: no empty result
 
-        stop.click()   # the third sentence half spoken: its turn is committed and transcribed, then the socket closed
+        # The third sentence half spoken: Stop commits its turn and closes the socket once every turn has
+        # its transcript (a slow machine may still owe the first two then).
+        stop.click()
         WebDriverWait(browser, 30).until(lambda b: state() == "stopped")
         assert poll(lambda: metric(port, "asr_streams_open") == 0, 30)
         assert live.is_enabled() and not stop.is_enabled()
         lines = [(p.get_attribute("class"), p.text) for p in browser.find_elements(By.CSS_SELECTOR, "#caption-lines p")]
         print(f"after Stop: {lines}")
-        assert [text for _, text in lines[:-1]] == finals and len(lines) == len(finals) + 1, lines
+        assert [text for _, text in lines[:len(finals)]] == finals and len(lines) > len(finals), lines
+        heard = " ".join(text for _, text in lines[:-1])
+        assert all(kind == "final" for kind, _ in lines) and wer([reference], [heard]) <= 0.15, lines
         kind, last = lines[-1]
         said = normalize(last).split()
         spoken = normalize(LAST_SENTENCE).split()
