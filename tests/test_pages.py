@@ -24,6 +24,7 @@ from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from app.formats import vtt_time
 from support import (JFK_REFERENCE, SECOND_SENTENCE, SPOKEN, bring_up, metric, normalize, poll,
                      read_16k_mono, shared_audio, speech_with_pauses, wer)
 
@@ -68,12 +69,6 @@ def blob_text(browser: webdriver.Chrome, link_id: str) -> str:
         f"fetch(document.getElementById('{link_id}').href).then(r => r.text()).then(done);")
 
 
-def clock(seconds: float) -> str:
-    """A time as the page's segment table shows it: 00:00:08.000."""
-    millis = round(seconds * 1000)
-    return f"{millis // 3_600_000:02d}:{millis // 60_000 % 60:02d}:{millis // 1000 % 60:02d}.{millis % 1000:03d}"
-
-
 def transcribe_on_page(browser: webdriver.Chrome) -> None:
     wait = WebDriverWait(browser, 30)
     wait.until(lambda b: b.find_element(By.ID, "transcribe").is_enabled())
@@ -99,7 +94,7 @@ def test_page_transcribes_a_file_and_offers_the_services_subtitles(service):
         assert len(rows) == len(expected["segments"]) >= 1
         for row, segment in zip(rows, expected["segments"]):
             cells = row.find_elements(By.TAG_NAME, "td")
-            assert [cells[0].text, cells[2].text] == [clock(segment["start"]), segment["text"].strip()]
+            assert [cells[0].text, cells[2].text] == [vtt_time(segment["start"]), segment["text"].strip()]
         for output, link in (("srt", "download-srt"), ("vtt", "download-vtt")):
             served = requests.post(f"{service.url}/asr", files={"audio_file": jfk().open("rb")},
                                    data={"output": output}, timeout=120).text

@@ -570,7 +570,6 @@ def test_a_quiet_stream_and_a_long_one_are_told_why_then_closed(one_stream_servi
             busy.recv(timeout=30)
 
 
-
 def test_a_stream_owed_a_transcript_is_not_idle_however_long_its_decode_takes(tmp_path):
     """The client commits a 20 s turn and waits, silent. Its instance is frozen (SIGSTOP) mid-decode for
     longer than ``stream_idle_seconds``, as a host stalls: once it runs again the client gets the turn's
@@ -604,6 +603,7 @@ def test_a_stream_owed_a_transcript_is_not_idle_however_long_its_decode_takes(tm
         assert wer([normalize(" ".join([SECOND_SENTENCE] * 4))], [heard]) <= 0.15, heard
     finally:
         svc.asrctl("down")
+
 
 # Faults: a drained instance, a killed one -----------------------------------------------------------
 
