@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from app.audio import vad
-from app.audio.chunking import MIN_TAIL_SECONDS, OVERLAP_SECONDS, Chunk, cuts, join, join_texts, overlapping, plan_chunks
+from app.audio.chunking import (MIN_TAIL_SECONDS, OVERLAP_SECONDS, Chunk, cuts, join, join_texts, overlapping, plan_as_heard,
+                                plan_chunks)
 from app.engines.base import SAMPLE_RATE, Segment, Transcript, Word
-from support import shared_audio, read_16k_mono
+from app.selfcheck.speech import SENTENCES
+from support import SPEECH, read_16k_mono, shared_audio, speech_with_pauses
 
 S = SAMPLE_RATE
 
@@ -226,3 +228,71 @@ def test_the_language_is_the_one_of_most_of_the_speech():
     # A chunk in no language the model could name does not outvote one it could.
     parts = [Transcript("Hello", "en", 10.0, [], 0.9), Transcript("Hmm", "und", 30.0, []), parts[2]]
     assert join(parts, chunks, 50.0).language == "en"
+
+
+# Planning while VAD listens (app.audio.vad.hear_stretches, chunking.plan_as_heard) ----------------------
+
+def faster_whispers_stretches(audio: np.ndarray) -> list[dict]:
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+    return get_speech_timestamps(audio.copy(), VadOptions(min_silence_duration_ms=vad.STRETCH_PAUSE_MS, speech_pad_ms=100))
+
+
+def before(stretches: list[dict], known: int) -> list[tuple[int, int]]:
+    return [(s["start"], min(s["end"], known)) for s in stretches if s["start"] < known]
+
+
+def listening_audio() -> dict[str, np.ndarray]:
+    """Speech the project makes, with pauses long and short, ending in speech or in silence and on a
+    frame boundary or not; real recordings too where ../shared is present."""
+    spoken, _ = speech_with_pauses(*SENTENCES[:4], pause=0.4)
+    clips = {"spoken": spoken, "spoken, cut mid-word": spoken[: len(spoken) // 512 * 512 - 9000],
+             "spoken on a frame boundary": spoken[: len(spoken) // 512 * 512],
+             "silence": np.zeros(20 * S, np.float32),
+             "noise": np.random.default_rng(3).normal(0, 0.1, 20 * S).astype(np.float32)}
+    if (SPEECH / "setA/jfk.flac").exists():
+        clips["jfk, three times"] = np.tile(read_16k_mono(shared_audio("setA/jfk.flac")), 3)
+    return clips
+
+
+@pytest.mark.parametrize("block_seconds", [0.05, 1, 16])
+def test_vad_heard_block_by_block_finds_faster_whispers_stretches_and_never_takes_one_back(block_seconds):
+    for name, audio in listening_audio().items():
+        heard = list(vad.hear_stretches(audio, block_seconds=block_seconds))
+        final, known = heard[-1]
+        assert known == len(audio) and final == faster_whispers_stretches(audio), name
+        assert [k for _, k in heard] == sorted(k for _, k in heard), name
+        for stretches, known in heard:  # what was final when it was heard stays so
+            assert before(stretches, known) == before(final, known), (name, known)
+
+
+def heard_in_steps(speech: list[dict], total: int, step: int):
+    """What VAD would have said of ``speech`` after each ``step`` samples, and how far it was asked."""
+    asked = [0]
+
+    def steps():
+        for known in list(range(step, total, step)) + [total]:
+            asked[0] = known
+            yield [{"start": s["start"], "end": min(s["end"], known)} for s in speech if s["start"] < known], known
+    return steps(), asked
+
+
+def test_chunks_planned_as_vad_listens_are_the_whole_plan_and_come_before_it_ends():
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        total = int(rng.uniform(40, 400) * S)
+        speech, at = [], int(rng.uniform(0, 2) * S)
+        while at < total:  # talk and pauses of every length, runs of speech longer than a chunk too
+            end = min(total, at + int(rng.choice([rng.uniform(0.3, 8), rng.uniform(20, 70)]) * S))
+            speech.append({"start": at, "end": end})
+            at = end + int(rng.choice([rng.uniform(0.05, 0.6), rng.uniform(0.6, 4)]) * S)
+        audio = rng.normal(0, 0.01, total).astype(np.float32)
+        overlap = OVERLAP_SECONDS if trial % 2 else 0.0
+        whole = plan_chunks(audio, 30, speech, overlap)
+        step = int(rng.uniform(0.1, 10) * S)
+        steps, asked = heard_in_steps(speech, total, step)
+        planned = []
+        for chunk in plan_as_heard(audio, 30, steps, overlap):
+            if not planned:  # the first chunk needs no more than its own window heard
+                assert asked[0] <= 30 * S + step, trial
+            planned.append(chunk)
+        assert planned == whole, trial

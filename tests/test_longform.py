@@ -282,6 +282,52 @@ def test_errors_stop_the_others_and_cancelling_stops_taking_chunks():
     assert sorted(done) == [0, 1] and taken == [0, 1]
 
 
+def test_lanes_decode_the_first_chunks_while_the_rest_are_still_being_planned():
+    taken = threading.Event()
+
+    def planned():  # as VAD would: the first chunk long before the last
+        yield 0
+        assert taken.wait(5), "no lane took chunk 0 before the rest were planned"
+        for i in range(1, 6):
+            time.sleep(0.05)  # lanes with nothing to do wait for the plan instead of giving up
+            yield i
+
+    def decode(i):
+        taken.set()
+        return text(i)
+
+    lanes = [longform.Lane("local", 1, decode, patient=True), longform.Lane("sibling", 1, decode)]
+    done = longform.decode_chunks(planned(), lanes, time.monotonic() + 30)
+    assert sorted(done) == list(range(6)) and all(done[i][0].text == f"chunk {i}" for i in range(6))
+
+
+def test_planning_that_fails_stops_the_lanes_and_is_raised():
+    def planned():
+        yield 0
+        yield 1
+        raise RuntimeError("VAD failed")
+
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="VAD failed"):
+        longform.decode_chunks(planned(), [longform.Lane("local", 2, text, patient=True)], time.monotonic() + 30)
+    assert threading.active_count() == before  # no lane left waiting for chunks that never come
+
+
+def test_published_chunks_know_their_neighbour():
+    chunks: list = []
+    seen = []
+
+    def planned():
+        for k in range(3):
+            yield Chunk(k * 10, k * 10 + 12, True)  # each overlaps the next
+            seen.append(len(chunks))
+
+    for index in longform.published(planned(), chunks):
+        assert index + 1 < len(chunks) or seen == [1, 2, 3]  # the next chunk is known, or planning ended
+        assert longform.chunk_options(DecodeOptions(), chunks, index).word_timestamps  # it overlaps one
+    assert len(chunks) == 3
+
+
 def test_on_a_batching_instance_a_request_s_chunks_go_in_one_batch(tmp_path):
     """The GPU case, on CPU: with max_batch 2 a long request holds two slots and its chunks are
     decoded two at a time in one batched engine call, with the same words as one at a time."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -63,6 +63,15 @@ def plan_chunks(samples: np.ndarray, max_seconds: float, speech: Sequence[dict],
     middle of the overlap (``cuts``); with none (the default, for a caller that cannot time words to
     merge an overlap) they meet there.
     """
+    return list(plan_as_heard(samples, max_seconds, [(speech, len(samples))], overlap_seconds))
+
+
+def plan_as_heard(samples: np.ndarray, max_seconds: float, heard: Iterable[tuple[Sequence[dict], int]],
+                  overlap_seconds: float = 0.0) -> Iterator[Chunk]:
+    """``plan_chunks`` while VAD is still listening: ``heard`` yields ``(stretches, known)``, the
+    stretches final before sample ``known`` (``app.audio.vad.hear_stretches``), up to ``len(samples)``.
+    Each chunk is yielded as soon as the speech its cut depends on is known (the window it is cut in),
+    and the chunks are those ``plan_chunks`` makes of the final stretches."""
     total = len(samples)
     limit = int(max_seconds * SAMPLE_RATE)
     if limit <= 0:
@@ -70,10 +79,20 @@ def plan_chunks(samples: np.ndarray, max_seconds: float, speech: Sequence[dict],
     overlap = max(0, min(int(overlap_seconds * SAMPLE_RATE), limit // 4))
     tail = min(int(MIN_TAIL_SECONDS * SAMPLE_RATE), limit // 4)
     margin = min(int(END_MARGIN_SECONDS * SAMPLE_RATE), limit // 4)
-    spans, begin, position = [], 0, 0   # begin: where the current chunk starts; position: the last cut
+    listening = iter(heard)
+    speech: Sequence[dict] = []
+    known = 0
+
+    def hear(until: int) -> None:
+        nonlocal speech, known
+        while known < until:
+            speech, known = next(listening)
+
+    begin, position = 0, 0   # begin: where the current chunk starts; position: the last cut
     while total - begin > limit:
         low, high = begin + limit // 2, min(begin + limit, total - tail)
-        pauses = [(a, b) for a, b in _pauses(speech, total) if a <= begin + limit - margin]
+        hear(high)
+        pauses = [(a, b) for a, b in _pauses(speech, known) if a <= begin + limit - margin]
         cut = _last_clear_pause(pauses, low, high)
         if cut is None:
             cut = _best_pause(pauses, low, high)
@@ -83,10 +102,11 @@ def plan_chunks(samples: np.ndarray, max_seconds: float, speech: Sequence[dict],
         if cut is None:  # inside speech: the chunks overlap, this one reaching past the cut
             reach = overlap
             cut = _quietest_frame(samples, low, high - reach)
-        spans.append((begin, cut + reach))
+        yield Chunk(begin, cut + reach, _overlaps(speech, begin, cut + reach))
         begin, position = cut - reach, cut
-    spans.append((begin, total))
-    return [Chunk(a, b, _overlaps(speech, a, b)) for a, b in spans if b > a]
+    hear(total)
+    if total > begin:
+        yield Chunk(begin, total, _overlaps(speech, begin, total))
 
 
 def cuts(chunks: Sequence[Chunk]) -> list[int]:

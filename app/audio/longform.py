@@ -6,8 +6,10 @@ one in which VAD heard nothing (unless ``vad_filter`` removed the silence first)
 its own language unless the request named one, so a recording that changes language keeps both.
 Chunks go to *lanes*: the instance's own queue and, where ``chunk_fanout`` is on, the sibling
 instances that are ready and idle when the request starts (``app.audio.peers``), each lane taking chunks
-in order from one shared list. The job runner uses the same scheduler with one lane
-per ready instance.
+in order from one shared list. The list fills as VAD listens: a chunk is decoded as soon as its cut
+is planned, while the request's thread goes on scanning the rest (VAD is about 1 s of one core for 7
+minutes of audio, which the other lanes no longer wait for). The job runner uses the same scheduler
+with one lane per ready instance, on a plan it stores whole first.
 
 Fairness (a busy pool is never starved by one long file):
 
@@ -31,7 +33,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -67,10 +69,29 @@ def split(samples: np.ndarray, chunk_seconds: float, times_words: bool = False) 
     """Chunks of at most ``chunk_seconds`` cut at pauses; one chunk when the audio is that short.
     A cut inside speech overlaps its chunks only where the engine can time words (``times_words``):
     the overlap is merged by word times (``chunking.join``)."""
+    return list(split_as_heard(samples, chunk_seconds, times_words))
+
+
+def split_as_heard(samples: np.ndarray, chunk_seconds: float, times_words: bool = False) -> Iterator[Chunk]:
+    """``split``'s chunks one by one, each as soon as VAD has heard as far as its cut: the first
+    chunks can be decoding while VAD still listens to the rest of the recording."""
     if len(samples) <= chunk_seconds * SAMPLE_RATE:
-        return [Chunk(0, len(samples), True)]
+        yield Chunk(0, len(samples), True)
+        return
     overlap = chunking.OVERLAP_SECONDS if times_words else 0.0
-    return chunking.plan_chunks(samples, chunk_seconds, vad.speech_stretches(samples), overlap)
+    yield from chunking.plan_as_heard(samples, chunk_seconds, vad.hear_stretches(samples), overlap)
+
+
+def published(planned: Iterable[Chunk], chunks: list[Chunk]) -> Iterator[int]:
+    """Appends ``planned``'s chunks to ``chunks`` and yields each one's index once the chunk after it
+    is known too (or it is the last), since a chunk's options depend on its neighbour
+    (``chunk_options``)."""
+    for chunk in planned:
+        chunks.append(chunk)
+        if len(chunks) > 1:
+            yield len(chunks) - 2
+    if chunks:
+        yield len(chunks) - 1
 
 
 def times_words(settings) -> bool:
@@ -82,12 +103,13 @@ def times_words(settings) -> bool:
 
 def chunk_options(options: DecodeOptions, chunks: Sequence[Chunk], index: int) -> DecodeOptions:
     """An initial prompt primes only the first window with speech, as in window-after-window decoding
-    (no conditioning on previous text): it goes to the first chunk with speech only. A chunk that
+    (no conditioning on previous text): it goes to the first chunk with speech only (none where VAD
+    heard none), which ``chunks[:index + 1]`` tells, so chunks planned later change nothing. A chunk that
     ends in a pause or at the recording's end lets a Whisper engine finish it in one window; one that
     overlaps a neighbour (a cut inside speech) asks for word times, which place each word of the
     overlap in one chunk (``chunking.join``; the words reach the caller only if it asked for them).
     The language is the request's, else each chunk detects its own."""
-    first = next((i for i, c in enumerate(chunks) if c.speech), 0)
+    first = next((i for i, c in enumerate(chunks[:index + 1]) if c.speech), None)
     overlaps = chunking.overlapping(chunks, index)
     ends_in_pause = index + 1 == len(chunks) or chunks[index].end <= chunks[index + 1].start
     return replace(options, ends_in_pause=ends_in_pause, word_timestamps=options.word_timestamps or overlaps,
@@ -109,24 +131,28 @@ def words_requested(transcript: Transcript, options: DecodeOptions) -> Transcrip
     return replace(transcript, segments=[replace(s, words=()) for s in transcript.segments])
 
 
-def decode_chunks(indices: Sequence[int], lanes: Sequence[Lane], deadline: float,
+def decode_chunks(indices: Iterable[int], lanes: Sequence[Lane], deadline: float,
                   on_done: Callable[[int, Transcript, str], None] | None = None,
                   cancelled: Callable[[], bool] | None = None) -> dict[int, tuple[Transcript, str]]:
     """Decode the chunks ``indices`` on ``lanes``: {index: (transcript, lane name)} for those done.
 
-    Chunks left over (every lane busy, ``cancelled()`` turned true) are simply missing from the
-    result; the first error that is not ``Busy`` stops the others and is raised.
+    ``indices`` may come one at a time as chunks are planned (``published``): the lanes start on the
+    first while the caller's thread goes on planning the rest. Chunks left over (every lane busy,
+    ``cancelled()`` turned true) are simply missing from the result; the first error that is not
+    ``Busy`` (in a lane or in planning) stops the others and is raised.
     """
-    todo = deque(indices)
+    todo: deque[int] = deque()
     done: dict[int, tuple[Transcript, str]] = {}
     errors: list[BaseException] = []
     state = threading.Condition()
     in_flight = [0]
+    planning = [True]
 
     def take() -> int | None:
         with state:
-            # Wait while chunks are out on other lanes: one may come back (its lane was busy).
-            while not todo and in_flight[0] and not errors:
+            # Wait while chunks are out on other lanes (one may come back: its lane was busy) or
+            # still being planned.
+            while not todo and (in_flight[0] or planning[0]) and not errors:
                 state.wait()
             if errors or not todo or (cancelled and cancelled()):
                 return None
@@ -173,6 +199,20 @@ def decode_chunks(indices: Sequence[int], lanes: Sequence[Lane], deadline: float
                for lane in lanes for _ in range(max(1, lane.slots))]
     for thread in threads:
         thread.start()
+    try:
+        for index in indices:
+            with state:
+                if errors or not any(thread.is_alive() for thread in threads):
+                    break   # nothing will take it: stop planning
+                todo.append(index)
+                state.notify_all()
+    except BaseException as e:  # noqa: BLE001 - planning failed: raised below, after the lanes stop
+        with state:
+            errors.append(e)
+    finally:
+        with state:
+            planning[0] = False
+            state.notify_all()
     for thread in threads:
         thread.join()
     if errors:
@@ -190,11 +230,12 @@ def transcribe_long(inst, samples: np.ndarray, options: DecodeOptions, request_i
     """
     settings = inst.settings
     deadline = time.monotonic() + settings.request_timeout_seconds
-    chunks = split(samples, settings.chunk_seconds, inst.engine.word_timestamps)
+    # Chunks are planned as VAD listens (this thread), and decoded as soon as they are planned.
+    chunks: list[Chunk] = []
+    planned = published(split_as_heard(samples, settings.chunk_seconds, inst.engine.word_timestamps), chunks)
     # Every chunk is decoded, silent to VAD or not: with vad_filter the silence is already gone
     # (app.routes.asr), and without it quiet speech VAD misses is the model's to hear (its no-speech check).
     # No language is forced: each chunk detects its own unless the request named one.
-    indices = list(range(len(chunks)))
 
     def audio(index: int) -> np.ndarray:
         return samples[chunks[index].start:chunks[index].end]
@@ -207,14 +248,15 @@ def transcribe_long(inst, samples: np.ndarray, options: DecodeOptions, request_i
         return result_within(future, max(0.0, deadline - time.monotonic()))
 
     lanes = [Lane(inst.id, settings.chunk_slots(inst.queue.max_batch), local, patient=True)]
-    if settings.chunk_fanout and len(chunks) > 1:
+    if settings.chunk_fanout and len(samples) > settings.chunk_seconds * SAMPLE_RATE:  # more than one chunk
         for peer in peers.ready_peers(settings.peers_file, exclude=inst.port):
             if peer.idle:
                 lanes.append(Lane(peer.name, settings.chunk_slots(peer.max_batch),
                                   _remote(peer.port, audio, options, chunks, deadline, request_id)))
-    done = decode_chunks(indices, lanes, deadline)
+    done = decode_chunks(planned, lanes, deadline)
+    indices = range(len(chunks))
     missing = [i for i in indices if i not in done]
-    if missing:
+    if missing or not chunks or chunks[-1].end < len(samples):
         raise QueueFull(f"{len(missing)} of {len(chunks)} chunks found no room")
     placed: dict[str, int] = {}
     for _, lane in done.values():

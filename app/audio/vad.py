@@ -5,14 +5,25 @@ The detector is Silero VAD, the ONNX model faster-whisper ships, with faster-whi
 both engines the same audio, keeps the batched CTranslate2 path usable, and lets a request with no
 speech at all skip the model. Segment and word times come back on the original timeline, mapped the
 way faster-whisper's own ``vad_filter`` maps them.
+
+A long recording is cut at Silero's speech stretches (``speech_stretches``), found here block by
+block (``hear_stretches``) with faster-whisper's rules, so chunks can be cut and decoded while the
+scan goes on; tests hold them equal to faster-whisper's ``get_speech_timestamps``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Iterator
 
 import numpy as np
 
 from app.engines.base import SAMPLE_RATE, Transcript
+
+
+STRETCH_PAUSE_MS = 300   # the shortest pause between two stretches a long recording may be cut in
+_STRETCH_PAD_MS = 100
+_FRAME, _CONTEXT = 512, 64   # Silero's frame, and the samples of the frame before it that it also sees
+_THRESHOLD, _NEG_THRESHOLD = 0.5, 0.35   # faster-whisper's defaults: speech starts above, a pause below
 
 
 @dataclass(frozen=True)
@@ -33,13 +44,72 @@ def keep_speech(samples: np.ndarray) -> Speech:
     return Speech(np.concatenate(kept) if kept else np.zeros(0, np.float32), chunks)
 
 
-def speech_stretches(samples: np.ndarray, min_pause_ms: int = 300) -> list[dict]:
+def speech_stretches(samples: np.ndarray, min_pause_ms: int = STRETCH_PAUSE_MS) -> list[dict]:
     """Where Silero VAD hears speech, ``{"start", "end"}`` in samples, with pauses as short as
     ``min_pause_ms`` kept apart: the places a long recording may be cut (``app.audio.chunking``)."""
-    from faster_whisper.vad import VadOptions, get_speech_timestamps
+    stretches: list[dict] = []
+    for stretches, _ in hear_stretches(samples, min_pause_ms):
+        pass
+    return stretches
 
-    options = VadOptions(min_silence_duration_ms=min_pause_ms, speech_pad_ms=100)
-    return get_speech_timestamps(samples, options, sampling_rate=SAMPLE_RATE)
+
+def hear_stretches(samples: np.ndarray, min_pause_ms: int = STRETCH_PAUSE_MS,
+                   block_seconds: float = 16.0) -> Iterator[tuple[list[dict], int]]:
+    """``speech_stretches`` as Silero scans the audio, a block at a time: yields ``(stretches, known)``
+    after each block, where ``stretches`` is final before sample ``known`` (a stretch still open is
+    cut off there), so a long recording can be cut and decoded before VAD has heard all of it.
+    The last yield has ``known == len(samples)`` and the same stretches as faster-whisper's
+    ``get_speech_timestamps`` with ``min_silence_duration_ms=min_pause_ms`` and ``speech_pad_ms=100``:
+    Silero's threshold 0.5 starts speech, a frame under 0.35 starts a pause, a pause of
+    ``min_pause_ms`` ends the stretch at the pause's first frame, and each stretch is padded by 100 ms.
+    """
+    from faster_whisper.vad import get_vad_model
+
+    total = len(samples)
+    pad = SAMPLE_RATE * _STRETCH_PAD_MS // 1000
+    min_pause = SAMPLE_RATE * min_pause_ms / 1000
+    if min_pause < 2 * pad:
+        raise ValueError("pauses shorter than twice the padding would merge stretches")
+    # The frames Silero sees, as faster-whisper gives them: padded with zeros to a whole frame (a whole
+    # frame of zeros where the audio fills its last one), the last frame's final context samples zeroed.
+    frames = np.pad(np.asarray(samples, np.float32), (0, _FRAME - total % _FRAME)).reshape(-1, _FRAME)
+    frames[-1, -_CONTEXT:] = 0
+    count = len(frames)
+    block = max(1, int(block_seconds * SAMPLE_RATE) // _FRAME)
+    # faster-whisper's Silero model: each row is a frame after the end of the frame before it, and the
+    # recurrent state carries from one call to the next, so blocks give the whole file's probabilities.
+    session = get_vad_model().session
+    state = np.zeros((2, 1, 1, 128), np.float32)
+    closed: list[dict] = []
+    start, pause = None, 0   # the open stretch's first frame (samples); where its pause began, 0 for none
+    for first in range(0, count, block):
+        last = min(count, first + block)
+        context = frames[first - 1:last - 1, -_CONTEXT:] if first else np.concatenate(
+            [np.zeros((1, _CONTEXT), np.float32), frames[:last - 1, -_CONTEXT:]])
+        probabilities, state[0], state[1] = session.run(
+            None, {"input": np.concatenate([context, frames[first:last]], axis=1), "h": state[0], "c": state[1]})
+        for i, p in enumerate(probabilities.ravel(), start=first):
+            at = i * _FRAME
+            if p >= _THRESHOLD:
+                pause = 0
+                if start is None:
+                    start = at
+            elif p < _NEG_THRESHOLD and start is not None:
+                pause = pause or at
+                if at - pause >= min_pause:
+                    closed.append({"start": max(0, start - pad), "end": min(total, pause + pad)})
+                    start, pause = None, 0
+        if last == count:
+            break
+        heard = last * _FRAME
+        if start is None:   # silence so far; speech found next would begin ``pad`` earlier
+            yield list(closed), max(0, min(total, heard - pad))
+        else:               # speech until here, or until its pause's padding
+            known = min(total, heard, pause + pad) if pause else min(total, heard)
+            yield closed + [{"start": max(0, start - pad), "end": known}], known
+    if start is not None and start < total:
+        closed.append({"start": max(0, start - pad), "end": total})
+    yield closed, total
 
 
 def restore_times(transcript: Transcript, speech: Speech, duration: float) -> Transcript:
