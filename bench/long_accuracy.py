@@ -16,8 +16,9 @@ Both pools come up with the real ``asrctl`` on free loopback ports (``--device c
 percentage points above (a)'s. ``--seconds N`` decodes only the recordings' first utterances up to
 N seconds (needs ``manifest.jsonl`` with each utterance's times, as ``longform/`` has), for a quick
 check; ``--lead-silence MS`` puts that much silence before each recording, to see how far each mode's
-WER moves when its windows and cuts fall a little elsewhere. Results:
-``bench/results/long-accuracy-<timestamp>/`` (``summary.md``, ``results.json``).
+WER moves when its windows and cuts fall a little elsewhere; ``--rearranged N`` adds N recordings of the
+same utterances, chapters in other orders with other pauses, and the mean difference over all of them.
+Results: ``bench/results/long-accuracy-<timestamp>/`` (``summary.md``, ``results.json``).
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ from app.selfcheck.wer import word_error_rate
 LONGFORM = SPEECH / "longform"
 MAX_RATIO = 0.55       # (c) seconds / (a) seconds
 MAX_WER_GAP_PP = 0.5   # (c) WER - (a) WER, percentage points
+CHAPTERS_PER_MIX = 5         # --rearranged: chapters (10 sentences of one reader each) per recording
+BACK_TO_BACK_SECONDS = 0.05  # --rearranged: the pause inside a run of sentences read back to back
 MODES = {
     "a": "faster-whisper defaults, whole file, 1 core",
     "b": "service, window after window (chunking = false)",
@@ -131,6 +134,53 @@ def first_utterances(parts: list[dict], seconds: float) -> tuple[float, str]:
     end = kept[-1]["end_s"]
     cut = min(seconds, (end + after) / 2) if after is not None else min(seconds, end + 0.5)
     return cut, " ".join(p["text"] for p in kept)
+
+
+def rearranged(folder: Path, count: int, seed: int = 1) -> list[Recording]:
+    """``count`` more recordings of the same utterances as ``folder``'s (``manifest.jsonl``'s parts),
+    built in memory: one WAV and reference is one draw of where windows and cuts fall, and a
+    difference of 0.5 points is a few words, so more draws tell a decoder's difference from chance.
+
+    Recording ``mixK`` takes ``CHAPTERS_PER_MIX`` of the chapters (consecutive sentences of one reader,
+    kept in their order, as in the originals), in a random order, with pauses of 0.3-1.2 s and two runs
+    of three sentences only 0.05 s apart, so a chunker has to cut inside speech as in the originals;
+    0.5 s of silence at each end. The samples are the originals' own, copied exactly. Deterministic
+    for a ``seed``.
+    """
+    import soundfile
+
+    path = folder / "manifest.jsonl"
+    if not path.exists():
+        raise NoRecordings(f"--rearranged needs {path} with each utterance's times (parts)")
+    chapters: dict[str, list[tuple[np.ndarray, str]]] = {}
+    rate = None
+    for row in map(json.loads, filter(str.strip, path.read_text().splitlines())):
+        samples, rate = soundfile.read(str(folder / row["file"]), dtype="int16")
+        for part in sorted(row.get("parts", []), key=lambda p: p["start_s"]):
+            chapter = part["utt_id"].rsplit("-", 1)[0]        # speaker-chapter-sentence
+            utterance = samples[round(part["start_s"] * rate):round(part["end_s"] * rate)]
+            chapters.setdefault(chapter, []).append((utterance, part["text"]))
+    if len(chapters) < CHAPTERS_PER_MIX:
+        raise NoRecordings(f"--rearranged needs {CHAPTERS_PER_MIX} chapters in {path}, it has {len(chapters)}")
+    names = sorted(chapters)
+    out = []
+    for k in range(1, count + 1):
+        rng = np.random.default_rng([seed, k])
+        picked = [chapters[names[i]] for i in rng.permutation(len(names))[:CHAPTERS_PER_MIX]]
+        utterances = [u for chapter in picked for u in chapter]
+        pauses = rng.uniform(0.3, 1.2, len(utterances) - 1)
+        for start in rng.choice(np.arange(0, len(pauses) - 1, 3), size=2, replace=False):
+            pauses[start:start + 2] = BACK_TO_BACK_SECONDS      # three sentences back to back
+        edge = np.zeros(round(0.5 * rate), np.int16)
+        pieces = [edge]
+        for i, (utterance, _) in enumerate(utterances):
+            pieces.append(utterance)
+            pieces.append(np.zeros(round(pauses[i] * rate), np.int16) if i < len(pauses) else edge)
+        audio = np.concatenate(pieces)
+        buffer = io.BytesIO()
+        soundfile.write(buffer, audio, rate, format="WAV", subtype="PCM_16")
+        out.append(Recording(f"mix{k}", buffer.getvalue(), len(audio) / rate, " ".join(t for _, t in utterances)))
+    return out
 
 
 # (a): faster-whisper's defaults in a child process on one core -------------------------------------
@@ -284,6 +334,7 @@ def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> d
         "rows": rows,
         "summary": summarize(rows),
     }
+    result["overall"] = overall(result["summary"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "summary.md").write_text(markdown(result))
@@ -309,6 +360,22 @@ def summarize(rows: list[dict]) -> dict:
                                          "met": gap <= MAX_WER_GAP_PP}
         out[name] = entry
     return out
+
+
+def overall(summary: dict) -> dict | None:
+    """Over the recordings measured both ways (two at least): the mean of (c) - (a) in WER points, with
+    its range and standard error, and of (c)'s time over (a)'s; on how many each target was met."""
+    entries = [e for e in summary.values() if "c_minus_a_wer_pp" in e]
+    if len(entries) < 2:
+        return None
+    gaps = np.array([e["c_minus_a_wer_pp"]["measured"] for e in entries])
+    ratios = np.array([e["c_over_a_time"]["measured"] for e in entries])
+    return {"recordings": len(entries),
+            "wer_gap_pp": {"mean": round(float(gaps.mean()), 2), "min": float(gaps.min()), "max": float(gaps.max()),
+                           "standard_error": round(float(gaps.std(ddof=1) / np.sqrt(len(gaps))), 2),
+                           "met": sum(e["c_minus_a_wer_pp"]["met"] for e in entries)},
+            "time_ratio": {"mean": round(float(ratios.mean()), 3), "min": float(ratios.min()),
+                           "max": float(ratios.max()), "met": sum(e["c_over_a_time"]["met"] for e in entries)}}
 
 
 def machine(compute_type: str, model: str, beam_size: int, code: str) -> dict:
@@ -371,6 +438,13 @@ def markdown(result: dict) -> str:
                          f"{gap['measured']:+.2f} ({'met' if gap['met'] else 'not met'}) |")
         else:
             lines.append(f"| {name} | - | - |")
+    every = result.get("overall")
+    if every:
+        gap, ratio, n = every["wer_gap_pp"], every["time_ratio"], every["recordings"]
+        lines += ["", f"Over the {n} recordings: WER (c) - (a) {gap['mean']:+.2f} points on average "
+                      f"({gap['min']:+.2f} to {gap['max']:+.2f}, standard error {gap['standard_error']:.2f}), "
+                      f"within {MAX_WER_GAP_PP} on {gap['met']} of {n}; (c)'s time {ratio['mean']:.2f} x (a)'s "
+                      f"({ratio['min']:.2f} to {ratio['max']:.2f}), within {MAX_RATIO} on {ratio['met']} of {n}."]
     return "\n".join(lines) + "\n"
 
 
@@ -390,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
                                                       "(needs manifest.jsonl with utterance times)")
     parser.add_argument("--lead-silence", dest="lead_silence", type=int, default=0, metavar="MS",
                         help="this many milliseconds of silence before each recording (default 0)")
+    parser.add_argument("--rearranged", type=int, default=0, metavar="N",
+                        help="N more recordings of the same utterances, chapters in other orders with other "
+                             "pauses (mix1..mixN; needs manifest.jsonl with utterance times)")
+    parser.add_argument("--seed", type=int, default=1, help="which rearrangements --rearranged draws (default 1)")
     parser.add_argument("--rounds", type=int, default=1, help="passes over every recording and mode (default 1)")
     parser.add_argument("--out", help="results folder (default: bench/results/long-accuracy-<timestamp>)")
     args = parser.parse_args(argv)
@@ -399,9 +477,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"long-accuracy: skipped: no recordings at {folder} (--audio DIR: WAV files with .txt references)",
               file=sys.stderr)
         return 0
+    only = args.only.split(",") if args.only else None
     try:
-        recordings = load_recordings(folder, args.only.split(",") if args.only else None, args.seconds,
-                                     args.lead_silence)
+        if args.rearranged and (args.seconds is not None or args.lead_silence):
+            raise NoRecordings("--rearranged takes whole utterances: not with --seconds or --lead-silence")
+        mixes = rearranged(folder, args.rearranged, args.seed) if args.rearranged > 0 else []
+        mix_names = {m.name for m in mixes}
+        originals = [n for n in only if n not in mix_names] if only else None
+        recordings = [] if originals == [] else load_recordings(folder, originals, args.seconds, args.lead_silence)
+        recordings += [m for m in mixes if not only or m.name in only]
     except NoRecordings as e:
         print(f"long-accuracy: {e}", file=sys.stderr)
         return 2

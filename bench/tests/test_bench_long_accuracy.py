@@ -104,3 +104,76 @@ def test_lead_silence_goes_before_the_same_samples_and_reference(tmp_path):
     assert not samples[:480].any() and np.array_equal(samples[480:], speech)
     assert moved.reference == plain.reference == "hello there"
     assert moved.seconds == pytest.approx(plain.seconds + 0.03) and moved.lead_silence_ms == 30
+
+
+def made_up_chapters(folder, chapters: int = 6, sentences: int = 4) -> dict[str, tuple[np.ndarray, str]]:
+    """Two WAVs of noise "sentences" (never zero, so pauses are the only zeros) with their manifest:
+    {utt_id: (samples, text)}."""
+    rng = np.random.default_rng(0)
+    made, rows = {}, []
+    for f, file_chapters in enumerate((range(0, chapters, 2), range(1, chapters, 2))):
+        pieces, parts, at = [np.zeros(8000, np.int16)], [], 8000
+        for c in file_chapters:
+            for s in range(sentences):
+                utt_id, text = f"{100 + c}-{7 * c}-{s:04d}", f"chapter {c} sentence {s}"
+                noise = rng.integers(1, 3000, round(16000 * rng.uniform(1, 3))).astype(np.int16)
+                parts.append({"utt_id": utt_id, "start_s": at / 16000, "end_s": (at + len(noise)) / 16000,
+                              "text": text})
+                made[utt_id] = (noise, text)
+                pieces += [noise, np.zeros(8000, np.int16)]
+                at += len(noise) + 8000
+        soundfile.write(str(folder / f"talk{f}.wav"), np.concatenate(pieces), 16000, subtype="PCM_16")
+        rows.append({"file": f"talk{f}.wav", "parts": parts})
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return made
+
+
+def test_rearranged_recordings_are_whole_chapters_with_new_pauses_and_runs_back_to_back(tmp_path):
+    made = made_up_chapters(tmp_path)
+    mixes = long_accuracy.rearranged(tmp_path, 3, seed=7)
+    assert [m.name for m in mixes] == ["mix1", "mix2", "mix3"]
+    assert len({m.data for m in mixes}) == 3                                     # three different draws
+    assert [m.data for m in long_accuracy.rearranged(tmp_path, 3, seed=7)] == [m.data for m in mixes]
+    assert long_accuracy.rearranged(tmp_path, 1, seed=8)[0].data != mixes[0].data
+    by_text = {text: (utt_id, noise) for utt_id, (noise, text) in made.items()}
+    for mix in mixes:
+        samples, rate = soundfile.read(io.BytesIO(mix.data), dtype="int16")
+        assert rate == 16000 and mix.seconds == len(samples) / rate
+        texts = [" ".join(mix.reference.split()[i:i + 4]) for i in range(0, len(mix.reference.split()), 4)]
+        ids = [by_text[t][0] for t in texts]
+        chapters = list(dict.fromkeys(i.rsplit("-", 1)[0] for i in ids))
+        assert len(chapters) == long_accuracy.CHAPTERS_PER_MIX and len(ids) == 4 * len(chapters)
+        assert ids == sorted(ids, key=lambda i: (chapters.index(i.rsplit("-", 1)[0]), i))  # each chapter in order
+        # The audio: 0.5 s of silence, each sentence's own samples in that order with pauses between, 0.5 s.
+        nonzero = np.flatnonzero(samples)
+        edges = np.flatnonzero(np.diff(nonzero) > 1)
+        starts, ends = np.r_[nonzero[0], nonzero[edges + 1]], np.r_[nonzero[edges] + 1, nonzero[-1] + 1]
+        assert starts[0] == 8000 and len(samples) - ends[-1] == 8000
+        assert [samples[s:e].tobytes() for s, e in zip(starts, ends)] == [by_text[t][1].tobytes() for t in texts]
+        pauses = (starts[1:] - ends[:-1]) / rate
+        tight = np.isclose(pauses, long_accuracy.BACK_TO_BACK_SECONDS)
+        assert tight.sum() == 4 and all(0.3 <= p <= 1.2 for p in pauses[~tight])
+        runs = np.flatnonzero(tight)
+        assert len({i // 3 for i in runs}) == 2 and all(i % 3 < 2 for i in runs)   # two runs of three sentences
+
+
+def test_rearranged_needs_utterance_times_and_whole_utterances(tmp_path, capsys):
+    soundfile.write(str(tmp_path / "talk.wav"), np.zeros(16000, np.int16), 16000)
+    (tmp_path / "talk.txt").write_text("hello\n")
+    assert long_accuracy.main(["--audio", str(tmp_path), "--rearranged", "2"]) == 2
+    assert "--rearranged needs" in capsys.readouterr().err
+    made_up_chapters(tmp_path)
+    assert long_accuracy.main(["--audio", str(tmp_path), "--rearranged", "2", "--seconds", "30"]) == 2
+    assert "not with --seconds" in capsys.readouterr().err
+
+
+def test_the_summary_gives_the_mean_difference_over_the_recordings():
+    def entry(gap, ratio):
+        return {"modes": {}, "c_minus_a_wer_pp": {"measured": gap, "met": gap <= 0.5},
+                "c_over_a_time": {"measured": ratio, "met": ratio <= 0.55}}
+
+    every = long_accuracy.overall({"x": entry(1.5, 0.5), "y": entry(-0.5, 0.6), "z": entry(0.3, 0.45)})
+    assert every["recordings"] == 3
+    assert every["wer_gap_pp"] == {"mean": 0.43, "min": -0.5, "max": 1.5, "standard_error": 0.58, "met": 2}
+    assert every["time_ratio"] == {"mean": 0.517, "min": 0.45, "max": 0.6, "met": 2}
+    assert long_accuracy.overall({"x": entry(1.5, 0.5), "failed": {"modes": {}}}) is None   # one is no mean
