@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import long_accuracy
 
         return long_accuracy.main(argv[1:])
+    if argv[:1] == ["chunk-priming"]:  # chunks primed with the text before them (bench/chunk_priming.py)
+        from bench import chunk_priming
+
+        return chunk_priming.main(argv[1:])
     if argv[:1] == ["streaming"]:  # live transcription under load: its own options (bench/streaming.py)
         from bench import streaming
 

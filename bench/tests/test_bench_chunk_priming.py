@@ -1,0 +1,69 @@
+"""bench/chunk_priming.py: which earlier chunk's tokens prime a chunk, where a recording is halved, how
+the ways are compared with the whole-file decode; and one short run on the shared read speech."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import chunk_priming
+from bench.chunk_priming import BASELINE, WAYS, compare, middle_pause, prompt
+from bench.long_accuracy import LONGFORM
+from app.audio.chunking import Chunk
+from support import REPO
+
+
+def test_a_chunk_is_primed_only_with_chunks_decoded_before_it_starts():
+    tokens = [[10, 11], [20], [30, 31], [40]]
+    assert [prompt("lag1", tokens, k) for k in range(4)] == [None, [10, 11], [20], [30, 31]]
+    # Two lanes: chunk k starts while k - 1 is still decoding, so k - 2 is the latest it can have.
+    assert [prompt("lag2", tokens, k) for k in range(4)] == [None, None, [10, 11], [20]]
+    assert [prompt("upto2", tokens, k) for k in range(4)] == [None, None, [10, 11], [10, 11, 20]]
+    assert all(prompt(way, tokens, 3) is None for way in ("none", "whole", "halves"))
+
+
+def test_a_recording_is_halved_in_the_pause_nearest_its_middle():
+    # Cuts at 30 (a pause), 55 (inside speech: the chunks overlap) and 80 (a pause), of 100.
+    chunks = [Chunk(0, 30, True), Chunk(30, 56, True), Chunk(54, 80, True), Chunk(81, 100, True)]
+    assert middle_pause(chunks, 100) == 30            # 55 is nearer the middle, but inside speech
+    assert middle_pause(chunks, 130) == 80
+    with pytest.raises(ValueError):
+        middle_pause([Chunk(0, 56, True), Chunk(54, 100, True)], 100)
+
+
+def test_each_way_is_compared_with_the_whole_file_on_the_recordings_it_decoded():
+    rows = [{"recording": n, "way": w, "wer": v} for n, w, v in [
+        ("x", BASELINE, 0.10), ("x", "none", 0.12), ("x", "lag1", 0.101),
+        ("y", BASELINE, 0.20), ("y", "none", 0.19), ("y", "lag1", 0.23),
+        ("z", "none", 0.50)]]                           # z has no whole-file decode: left out
+    compared = compare(rows, [BASELINE, "none", "lag1"])
+    assert set(compared) == {"none", "lag1"}
+    assert compared["none"] == {"recordings": 2, "mean": 0.5, "standard_error": 1.5, "within": 1}
+    assert compared["lag1"] == {"recordings": 2, "mean": 1.55, "standard_error": 1.45, "within": 1}
+    assert compare(rows[:2], [BASELINE, "none"])["none"]["standard_error"] is None
+
+
+@pytest.mark.skipif(not (LONGFORM / "manifest.jsonl").exists(),
+                    reason=f"the shared long-form recordings are not here ({LONGFORM})")
+def test_the_first_minute_of_long1_decoded_whole_alone_and_primed(tmp_path):
+    out = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "bench", "chunk-priming", "--only", "long1", "--seconds", "60",
+                          "--ways", "none,lag1", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert result["ways"] == [BASELINE, "none", "lag1"] and result["recordings"] == ["long1"]
+    wer = {r["way"]: r["wer"] for r in result["rows"]}
+    assert sorted(wer) == sorted(result["ways"]) and all(v < 0.2 for v in wer.values()), result["rows"]
+    texts = {r["way"]: r["text"] for r in result["rows"]}
+    assert texts["lag1"] != texts["none"]             # the prompt reached the decoder and changed its words
+    assert result["compared"]["lag1"]["mean"] == pytest.approx(100 * (wer["lag1"] - wer[BASELINE]), abs=0.01)
+    assert f"| lag1: {WAYS['lag1']} |" in (out / "summary.md").read_text()
+
+
+def test_unknown_ways_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        chunk_priming.main(["--ways", "none,sideways"])
+    assert "unknown ways: sideways" in capsys.readouterr().err
