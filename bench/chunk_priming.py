@@ -1,8 +1,9 @@
-"""``python -m bench chunk-priming``: would priming each chunk with the text before it bring chunk-parallel
-decoding what conditioning on previous text brings faster-whisper's whole-file decode?
+"""``python -m bench chunk-priming``: chunks primed with the text before them, against the whole-file decode.
 
-Each recording (read as ``bench long-accuracy`` reads them: ``--audio``, ``--only``, ``--seconds``,
-``--rearranged``) is cut where the service cuts it (``longform.split``), each chunk is decoded by
+Would priming each chunk with the text before it bring chunk-parallel decoding what conditioning on
+previous text brings faster-whisper's whole-file decode?
+Each recording (chosen as ``bench long-accuracy`` chooses them: ``--audio``, ``--only``, ``--seconds``,
+``--lead-silence``, ``--rearranged``) is cut where the service cuts it (``longform.split``), each chunk is decoded by
 faster-whisper's ``transcribe`` (the served model and compute type, beam 5, the service's
 temperature ladder and thresholds, no VAD) primed as each of ``WAYS`` says, and the chunks'
 transcripts are joined as the service joins them (``chunking.join``). Reports every way's WER per
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import REPO
-from bench.long_accuracy import LONGFORM, MAX_WER_GAP_PP, NoRecordings, load_recordings, rearranged
+from bench.long_accuracy import LONGFORM, MAX_WER_GAP_PP, NoRecordings, chosen, choosing
 from app.selfcheck.wer import word_error_rate
 
 WAYS = {
@@ -172,12 +173,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench chunk-priming", description=__doc__.split("\n")[0])
-    parser.add_argument("--audio", help=f"folder of WAV files with reference .txt files (default: {LONGFORM})")
-    parser.add_argument("--only", help="these recordings only, by name without .wav")
-    parser.add_argument("--seconds", type=float, help="only each recording's utterances within its first N seconds")
-    parser.add_argument("--rearranged", type=int, default=0, metavar="N",
-                        help="N more recordings of the same utterances rearranged (as long-accuracy's)")
-    parser.add_argument("--seed", type=int, default=1, help="which rearrangements --rearranged draws (default 1)")
+    choosing(parser)
     parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated, of: {', '.join(WAYS)}")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="decoding processes of one thread each (default: one per usable core)")
@@ -193,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chunk-priming: skipped: no recordings at {folder}", file=sys.stderr)
         return 0
     try:
-        recordings = load_recordings(folder, args.only.split(",") if args.only else None, args.seconds)
-        recordings += rearranged(folder, args.rearranged, args.seed) if args.rearranged > 0 else []
+        recordings = chosen(folder, args)
     except NoRecordings as e:
         print(f"chunk-priming: {e}", file=sys.stderr)
         return 2

@@ -455,11 +455,11 @@ def _span(values: list[float]) -> str:
     return f"{low:.2f}" if low == high else f"{low:.2f}-{high:.2f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench long-accuracy", description=__doc__.split("\n")[0])
+def choosing(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the recordings (``chosen``), for each benchmark that reads them."""
     parser.add_argument("--audio", help=f"folder of WAV files with reference .txt files of the same name "
                                         f"(default: {LONGFORM})")
-    parser.add_argument("--only", help="these recordings only, by name without .wav, e.g. long1")
+    parser.add_argument("--only", help="these recordings only, by name without .wav, e.g. long1 or mix3")
     parser.add_argument("--seconds", type=float, help="only each recording's utterances within its first N seconds "
                                                       "(needs manifest.jsonl with utterance times)")
     parser.add_argument("--lead-silence", dest="lead_silence", type=int, default=0, metavar="MS",
@@ -468,6 +468,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="N more recordings of the same utterances, chapters in other orders with other "
                              "pauses (mix1..mixN; needs manifest.jsonl with utterance times)")
     parser.add_argument("--seed", type=int, default=1, help="which rearrangements --rearranged draws (default 1)")
+
+
+def chosen(folder: Path, args: argparse.Namespace) -> list[Recording]:
+    """The recordings ``choosing``'s options name: the folder's and ``--rearranged``'s, ``--only`` of both."""
+    only = args.only.split(",") if args.only else None
+    if args.rearranged and (args.seconds is not None or args.lead_silence):
+        raise NoRecordings("--rearranged takes whole utterances: not with --seconds or --lead-silence")
+    mixes = rearranged(folder, args.rearranged, args.seed) if args.rearranged > 0 else []
+    mix_names = {m.name for m in mixes}
+    originals = [n for n in only if n not in mix_names] if only else None
+    recordings = [] if originals == [] else load_recordings(folder, originals, args.seconds, args.lead_silence)
+    return recordings + [m for m in mixes if not only or m.name in only]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench long-accuracy", description=__doc__.split("\n")[0])
+    choosing(parser)
     parser.add_argument("--rounds", type=int, default=1, help="passes over every recording and mode (default 1)")
     parser.add_argument("--out", help="results folder (default: bench/results/long-accuracy-<timestamp>)")
     args = parser.parse_args(argv)
@@ -477,15 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"long-accuracy: skipped: no recordings at {folder} (--audio DIR: WAV files with .txt references)",
               file=sys.stderr)
         return 0
-    only = args.only.split(",") if args.only else None
     try:
-        if args.rearranged and (args.seconds is not None or args.lead_silence):
-            raise NoRecordings("--rearranged takes whole utterances: not with --seconds or --lead-silence")
-        mixes = rearranged(folder, args.rearranged, args.seed) if args.rearranged > 0 else []
-        mix_names = {m.name for m in mixes}
-        originals = [n for n in only if n not in mix_names] if only else None
-        recordings = [] if originals == [] else load_recordings(folder, originals, args.seconds, args.lead_silence)
-        recordings += [m for m in mixes if not only or m.name in only]
+        recordings = chosen(folder, args)
     except NoRecordings as e:
         print(f"long-accuracy: {e}", file=sys.stderr)
         return 2

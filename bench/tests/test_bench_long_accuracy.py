@@ -3,6 +3,7 @@ speech: real asrctl pools, the real model, faster-whisper's defaults in a pinned
 cuts a recording and its reference, and what it says when there is nothing to measure."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import subprocess
@@ -177,3 +178,21 @@ def test_the_summary_gives_the_mean_difference_over_the_recordings():
     assert every["wer_gap_pp"] == {"mean": 0.43, "min": -0.5, "max": 1.5, "standard_error": 0.58, "met": 2}
     assert every["time_ratio"] == {"mean": 0.517, "min": 0.45, "max": 0.6, "met": 2}
     assert long_accuracy.overall({"x": entry(1.5, 0.5), "failed": {"modes": {}}}) is None   # one is no mean
+
+
+def test_only_chooses_among_the_folder_s_recordings_and_the_rearranged_ones(tmp_path):
+    made_up_chapters(tmp_path)
+    (tmp_path / "talk0.txt").write_text("the first file\n")        # talk1 has no reference: not a recording
+    parser = argparse.ArgumentParser()
+    long_accuracy.choosing(parser)
+
+    def names(*argv):
+        return [r.name for r in long_accuracy.chosen(tmp_path, parser.parse_args(argv))]
+
+    assert names() == ["talk0"]
+    assert names("--rearranged", "2") == ["talk0", "mix1", "mix2"]
+    assert names("--rearranged", "2", "--only", "mix2") == ["mix2"]
+    assert names("--rearranged", "2", "--only", "talk0,mix1") == ["talk0", "mix1"]
+    assert names("--rearranged", "2", "--only", "talk0") == ["talk0"]
+    with pytest.raises(long_accuracy.NoRecordings):
+        names("--rearranged", "2", "--only", "mix3")                # no such recording
