@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import REPO
-from bench.long_accuracy import LONGFORM, MAX_WER_GAP_PP, NoRecordings, chosen, choosing
+from bench.long_accuracy import MAX_WER_GAP_PP, choosing, chosen_or_status
 from app.selfcheck.wer import word_error_rate
 
 WAYS = {
@@ -184,15 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown ways: {', '.join(unknown)}")
     if BASELINE not in ways:
         ways.insert(0, BASELINE)
-    folder = Path(args.audio) if args.audio else LONGFORM
-    if not args.audio and not folder.is_dir():
-        print(f"chunk-priming: skipped: no recordings at {folder}", file=sys.stderr)
-        return 0
-    try:
-        recordings = chosen(folder, args)
-    except NoRecordings as e:
-        print(f"chunk-priming: {e}", file=sys.stderr)
-        return 2
+    recordings = chosen_or_status(args, "chunk-priming")
+    if isinstance(recordings, int):
+        return recordings
     out = Path(args.out or REPO / "bench" / "results" / time.strftime("chunk-priming-%Y%m%d-%H%M%S"))
     run(recordings, ways, out, max(1, args.workers), log=lambda line: print(line, flush=True))
     print()

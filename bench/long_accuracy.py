@@ -482,23 +482,30 @@ def chosen(folder: Path, args: argparse.Namespace) -> list[Recording]:
     return recordings + [m for m in mixes if not only or m.name in only]
 
 
+def chosen_or_status(args: argparse.Namespace, command: str) -> list[Recording] | int:
+    """``chosen``'s recordings, or the exit status once ``command`` has said why there are none: 0 where
+    the shared recordings are not on this machine (nothing to measure), 2 where the options name none."""
+    folder = Path(args.audio) if args.audio else LONGFORM
+    if not args.audio and not folder.is_dir():
+        print(f"{command}: skipped: no recordings at {folder} (--audio DIR: WAV files with .txt references)",
+              file=sys.stderr)
+        return 0
+    try:
+        return chosen(folder, args)
+    except NoRecordings as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench long-accuracy", description=__doc__.split("\n")[0])
     choosing(parser)
     parser.add_argument("--rounds", type=int, default=1, help="passes over every recording and mode (default 1)")
     parser.add_argument("--out", help="results folder (default: bench/results/long-accuracy-<timestamp>)")
     args = parser.parse_args(argv)
-    folder = Path(args.audio) if args.audio else LONGFORM
-    if not args.audio and not folder.is_dir():
-        # The shared recordings are not on every machine: without them there is nothing to measure.
-        print(f"long-accuracy: skipped: no recordings at {folder} (--audio DIR: WAV files with .txt references)",
-              file=sys.stderr)
-        return 0
-    try:
-        recordings = chosen(folder, args)
-    except NoRecordings as e:
-        print(f"long-accuracy: {e}", file=sys.stderr)
-        return 2
+    recordings = chosen_or_status(args, "long-accuracy")
+    if isinstance(recordings, int):
+        return recordings
     out = Path(args.out or REPO / "bench" / "results" / time.strftime("long-accuracy-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     result = run(recordings, out, max(1, args.rounds), log=lambda line: print(line, flush=True))
