@@ -36,7 +36,9 @@ WAYS = {
     "upto2": "each chunk primed with the tokens of every chunk up to the one two before",
     "lag1": "each chunk primed with the tokens of the chunk just before (one after the other: no parallelism)",
     "halves": "faster-whisper's defaults on each half of the file, cut in the pause nearest the middle",
+    "quarters": "faster-whisper's defaults on each quarter of the file, cut in the pauses nearest the quarters",
 }
+SPANS = {"halves": 2, "quarters": 4}   # the ways that decode spans whole, and how many
 BASELINE = "whole"
 
 
@@ -51,13 +53,18 @@ def prompt(way: str, tokens: list[list[int]], index: int) -> list[int] | None:
     return None
 
 
-def middle_pause(chunks, length: int) -> int:
-    """The cut between two chunks nearest the middle of ``length`` samples that falls in a pause (not
-    inside speech, where chunks overlap)."""
+def span_cuts(chunks, length: int, spans: int) -> list[int]:
+    """Where to cut ``length`` samples into ``spans`` spans: for each k/spans of the length, the cut
+    between two chunks nearest to it that falls in a pause (not inside speech, where chunks overlap),
+    each cut used once."""
     pauses = [c.end for c, after in zip(chunks, chunks[1:]) if c.end <= after.start]
-    if not pauses:
-        raise ValueError("no cut in a pause to halve the recording at")
-    return min(pauses, key=lambda cut: abs(cut - length / 2))
+    cuts: list[int] = []
+    for k in range(1, spans):
+        left = [p for p in pauses if p not in cuts]
+        if not left:
+            raise ValueError(f"too few cuts in pauses to make {spans} spans")
+        cuts.append(min(left, key=lambda cut: abs(cut - k * length / spans)))
+    return sorted(cuts)
 
 
 def decode(model, samples: np.ndarray, way: str, chunk_seconds: float = 30.0) -> str:
@@ -73,9 +80,10 @@ def decode(model, samples: np.ndarray, way: str, chunk_seconds: float = 30.0) ->
     if way == BASELINE:
         return " ".join(s.text.strip() for s in model.transcribe(samples)[0])
     chunks = longform.split(samples, chunk_seconds, times_words=True)
-    if way == "halves":
-        cut = middle_pause(chunks, len(samples))
-        return " ".join(s.text.strip() for half in (samples[:cut], samples[cut:]) for s in model.transcribe(half)[0])
+    if way in SPANS:
+        edges = [0, *span_cuts(chunks, len(samples), SPANS[way]), len(samples)]
+        return " ".join(s.text.strip() for start, end in zip(edges, edges[1:])
+                        for s in model.transcribe(samples[start:end])[0])
     options = DecodeOptions()
     tokens: list[list[int]] = []
     transcripts = []

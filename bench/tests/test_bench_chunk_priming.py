@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bench import chunk_priming
-from bench.chunk_priming import BASELINE, WAYS, compare, middle_pause, prompt
+from bench.chunk_priming import BASELINE, WAYS, compare, prompt, span_cuts
 from bench.long_accuracy import LONGFORM
 from app.audio.chunking import Chunk
 from support import REPO
@@ -21,16 +21,22 @@ def test_a_chunk_is_primed_only_with_chunks_decoded_before_it_starts():
     # Two lanes: chunk k starts while k - 1 is still decoding, so k - 2 is the latest it can have.
     assert [prompt("lag2", tokens, k) for k in range(4)] == [None, None, [10, 11], [20]]
     assert [prompt("upto2", tokens, k) for k in range(4)] == [None, None, [10, 11], [10, 11, 20]]
-    assert all(prompt(way, tokens, 3) is None for way in ("none", "whole", "halves"))
+    assert all(prompt(way, tokens, 3) is None for way in ("none", "whole", "halves", "quarters"))
 
 
-def test_a_recording_is_halved_in_the_pause_nearest_its_middle():
+def test_a_recording_is_cut_into_spans_in_the_pauses_nearest_its_halves_or_quarters():
     # Cuts at 30 (a pause), 55 (inside speech: the chunks overlap) and 80 (a pause), of 100.
     chunks = [Chunk(0, 30, True), Chunk(30, 56, True), Chunk(54, 80, True), Chunk(81, 100, True)]
-    assert middle_pause(chunks, 100) == 30            # 55 is nearer the middle, but inside speech
-    assert middle_pause(chunks, 130) == 80
+    assert span_cuts(chunks, 100, 2) == [30]          # 55 is nearer the middle, but inside speech
+    assert span_cuts(chunks, 130, 2) == [80]
+    assert span_cuts(chunks, 100, 3) == [30, 80]
+    # Quarters of 100 at 25, 50, 75 on cuts at 10, 20, 40, 60, 90: each the nearest one still free.
+    tens = [Chunk(a, b, True) for a, b in [(0, 10), (10, 20), (20, 40), (40, 60), (60, 90), (90, 100)]]
+    assert span_cuts(tens, 100, 4) == [20, 40, 60]
     with pytest.raises(ValueError):
-        middle_pause([Chunk(0, 56, True), Chunk(54, 100, True)], 100)
+        span_cuts([Chunk(0, 56, True), Chunk(54, 100, True)], 100, 2)
+    with pytest.raises(ValueError):
+        span_cuts(chunks, 100, 4)                     # two pauses make three spans at most
 
 
 def test_each_way_is_compared_with_the_whole_file_on_the_recordings_it_decoded():
