@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import REPO
-from bench.long_accuracy import MAX_WER_GAP_PP, choosing, chosen_or_status
+from bench.long_accuracy import MAX_WER_GAP_PP, choosing, chosen_or_status, spread
 from app.selfcheck.wer import word_error_rate
 
 WAYS = {
@@ -124,10 +124,11 @@ def _work(task: tuple[str, bytes, str, float]) -> tuple[str, str, str]:
 
 def run(recordings, ways: list[str], out: Path, workers: int, log=print) -> dict:
     from app.config import load_settings
+    from app.engines.ctranslate2_engine import resolved_compute_type
     from app.engines.models import display_name, resolve_model
 
     settings = load_settings(env={**os.environ, "ASR_ENGINE": "ctranslate2", "ASR_DEVICE": "cpu"})
-    compute_type = "int8" if settings.compute_type == "auto" else settings.compute_type
+    compute_type = resolved_compute_type("cpu", settings.compute_type)
     model_dir = resolve_model("ctranslate2", settings.model, settings.model_cache)
     references = {r.name: r.reference for r in recordings}
     rows = []
@@ -147,20 +148,15 @@ def run(recordings, ways: list[str], out: Path, workers: int, log=print) -> dict
 
 
 def compare(rows: list[dict], ways: list[str]) -> dict:
-    """Per way other than the baseline, over the recordings decoded both ways: the mean difference in
-    WER points from the baseline, its standard error (None from one recording), and on how many
-    recordings it is within ``MAX_WER_GAP_PP``."""
+    """Per way other than the baseline, over the recordings decoded both ways: how its WER's difference
+    from the baseline's, in points, spreads (``long_accuracy.spread``), against ``MAX_WER_GAP_PP``."""
     wer = {(r["recording"], r["way"]): 100 * r["wer"] for r in rows}
     names = list(dict.fromkeys(r["recording"] for r in rows))
     out = {}
     for way in ways:
-        if way == BASELINE:
-            continue
-        gaps = np.array([wer[n, way] - wer[n, BASELINE] for n in names if (n, way) in wer and (n, BASELINE) in wer])
-        if len(gaps):
-            out[way] = {"recordings": len(gaps), "mean": round(float(gaps.mean()), 2),
-                        "standard_error": round(float(gaps.std(ddof=1) / np.sqrt(len(gaps))), 2) if len(gaps) > 1 else None,
-                        "within": int((gaps <= MAX_WER_GAP_PP).sum())}
+        gaps = [wer[n, way] - wer[n, BASELINE] for n in names if (n, way) in wer and (n, BASELINE) in wer]
+        if way != BASELINE and gaps:
+            out[way] = spread(gaps, MAX_WER_GAP_PP)
     return out
 
 

@@ -52,6 +52,12 @@ _INPUT_STRIDE = 2                 # mel frames per encoder position (= per times
 _MAX_INITIAL_TIMESTAMP = 1.0      # the first timestamp may not be later than this
 
 
+def resolved_compute_type(device: str, compute_type: str) -> str:
+    """The compute type an instance on ``device`` loads for ``compute_type`` ("auto": int8 on CPU,
+    float16 on a GPU)."""
+    return _DEFAULT_COMPUTE[device] if compute_type == "auto" else compute_type
+
+
 class CTranslate2Engine:
     name = "ctranslate2"
     word_timestamps = True
@@ -73,7 +79,7 @@ class CTranslate2Engine:
     def load(cls, model: str, device: str = "cpu", compute_type: str = "auto", cpu_threads: int = 0):
         from faster_whisper import WhisperModel
 
-        compute_type = _DEFAULT_COMPUTE[device] if compute_type == "auto" else compute_type
+        compute_type = resolved_compute_type(device, compute_type)
         # A directory loads as is; a name such as "large-v3" or "Systran/faster-whisper-large-v3"
         # resolves from the local Hugging Face cache only: instances never download at start.
         whisper = WhisperModel(model, device=device, compute_type=compute_type,

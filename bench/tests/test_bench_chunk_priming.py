@@ -46,8 +46,10 @@ def test_each_way_is_compared_with_the_whole_file_on_the_recordings_it_decoded()
         ("z", "none", 0.50)]]                           # z has no whole-file decode: left out
     compared = compare(rows, [BASELINE, "none", "lag1"])
     assert set(compared) == {"none", "lag1"}
-    assert compared["none"] == {"recordings": 2, "mean": 0.5, "standard_error": 1.5, "within": 1}
-    assert compared["lag1"] == {"recordings": 2, "mean": 1.55, "standard_error": 1.45, "within": 1}
+    assert compared["none"] == {"recordings": 2, "mean": 0.5, "min": -1.0, "max": 2.0, "standard_error": 1.5,
+                                "within": 1}
+    assert compared["lag1"] == pytest.approx({"recordings": 2, "mean": 1.55, "min": 0.1, "max": 3.0,
+                                              "standard_error": 1.45, "within": 1})
     assert compare(rows[:2], [BASELINE, "none"])["none"]["standard_error"] is None
 
 

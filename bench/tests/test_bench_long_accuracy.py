@@ -175,8 +175,10 @@ def test_the_summary_gives_the_mean_difference_over_the_recordings():
 
     every = long_accuracy.overall({"x": entry(1.5, 0.5), "y": entry(-0.5, 0.6), "z": entry(0.3, 0.45)})
     assert every["recordings"] == 3
-    assert every["wer_gap_pp"] == {"mean": 0.43, "min": -0.5, "max": 1.5, "standard_error": 0.58, "met": 2}
-    assert every["time_ratio"] == {"mean": 0.517, "min": 0.45, "max": 0.6, "met": 2}
+    assert every["wer_gap_pp"] == {"recordings": 3, "mean": 0.43, "min": -0.5, "max": 1.5, "standard_error": 0.58,
+                                   "within": 2}
+    assert every["time_ratio"] == {"recordings": 3, "mean": 0.517, "min": 0.45, "max": 0.6, "standard_error": 0.044,
+                                   "within": 2}
     assert long_accuracy.overall({"x": entry(1.5, 0.5), "failed": {"modes": {}}}) is None   # one is no mean
 
 
