@@ -52,6 +52,9 @@ class Settings:
     # Whisper's temperature fallback for requests at temperature 0 (app/engines/fallback.py); false:
     # temperature 0 only, deterministic even where a window loops (and what tests on random weights need)
     temperature_fallback: bool = True
+    # Each 30 s window primed with the text of the windows before it, as faster-whisper and whisper decode by
+    # default (faster-whisper engine; the others decode each window alone); false: each window alone
+    condition_on_previous_text: bool = True
 
     # How many instances and where they listen.
     instances: int = 2                   # model instances `asrctl up` starts

@@ -287,16 +287,20 @@ def set_a():
 
 def test_ctranslate2_batched_equals_one_by_one(set_a):
     engine = load_engine("ctranslate2", str(embedded_ct2_dir()), "cpu", "int8", cpu_threads=1)
-    # Set A, plus one clip longer than a 30 s window: it takes more lockstep rounds than the others.
+    # Set A, plus clips longer than a 30 s window: they take more lockstep rounds than the others, their
+    # second window primed with the first one's text (faster-whisper's default conditioning), or not.
     # Two clips with an initial prompt (their first window decodes in its own call: CTranslate2 wants
     # the same prompt length across a batch), one with word timestamps (decoded on its own).
-    clips = [*set_a, np.concatenate([set_a[0], set_a[6]])]
+    longer = np.concatenate(set_a[4:])   # 36 s, where the conditioning changes a word
+    clips = [*set_a, np.concatenate([set_a[0], set_a[6]]), longer, longer]
     options = [DecodeOptions(beam_size=5, initial_prompt="um so yeah we were like talking about it" if i in (1, 4) else "",
-                             word_timestamps=i == 3) for i in range(len(clips))]
+                             word_timestamps=i == 3, condition_on_previous_text=i != len(clips) - 1)
+               for i in range(len(clips))]
     one_by_one = [engine.transcribe(a, o) for a, o in zip(clips, options)]
     batched = engine.transcribe_batch(clips, options)
     assert batched == one_by_one                    # text, segments, words, times, language: all of it
-    assert all(t.text for t in batched) and len(batched[-1].segments) > len(batched[0].segments)
+    assert all(t.text for t in batched) and len(batched[-3].segments) > len(batched[0].segments)
+    assert batched[-2].text != batched[-1].text    # the conditioning did reach the lockstep decode
     assert batched[3].segments[0].words and not batched[2].segments[0].words
     unprompted = engine.transcribe(clips[1], DecodeOptions(beam_size=5))
     assert batched[1].text != unprompted.text      # the prompt did reach the lockstep decode

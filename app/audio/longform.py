@@ -102,9 +102,11 @@ def times_words(settings) -> bool:
 
 
 def chunk_options(options: DecodeOptions, chunks: Sequence[Chunk], index: int) -> DecodeOptions:
-    """An initial prompt primes only the first window with speech, as in window-after-window decoding
-    (no conditioning on previous text): it goes to the first chunk with speech only (none where VAD
-    heard none), which ``chunks[:index + 1]`` tells, so chunks planned later change nothing. A chunk that
+    """Each chunk is decoded alone, so an initial prompt primes only the first window with speech, as
+    in window-after-window decoding without conditioning on previous text: it goes to the first chunk
+    with speech only (none where VAD heard none), which ``chunks[:index + 1]`` tells, so chunks planned
+    later change nothing. (A chunk longer than one window, with ``chunk_seconds`` above 30, is
+    conditioned within itself where the engine conditions.) A chunk that
     ends in a pause or at the recording's end lets a Whisper engine finish it in one window; one that
     overlaps a neighbour (a cut inside speech) asks for word times, which place each word of the
     overlap in one chunk (``chunking.join``; the words reach the caller only if it asked for them).

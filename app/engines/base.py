@@ -27,6 +27,10 @@ class DecodeOptions:
     temperature: float = 0.0
     fallback: bool = True          # at temperature 0: Whisper's temperature fallback (app.engines.fallback)
     initial_prompt: str = ""       # text the first window is conditioned on: names, spelling, style
+    # Each window primed with the text of the windows before it (and the initial prompt), as faster-whisper
+    # and whisper decode by default; False: every window after the first alone. Engines that cannot
+    # (transformers, Qwen3-ASR) decode each window alone.
+    condition_on_previous_text: bool = True
     word_timestamps: bool = False  # align each word to the audio (cross-attention DTW)
     # The clip is a chunk of a longer recording, cut in a pause (app.audio.longform): no speech runs on past
     # its end, so a Whisper window that reaches its end can be its last one.

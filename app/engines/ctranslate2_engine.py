@@ -4,8 +4,11 @@ One clip goes through faster-whisper's ``WhisperModel.transcribe``. Several clip
 (``transcribe_batch``, fed by the instance's dynamic batching) are decoded in lockstep: every round
 takes the current 30 s window of each unfinished clip, runs one batched encoder call and one batched
 beam search on the CTranslate2 model, and moves each clip's position on from its own timestamp
-tokens, exactly as faster-whisper's one-clip loop does with our fixed settings (no conditioning on
-previous text; an initial prompt primes the first window that is not skipped as silence). Its guards
+tokens, exactly as faster-whisper's one-clip loop does: with conditioning on previous text (the
+default, ``DecodeOptions.condition_on_previous_text``) each window is primed with the tokens of the
+segments before it, timestamps included, back to the last window decoded at a temperature above 0.5
+(the initial prompt's tokens first); without it an initial prompt primes the first window that is not
+skipped as silence. Clips whose prompts differ in length decode in separate calls of a round. Its guards
 against hallucination too (``app.engines.fallback``): the windows of a round whose text loops or is
 unlikely are decoded again at the next temperature, in a batch of their own (on their own encoder
 call: CTranslate2 cannot take part of an encoded batch), with faster-whisper's sampling settings.
@@ -50,6 +53,7 @@ _MAX_LENGTH = 448                 # Whisper's text context, prompt included
 _TIME_PRECISION = 0.02            # seconds per timestamp token
 _INPUT_STRIDE = 2                 # mel frames per encoder position (= per timestamp token)
 _MAX_INITIAL_TIMESTAMP = 1.0      # the first timestamp may not be later than this
+PROMPT_RESET_TEMPERATURE = 0.5    # a window decoded hotter than this primes none after it
 
 
 def resolved_compute_type(device: str, compute_type: str) -> str:
@@ -99,7 +103,8 @@ class CTranslate2Engine:
             compression_ratio_threshold=fallback.COMPRESSION_RATIO_THRESHOLD,
             log_prob_threshold=fallback.LOG_PROB_THRESHOLD,
             no_speech_threshold=fallback.NO_SPEECH_THRESHOLD,
-            condition_on_previous_text=False,  # transformers' long-form default
+            condition_on_previous_text=options.condition_on_previous_text,
+            prompt_reset_on_temperature=PROMPT_RESET_TEMPERATURE,
             initial_prompt=options.initial_prompt or None,
             word_timestamps=options.word_timestamps,
             vad_filter=False,                  # done before the engine, the same for both (app.audio.vad)
@@ -148,7 +153,7 @@ class CTranslate2Engine:
 
         extractor = self._model.feature_extractor
         clips = [_Clip(extractor(np.asarray(audio, dtype=np.float32)), len(audio), ends_in_pause=o.ends_in_pause,
-                       timestamps=not o.prefix.strip())
+                       timestamps=not o.prefix.strip(), conditioned=o.condition_on_previous_text)
                  for audio, o in zip(audios, options)]
         languages = self._languages(clips, options)
         for clip, option, (language, probability) in zip(clips, options, languages):
@@ -163,7 +168,8 @@ class CTranslate2Engine:
         while active := [c for c in clips if c.seek < c.content_frames]:
             # CTranslate2 wants <|startoftranscript|> at one position across a batch, and as many task
             # tokens after it: clips whose prompts differ in length, or that differ in timestamps, decode
-            # in separate calls (only first windows have prompts). Prefixes may differ in length.
+            # in separate calls (conditioned prompts reach the same length, half the text context, after
+            # a few windows). Prefixes may differ in length.
             by_prompt: dict[tuple[int, bool], list[_Clip]] = defaultdict(list)
             for clip in active:
                 by_prompt[(_prompt(clip).index(clip.tokenizer.sot), clip.timestamps)].append(clip)
@@ -268,16 +274,21 @@ class CTranslate2Engine:
         if fallback.is_silence(attempt):
             clip.seek += size  # a skipped window keeps the prompt for the next one, as faster-whisper does
             return
-        clip.prompt, clip.prefix = [], []
+        clip.prefix = []
         tokenizer = clip.tokenizer
         time_offset = clip.seek * time_per_frame
         pieces, seek = _split_by_timestamps(tokens, tokenizer.timestamp_begin, time_offset,
                                             size, size * time_per_frame, clip.seek, final)
+        said: list[int] = []
         for start, end, piece in pieces:
             text = tokenizer.decode(piece)
             if start != end and text.strip():
                 clip.segments.append(Segment(round(start, 3), round(end, 3), text.strip(),
                                              temperature=attempt.temperature))
+                said += piece
+        # faster-whisper's conditioning: the segments' tokens join the prompt, which a hot window resets.
+        keep = clip.conditioned and attempt.temperature <= PROMPT_RESET_TEMPERATURE
+        clip.prompt = clip.prompt + said if keep else []
         clip.seek = seek if seek > clip.seek else clip.seek + size  # never decode a window twice
 
     def _suppressed_tokens(self, tokenizer) -> list[int]:
@@ -300,9 +311,10 @@ class _Clip:
     language: str = "en"
     language_probability: float = 1.0
     tokenizer: object = None
-    prompt: list[int] = field(default_factory=list)  # initial-prompt tokens, until a window is decoded
+    prompt: list[int] = field(default_factory=list)  # the initial prompt's and (conditioned) the segments' tokens
     prefix: list[int] = field(default_factory=list)  # DecodeOptions.prefix's tokens, likewise
     timestamps: bool = True       # False for a clip with a prefix: its text continues the prefix's
+    conditioned: bool = True      # each window primed with the text before it (DecodeOptions)
     segments: list[Segment] = field(default_factory=list)
 
     @property

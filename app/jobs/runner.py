@@ -162,6 +162,7 @@ class Runner:
                                 beam_size=int(params.get("beam_size", s.beam_size)),
                                 temperature=float(params.get("temperature", 0.0)),
                                 fallback=s.temperature_fallback,
+                                condition_on_previous_text=s.condition_on_previous_text,
                                 initial_prompt=params.get("initial_prompt", ""),
                                 word_timestamps=bool(params.get("word_timestamps", False)))
         not_before: dict[int, float] = {}   # chunk -> when it may be tried again (monotonic)

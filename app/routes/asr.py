@@ -50,7 +50,8 @@ ASR_PARAMS = Params((
     Param("beam_size", "integer", minimum=1, maximum=10, setting="beam_size", description="Beam width."),
     TEMPERATURE,
     Param("initial_prompt", "string", max_length=MAX_PROMPT_CHARS, default="", description=(
-        "Names, spellings or a style for the first window to follow (Whisper keeps its last 223 tokens).")),
+        "Names, spellings or a style for the first window to follow, and with conditioning on previous text "
+        "(setting condition_on_previous_text) the windows after it (Whisper keeps the prompt's last 223 tokens).")),
     Param("word_timestamps", "boolean", setting="word_timestamps", description=(
         "In JSON, each segment gets `words`, each {start, end, word, probability}.")),
     VAD_FILTER,
@@ -121,6 +122,7 @@ class AsrParams:
         return DecodeOptions(language=language(inst, self.language), task=checked_task(inst, self.task, "task"),
                              beam_size=self.beam_size, temperature=self.temperature,
                              fallback=inst.settings.temperature_fallback,
+                             condition_on_previous_text=inst.settings.condition_on_previous_text,
                              initial_prompt=self.initial_prompt,
                              word_timestamps=checked_words(inst, self.word_timestamps, "word_timestamps"))
 

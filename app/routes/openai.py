@@ -78,6 +78,7 @@ def _serve(task: str):
             language = asr.language(inst, values["language"])
         options = DecodeOptions(language=language, task=task, beam_size=inst.settings.beam_size,
                                 temperature=temperature, fallback=inst.settings.temperature_fallback,
+                                condition_on_previous_text=inst.settings.condition_on_previous_text,
                                 initial_prompt=values["prompt"],
                                 word_timestamps=asr.checked_words(inst, "word" in granularities, GRANULARITIES))
         transcript, future = asr.transcribe_audio(inst, data, options, inst.settings.vad_filter)

@@ -412,6 +412,7 @@ class Stream:
         # configured beam and temperature fallback.
         options = DecodeOptions(language=self.language, beam_size=s.beam_size if final else 1,
                                 fallback=s.temperature_fallback and final, prefix=prefix,
+                                condition_on_previous_text=s.condition_on_previous_text,
                                 initial_prompt=(self.prompt if prefix else f"{self.prompt} {self.said}").strip())
         try:
             return self.inst.queue.submit(np.concatenate([*context, audio]), options, low_priority=not final)
