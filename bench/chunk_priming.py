@@ -22,11 +22,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from bench import REPO
 from bench.long_accuracy import MAX_WER_GAP_PP, choosing, chosen_or_status, spread
+from app.engines.base import Transcript
+from app.engines.ctranslate2_engine import PROMPT_RESET_TEMPERATURE
 from app.selfcheck.wer import word_error_rate
 
 WAYS = {
@@ -37,8 +40,11 @@ WAYS = {
     "lag1": "each chunk primed with the tokens of the chunk just before (one after the other: no parallelism)",
     "halves": "faster-whisper's defaults on each half of the file, cut in the pause nearest the middle",
     "quarters": "faster-whisper's defaults on each quarter of the file, cut in the pauses nearest the quarters",
+    "chain2": "the service's chunks in two spans cut as the halves, each chunk primed with the text of its span's chunks before it",
+    "chain4": "the same in four spans cut as the quarters",
 }
 SPANS = {"halves": 2, "quarters": 4}   # the ways that decode spans whole, and how many
+CHAINS = {"chain2": 2, "chain4": 4}    # the ways that decode spans chunk after chunk, and how many
 BASELINE = "whole"
 
 
@@ -51,6 +57,20 @@ def prompt(way: str, tokens: list[list[int]], index: int) -> list[int] | None:
     if way == "upto2":
         return [t for chunk in tokens[:index - 1] for t in chunk] if index >= 2 else None
     return None
+
+
+def conditioned_prompt(initial_prompt: str, before: Sequence[Transcript]) -> str:
+    """The chain ways' prompt for a chunk decoded after ``before`` (the chunks before it in its span, in
+    order), as text, the way a service would pass it as ``initial_prompt``: the initial prompt and those
+    chunks' text, from after the last chunk decoded hotter than ``PROMPT_RESET_TEMPERATURE`` (as
+    faster-whisper resets its prompt). faster-whisper keeps the prompt's last 223 tokens."""
+    texts = [initial_prompt]
+    for transcript in before:
+        if any(s.temperature > PROMPT_RESET_TEMPERATURE for s in transcript.segments):
+            texts = []
+        else:
+            texts.append(transcript.text)
+    return " ".join(t.strip() for t in texts if t.strip())
 
 
 def span_cuts(chunks, length: int, spans: int) -> list[int]:
@@ -87,13 +107,19 @@ def decode(model, samples: np.ndarray, way: str, chunk_seconds: float = 30.0) ->
     options = DecodeOptions()
     tokens: list[list[int]] = []
     transcripts = []
+    firsts = {0}                # where each span's first chunk is
+    if way in CHAINS:
+        firsts |= {next(i for i, c in enumerate(chunks) if c.start >= cut)
+                   for cut in span_cuts(chunks, len(samples), CHAINS[way])}
     for index, chunk in enumerate(chunks):
+        span = max(i for i in firsts if i <= index)
         segments, info = model.transcribe(
             samples[chunk.start:chunk.end], beam_size=options.beam_size, best_of=fallback.BEST_OF,
             temperature=list(fallback.temperatures(0.0, True)),
             compression_ratio_threshold=fallback.COMPRESSION_RATIO_THRESHOLD,
             log_prob_threshold=fallback.LOG_PROB_THRESHOLD, no_speech_threshold=fallback.NO_SPEECH_THRESHOLD,
-            initial_prompt=prompt(way, tokens, index),
+            initial_prompt=(conditioned_prompt("", transcripts[span:index]) or None) if way in CHAINS
+            else prompt(way, tokens, index),
             word_timestamps=longform.chunk_options(options, chunks, index).word_timestamps, vad_filter=False)
         segments = list(segments)
         tokens.append([t for s in segments for t in s.tokens])
