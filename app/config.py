@@ -94,6 +94,9 @@ class Settings:
     # Long recordings (app/audio/longform.py): cut at pauses into chunks of chunk_seconds, decoded side by side.
     chunking: bool = True                # false: window after window on the instance that got it
     chunk_fanout: bool = True            # also send chunks to idle sibling instances (loopback)
+    span_seconds: float = 120.0          # faster-whisper conditioning on previous text: chunks are equal spans of
+                                         # at most this long instead, as many as a multiple of the instances'
+                                         # slots, each decoded window after window; 0: chunks of chunk_seconds
 
     # Async jobs (app/jobs/): POST /v1/jobs, a supervised runner, SQLite + audio under run_dir/jobs.
     jobs: bool = True                    # false: no job runner program, /v1/jobs answers 404
@@ -323,6 +326,8 @@ def validate(s: Settings) -> None:
                           "(tensor parallelism); the other engines run on one GPU")
     if not 1 <= s.chunk_seconds <= 1200:
         raise ConfigError("chunk_seconds must be between 1 and 1200")
+    if s.span_seconds and not s.chunk_seconds <= s.span_seconds <= 1200:
+        raise ConfigError("span_seconds must be 0 (off) or between chunk_seconds and 1200")
     if s.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, not {s.device!r}")
     if s.instances < 1:

@@ -85,7 +85,7 @@ def test_the_model_configuration_file_is_honoured(service):
     assert health["engine"] == service.engine
     assert health["model_config"] == {
         "compute_type": PRECISION[service.engine], "beam_size": 5, "max_batch": 2, "max_audio_seconds": 120.0,
-        "language": None, "detect_language": True, "output": "srt", "word_timestamps": False, "vad_filter": False}
+        "multilingual": False, "language": None, "detect_language": True, "output": "srt", "word_timestamps": False, "vad_filter": False}
     default = post(service, jfk())  # no output asked for: the configured SRT
     assert default.status_code == 200 and default.headers["Content-Type"].startswith("application/x-subrip")
     assert normalize(" ".join(s.content for s in srt.parse(default.text))) == normalize(JFK_REFERENCE)

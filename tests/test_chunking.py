@@ -296,3 +296,34 @@ def test_chunks_planned_as_vad_listens_are_the_whole_plan_and_come_before_it_end
                 assert asked[0] <= 30 * S + step, trial
             planned.append(chunk)
         assert planned == whole, trial
+
+
+def test_chunks_longer_than_a_window_are_equal_parts_as_many_as_a_multiple_of_the_lanes():
+    # 4 s sentences with 0.8 s pauses: a clear pause every 4.8 s.
+    def talk(seconds: float) -> tuple[np.ndarray, list[dict]]:
+        spans, t = [], 0.5
+        while t + 4 < seconds:
+            spans.append((t, t + 4))
+            t += 4.8
+        return np.zeros(int(seconds * S), np.float32), stretches(*spans)
+
+    def lengths(audio, speech, limit, parts=1):
+        chunks = plan_chunks(audio, limit, speech, parts=parts)
+        assert covers(chunks, len(audio)) and all(c.end - c.start <= limit * S for c in chunks)
+        for chunk in chunks[:-1]:
+            assert not any(s["start"] < chunk.end < s["end"] for s in speech), "a cut fell inside speech"
+        return [(c.end - c.start) / S for c in chunks]
+
+    audio, speech = talk(418)
+    # At most 120 s: four parts of about 104.5 s (to within one sentence), not 3 x 118 s and 64 s.
+    assert lengths(audio, speech, 120) == pytest.approx([104.5] * 4, abs=4.8)
+    # Four lanes' slots: still four parts; eight: eight.
+    assert lengths(audio, speech, 120, parts=4) == pytest.approx([104.5] * 4, abs=4.8)
+    assert lengths(audio, speech, 120, parts=8) == pytest.approx([52.25] * 8, abs=4.8)
+    audio, speech = talk(300)
+    assert lengths(audio, speech, 120) == pytest.approx([100] * 3, abs=4.8)
+    assert lengths(audio, speech, 120, parts=2) == pytest.approx([75] * 4, abs=4.8)   # two lanes: an even count
+    # One window at most: cut as late as a clear pause allows, whatever the lanes.
+    assert lengths(audio, speech, 30, parts=2) == lengths(audio, speech, 30) and min(lengths(audio, speech, 30)[:-1]) > 25
+    # More slots (a GPU's batches) than windows: chunks of one window, as with a limit of one window.
+    assert lengths(audio, speech, 120, parts=16) == lengths(audio, speech, 30)

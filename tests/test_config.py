@@ -67,6 +67,8 @@ def test_timeouts_nest_from_the_longest_inference():
     ({"output": "pdf"}, "output"),
     ({"detect_language": False}, "detect_language"),
     ({"word_timestamps": "sometimes"}, "word_timestamps"),
+    ({"span_seconds": 20}, "span_seconds"),            # shorter than chunk_seconds (30)
+    ({"span_seconds": 5000}, "span_seconds"),
 ])
 def test_bad_settings_are_refused_by_name(overrides, words):
     with pytest.raises(ConfigError, match=words):

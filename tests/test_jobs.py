@@ -188,7 +188,8 @@ def service(tmp_path_factory):
     keys.write_text(f"{KEY_A}\n{KEY_B}\n")
     config = tmp / "asr-test.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
-        "api_keys_file": str(keys), "chunk_seconds": 10.0, "job_chunk_attempts": ATTEMPTS,
+        # Chunks of 10 s, not spans: a job of a few chunks, one of them poisoned.
+        "api_keys_file": str(keys), "chunk_seconds": 10.0, "span_seconds": 0.0, "job_chunk_attempts": ATTEMPTS,
         "job_retry_seconds": RETRY_SECONDS, "job_runner_stall_seconds": STALL_SECONDS}.items()))
     svc = bring_up(tmp, 1, "--config", str(config))
     try:

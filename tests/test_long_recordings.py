@@ -1,6 +1,7 @@
 """Long recordings through the real service (asrctl, supervisord, nginx, two gunicorn instances with
 the real model): a long /asr request decoded on both instances, and an async job that survives
-``asrctl restart --rolling`` (instances and the job runner) without losing a finished chunk."""
+``asrctl restart --rolling`` (instances and the job runner) without losing a finished chunk, in
+chunks of one window; and with the defaults, one conditioned span per instance on both paths."""
 from __future__ import annotations
 
 import http.client
@@ -25,8 +26,9 @@ RATE = 16_000
 def service(tmp_path_factory):
     # /asr takes at most 100 s; a job takes the 135 s recording, uploaded as 48 kHz stereo (26 MB, over
     # /asr's upload limit): nginx and the instance size /v1/jobs' limit from job_max_audio_seconds.
+    # Chunks of one window (span_seconds = 0): enough of them that the restart lands in the middle of the job.
     svc = bring_up(tmp_path_factory.mktemp("long"), 2, "--max-audio-seconds", "100",
-                   env={"ASR_JOB_MAX_QUEUED": "1"})
+                   env={"ASR_JOB_MAX_QUEUED": "1", "ASR_SPAN_SECONDS": "0"})
     try:
         yield svc
     finally:
@@ -201,6 +203,36 @@ def test_a_job_id_that_is_not_ours_reaches_no_job(service):
         status, body = _raw_get(instance, path)
         assert status == 404 and body["error"]["code"] == "not_found", (path, body)
     assert requests.get(f"{service.url}/ready", timeout=5).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def spanning(tmp_path_factory):
+    """The defaults: faster-whisper conditioning on previous text, spans of at most span_seconds."""
+    svc = bring_up(tmp_path_factory.mktemp("spans"), 2)
+    try:
+        yield svc
+    finally:
+        svc.asrctl("down", check=False)
+
+
+def test_a_long_recording_goes_in_one_conditioned_span_per_instance_on_both_paths(spanning):
+    samples, places = set_a_sequence(gap=1.0)  # about 70 s: two spans of about 35 s
+    data, duration, reference = wav_bytes(samples, RATE), len(samples) / RATE, " ".join(r for *_, r in places)
+    asr = requests.post(f"{spanning.url}/asr", files={"audio": ("long.wav", data)}, timeout=600)
+    assert asr.status_code == 200, asr.text
+    placed = dict(part.split("=") for part in asr.headers["X-ASR-Chunks"].split(", "))
+    assert placed == {f"asr-{port}": "1" for port in spanning.instance_ports}, placed
+    posted = requests.post(f"{spanning.url}/v1/jobs", files={"audio": ("long.wav", data)}, timeout=120)
+    assert posted.status_code == 202, posted.text
+    job = _wait_for(spanning, posted.json()["id"], lambda j: j["state"] not in ("queued", "running"), 400)
+    assert job["state"] == "done", job
+    chunks = JobStore(spanning.run_dir / "jobs" / "jobs.sqlite3").chunks(posted.json()["id"])
+    assert len(chunks) == 2 and len({c.instance for c in chunks}) == 2      # the job runner plans the same spans
+    for text in (asr.json()["text"], job["result"]["text"]):
+        assert wer([reference], [text]) < 0.1, text
+    assert normalize(asr.json()["text"]) == normalize(job["result"]["text"])
+    segments = asr.json()["segments"]
+    assert [s["start"] for s in segments] == sorted(s["start"] for s in segments) and segments[-1]["end"] > duration - 10
 
 
 def _wait_for(service, job_id: str, condition, timeout: float, progress: list | None = None) -> dict:

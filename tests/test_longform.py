@@ -1,6 +1,7 @@
 """Long recordings cut at pauses and decoded chunk by chunk (app/audio/longform.py): the same words as
 window-after-window decoding on real speech, fair queueing next to short requests, a fast 503 when
-there is no room, and the scheduler's rules for lanes that are busy, fail or are cancelled."""
+there is no room, and the scheduler's rules for lanes that are busy, fail or are cancelled; and in
+spans of several windows, each conditioned on the text before it (``span_seconds``)."""
 from __future__ import annotations
 
 import threading
@@ -22,12 +23,25 @@ from app.runtime.queue import QueueFull, result_within
 from support import JFK_REFERENCE, shared_audio, english_set_a, espeak, normalize, read_16k_mono, set_a_sequence, wer
 
 
-@pytest.fixture(scope="module")
-def inst(tmp_path_factory):
-    settings = load_settings(env={}, overrides={"max_queue": 4, "run_dir": str(tmp_path_factory.mktemp("run"))})
-    instance = ModelInstance(settings)
+def loaded(run_dir, **overrides) -> ModelInstance:
+    instance = ModelInstance(load_settings(env={}, overrides={"max_queue": 4, "run_dir": str(run_dir), **overrides}))
     instance.load_now()
     assert instance.ready, instance.error
+    return instance
+
+
+@pytest.fixture(scope="module")
+def inst(tmp_path_factory):
+    """Chunks of one window (``span_seconds = 0``): what every engine but a conditioning one decodes."""
+    instance = loaded(tmp_path_factory.mktemp("run"), span_seconds=0)
+    yield instance
+    instance.queue.stop()
+
+
+@pytest.fixture(scope="module")
+def spanning(tmp_path_factory):
+    """The defaults: faster-whisper conditioning on previous text, spans of at most ``span_seconds``."""
+    instance = loaded(tmp_path_factory.mktemp("run"))
     yield instance
     instance.queue.stop()
 
@@ -58,6 +72,57 @@ def test_chunks_give_the_same_words_as_window_after_window(inst):
     starts = [s.start for s in chunked.segments]
     assert starts == sorted(starts) and all(s.end <= duration + 0.5 for s in chunked.segments)
     assert chunked.segments[-1].end > duration - 10 and chunked.duration == pytest.approx(duration)
+
+
+def long_then_short(instance: ModelInstance, samples: np.ndarray, options: DecodeOptions):
+    """``transcribe_long``'s result for ``samples``, and when it started and ended and when a short
+    request (JFK, 11 s) sent to the same instance once its first chunk was decoding came back."""
+    marks: dict[str, float] = {}
+    result = {}
+
+    def long_request():
+        marks["long_start"] = time.monotonic()
+        result["long"] = longform.transcribe_long(instance, samples, options)
+        marks["long_end"] = time.monotonic()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while instance.queue.in_flight == 0 and time.monotonic() < deadline:  # the first chunk is decoding
+        time.sleep(0.01)
+    short = read_16k_mono(shared_audio("setA/jfk.flac"))
+    result_within(instance.queue.submit(short, options), 120)
+    marks["short_end"] = time.monotonic()
+    thread.join(timeout=300)
+    return result["long"], marks
+
+
+def test_a_recording_in_spans_gives_the_words_of_window_after_window_and_lets_a_short_request_in(spanning):
+    samples, references = long_recording()           # about 140 s: two spans of about 70 s on one lane
+    options = DecodeOptions(beam_size=spanning.settings.beam_size)
+    whole = spanning.engine.transcribe(samples, options)   # faster-whisper's defaults, conditioning included
+    (spans, placed), marks = long_then_short(spanning, samples, options)
+    assert placed == {spanning.id: 2}
+    # The two spans of the plan, each decoded whole with its options (conditioning on previous text, the
+    # engine's default, included): word for word. And as faster-whisper decodes each span (the span's
+    # last window finished on its own encoder output may move a word on some CPU).
+    plan = longform.split(samples, longform.longest_chunk(spanning.settings, True), True)
+    alone = [spanning.engine.transcribe(samples[c.start:c.end], longform.chunk_options(options, plan, i))
+             for i, c in enumerate(plan)]
+    assert len(plan) == 2
+    assert normalize(spans.text) == normalize(" ".join(t.text for t in alone))
+    bare = " ".join(spanning.engine.transcribe(samples[c.start:c.end], options).text for c in plan)
+    assert wer([bare], [spans.text]) <= 0.02, (bare, spans.text)
+    # About the words of window after window: a cut moves a few, as for chunks of one window (one
+    # CPU's int8 kernels drop "I'm Abigail Claflin. You can call me Abbie." where the second span
+    # starts, and faster-whisper on that span alike).
+    reference = " ".join(references)
+    whole_wer, spans_wer = wer([reference], [whole.text]), wer([reference], [spans.text])
+    assert spans_wer <= whole_wer + 0.06, (whole_wer, spans_wer, whole.text, spans.text)
+    starts = [s.start for s in spans.segments]
+    assert starts == sorted(starts) and spans.segments[-1].end > len(samples) / SAMPLE_RATE - 10
+    # The short request waited for the first span, not both: a span holds one queue slot at a time.
+    assert marks["long_end"] - marks["short_end"] > 0.3 * (marks["long_end"] - marks["long_start"]), marks
 
 
 def test_a_chunk_takes_one_window_where_faster_whisper_would_open_a_second(inst, monkeypatch):
@@ -95,23 +160,7 @@ def test_a_chunk_takes_one_window_where_faster_whisper_would_open_a_second(inst,
 
 def test_a_short_request_waits_for_one_chunk_not_the_whole_recording(inst):
     samples, _ = set_a_sequence(gap=1.0)  # about 70 s: 3-4 chunks
-    options = DecodeOptions(beam_size=inst.settings.beam_size)
-    marks: dict[str, float] = {}
-
-    def long_request():
-        marks["long_start"] = time.monotonic()
-        longform.transcribe_long(inst, samples, options)
-        marks["long_end"] = time.monotonic()
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while inst.queue.in_flight == 0 and time.monotonic() < deadline:  # the first chunk is decoding
-        time.sleep(0.01)
-    short = read_16k_mono(shared_audio("setA/jfk.flac"))
-    result_within(inst.queue.submit(short, options), 120)
-    marks["short_end"] = time.monotonic()
-    thread.join(timeout=300)
+    _, marks = long_then_short(inst, samples, DecodeOptions(beam_size=inst.settings.beam_size))
     assert marks["short_end"] < marks["long_end"]
     # Most of the recording was decoded after the short request: it did not queue behind all chunks.
     assert marks["long_end"] - marks["short_end"] > 0.4 * (marks["long_end"] - marks["long_start"]), marks
@@ -319,20 +368,41 @@ def test_published_chunks_know_their_neighbour():
 
     def planned():
         for k in range(3):
-            yield Chunk(k * 10, k * 10 + 12, True)  # each overlaps the next
+            yield Chunk(k * 10, k * 10 + 12, True, overlaps_next=k < 2)  # each overlaps the next, as planned
             seen.append(len(chunks))
 
     for index in longform.published(planned(), chunks):
-        assert index + 1 < len(chunks) or seen == [1, 2, 3]  # the next chunk is known, or planning ended
+        # The neighbour it overlaps is known; the last one (cut in no speech) goes at once.
+        assert index + 1 < len(chunks) or (index == 2 and seen == [1, 2])
         assert longform.chunk_options(DecodeOptions(), chunks, index).word_timestamps  # it overlaps one
     assert len(chunks) == 3
 
 
+def test_chunks_are_spans_only_where_the_engine_conditions_on_previous_text():
+    def longest(one_language=True, **overrides):
+        return longform.longest_chunk(load_settings(env={}, overrides=overrides), one_language)
+    assert longest() == 120 and longest(span_seconds=300) == 300
+    assert longest(condition_on_previous_text=False) == longest(span_seconds=0) == 30
+    assert longest(engine="transformers") == 30 and longest(chunk_seconds=20, span_seconds=0) == 20
+    # A language to detect on a multilingual model: chunks of one window, each detecting its own.
+    assert longest(one_language=False) == 30
+
+
+def test_a_chunk_cut_in_a_pause_is_published_before_the_next_is_planned():
+    chunks: list = []
+    published = []
+    for index in longform.published((Chunk(k * 10, k * 10 + 10, True) for k in range(3)), chunks):
+        published.append((index, len(chunks)))
+        options = longform.chunk_options(DecodeOptions(), chunks, index)
+        assert options.ends_in_pause and not options.word_timestamps
+    assert published == [(0, 1), (1, 2), (2, 3)]      # each as soon as it was planned
+
+
 def test_on_a_batching_instance_a_request_s_chunks_go_in_one_batch(tmp_path):
-    """The GPU case, on CPU: with max_batch 2 a long request holds two slots and its chunks are
-    decoded two at a time in one batched engine call, with the same words as one at a time."""
+    """The GPU case, on CPU: with max_batch 2 a long request holds two slots and its chunks (of one
+    window) are decoded two at a time in one batched engine call, with the same words as one at a time."""
     settings = load_settings(env={}, overrides={"max_queue": 4, "max_batch": 2, "max_wait_ms": 100,
-                                                "run_dir": str(tmp_path)})
+                                                "span_seconds": 0, "run_dir": str(tmp_path)})
     batching = ModelInstance(settings)
     batching.load_now()
     sizes: list[int] = []

@@ -116,11 +116,14 @@ def test_each_chunk_of_a_long_recording_detects_its_own_language(model, clips, t
         chunks = longform.split(samples, settings.chunk_seconds, inst.engine.word_timestamps)
         detected = [code for code, _ in inst.engine.detect_language([samples[c.start:c.end] for c in chunks])]
         transcript, _ = longform.transcribe_long(inst, samples, GREEDY)
+        # The language left open on a multilingual model: chunks (of chunk_seconds), not a span, even
+        # with faster-whisper's spans on (the default span_seconds).
         assert len(chunks) == 2 and asked == [None, None]
         assert transcript.language in detected and transcript.language != "und"
         asked.clear()
-        named, _ = longform.transcribe_long(inst, samples, replace(GREEDY, language="de"))
-        assert asked == ["de", "de"] and named.language == "de"
+        named, placed = longform.transcribe_long(inst, samples, replace(GREEDY, language="de"))
+        # Named: one language for the whole recording, which goes in one span, in that language.
+        assert placed == {inst.id: 1} and asked == ["de"] and named.language == "de"
     finally:
         inst.queue.stop()
 

@@ -10,6 +10,15 @@ clear pause rather than the longest keeps chunks near a full window: a chunk cos
 encoder work however short it is, and with the longest pause chunks averaged 23 s of 30 and a
 5-minute file took 13 windows instead of window-after-window's 11.
 
+Chunks longer than one Whisper window (``max_seconds`` above ``WINDOW_SECONDS``: spans that
+faster-whisper decodes window after window, each window conditioned on the text before it) are
+equal parts instead: as many as a multiple of ``parts`` (the slots of the lanes that decode them
+side by side) that keeps each within the limit, each cut in the clear pause
+nearest its share of the recording, so the lanes finish together. Cut as late as
+possible instead, chunks of at most 105 s left long1 (418 s) 103, 104, 96, 103 and 13 s, and ten
+recordings of about 7 minutes took 0.55 of faster-whisper's time on two lanes (0.51-0.59), against
+0.53 (0.49-0.57) in equal parts of at most 120 s (``bench long-accuracy``).
+
 Only speech that runs on past the limit without any pause is cut inside speech, at the quietest
 100 ms of the window's second half, and there the two chunks overlap by ``OVERLAP_SECONDS`` on each
 side of the cut: a word the cut runs through is whole in both. ``join`` then keeps each word of the
@@ -22,8 +31,9 @@ words to absolute times.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -40,6 +50,7 @@ MIN_TAIL_SECONDS = 1.0      # no chunk after a cut shorter than this (an engine 
 # none. Measured on tiny.en: "Thank you." ending 29.3 s into a 29.7 s chunk, and "appearance of lips
 # and mouth" ending 29.2 s into a 29.6 s one, were lost; ending 28.7 s in, both were kept.
 END_MARGIN_SECONDS = 1.5
+WINDOW_SECONDS = 30.0       # one Whisper window: chunks longer than this are cut into equal parts
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ class Chunk:
     start: int       # first sample, in the whole recording
     end: int         # one past the last sample
     speech: bool     # whether VAD heard any speech in it (decoded all the same unless vad_filter removed silence)
+    # Cut inside speech at its end: it overlaps the next chunk (known as the planner yields it; not stored).
+    overlaps_next: bool = field(default=False, compare=False)
 
     @property
     def offset(self) -> float:
@@ -54,20 +67,21 @@ class Chunk:
 
 
 def plan_chunks(samples: np.ndarray, max_seconds: float, speech: Sequence[dict],
-                overlap_seconds: float = 0.0) -> list[Chunk]:
+                overlap_seconds: float = 0.0, parts: int = 1) -> list[Chunk]:
     """Chunks that cover ``samples`` end to end, each at most ``max_seconds``.
 
     ``speech`` holds VAD's stretches as ``{"start", "end"}`` in samples, in order. Audio no longer
     than ``max_seconds`` is one chunk. Chunks meet at cuts in pauses; at a cut inside speech they
     overlap by ``overlap_seconds`` on each side (at most a quarter of a chunk), so the cut is the
     middle of the overlap (``cuts``); with none (the default, for a caller that cannot time words to
-    merge an overlap) they meet there.
+    merge an overlap) they meet there. Above ``WINDOW_SECONDS`` the chunks are equal parts, as many as
+    a multiple of ``parts``.
     """
-    return list(plan_as_heard(samples, max_seconds, [(speech, len(samples))], overlap_seconds))
+    return list(plan_as_heard(samples, max_seconds, [(speech, len(samples))], overlap_seconds, parts))
 
 
 def plan_as_heard(samples: np.ndarray, max_seconds: float, heard: Iterable[tuple[Sequence[dict], int]],
-                  overlap_seconds: float = 0.0) -> Iterator[Chunk]:
+                  overlap_seconds: float = 0.0, parts: int = 1) -> Iterator[Chunk]:
     """``plan_chunks`` while VAD is still listening: ``heard`` yields ``(stretches, known)``, the
     stretches final before sample ``known`` (``app.audio.vad.hear_stretches``), up to ``len(samples)``.
     Each chunk is yielded as soon as the speech its cut depends on is known (the window it is cut in),
@@ -76,6 +90,13 @@ def plan_as_heard(samples: np.ndarray, max_seconds: float, heard: Iterable[tuple
     limit = int(max_seconds * SAMPLE_RATE)
     if limit <= 0:
         raise ValueError("max_seconds must be positive")
+    # Equal parts above one window: how many, a multiple of ``parts`` each within the limit. Where that
+    # makes parts shorter than a window (each costs a whole window's work), chunks of one window.
+    window, count = int(WINDOW_SECONDS * SAMPLE_RATE), 0
+    if limit > window:
+        count = max(1, parts) * math.ceil(total / (max(1, parts) * limit))
+        if count * window > total:
+            limit, count = window, 0
     overlap = max(0, min(int(overlap_seconds * SAMPLE_RATE), limit // 4))
     tail = min(int(MIN_TAIL_SECONDS * SAMPLE_RATE), limit // 4)
     margin = min(int(END_MARGIN_SECONDS * SAMPLE_RATE), limit // 4)
@@ -88,12 +109,16 @@ def plan_as_heard(samples: np.ndarray, max_seconds: float, heard: Iterable[tuple
         while known < until:
             speech, known = next(listening)
 
-    begin, position = 0, 0   # begin: where the current chunk starts; position: the last cut
-    while total - begin > limit:
+    begin, position, made = 0, 0, 0   # begin: where the current chunk starts; position: the last cut
+    while total - begin > limit or made + 1 < count:
         low, high = begin + limit // 2, min(begin + limit, total - tail)
+        # An equal part's end: this chunk's share of what is left.
+        target = begin + (total - begin) // max(1, count - made) if count else None
+        if target is not None:
+            low = begin + min(target - begin, limit) // 2
         hear(high)
         pauses = [(a, b) for a, b in _pauses(speech, known) if a <= begin + limit - margin]
-        cut = _last_clear_pause(pauses, low, high)
+        cut = _last_clear_pause(pauses, low, high) if target is None else _nearest_clear_pause(pauses, low, high, target)
         if cut is None:
             cut = _best_pause(pauses, low, high)
         if cut is None:  # a pause in the first half, but not so early that it leaves a sliver
@@ -102,7 +127,8 @@ def plan_as_heard(samples: np.ndarray, max_seconds: float, heard: Iterable[tuple
         if cut is None:  # inside speech: the chunks overlap, this one reaching past the cut
             reach = overlap
             cut = _quietest_frame(samples, low, high - reach)
-        yield Chunk(begin, cut + reach, _overlaps(speech, begin, cut + reach))
+        made += 1
+        yield Chunk(begin, cut + reach, _overlaps(speech, begin, cut + reach), overlaps_next=reach > 0)
         begin, position = cut - reach, cut
     hear(total)
     if total > begin:
@@ -274,6 +300,13 @@ def _last_clear_pause(pauses: list[tuple[int, int]], low: int, high: int) -> int
         if b - a >= clear:
             return (a + b) // 2
     return None
+
+
+def _nearest_clear_pause(pauses: list[tuple[int, int]], low: int, high: int, target: int) -> int | None:
+    """The middle of the clear pause (its part inside [low, high]) nearest ``target``, or None."""
+    clear = int(CLEAR_PAUSE_SECONDS * SAMPLE_RATE)
+    middles = [(a + b) // 2 for a, b in ((max(s, low), min(e, high)) for s, e in pauses) if b - a >= clear]
+    return min(middles, key=lambda m: abs(m - target), default=None)
 
 
 def _best_pause(pauses: list[tuple[int, int]], low: int, high: int) -> int | None:

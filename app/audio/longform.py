@@ -1,7 +1,11 @@
 """Long recordings: cut at quiet points, chunks decoded side by side where capacity is idle.
 
 A recording longer than ``chunk_seconds`` is cut into chunks at pauses (``app.audio.chunking`` on Silero
-VAD's stretches), overlapping where a cut has to fall inside speech. Every chunk is decoded, also
+VAD's stretches), overlapping where a cut has to fall inside speech. Where the engine conditions each
+window on the text before it (faster-whisper, ``condition_on_previous_text``), the chunks are *spans*
+of up to ``span_seconds`` instead (``longest_chunk``): equal parts, as many as a multiple of the
+lanes' slots, so each lane decodes the same share window after window with that context, which
+chunks of one window lose (about 0.5 points of WER on long read speech, docs/performance.md). Every chunk is decoded, also
 one in which VAD heard nothing (unless ``vad_filter`` removed the silence first), and each detects
 its own language unless the request named one, so a recording that changes language keeps both.
 Chunks go to *lanes*: the instance's own queue and, where ``chunk_fanout`` is on, the sibling
@@ -65,33 +69,54 @@ class Lane:
     patient: bool = False
 
 
-def split(samples: np.ndarray, chunk_seconds: float, times_words: bool = False) -> list[Chunk]:
+def split(samples: np.ndarray, chunk_seconds: float, times_words: bool = False, parts: int = 1) -> list[Chunk]:
     """Chunks of at most ``chunk_seconds`` cut at pauses; one chunk when the audio is that short.
     A cut inside speech overlaps its chunks only where the engine can time words (``times_words``):
-    the overlap is merged by word times (``chunking.join``)."""
-    return list(split_as_heard(samples, chunk_seconds, times_words))
+    the overlap is merged by word times (``chunking.join``). Chunks longer than one window are
+    equal parts, as many as a multiple of ``parts`` (the slots of the lanes that will decode them)."""
+    return list(split_as_heard(samples, chunk_seconds, times_words, parts))
 
 
-def split_as_heard(samples: np.ndarray, chunk_seconds: float, times_words: bool = False) -> Iterator[Chunk]:
+def split_as_heard(samples: np.ndarray, chunk_seconds: float, times_words: bool = False,
+                   parts: int = 1) -> Iterator[Chunk]:
     """``split``'s chunks one by one, each as soon as VAD has heard as far as its cut: the first
     chunks can be decoding while VAD still listens to the rest of the recording."""
-    if len(samples) <= chunk_seconds * SAMPLE_RATE:
+    # One chunk, without listening, where the planner could not cut: no longer than a chunk and only one
+    # lane, or no longer than a window (``chunking.plan_as_heard`` cuts longer spans for several lanes).
+    whole = chunk_seconds if parts <= 1 else min(chunk_seconds, chunking.WINDOW_SECONDS)
+    if len(samples) <= whole * SAMPLE_RATE:
         yield Chunk(0, len(samples), True)
         return
     overlap = chunking.OVERLAP_SECONDS if times_words else 0.0
-    yield from chunking.plan_as_heard(samples, chunk_seconds, vad.hear_stretches(samples), overlap)
+    yield from chunking.plan_as_heard(samples, chunk_seconds, vad.hear_stretches(samples), overlap, parts)
 
 
 def published(planned: Iterable[Chunk], chunks: list[Chunk]) -> Iterator[int]:
-    """Appends ``planned``'s chunks to ``chunks`` and yields each one's index once the chunk after it
-    is known too (or it is the last), since a chunk's options depend on its neighbour
-    (``chunk_options``)."""
+    """Appends ``planned``'s chunks to ``chunks`` and yields each one's index as soon as its options are
+    known (``chunk_options``): at once for a chunk cut in a pause or the last, once the next chunk is
+    known too for one cut inside speech (it overlaps that neighbour). A lane starts a span the moment
+    its cut is planned, not when VAD has heard as far as the next cut."""
+    held = None
     for chunk in planned:
         chunks.append(chunk)
-        if len(chunks) > 1:
-            yield len(chunks) - 2
-    if chunks:
-        yield len(chunks) - 1
+        if held is not None:
+            yield held
+        held = len(chunks) - 1 if chunk.overlaps_next else None
+        if held is None:
+            yield len(chunks) - 1
+    if held is not None:
+        yield held
+
+
+def longest_chunk(settings, one_language: bool) -> float:
+    """How long a chunk may be: a span of ``span_seconds`` where faster-whisper conditions each window
+    on the text before it (a span keeps that context over several windows; measured in
+    docs/performance.md), else ``chunk_seconds``. Spans only where the recording's language is known
+    (``one_language``: the request named it, or the model knows only one): a span detects its language
+    once, on its first window, where chunks of one window each detect their own, so a recording that
+    changes language keeps both."""
+    conditions = settings.engine == "ctranslate2" and settings.condition_on_previous_text and one_language
+    return max(settings.chunk_seconds, settings.span_seconds) if conditions and settings.span_seconds else settings.chunk_seconds
 
 
 def times_words(settings) -> bool:
@@ -232,9 +257,7 @@ def transcribe_long(inst, samples: np.ndarray, options: DecodeOptions, request_i
     """
     settings = inst.settings
     deadline = time.monotonic() + settings.request_timeout_seconds
-    # Chunks are planned as VAD listens (this thread), and decoded as soon as they are planned.
     chunks: list[Chunk] = []
-    planned = published(split_as_heard(samples, settings.chunk_seconds, inst.engine.word_timestamps), chunks)
     # Every chunk is decoded, silent to VAD or not: with vad_filter the silence is already gone
     # (app.routes.asr), and without it quiet speech VAD misses is the model's to hear (its no-speech check).
     # No language is forced: each chunk detects its own unless the request named one.
@@ -255,6 +278,11 @@ def transcribe_long(inst, samples: np.ndarray, options: DecodeOptions, request_i
             if peer.idle:
                 lanes.append(Lane(peer.name, settings.chunk_slots(peer.max_batch),
                                   _remote(peer.port, audio, options, chunks, deadline, request_id)))
+    # Chunks are planned as VAD listens (this thread), as many as a multiple of the lanes' slots where
+    # they are longer than a window, and decoded as soon as they are planned.
+    one_language = options.language is not None or not inst.engine.multilingual
+    planned = published(split_as_heard(samples, longest_chunk(settings, one_language), inst.engine.word_timestamps,
+                                       sum(lane.slots for lane in lanes)), chunks)
     done = decode_chunks(planned, lanes, deadline)
     indices = range(len(chunks))
     missing = [i for i in indices if i not in done]

@@ -53,6 +53,11 @@ class Peer:
         return queue.get("running", 1) + queue.get("waiting", 1) == 0
 
     @property
+    def multilingual(self) -> bool:
+        """Whether its model knows more than one language (unknown: assumed so)."""
+        return self.health.get("model_config", {}).get("multilingual") is not False
+
+    @property
     def max_batch(self) -> int:
         return int(self.health.get("model_config", {}).get("max_batch", 1))
 

@@ -149,7 +149,12 @@ class Runner:
             self._complete(job, vad.silent(len(samples) / SAMPLE_RATE, params.get("language") or "und"), params)
             return
         if not self.store.chunks(job.id):
-            plan = longform.split(timeline, s.chunk_seconds, longform.times_words(s))
+            # As many parts as a multiple of the ready instances' slots, where chunks are longer than a window.
+            ready = peers.ready_peers(s.peers_file)
+            slots = sum(s.chunk_slots(peer.max_batch) for peer in ready)
+            one_language = bool(params.get("language")) or bool(ready) and not any(p.multilingual for p in ready)
+            plan = longform.split(timeline, longform.longest_chunk(s, one_language), longform.times_words(s),
+                                  max(1, slots))
             self.store.start(job.id, [(c.start, c.end, c.speech) for c in plan],
                              speech.chunks if speech is not None else None, SAMPLE_RATE)
             log.info("job %s: %.0f s of audio in %d chunks", name, job.duration, len(plan))

@@ -182,7 +182,8 @@ def transcribe_audio(inst: ModelInstance, data: bytes, options: DecodeOptions,
     settings = inst.settings
     if request.headers.get(peers.CHUNK_HEADER):  # a sibling's chunk, cut in a pause (app.audio.longform)
         options = replace(options, ends_in_pause=True)
-    if settings.chunking and len(samples) > settings.chunk_seconds * SAMPLE_RATE:
+    if settings.chunking and len(samples) > settings.chunk_seconds * SAMPLE_RATE \
+            and not request.headers.get(peers.CHUNK_HEADER):   # a span longer than chunk_seconds stays whole
         transcript, future = chunked(inst, samples, options), None
     else:
         transcript, future = queued(inst, lambda: inst.queue.submit(samples, options))

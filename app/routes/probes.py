@@ -56,6 +56,7 @@ def model_config(inst) -> dict:
         "compute_type": inst.engine.compute_type if inst.engine else s.compute_type,
         "beam_size": s.beam_size,
         "max_batch": inst.queue.max_batch,
+        "multilingual": inst.engine.multilingual if inst.engine else None,
         "max_audio_seconds": s.max_audio_seconds,
         "language": s.language or None,
         "detect_language": s.detect_language,
