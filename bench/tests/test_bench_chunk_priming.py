@@ -9,9 +9,10 @@ import sys
 import pytest
 
 from bench import chunk_priming
-from bench.chunk_priming import BASELINE, WAYS, compare, prompt, span_cuts
+from bench.chunk_priming import BASELINE, WAYS, compare, conditioned_prompt, prompt, span_cuts
 from bench.long_accuracy import LONGFORM
 from app.audio.chunking import Chunk
+from app.engines.base import Segment, Transcript
 from support import REPO
 
 
@@ -22,6 +23,14 @@ def test_a_chunk_is_primed_only_with_chunks_decoded_before_it_starts():
     assert [prompt("lag2", tokens, k) for k in range(4)] == [None, None, [10, 11], [20]]
     assert [prompt("upto2", tokens, k) for k in range(4)] == [None, None, [10, 11], [10, 11, 20]]
     assert all(prompt(way, tokens, 3) is None for way in ("none", "whole", "halves", "quarters"))
+
+
+def test_a_chained_chunk_is_primed_with_its_span_s_earlier_text_from_after_the_last_hot_chunk():
+    def decoded(text: str, temperature: float = 0.0) -> Transcript:
+        return Transcript(text, "en", 1.0, [Segment(0.0, 1.0, text, temperature=temperature)])
+    assert conditioned_prompt("Names.", [decoded("one"), decoded("two")]) == "Names. one two"
+    assert conditioned_prompt("Names.", [decoded("one"), decoded("hot", 0.8), decoded("three")]) == "three"
+    assert conditioned_prompt("", [decoded("warm", 0.4)]) == "warm" and conditioned_prompt("", []) == ""
 
 
 def test_a_recording_is_cut_into_spans_in_the_pauses_nearest_its_halves_or_quarters():
