@@ -382,6 +382,7 @@ def test_chunks_are_spans_only_where_the_engine_conditions_on_previous_text():
     def longest(one_language=True, **overrides):
         return longform.longest_chunk(load_settings(env={}, overrides=overrides), one_language)
     assert longest() == 120 and longest(span_seconds=300) == 300
+    assert longest(max_audio_seconds=100) == 100 and longest(max_audio_seconds=20) == 30   # what an instance takes
     assert longest(condition_on_previous_text=False) == longest(span_seconds=0) == 30
     assert longest(engine="transformers") == 30 and longest(chunk_seconds=20, span_seconds=0) == 20
     # A language to detect on a multilingual model: chunks of one window, each detecting its own.

@@ -114,9 +114,12 @@ def longest_chunk(settings, one_language: bool) -> float:
     docs/performance.md), else ``chunk_seconds``. Spans only where the recording's language is known
     (``one_language``: the request named it, or the model knows only one): a span detects its language
     once, on its first window, where chunks of one window each detect their own, so a recording that
-    changes language keeps both."""
+    changes language keeps both. No span is longer than an instance takes (``max_audio_seconds``): the
+    job runner's spans go to instances as requests."""
     conditions = settings.engine == "ctranslate2" and settings.condition_on_previous_text and one_language
-    return max(settings.chunk_seconds, settings.span_seconds) if conditions and settings.span_seconds else settings.chunk_seconds
+    if not (conditions and settings.span_seconds):
+        return settings.chunk_seconds
+    return max(settings.chunk_seconds, min(settings.span_seconds, settings.max_audio_seconds))
 
 
 def times_words(settings) -> bool:
