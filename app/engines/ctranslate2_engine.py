@@ -5,10 +5,11 @@ One clip goes through faster-whisper's ``WhisperModel.transcribe``. Several clip
 takes the current 30 s window of each unfinished clip, runs one batched encoder call and one batched
 beam search on the CTranslate2 model, and moves each clip's position on from its own timestamp
 tokens, exactly as faster-whisper's one-clip loop does: with conditioning on previous text (the
-default, ``DecodeOptions.condition_on_previous_text``) each window is primed with the tokens of the
-segments before it, timestamps included, back to the last window decoded at a temperature above 0.5
-(the initial prompt's tokens first); without it an initial prompt primes the first window that is not
-skipped as silence. Clips whose prompts differ in length decode in separate calls of a round. Its guards
+default, ``DecodeOptions.condition_on_previous_text``; for clips longer than one window,
+``_conditioned``) each window is primed with the tokens of the segments before it, timestamps
+included, back to the last window decoded at a temperature above 0.5 (the initial prompt's tokens
+first); without it an initial prompt primes the first window that is not skipped as silence. Clips
+whose prompts differ in length decode in separate calls of a round. Its guards
 against hallucination too (``app.engines.fallback``): the windows of a round whose text loops or is
 unlikely are decoded again at the next temperature, in a batch of their own (on their own encoder
 call: CTranslate2 cannot take part of an encoded batch), with faster-whisper's sampling settings.
@@ -54,6 +55,7 @@ _TIME_PRECISION = 0.02            # seconds per timestamp token
 _INPUT_STRIDE = 2                 # mel frames per encoder position (= per timestamp token)
 _MAX_INITIAL_TIMESTAMP = 1.0      # the first timestamp may not be later than this
 PROMPT_RESET_TEMPERATURE = 0.5    # a window decoded hotter than this primes none after it
+_WINDOW_SAMPLES = 30 * SAMPLE_RATE  # one Whisper window
 
 
 def resolved_compute_type(device: str, compute_type: str) -> str:
@@ -103,7 +105,7 @@ class CTranslate2Engine:
             compression_ratio_threshold=fallback.COMPRESSION_RATIO_THRESHOLD,
             log_prob_threshold=fallback.LOG_PROB_THRESHOLD,
             no_speech_threshold=fallback.NO_SPEECH_THRESHOLD,
-            condition_on_previous_text=options.condition_on_previous_text,
+            condition_on_previous_text=_conditioned(options, len(audio)),
             prompt_reset_on_temperature=PROMPT_RESET_TEMPERATURE,
             initial_prompt=options.initial_prompt or None,
             word_timestamps=options.word_timestamps,
@@ -153,7 +155,7 @@ class CTranslate2Engine:
 
         extractor = self._model.feature_extractor
         clips = [_Clip(extractor(np.asarray(audio, dtype=np.float32)), len(audio), ends_in_pause=o.ends_in_pause,
-                       timestamps=not o.prefix.strip(), conditioned=o.condition_on_previous_text)
+                       timestamps=not o.prefix.strip(), conditioned=_conditioned(o, len(audio)))
                  for audio, o in zip(audios, options)]
         languages = self._languages(clips, options)
         for clip, option, (language, probability) in zip(clips, options, languages):
@@ -320,6 +322,14 @@ class _Clip:
     @property
     def content_frames(self) -> int:
         return self.features.shape[-1] - 1  # the last frame comes from the extractor's own padding
+
+
+def _conditioned(options: DecodeOptions, samples: int) -> bool:
+    """Whether windows are primed with the text before them: as asked, for a clip longer than one
+    window. A shorter clip's only later window is the sliver after a last segment left open, and
+    primed with the clip's text Whisper writes "Thank you" there (7.3 s of espeak-ng speech through
+    the OpenAI route); alone, it finds no speech."""
+    return options.condition_on_previous_text and samples > _WINDOW_SAMPLES
 
 
 def _lockstep(options: DecodeOptions) -> bool:
