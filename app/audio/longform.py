@@ -5,8 +5,8 @@ VAD's stretches), overlapping where a cut has to fall inside speech. Where the e
 window on the text before it (faster-whisper, ``condition_on_previous_text``), the chunks are *spans*
 of up to ``span_seconds`` instead (``longest_chunk``): equal parts, as many as a multiple of the
 lanes' slots, so each lane decodes the same share window after window with that context, which
-chunks of one window lose (about 0.5 points of WER on long read speech, docs/performance.md). Every chunk is decoded, also
-one in which VAD heard nothing (unless ``vad_filter`` removed the silence first), and each detects
+chunks of one window lose (about 0.7 points of WER on long read speech, docs/performance.md).
+Every chunk is decoded, also one in which VAD heard nothing (unless ``vad_filter`` removed the silence first), and each detects
 its own language unless the request named one, so a recording that changes language keeps both.
 Chunks go to *lanes*: the instance's own queue and, where ``chunk_fanout`` is on, the sibling
 instances that are ready and idle when the request starts (``app.audio.peers``), each lane taking chunks
@@ -133,8 +133,8 @@ def chunk_options(options: DecodeOptions, chunks: Sequence[Chunk], index: int) -
     """Each chunk is decoded alone, so an initial prompt primes only the first window with speech, as
     in window-after-window decoding without conditioning on previous text: it goes to the first chunk
     with speech only (none where VAD heard none), which ``chunks[:index + 1]`` tells, so chunks planned
-    later change nothing. (A chunk longer than one window, with ``chunk_seconds`` above 30, is
-    conditioned within itself where the engine conditions.) A chunk that
+    later change nothing. (A span, ``longest_chunk``, carries it on within itself, conditioned on the
+    text before each window.) A chunk that
     ends in a pause or at the recording's end lets a Whisper engine finish it in one window; one that
     overlaps a neighbour (a cut inside speech) asks for word times, which place each word of the
     overlap in one chunk (``chunking.join``; the words reach the caller only if it asked for them).

@@ -55,7 +55,6 @@ _TIME_PRECISION = 0.02            # seconds per timestamp token
 _INPUT_STRIDE = 2                 # mel frames per encoder position (= per timestamp token)
 _MAX_INITIAL_TIMESTAMP = 1.0      # the first timestamp may not be later than this
 PROMPT_RESET_TEMPERATURE = 0.5    # a window decoded hotter than this primes none after it
-_WINDOW_SAMPLES = 30 * SAMPLE_RATE  # one Whisper window
 
 
 def resolved_compute_type(device: str, compute_type: str) -> str:
@@ -95,6 +94,7 @@ class CTranslate2Engine:
     def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
         if (options.ends_in_pause or options.prefix) and _lockstep(options):
             return self._decode_lockstep([audio], [options], options.task, options.beam_size)[0]
+        window = self._model.feature_extractor.n_samples
         segments, info = self._model.transcribe(
             audio,
             language=options.language if self.multilingual else "en",
@@ -105,7 +105,7 @@ class CTranslate2Engine:
             compression_ratio_threshold=fallback.COMPRESSION_RATIO_THRESHOLD,
             log_prob_threshold=fallback.LOG_PROB_THRESHOLD,
             no_speech_threshold=fallback.NO_SPEECH_THRESHOLD,
-            condition_on_previous_text=_conditioned(options, len(audio)),
+            condition_on_previous_text=_conditioned(options, len(audio), window),
             prompt_reset_on_temperature=PROMPT_RESET_TEMPERATURE,
             initial_prompt=options.initial_prompt or None,
             word_timestamps=options.word_timestamps,
@@ -155,7 +155,7 @@ class CTranslate2Engine:
 
         extractor = self._model.feature_extractor
         clips = [_Clip(extractor(np.asarray(audio, dtype=np.float32)), len(audio), ends_in_pause=o.ends_in_pause,
-                       timestamps=not o.prefix.strip(), conditioned=_conditioned(o, len(audio)))
+                       timestamps=not o.prefix.strip(), conditioned=_conditioned(o, len(audio), extractor.n_samples))
                  for audio, o in zip(audios, options)]
         languages = self._languages(clips, options)
         for clip, option, (language, probability) in zip(clips, options, languages):
@@ -324,12 +324,12 @@ class _Clip:
         return self.features.shape[-1] - 1  # the last frame comes from the extractor's own padding
 
 
-def _conditioned(options: DecodeOptions, samples: int) -> bool:
+def _conditioned(options: DecodeOptions, samples: int, window: int) -> bool:
     """Whether windows are primed with the text before them: as asked, for a clip longer than one
-    window. A shorter clip's only later window is the sliver after a last segment left open, and
-    primed with the clip's text Whisper writes "Thank you" there (7.3 s of espeak-ng speech through
-    the OpenAI route); alone, it finds no speech."""
-    return options.condition_on_previous_text and samples > _WINDOW_SAMPLES
+    window (``window`` samples, the feature extractor's). A shorter clip's only later window is the
+    sliver after a last segment left open, and primed with the clip's text Whisper writes "Thank you"
+    there (7.3 s of espeak-ng speech through the OpenAI route); alone, it finds no speech."""
+    return options.condition_on_previous_text and samples > window
 
 
 def _lockstep(options: DecodeOptions) -> bool:

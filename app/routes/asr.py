@@ -180,16 +180,16 @@ def transcribe_audio(inst: ModelInstance, data: bytes, options: DecodeOptions,
             return vad.silent(audio.duration, options.language or own), None
         samples = speech.samples
     settings = inst.settings
-    if request.headers.get(peers.CHUNK_HEADER):  # a sibling's chunk, cut in a pause (app.audio.longform)
+    from_sibling = bool(request.headers.get(peers.CHUNK_HEADER))  # a sibling's chunk (app.audio.longform)
+    if from_sibling:  # cut in a pause; a span longer than chunk_seconds is not cut again
         options = replace(options, ends_in_pause=True)
-    if settings.chunking and len(samples) > settings.chunk_seconds * SAMPLE_RATE \
-            and not request.headers.get(peers.CHUNK_HEADER):   # a span longer than chunk_seconds stays whole
+    if settings.chunking and len(samples) > settings.chunk_seconds * SAMPLE_RATE and not from_sibling:
         transcript, future = chunked(inst, samples, options), None
     else:
         transcript, future = queued(inst, lambda: inst.queue.submit(samples, options))
     if speech is not None:
         transcript = vad.restore_times(transcript, speech, audio.duration)
-    if not request.headers.get(peers.CHUNK_HEADER):  # a chunk's audio is counted by the request it came from
+    if not from_sibling:  # a chunk's audio is counted by the request it came from
         metrics.count_audio(current_app, transcript.duration)
     return transcript, future
 
