@@ -332,6 +332,9 @@ def _open_files(pids: list[int]) -> set[tuple[int, str]]:
     return files
 
 
+SQLITE_TRANSIENT = ("-wal", "-shm", "-journal")
+
+
 def _tree(root: Path, skip_logs: bool = False) -> set[str]:
     paths = set()
     for dirpath, _dirs, names in os.walk(root):
@@ -339,6 +342,8 @@ def _tree(root: Path, skip_logs: bool = False) -> set[str]:
             rel = os.path.relpath(os.path.join(dirpath, name), root)
             if skip_logs and rel.startswith("logs" + os.sep):
                 continue  # the same log files keep growing; a new one would be a rotation
+            if name.endswith(SQLITE_TRANSIENT):
+                continue  # SQLite's own: there while any process has the job store open, gone when it closes
             paths.add(rel)
     return paths
 
