@@ -342,4 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from bench import stop_on_sigterm
+
+    stop_on_sigterm()
     sys.exit(main())

@@ -266,16 +266,16 @@ def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> d
     rows: list[dict] = []
     bare = None
     served = {"model": display_name(settings.model), "compute_type": settings.compute_type}
+    errors: list[BaseException] = []
+
+    def up(service: Service) -> None:
+        try:
+            service.up(timeout=600)
+        except BaseException as e:  # noqa: BLE001 - raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=up, args=(s,)) for s in pools.values()]
     try:
-        errors: list[BaseException] = []
-
-        def up(service: Service) -> None:
-            try:
-                service.up(timeout=600)
-            except BaseException as e:  # noqa: BLE001 - raised below
-                errors.append(e)
-
-        threads = [threading.Thread(target=up, args=(s,)) for s in pools.values()]
         for t in threads:
             t.start()
         for t in threads:
@@ -320,6 +320,9 @@ def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> d
     finally:
         if bare is not None:
             bare.close()
+        for t in threads:   # interrupted while a pool comes up: down once it is up, or it would stay
+            if t.is_alive():
+                t.join()
         for service in pools.values():
             service.down()
             shutil.rmtree(service.run_dir, ignore_errors=True)

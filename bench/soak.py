@@ -283,4 +283,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
+    from bench import stop_on_sigterm
+
+    stop_on_sigterm()
     raise SystemExit(main())

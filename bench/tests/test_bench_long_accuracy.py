@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from importlib import metadata
 
 import numpy as np
@@ -17,7 +21,9 @@ import soundfile
 from bench import long_accuracy
 from bench.long_accuracy import LONGFORM, MODES, load_recordings
 from bench.machine import cpu_model
-from support import REPO
+from app.control.act import processes
+from app.control.paths import RunPaths
+from support import REPO, poll, run_asrctl
 
 shared = pytest.mark.skipif(not (LONGFORM / "manifest.jsonl").exists(),
                             reason=f"the shared long-form recordings are not here ({LONGFORM})")
@@ -198,3 +204,42 @@ def test_only_chooses_among_the_folder_s_recordings_and_the_rearranged_ones(tmp_
     assert names("--rearranged", "2", "--only", "talk0") == ["talk0"]
     with pytest.raises(long_accuracy.NoRecordings):
         names("--rearranged", "2", "--only", "mix3")                # no such recording
+
+
+@pytest.mark.integration
+def test_sigterm_mid_run_takes_both_pools_and_the_bare_engine_down(tmp_path):
+    # A run stopped by ``timeout`` or ``kill`` while it measures, as by Ctrl-C: it exits 143 and leaves
+    # no supervisord, nginx, instance or bare-engine process behind, and no run directory.
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    soundfile.write(str(audio / "quiet.wav"), np.zeros(20 * 16000, np.int16), 16000)
+    (audio / "quiet.txt").write_text("nothing\n")
+    out = tmp_path / "results"
+    bench = subprocess.Popen([sys.executable, "-m", "bench", "long-accuracy", "--audio", str(audio), "--rounds", "500",
+                              "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    runs = [RunPaths.at(out / "run-window"), RunPaths.at(out / "run-chunked")]
+    try:
+        said, deadline = "", time.monotonic() + 300
+        while "(b) service" not in said and bench.poll() is None and time.monotonic() < deadline:
+            if select.select([bench.stdout], [], [], 1)[0]:
+                said += bench.stdout.readline()
+        assert "(b) service" in said, said                        # measuring: both pools up, the bare engine too
+        # Both runs' supervisord, nginx and instances, and the bench's own children (the bare engine).
+        family = [p for run in runs for p in processes.run_processes(run)]
+        family += [processes.Proc(pid, bench.pid, "other", (), processes.start_time(pid) or 0)
+                   for pid in processes.tree(bench.pid) - {bench.pid}]
+        assert {"supervisord", "nginx", "instance"} <= {p.kind for p in family}, family
+        assert len(family) >= 8, family
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=120) == 128 + signal.SIGTERM, bench.stdout.read()
+        assert poll(lambda: not processes.alive(family), 10), processes.alive(family)
+        assert not any(run.root.exists() for run in runs)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        for run in runs:
+            if run.root.exists():
+                run_asrctl("down", "--run-dir", str(run.root), check=False, timeout=120)
+
