@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from app.audio import vad
-from app.audio.chunking import (MIN_TAIL_SECONDS, OVERLAP_SECONDS, Chunk, cuts, join, join_texts, overlapping, plan_as_heard,
-                                plan_chunks)
+from app.audio.chunking import (MIN_TAIL_SECONDS, NEAR_SECONDS, OVERLAP_SECONDS, Chunk, cuts, equal_parts, join, join_texts,
+                                overlapping, plan_as_heard, plan_chunks, plan_parts)
 from app.engines.base import SAMPLE_RATE, Segment, Transcript, Word
 from app.selfcheck.speech import SENTENCES
 from support import SPEECH, read_16k_mono, shared_audio, speech_with_pauses
@@ -327,3 +327,22 @@ def test_chunks_longer_than_a_window_are_equal_parts_as_many_as_a_multiple_of_th
     assert lengths(audio, speech, 30, parts=2) == lengths(audio, speech, 30) and min(lengths(audio, speech, 30)[:-1]) > 25
     # More slots (a GPU's batches) than windows: chunks of one window, as with a limit of one window.
     assert lengths(audio, speech, 120, parts=16) == lengths(audio, speech, 30)
+
+
+def test_an_equal_part_listens_near_its_share_first_then_across_its_second_half():
+    # 200 s for two lanes at most 120 s each: two halves, the cut aimed at 100 s. The only clear pause is
+    # at 85-86 s, beyond NEAR_SECONDS of the aim: the planner listens there first, then across the
+    # half's second half, and cuts in that pause.
+    audio = np.zeros(200 * S, np.float32)
+    speech = stretches((0.5, 85), (86, 199.5))
+    asked = []
+
+    def listen(low, high):
+        asked.append((low / S, high / S))
+        return speech
+
+    seconds, count = equal_parts(len(audio), 120, 2)
+    chunks = list(plan_parts(audio, seconds, count, listen))
+    assert [(c.start / S, c.end / S) for c in chunks] == [(0, 85.5), (85.5, 200)]
+    assert asked == [(100 - NEAR_SECONDS, 100 + NEAR_SECONDS), (50, 120)]
+    assert plan_chunks(audio, 120, speech, parts=2) == chunks

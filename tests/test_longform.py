@@ -20,7 +20,8 @@ from app.engines.base import SAMPLE_RATE, DecodeOptions, Transcript
 from app.runtime.instance import ModelInstance
 from app.audio.peers import Busy
 from app.runtime.queue import QueueFull, result_within
-from support import JFK_REFERENCE, shared_audio, english_set_a, espeak, normalize, read_16k_mono, set_a_sequence, wer
+from support import (JFK_REFERENCE, shared_audio, english_set_a, espeak, normalize, read_16k_mono, set_a_sequence,
+                     speech_with_pauses, wer)
 
 
 def loaded(run_dir, **overrides) -> ModelInstance:
@@ -387,6 +388,28 @@ def test_chunks_are_spans_only_where_the_engine_conditions_on_previous_text():
     assert longest(engine="transformers") == 30 and longest(chunk_seconds=20, span_seconds=0) == 20
     # A language to detect on a multilingual model: chunks of one window, each detecting its own.
     assert longest(one_language=False) == 30
+
+
+def test_spans_are_cut_in_pauses_listening_only_near_each_cut(monkeypatch):
+    # About 150 s of sentences with 0.8 s pauses: four spans of about 37 s for two lanes (at most 60 s).
+    sentences = ["The quick brown fox jumps over the lazy dog.", "A long recording is cut into equal parts.",
+                 "Each part is decoded window after window.", "Two lanes decode two parts at the same time.",
+                 "Nobody should wait for the whole file to be heard."]
+    samples, _ = speech_with_pauses(*sentences * 10, pause=0.8)
+    whole = vad.speech_stretches(samples)
+    heard: list[int] = []
+    real = vad.speech_stretches
+    monkeypatch.setattr(vad, "speech_stretches", lambda audio, *a, **k: heard.append(len(audio)) or real(audio, *a, **k))
+    chunks = longform.split(samples, 60, True, parts=2)
+    assert len(chunks) == 4 and chunks[0].start == 0 and chunks[-1].end == len(samples)
+    assert all(a.end == b.start for a, b in zip(chunks, chunks[1:]))
+    share = len(samples) / 4
+    for chunk in chunks[:-1]:
+        assert abs(chunk.end - (chunk.start + share)) < 8 * SAMPLE_RATE, chunks     # its share, to within a sentence
+        assert not any(s["start"] < chunk.end < s["end"] for s in whole), chunk.end  # in a pause the whole scan hears
+    # Silero heard the audio around the three cuts (each 10 s either side, and about 2 s before to settle), not
+    # the whole recording.
+    assert 0 < sum(heard) <= 3 * 23 * SAMPLE_RATE < len(samples) / 2, (heard, len(samples))
 
 
 def test_a_chunk_cut_in_a_pause_is_published_before_the_next_is_planned():

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -51,6 +51,7 @@ MIN_TAIL_SECONDS = 1.0      # no chunk after a cut shorter than this (an engine 
 # and mouth" ending 29.2 s into a 29.6 s one, were lost; ending 28.7 s in, both were kept.
 END_MARGIN_SECONDS = 1.5
 WINDOW_SECONDS = 30.0       # one Whisper window: chunks longer than this are cut into equal parts
+NEAR_SECONDS = 10.0         # an equal part's cut: the clear pause nearest its share is looked for this near first
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,66 @@ def plan_chunks(samples: np.ndarray, max_seconds: float, speech: Sequence[dict],
     merge an overlap) they meet there. Above ``WINDOW_SECONDS`` the chunks are equal parts, as many as
     a multiple of ``parts``.
     """
-    return list(plan_as_heard(samples, max_seconds, [(speech, len(samples))], overlap_seconds, parts))
+    seconds, count = equal_parts(len(samples), max_seconds, parts)
+    if count:
+        return list(plan_parts(samples, seconds, count, lambda low, high: speech, overlap_seconds))
+    return list(plan_as_heard(samples, seconds, [(speech, len(samples))], overlap_seconds))
+
+
+def equal_parts(total: int, max_seconds: float, parts: int) -> tuple[float, int]:
+    """How ``total`` samples are cut for lanes with ``parts`` slots in all: ``(max_seconds, count)``,
+    ``count`` equal parts (a multiple of ``parts``, each within ``max_seconds``) where chunks may be
+    longer than one window; else ``count`` 0 and chunks cut as late as a pause allows, at most
+    ``max_seconds`` or, where equal parts would be shorter than a window (each costs a whole window's
+    work), at most one window."""
+    limit, window = int(max_seconds * SAMPLE_RATE), int(WINDOW_SECONDS * SAMPLE_RATE)
+    if limit <= window:
+        return max_seconds, 0
+    count = max(1, parts) * math.ceil(total / (max(1, parts) * limit))
+    if count * window > total:
+        return WINDOW_SECONDS, 0
+    return max_seconds, count
+
+
+def plan_parts(samples: np.ndarray, max_seconds: float, count: int, listen: Callable[[int, int], Sequence[dict]],
+               overlap_seconds: float = 0.0) -> Iterator[Chunk]:
+    """``count`` equal parts of ``samples`` (``equal_parts``), each cut in the clear pause nearest its
+    share of what is left, yielded as each cut is made. ``listen(low, high)`` gives VAD's stretches
+    there: only the audio near each cut is listened to (``NEAR_SECONDS`` either side, then the rest of
+    the part's second half if no clear pause is there), so the lanes start at once, and no part waits
+    for VAD to hear the rest of the recording. A part is taken to hold speech (every part is decoded)."""
+    total, limit = len(samples), int(max_seconds * SAMPLE_RATE)
+    overlap = max(0, min(int(overlap_seconds * SAMPLE_RATE), limit // 4))
+    tail = min(int(MIN_TAIL_SECONDS * SAMPLE_RATE), limit // 4)
+    margin = min(int(END_MARGIN_SECONDS * SAMPLE_RATE), limit // 4)
+    near = int(NEAR_SECONDS * SAMPLE_RATE)
+    begin, position, made = 0, 0, 0   # begin: where the current part starts; position: the last cut
+    while total - begin > limit or made + 1 < count:
+        target = begin + (total - begin) // max(1, count - made)
+        low, high = begin + min(target - begin, limit) // 2, min(begin + limit, total - tail)
+        cut, pauses = None, []
+        for a, b in ((max(low, target - near), min(high, target + near)), (low, high)):
+            pauses = [(s, e) for s, e in _pauses(listen(a, b), b) if s <= begin + limit - margin]
+            cut = _nearest_clear_pause(pauses, a, b, target)
+            if cut is not None:
+                break
+        if cut is None:
+            cut = _best_pause(pauses, low, high)
+        if cut is None:  # a pause in the first half, but not so early that it leaves a sliver
+            cut = _best_pause(_pauses(listen(position + tail, high), high), position + tail, high)
+        reach = 0
+        if cut is None:  # inside speech: the parts overlap, this one reaching past the cut
+            reach = overlap
+            cut = _quietest_frame(samples, low, high - reach)
+        made += 1
+        yield Chunk(begin, cut + reach, True, overlaps_next=reach > 0)
+        begin, position = cut - reach, cut
+    if total > begin:
+        yield Chunk(begin, total, True)
 
 
 def plan_as_heard(samples: np.ndarray, max_seconds: float, heard: Iterable[tuple[Sequence[dict], int]],
-                  overlap_seconds: float = 0.0, parts: int = 1) -> Iterator[Chunk]:
+                  overlap_seconds: float = 0.0) -> Iterator[Chunk]:
     """``plan_chunks`` while VAD is still listening: ``heard`` yields ``(stretches, known)``, the
     stretches final before sample ``known`` (``app.audio.vad.hear_stretches``), up to ``len(samples)``.
     Each chunk is yielded as soon as the speech its cut depends on is known (the window it is cut in),
@@ -90,13 +146,6 @@ def plan_as_heard(samples: np.ndarray, max_seconds: float, heard: Iterable[tuple
     limit = int(max_seconds * SAMPLE_RATE)
     if limit <= 0:
         raise ValueError("max_seconds must be positive")
-    # Equal parts above one window: how many, a multiple of ``parts`` each within the limit. Where that
-    # makes parts shorter than a window (each costs a whole window's work), chunks of one window.
-    window, count = int(WINDOW_SECONDS * SAMPLE_RATE), 0
-    if limit > window:
-        count = max(1, parts) * math.ceil(total / (max(1, parts) * limit))
-        if count * window > total:
-            limit, count = window, 0
     overlap = max(0, min(int(overlap_seconds * SAMPLE_RATE), limit // 4))
     tail = min(int(MIN_TAIL_SECONDS * SAMPLE_RATE), limit // 4)
     margin = min(int(END_MARGIN_SECONDS * SAMPLE_RATE), limit // 4)
@@ -109,16 +158,12 @@ def plan_as_heard(samples: np.ndarray, max_seconds: float, heard: Iterable[tuple
         while known < until:
             speech, known = next(listening)
 
-    begin, position, made = 0, 0, 0   # begin: where the current chunk starts; position: the last cut
-    while total - begin > limit or made + 1 < count:
+    begin, position = 0, 0   # begin: where the current chunk starts; position: the last cut
+    while total - begin > limit:
         low, high = begin + limit // 2, min(begin + limit, total - tail)
-        # An equal part's end: this chunk's share of what is left.
-        target = begin + (total - begin) // max(1, count - made) if count else None
-        if target is not None:
-            low = begin + min(target - begin, limit) // 2
         hear(high)
         pauses = [(a, b) for a, b in _pauses(speech, known) if a <= begin + limit - margin]
-        cut = _last_clear_pause(pauses, low, high) if target is None else _nearest_clear_pause(pauses, low, high, target)
+        cut = _last_clear_pause(pauses, low, high)
         if cut is None:
             cut = _best_pause(pauses, low, high)
         if cut is None:  # a pause in the first half, but not so early that it leaves a sliver
@@ -127,7 +172,6 @@ def plan_as_heard(samples: np.ndarray, max_seconds: float, heard: Iterable[tuple
         if cut is None:  # inside speech: the chunks overlap, this one reaching past the cut
             reach = overlap
             cut = _quietest_frame(samples, low, high - reach)
-        made += 1
         yield Chunk(begin, cut + reach, _overlaps(speech, begin, cut + reach), overlaps_next=reach > 0)
         begin, position = cut - reach, cut
     hear(total)

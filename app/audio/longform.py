@@ -82,13 +82,18 @@ def split_as_heard(samples: np.ndarray, chunk_seconds: float, times_words: bool 
     """``split``'s chunks one by one, each as soon as VAD has heard as far as its cut: the first
     chunks can be decoding while VAD still listens to the rest of the recording."""
     # One chunk, without listening, where the planner could not cut: no longer than a chunk and only one
-    # lane, or no longer than a window (``chunking.plan_as_heard`` cuts longer spans for several lanes).
+    # lane, or no longer than a window (``chunking.plan_parts`` cuts longer spans for several lanes).
     whole = chunk_seconds if parts <= 1 else min(chunk_seconds, chunking.WINDOW_SECONDS)
     if len(samples) <= whole * SAMPLE_RATE:
         yield Chunk(0, len(samples), True)
         return
     overlap = chunking.OVERLAP_SECONDS if times_words else 0.0
-    yield from chunking.plan_as_heard(samples, chunk_seconds, vad.hear_stretches(samples), overlap, parts)
+    seconds, count = chunking.equal_parts(len(samples), chunk_seconds, parts)
+    if count:   # spans: VAD listens only near each cut
+        yield from chunking.plan_parts(samples, seconds, count,
+                                       lambda low, high: vad.stretches_between(samples, low, high), overlap)
+    else:
+        yield from chunking.plan_as_heard(samples, seconds, vad.hear_stretches(samples), overlap)
 
 
 def published(planned: Iterable[Chunk], chunks: list[Chunk]) -> Iterator[int]:

@@ -8,7 +8,8 @@ way faster-whisper's own ``vad_filter`` maps them.
 
 A long recording is cut at Silero's speech stretches (``speech_stretches``), found here block by
 block (``hear_stretches``) with faster-whisper's rules, so chunks can be cut and decoded while the
-scan goes on; tests hold them equal to faster-whisper's ``get_speech_timestamps``.
+scan goes on; tests hold them equal to faster-whisper's ``get_speech_timestamps``. Spans, cut near
+set points, need only the audio around each (``stretches_between``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from app.engines.base import SAMPLE_RATE, Transcript
 STRETCH_PAUSE_MS = 300   # the shortest pause between two stretches a long recording may be cut in
 _STRETCH_PAD_MS = 100
 _FRAME, _CONTEXT = 512, 64   # Silero's frame, and the samples of the frame before it that it also sees
+WARMUP_SECONDS = 2.0         # Silero heard this long before a stretch of audio scanned alone (``stretches_between``)
 _THRESHOLD, _NEG_THRESHOLD = 0.5, 0.35   # faster-whisper's defaults: speech starts above, a pause below
 
 
@@ -49,6 +51,17 @@ def speech_stretches(samples: np.ndarray, min_pause_ms: int = STRETCH_PAUSE_MS) 
     ``min_pause_ms`` kept apart: the places a long recording may be cut (``app.audio.chunking``)."""
     *_, (stretches, _) = hear_stretches(samples, min_pause_ms)   # the last answer: the whole file's
     return stretches
+
+
+def stretches_between(samples: np.ndarray, low: int, high: int, min_pause_ms: int = STRETCH_PAUSE_MS) -> list[dict]:
+    """``speech_stretches`` of ``samples[low:high]`` alone, on the whole recording's timeline: Silero
+    listens from ``WARMUP_SECONDS`` before ``low`` (on the whole recording's frame grid) so its state has
+    settled by ``low``. Not the same to the frame as a scan of the whole recording: the recurrent state
+    differs a little, and a stretch edge can move by a frame or two."""
+    start = max(0, low - int(WARMUP_SECONDS * SAMPLE_RATE))
+    start -= start % _FRAME
+    return [{"start": s["start"] + start, "end": s["end"] + start}
+            for s in speech_stretches(samples[start:high], min_pause_ms)]
 
 
 def hear_stretches(samples: np.ndarray, min_pause_ms: int = STRETCH_PAUSE_MS,
