@@ -14,7 +14,8 @@ Chunks longer than one Whisper window (``max_seconds`` above ``WINDOW_SECONDS``:
 faster-whisper decodes window after window, each window conditioned on the text before it) are
 equal parts instead: as many as a multiple of ``parts`` (the slots of the lanes that decode them
 side by side) that keeps each within the limit, each cut in the clear pause
-nearest its share of the recording, so the lanes finish together. Cut as late as
+nearest its share of the recording, so the lanes finish together (``plan_parts``, which asks VAD
+about the audio near each share only). Cut as late as
 possible instead, chunks of at most 105 s left long1 (418 s) 103, 104, 96, 103 and 13 s, and ten
 recordings of about 7 minutes took 0.55 of faster-whisper's time on two lanes (0.51-0.59), against
 0.53 (0.49-0.57) in equal parts of at most 120 s (``bench long-accuracy``).

@@ -5,15 +5,16 @@ VAD's stretches), overlapping where a cut has to fall inside speech. Where the e
 window on the text before it (faster-whisper, ``condition_on_previous_text``), the chunks are *spans*
 of up to ``span_seconds`` instead (``longest_chunk``): equal parts, as many as a multiple of the
 lanes' slots, so each lane decodes the same share window after window with that context, which
-chunks of one window lose (about 0.7 points of WER on long read speech, docs/performance.md).
+chunks of one window lose (about 0.8 points of WER on long read speech, docs/performance.md).
 Every chunk is decoded, also one in which VAD heard nothing (unless ``vad_filter`` removed the silence first), and each detects
 its own language unless the request named one, so a recording that changes language keeps both.
 Chunks go to *lanes*: the instance's own queue and, where ``chunk_fanout`` is on, the sibling
 instances that are ready and idle when the request starts (``app.audio.peers``), each lane taking chunks
 in order from one shared list. The list fills as VAD listens: a chunk is decoded as soon as its cut
 is planned, while the request's thread goes on scanning the rest (VAD is about 1 s of one core for 7
-minutes of audio, which the other lanes no longer wait for). The job runner uses the same scheduler
-with one lane per ready instance, on a plan it stores whole first.
+minutes of audio, which the other lanes no longer wait for); spans listen only near their cuts
+(``chunking.plan_parts``). The job runner uses the same scheduler with one lane per ready instance,
+on a plan it stores whole first.
 
 Fairness (a busy pool is never starved by one long file):
 
