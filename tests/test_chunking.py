@@ -346,3 +346,20 @@ def test_an_equal_part_listens_near_its_share_first_then_across_its_second_half(
     assert [(c.start / S, c.end / S) for c in chunks] == [(0, 85.5), (85.5, 200)]
     assert asked == [(100 - NEAR_SECONDS, 100 + NEAR_SECONDS), (50, 120)]
     assert plan_chunks(audio, 120, speech, parts=2) == chunks
+
+
+def test_a_last_part_too_long_for_the_limit_is_cut_again_in_its_second_half():
+    # 230 s at most 120 s: two parts aimed at 115 s, but the only clear pause before the limit is at
+    # 90 s; the 140 s left are cut again in the pause at 180-181 s. Nothing is asked of VAD past the limit.
+    audio = np.zeros(230 * S, np.float32)
+    speech = stretches((0.5, 89.5), (90.5, 180), (181, 229.5))
+    asked = []
+
+    def listen(low, high):
+        asked.append((low / S, high / S))
+        return speech
+
+    seconds, count = equal_parts(len(audio), 120, 1)
+    chunks = list(plan_parts(audio, seconds, count, listen))
+    assert [(c.start / S, round(c.end / S, 2)) for c in chunks] == [(0, 90), (90, 180.5), (180.5, 230)]
+    assert all(low < high for low, high in asked), asked

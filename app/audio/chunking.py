@@ -118,6 +118,8 @@ def plan_parts(samples: np.ndarray, max_seconds: float, count: int, listen: Call
         low, high = begin + min(target - begin, limit) // 2, min(begin + limit, total - tail)
         cut, pauses = None, []
         for a, b in ((max(low, target - near), min(high, target + near)), (low, high)):
+            if a >= b:   # the aim is past the limit (a last part that would be too long): the half only
+                continue
             pauses = [(s, e) for s, e in _pauses(listen(a, b), b) if s <= begin + limit - margin]
             cut = _nearest_clear_pause(pauses, a, b, target)
             if cut is not None:
