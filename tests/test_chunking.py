@@ -329,37 +329,33 @@ def test_chunks_longer_than_a_window_are_equal_parts_as_many_as_a_multiple_of_th
     assert lengths(audio, speech, 120, parts=16) == lengths(audio, speech, 30)
 
 
-def test_an_equal_part_listens_near_its_share_first_then_across_its_second_half():
-    # 200 s for two lanes at most 120 s each: two halves, the cut aimed at 100 s. The only clear pause is
-    # at 85-86 s, beyond NEAR_SECONDS of the aim: the planner listens there first, then across the
-    # half's second half, and cuts in that pause.
-    audio = np.zeros(200 * S, np.float32)
-    speech = stretches((0.5, 85), (86, 199.5))
-    asked = []
+def planned_parts(seconds: float, speech: list[dict], max_seconds: float, parts: int):
+    """``plan_parts`` on ``seconds`` of audio with these stretches, for lanes of ``parts`` slots: the
+    parts as (start, end) seconds, and each range VAD was asked about."""
+    audio, asked = np.zeros(int(seconds * S), np.float32), []
 
     def listen(low, high):
         asked.append((low / S, high / S))
         return speech
 
-    seconds, count = equal_parts(len(audio), 120, 2)
-    chunks = list(plan_parts(audio, seconds, count, listen))
-    assert [(c.start / S, c.end / S) for c in chunks] == [(0, 85.5), (85.5, 200)]
+    limit, count = equal_parts(len(audio), max_seconds, parts)
+    return [(c.start / S, round(c.end / S, 2)) for c in plan_parts(audio, limit, count, listen)], asked
+
+
+def test_an_equal_part_listens_near_its_share_first_then_across_its_second_half():
+    # 200 s for two lanes at most 120 s each: two halves, the cut aimed at 100 s. The only clear pause is
+    # at 85-86 s, beyond NEAR_SECONDS of the aim: the planner listens there first, then across the
+    # half's second half, and cuts in that pause.
+    speech = stretches((0.5, 85), (86, 199.5))
+    parts, asked = planned_parts(200, speech, 120, 2)
+    assert parts == [(0, 85.5), (85.5, 200)]
     assert asked == [(100 - NEAR_SECONDS, 100 + NEAR_SECONDS), (50, 120)]
-    assert plan_chunks(audio, 120, speech, parts=2) == chunks
+    assert [(c.start / S, c.end / S) for c in plan_chunks(np.zeros(200 * S, np.float32), 120, speech, parts=2)] == parts
 
 
 def test_a_last_part_too_long_for_the_limit_is_cut_again_in_its_second_half():
     # 230 s at most 120 s: two parts aimed at 115 s, but the only clear pause before the limit is at
     # 90 s; the 140 s left are cut again in the pause at 180-181 s. Nothing is asked of VAD past the limit.
-    audio = np.zeros(230 * S, np.float32)
-    speech = stretches((0.5, 89.5), (90.5, 180), (181, 229.5))
-    asked = []
-
-    def listen(low, high):
-        asked.append((low / S, high / S))
-        return speech
-
-    seconds, count = equal_parts(len(audio), 120, 1)
-    chunks = list(plan_parts(audio, seconds, count, listen))
-    assert [(c.start / S, round(c.end / S, 2)) for c in chunks] == [(0, 90), (90, 180.5), (180.5, 230)]
+    parts, asked = planned_parts(230, stretches((0.5, 89.5), (90.5, 180), (181, 229.5)), 120, 1)
+    assert parts == [(0, 90), (90, 180.5), (180.5, 230)]
     assert all(low < high for low, high in asked), asked
