@@ -108,11 +108,13 @@ def plan_parts(samples: np.ndarray, max_seconds: float, count: int, listen: Call
     the part's second half if no clear pause is there), so the lanes start at once, and no part waits
     for VAD to hear the rest of the recording. A part is taken to hold speech (every part is decoded)."""
     total, limit = len(samples), int(max_seconds * SAMPLE_RATE)
-    overlap = max(0, min(int(overlap_seconds * SAMPLE_RATE), limit // 4))
-    tail = min(int(MIN_TAIL_SECONDS * SAMPLE_RATE), limit // 4)
-    margin = min(int(END_MARGIN_SECONDS * SAMPLE_RATE), limit // 4)
+    overlap, tail, margin = _allowances(limit, overlap_seconds)
     near = int(NEAR_SECONDS * SAMPLE_RATE)
     begin, position, made = 0, 0, 0   # begin: where the current part starts; position: the last cut
+
+    def pauses_in(low: int, high: int) -> list[tuple[int, int]]:
+        return [(a, b) for a, b in _pauses(listen(low, high), high) if a <= begin + limit - margin]
+
     while total - begin > limit or made + 1 < count:
         target = begin + (total - begin) // max(1, count - made)
         low, high = begin + min(target - begin, limit) // 2, min(begin + limit, total - tail)
@@ -120,18 +122,14 @@ def plan_parts(samples: np.ndarray, max_seconds: float, count: int, listen: Call
         for a, b in ((max(low, target - near), min(high, target + near)), (low, high)):
             if a >= b:   # the aim is past the limit (a last part that would be too long): the half only
                 continue
-            pauses = [(s, e) for s, e in _pauses(listen(a, b), b) if s <= begin + limit - margin]
+            pauses = pauses_in(a, b)
             cut = _nearest_clear_pause(pauses, a, b, target)
             if cut is not None:
                 break
-        if cut is None:
-            cut = _best_pause(pauses, low, high)
-        if cut is None:  # a pause in the first half, but not so early that it leaves a sliver
-            cut = _best_pause(_pauses(listen(position + tail, high), high), position + tail, high)
         reach = 0
-        if cut is None:  # inside speech: the parts overlap, this one reaching past the cut
-            reach = overlap
-            cut = _quietest_frame(samples, low, high - reach)
+        if cut is None:
+            cut, reach = _cut_anyway(samples, pauses, lambda: pauses_in(position + tail, high), low, high,
+                                     position + tail, overlap)
         made += 1
         yield Chunk(begin, cut + reach, True, overlaps_next=reach > 0)
         begin, position = cut - reach, cut
@@ -149,9 +147,7 @@ def plan_as_heard(samples: np.ndarray, max_seconds: float, heard: Iterable[tuple
     limit = int(max_seconds * SAMPLE_RATE)
     if limit <= 0:
         raise ValueError("max_seconds must be positive")
-    overlap = max(0, min(int(overlap_seconds * SAMPLE_RATE), limit // 4))
-    tail = min(int(MIN_TAIL_SECONDS * SAMPLE_RATE), limit // 4)
-    margin = min(int(END_MARGIN_SECONDS * SAMPLE_RATE), limit // 4)
+    overlap, tail, margin = _allowances(limit, overlap_seconds)
     listening = iter(heard)
     speech: Sequence[dict] = []
     known = 0
@@ -166,15 +162,9 @@ def plan_as_heard(samples: np.ndarray, max_seconds: float, heard: Iterable[tuple
         low, high = begin + limit // 2, min(begin + limit, total - tail)
         hear(high)
         pauses = [(a, b) for a, b in _pauses(speech, known) if a <= begin + limit - margin]
-        cut = _last_clear_pause(pauses, low, high)
+        cut, reach = _last_clear_pause(pauses, low, high), 0
         if cut is None:
-            cut = _best_pause(pauses, low, high)
-        if cut is None:  # a pause in the first half, but not so early that it leaves a sliver
-            cut = _best_pause(pauses, position + tail, high)
-        reach = 0
-        if cut is None:  # inside speech: the chunks overlap, this one reaching past the cut
-            reach = overlap
-            cut = _quietest_frame(samples, low, high - reach)
+            cut, reach = _cut_anyway(samples, pauses, lambda: pauses, low, high, position + tail, overlap)
         yield Chunk(begin, cut + reach, _overlaps(speech, begin, cut + reach), overlaps_next=reach > 0)
         begin, position = cut - reach, cut
     hear(total)
@@ -323,6 +313,30 @@ def _trimmed(segments: Sequence[Segment], first: int, stop: int, own: tuple[floa
             kept.append(replace(segment, start=words[0].start, end=words[-1].end,
                                 text="".join(w.word for w in words).strip(), words=words))
     return kept
+
+
+def _allowances(limit: int, overlap_seconds: float) -> tuple[int, int, int]:
+    """For chunks of at most ``limit`` samples: the overlap at a cut inside speech, the shortest chunk
+    after a cut (``MIN_TAIL_SECONDS``) and the speech-free margin before the limit
+    (``END_MARGIN_SECONDS``), each at most a quarter of a chunk."""
+    overlap = max(0, min(int(overlap_seconds * SAMPLE_RATE), limit // 4))
+    tail = min(int(MIN_TAIL_SECONDS * SAMPLE_RATE), limit // 4)
+    margin = min(int(END_MARGIN_SECONDS * SAMPLE_RATE), limit // 4)
+    return overlap, tail, margin
+
+
+def _cut_anyway(samples: np.ndarray, pauses: list[tuple[int, int]], earlier: Callable[[], list[tuple[int, int]]],
+                low: int, high: int, first: int, overlap: int) -> tuple[int, int]:
+    """A cut where [low, high] holds no clear pause, and how far the chunk reaches past it: the middle of
+    the longest pause there (``pauses``), else of the longest from ``first`` on (``earlier()``: the first
+    half too, but not so early that it leaves a sliver), else inside speech at the quietest 100 ms, the
+    chunks overlapping by ``overlap`` on each side."""
+    cut = _best_pause(pauses, low, high)
+    if cut is None:
+        cut = _best_pause(earlier(), first, high)
+    if cut is not None:
+        return cut, 0
+    return _quietest_frame(samples, low, high - overlap), overlap
 
 
 def _pauses(speech: Sequence[dict], total: int) -> list[tuple[int, int]]:
