@@ -70,6 +70,48 @@ def test_kill_9_under_load_loses_nothing_and_the_instance_rejoins(tmp_path):
         service.asrctl("down")
 
 
+def test_reloads_lose_no_request_of_clients_that_keep_their_connections_open(tmp_path):
+    """Every scale, drain and heal reloads nginx, and a reload retires the old workers. Clients that keep
+    their connection open between requests (requests.Session, HTTP client pools) must lose nothing:
+    cheap requests back to back, so a request is in flight on a reused connection at most reloads."""
+    import threading
+
+    import requests
+
+    service = bring_up(tmp_path, 1)
+    try:
+        status = json.loads(service.asrctl("status", "--json", check=False).stdout)
+        nginx = next(r["pid"] for r in status["instances"] if r["name"] == "nginx")
+        stop = threading.Event()
+        results: list[object] = []
+
+        def client() -> None:
+            session = requests.Session()
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline and len(results) < 50_000:
+                try:
+                    results.append(session.get(f"{service.url}/health", timeout=30).status_code)
+                except requests.RequestException as e:
+                    results.append(repr(e))
+
+        clients = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        try:
+            for _ in range(100):
+                time.sleep(0.05)
+                os.kill(nginx, signal.SIGHUP)  # what asrctl's reload sends, through supervisord
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=60)
+        failed = [r for r in results if r != 200]
+        assert failed == [], f"{len(failed)} of {len(results)} failed: {failed[:3]}"
+        assert len(results) >= 1000, len(results)
+    finally:
+        service.asrctl("down")
+
+
 def test_autoscaler_grows_after_a_load_step_and_shrinks_after_it_stops(tmp_path):
     # A fast policy for the test: decide every 0.5 s, act after 1.5 s of high load or 4 s of low.
     config = tmp_path / "autoscale.toml"
