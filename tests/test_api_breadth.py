@@ -138,28 +138,28 @@ def test_initial_prompt_conditions_the_transcript(service):
 # vad_filter -----------------------------------------------------------------------------------------
 
 def test_vad_filter_drops_silence_and_keeps_times_absolute(service):
-    jfk_samples = read_16k_mono(jfk_path())
+    # Two different recordings, each after 12 s of silence. (One sentence twice would make the speech VAD
+    # keeps repeat itself: the window fails Whisper's compression-ratio check at every temperature and
+    # comes back sampled, other words on every run, as from faster-whisper itself.)
+    wizard = next(r for r in english_set_a() if r["file"].endswith("fw_stereo_diarization_left.wav"))
+    clips = [read_16k_mono(shared_audio(wizard["file"])), read_16k_mono(jfk_path())]
+    references = [wizard["reference"], JFK_REFERENCE]
     silence = np.zeros(12 * RATE, np.float32)
-    padded = wav_bytes(np.concatenate([silence, jfk_samples, silence, jfk_samples]), RATE)
-    duration = 12 + JFK_SECONDS + 12 + JFK_SECONDS
-    with_vad = asr_json(service, padded, vad_filter="true", word_timestamps="true")
+    offsets = [12.0, 24.0 + len(clips[0]) / RATE]
+    duration = offsets[1] + len(clips[1]) / RATE
+    with_vad = asr_json(service, wav_bytes(np.concatenate([silence, clips[0], silence, clips[1]]), RATE),
+                        vad_filter="true", word_timestamps="true")
     check_times(with_vad, duration)
-    # Both sentences, each heard whole. Not word for word: the two speech stretches are decoded as two
-    # chunks, batched together or on two instances as the pool's load has it, and int8 decoding of a
-    # padded batch may hear "asked" for "ask" (3 words in 44); losing a stretch would cost 50 %.
-    assert wer([JFK_REFERENCE + " " + JFK_REFERENCE], [with_vad["text"]]) <= 0.1, with_vad["text"]
     words = words_of(with_vad)
-    first = [w for w in words if w["end"] <= 12 + JFK_SECONDS + 1]
-    second = [w for w in words if w["start"] > 12 + JFK_SECONDS]
-    # Each JFK's words lie on its own stretch of audio (each heard whole; not always the same words, as above).
-    assert len(first) + len(second) == len(words), words
-    for stretch in (first, second):
-        assert wer([JFK_REFERENCE], ["".join(w["word"] for w in stretch)]) <= 0.15, stretch
-    # VAD keeps 400 ms of padding before speech: the first word may start that much before its audio.
-    assert 11.5 <= words[0]["start"] < 13.2 and 34.5 <= second[0]["start"] < 36.2
-    assert abs(words[-1]["end"] - (35 + 10.5)) < 1.0
-    without = asr_json(service, padded, word_timestamps="true")
-    assert abs(words_of(without)[0]["start"] - words[0]["start"]) < 1.0
+    stretches = [[w for w in words if w["end"] <= offsets[1]], [w for w in words if w["start"] >= offsets[1] - 1]]
+    assert len(stretches[0]) + len(stretches[1]) == len(words), words
+    for clip, reference, offset, stretch in zip(clips, references, offsets, stretches):
+        # Each recording heard whole on its own stretch of audio (losing one would cost half the words),
+        # its words where the same recording decoded alone has them, moved by where it lies.
+        assert wer([reference], ["".join(w["word"] for w in stretch)]) <= 0.15, stretch
+        alone = words_of(asr_json(service, wav_bytes(clip, RATE), word_timestamps="true"))
+        assert abs(stretch[0]["start"] - (offset + alone[0]["start"])) < 0.7, (stretch[0], alone[0], offset)
+        assert abs(stretch[-1]["end"] - (offset + alone[-1]["end"])) < 0.7, (stretch[-1], alone[-1], offset)
 
 
 def test_vad_filter_on_audio_without_speech_skips_the_model(service):
