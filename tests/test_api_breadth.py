@@ -150,6 +150,7 @@ def test_vad_filter_drops_silence_and_keeps_times_absolute(service):
     with_vad = asr_json(service, wav_bytes(np.concatenate([silence, clips[0], silence, clips[1]]), RATE),
                         vad_filter="true", word_timestamps="true")
     check_times(with_vad, duration)
+    assert wer([" ".join(references)], [with_vad["text"]]) <= 0.1, with_vad["text"]
     words = words_of(with_vad)
     stretches = [[w for w in words if w["end"] <= offsets[1]], [w for w in words if w["start"] >= offsets[1] - 1]]
     assert len(stretches[0]) + len(stretches[1]) == len(words), words

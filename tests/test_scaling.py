@@ -4,9 +4,11 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
+import requests
 
 from support import BIN, SteadyLoad, bring_up, short_clips
 
@@ -74,10 +76,6 @@ def test_reloads_lose_no_request_of_clients_that_keep_their_connections_open(tmp
     """Every scale, drain and heal reloads nginx, and a reload retires the old workers. Clients that keep
     their connection open between requests (requests.Session, HTTP client pools) must lose nothing:
     cheap requests back to back, so a request is in flight on a reused connection at most reloads."""
-    import threading
-
-    import requests
-
     service = bring_up(tmp_path, 1)
     try:
         status = json.loads(service.asrctl("status", "--json", check=False).stdout)
