@@ -136,7 +136,7 @@ def first_utterances(parts: list[dict], seconds: float) -> tuple[float, str]:
     return cut, " ".join(p["text"] for p in kept)
 
 
-def rearranged(folder: Path, count: int, seed: int = 1) -> list[Recording]:
+def rearranged(folder: Path, count: int, seed: int = 1, seconds: float | None = None) -> list[Recording]:
     """``count`` more recordings of the same utterances as ``folder``'s (``manifest.jsonl``'s parts),
     built in memory: one WAV and reference is one draw of where windows and cuts fall, and a
     difference of 0.5 points is a few words, so more draws tell a decoder's difference from chance.
@@ -145,7 +145,8 @@ def rearranged(folder: Path, count: int, seed: int = 1) -> list[Recording]:
     kept in their order, as in the originals), in a random order, with pauses of 0.3-1.2 s and two runs
     of three sentences only 0.05 s apart, so a chunker has to cut inside speech as in the originals;
     0.5 s of silence at each end. The samples are the originals' own, copied exactly. Deterministic
-    for a ``seed``.
+    for a ``seed``. With ``seconds``, each is cut as ``--seconds`` cuts the originals
+    (``first_utterances``): the same draw, up to the pause after its last utterance that ends by then.
     """
     import soundfile
 
@@ -172,14 +173,20 @@ def rearranged(folder: Path, count: int, seed: int = 1) -> list[Recording]:
         for start in rng.choice(np.arange(0, len(pauses) - 1, 3), size=2, replace=False):
             pauses[start:start + 2] = BACK_TO_BACK_SECONDS      # three sentences back to back
         edge = np.zeros(round(0.5 * rate), np.int16)
-        pieces = [edge]
-        for i, (utterance, _) in enumerate(utterances):
+        pieces, parts, at = [edge], [], len(edge)
+        for i, (utterance, text) in enumerate(utterances):
+            parts.append({"start_s": at / rate, "end_s": (at + len(utterance)) / rate, "text": text})
             pieces.append(utterance)
             pieces.append(np.zeros(round(pauses[i] * rate), np.int16) if i < len(pauses) else edge)
+            at += len(pieces[-2]) + len(pieces[-1])
         audio = np.concatenate(pieces)
+        reference = " ".join(t for _, t in utterances)
+        if seconds is not None:
+            cut, reference = first_utterances(parts, seconds)
+            audio = audio[:round(cut * rate)]
         buffer = io.BytesIO()
         soundfile.write(buffer, audio, rate, format="WAV", subtype="PCM_16")
-        out.append(Recording(f"mix{k}", buffer.getvalue(), len(audio) / rate, " ".join(t for _, t in utterances)))
+        out.append(Recording(f"mix{k}", buffer.getvalue(), len(audio) / rate, reference))
     return out
 
 
@@ -469,7 +476,8 @@ def choosing(parser: argparse.ArgumentParser) -> None:
                                         f"(default: {LONGFORM})")
     parser.add_argument("--only", help="these recordings only, by name without .wav, e.g. long1 or mix3")
     parser.add_argument("--seconds", type=float, help="only each recording's utterances within its first N seconds "
-                                                      "(needs manifest.jsonl with utterance times)")
+                                                      "(needs manifest.jsonl with utterance times; the "
+                                                      "rearranged ones too)")
     parser.add_argument("--lead-silence", dest="lead_silence", type=int, default=0, metavar="MS",
                         help="this many milliseconds of silence before each recording (default 0)")
     parser.add_argument("--rearranged", type=int, default=0, metavar="N",
@@ -481,9 +489,9 @@ def choosing(parser: argparse.ArgumentParser) -> None:
 def chosen(folder: Path, args: argparse.Namespace) -> list[Recording]:
     """The recordings ``choosing``'s options name: the folder's and ``--rearranged``'s, ``--only`` of both."""
     only = args.only.split(",") if args.only else None
-    if args.rearranged and (args.seconds is not None or args.lead_silence):
-        raise NoRecordings("--rearranged takes whole utterances: not with --seconds or --lead-silence")
-    mixes = rearranged(folder, args.rearranged, args.seed) if args.rearranged > 0 else []
+    if args.rearranged and args.lead_silence:
+        raise NoRecordings("--rearranged makes its own pauses: not with --lead-silence")
+    mixes = rearranged(folder, args.rearranged, args.seed, args.seconds) if args.rearranged > 0 else []
     mix_names = {m.name for m in mixes}
     originals = [n for n in only if n not in mix_names] if only else None
     recordings = [] if originals == [] else load_recordings(folder, originals, args.seconds, args.lead_silence)

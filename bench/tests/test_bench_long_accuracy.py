@@ -164,14 +164,33 @@ def test_rearranged_recordings_are_whole_chapters_with_new_pauses_and_runs_back_
         assert len({i // 3 for i in runs}) == 2 and all(i % 3 < 2 for i in runs)   # two runs of three sentences
 
 
-def test_rearranged_needs_utterance_times_and_whole_utterances(tmp_path, capsys):
+def test_rearranged_recordings_cut_at_seconds_are_their_first_utterances_up_to_a_pause(tmp_path):
+    made_up_chapters(tmp_path)
+    wholes = long_accuracy.rearranged(tmp_path, 3, seed=7)
+    cuts = long_accuracy.rearranged(tmp_path, 3, seed=7, seconds=30)
+    for whole, cut in zip(wholes, cuts):
+        samples, rate = soundfile.read(io.BytesIO(whole.data), dtype="int16")
+        kept, _ = soundfile.read(io.BytesIO(cut.data), dtype="int16")
+        assert whole.seconds > 45 and cut.seconds <= 30 and cut.seconds == len(kept) / rate
+        assert np.array_equal(kept, samples[:len(kept)])                    # the same draw, its beginning
+        nonzero = np.flatnonzero(samples)
+        edges = np.flatnonzero(np.diff(nonzero) > 1)
+        starts, ends = np.r_[nonzero[0], nonzero[edges + 1]], np.r_[nonzero[edges] + 1, nonzero[-1] + 1]
+        n = int((ends <= 30 * rate).sum())                                  # the sentences that end by 30 s
+        assert 0 < n < len(starts)
+        assert ends[n - 1] < len(kept) < starts[n]                          # cut in the pause after the last
+        words = whole.reference.split()
+        assert cut.reference == " ".join(words[:4 * n])                     # their text, four words each
+
+
+def test_rearranged_needs_utterance_times_and_makes_its_own_pauses(tmp_path, capsys):
     soundfile.write(str(tmp_path / "talk.wav"), np.zeros(16000, np.int16), 16000)
     (tmp_path / "talk.txt").write_text("hello\n")
     assert long_accuracy.main(["--audio", str(tmp_path), "--rearranged", "2"]) == 2
     assert "--rearranged needs" in capsys.readouterr().err
     made_up_chapters(tmp_path)
-    assert long_accuracy.main(["--audio", str(tmp_path), "--rearranged", "2", "--seconds", "30"]) == 2
-    assert "not with --seconds" in capsys.readouterr().err
+    assert long_accuracy.main(["--audio", str(tmp_path), "--rearranged", "2", "--lead-silence", "30"]) == 2
+    assert "not with --lead-silence" in capsys.readouterr().err
 
 
 def test_the_summary_gives_the_mean_difference_over_the_recordings():
