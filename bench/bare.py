@@ -6,7 +6,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from app.selfcheck.speech import Clip
 
@@ -35,12 +37,15 @@ class BareEngine:
             from app.hardware import cuda
 
             os.environ["LD_LIBRARY_PATH"] = cuda.library_path(os.environ.get("LD_LIBRARY_PATH", ""))
+        from app.hardware.devices import parse_cores
+
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_serve, name=f"bare-{name}", daemon=True, args=(
             child, [c.data for c in clips], cores, threads, engine, model, compute_type, beam_size,
             model_cache, max_audio_seconds, device, gpu))
-        self._process.start()
+        with child_environment(OMP_NUM_THREADS=str(len(parse_cores(cores)))):
+            self._process.start()
         child.close()
         reply = self._conn.recv()
         if isinstance(reply, BaseException):
@@ -68,6 +73,27 @@ class BareEngine:
         self.close()
 
 
+@contextmanager
+def child_environment(**variables: str) -> Iterator[None]:
+    """``os.environ`` with ``variables`` while the block starts spawned children, which inherit them.
+
+    A child must have ``OMP_NUM_THREADS`` from its first instruction, as an instance has it from
+    asrctl: numpy's OpenBLAS sizes its thread pool from it when numpy loads, which the child's module
+    imports do before its own code runs, and the pool splits the sums of the mel filter bank. With two
+    threads instead of one the features differ in their last bits, and on some CPUs (a Zen 5) Whisper
+    then decodes another word ("Claflin" against "Klafflin" in English set A)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _serve(conn, datas, cores, threads, engine_name, model, compute_type, beam_size, model_cache, max_seconds,
            device="cpu", gpu=""):
     """The child: pin, load, warm up exactly as an instance does, then answer requests until told to stop.
@@ -81,12 +107,12 @@ def _serve(conn, datas, cores, threads, engine_name, model, compute_type, beam_s
         from app.engines.models import resolve_model
         from app.runtime.instance import pin_to_cores
 
-        from app.hardware.devices import gpu_environment, parse_cores
+        from app.hardware.devices import gpu_environment
 
         t0 = time.monotonic()
-        # What asrctl puts in an instance's environment, then the instance's own pinning, before the
-        # engine loads: its threads inherit both.
-        os.environ["OMP_NUM_THREADS"] = str(len(parse_cores(cores)))
+        # What asrctl puts in an instance's environment (OMP_NUM_THREADS came with the child:
+        # child_environment), then the instance's own pinning, before the engine loads: its threads
+        # inherit both.
         if device == "cuda":
             os.environ.update(gpu_environment((0,), (gpu,)))
         else:

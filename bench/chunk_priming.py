@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from bench import REPO
+from bench.bare import child_environment
 from bench.long_accuracy import MAX_WER_GAP_PP, choosing, chosen_or_status, spread
 from app.engines.base import Transcript
 from app.engines.ctranslate2_engine import PROMPT_RESET_TEMPERATURE
@@ -134,7 +135,6 @@ _model = None
 
 def _load(model_dir: str, compute_type: str) -> None:
     global _model
-    os.environ["OMP_NUM_THREADS"] = "1"
     from faster_whisper import WhisperModel
 
     _model = WhisperModel(model_dir, device="cpu", compute_type=compute_type, cpu_threads=1)
@@ -159,7 +159,9 @@ def run(recordings, ways: list[str], out: Path, workers: int, log=print) -> dict
     references = {r.name: r.reference for r in recordings}
     rows = []
     tasks = [(r.name, r.data, way, settings.chunk_seconds) for r in recordings for way in ways]
-    with mp.get_context("spawn").Pool(workers, initializer=_load, initargs=(model_dir, compute_type)) as pool:
+    with child_environment(OMP_NUM_THREADS="1"):   # each worker decodes as an instance of one core does
+        pool = mp.get_context("spawn").Pool(workers, initializer=_load, initargs=(model_dir, compute_type))
+    with pool:
         for name, way, text in pool.imap_unordered(_work, tasks):
             rows.append({"recording": name, "way": way, "wer": word_error_rate(references[name], text), "text": text})
             log(f"{name} {way}: WER {100 * rows[-1]['wer']:.2f} %")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.bare import stop_child
+from bench.bare import child_environment, stop_child
 from bench import REPO
 from app.selfcheck.speech import SPEECH
 from bench.long import OtherLoad, run_job, transcribe
@@ -200,7 +200,8 @@ class Bare:
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_bare_child, args=(child, model_dir, compute_type, core),
                                     name="bare-faster-whisper", daemon=True)
-        self._process.start()
+        with child_environment(OMP_NUM_THREADS="1"):
+            self._process.start()
         child.close()
         reply = self._conn.recv()
         if isinstance(reply, BaseException):
@@ -218,13 +219,13 @@ class Bare:
 
 
 def _bare_child(conn, model_dir: str, compute_type: str, core: int) -> None:
-    """Pinned and threaded as ``asrctl`` and the instance pin one (OMP_NUM_THREADS, then
-    ``pin_to_cores``) before CTranslate2 loads; warmed up like an instance; then each WAV it is sent
-    is decoded with ``transcribe``'s defaults, timed from the bytes (faster-whisper decodes them)."""
+    """Pinned and threaded as ``asrctl`` and the instance pin one (OMP_NUM_THREADS from its start,
+    ``child_environment``, then ``pin_to_cores``) before CTranslate2 loads; warmed up like an instance;
+    then each WAV it is sent is decoded with ``transcribe``'s defaults, timed from the bytes
+    (faster-whisper decodes them)."""
     try:
         import numpy as np
 
-        os.environ["OMP_NUM_THREADS"] = "1"
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         from app.runtime.instance import pin_to_cores
 
