@@ -148,13 +148,18 @@ def test_a_chunk_takes_one_window_where_faster_whisper_would_open_a_second(inst,
     assert decoded[True, "windows"] == len(chunks)
     for c, plain, chunk in zip(chunks, decoded[False], decoded[True]):
         # The same segments with the same words. Times as a user sees them (within the chunk's audio)
-        # agree to a second and a half: the last segment's end may differ more before that, as the
-        # second window timed it on other audio (31.1 s on a 29.6 s chunk on one CPU, 28.3 s here).
+        # agree to a second and a half, but for the last segment's end: faster-whisper's second window
+        # timed that on other audio (31.1 s on a 29.6 s chunk on one CPU, 28.3 s on another; on a Zen 5
+        # 19.52 s where the speech ends at 17.75 s and the chunk's own window said 17.76 s). It is held
+        # to where VAD hears the speech end instead: no more than a second before, a second and a half after.
         length = (c.end - c.start) / SAMPLE_RATE
         assert len(chunk.segments) == len(plain.segments)
         assert [s.start for s in chunk.segments] == pytest.approx([s.start for s in plain.segments], abs=0.5)
-        assert [min(s.end, length) for s in chunk.segments] == pytest.approx(
-            [min(s.end, length) for s in plain.segments], abs=1.5)
+        assert [min(s.end, length) for s in chunk.segments[:-1]] == pytest.approx(
+            [min(s.end, length) for s in plain.segments[:-1]], abs=1.5)
+        speech_end = (vad.stretches_between(samples, c.start, c.end)[-1]["end"] - c.start) / SAMPLE_RATE
+        assert speech_end - 1.0 <= min(chunk.segments[-1].end, length) <= speech_end + 1.5, (
+            speech_end, chunk.segments[-1], plain.segments[-1])
         assert all(s.start < min(s.end, length) for s in chunk.segments)
         assert wer([plain.text], [chunk.text]) <= 0.1
 
