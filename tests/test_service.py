@@ -1,22 +1,35 @@
 """The whole service for real: asrctl brings up supervisord, 2 gunicorn instances and nginx on loopback
 ports with the embedded model; clients talk to nginx only."""
 import collections
+import json
+import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 import requests
 
 from app.engines.models import embedded_ct2_dir
-from app.selfcheck.speech import Clip
-from bench.bare import BareEngine
 from support import (
-    BIN, JFK_REFERENCE, bring_up, clip_bytes, encode, english_set_a, normalize,
+    BIN, JFK_REFERENCE, REPO, bring_up, clip_bytes, encode, english_set_a, normalize,
     SPOKEN, espeak, shared_audio, spoken_wav, wav_bytes, wer,
 )
 
 pytestmark = pytest.mark.integration
 MAX_AUDIO_SECONDS = 60  # small, so the too-long and too-large cases are cheap to send
+BARE_SET_A = """
+import json, sys
+from pathlib import Path
+from app.runtime.instance import pin_to_cores
+threads = pin_to_cores("0", 1)
+from app.audio.decode import decode_audio
+from app.engines import load_engine
+from app.engines.base import DecodeOptions
+engine = load_engine("ctranslate2", sys.argv[1], "cpu", "int8", threads)
+print(json.dumps([engine.transcribe(decode_audio(Path(f).read_bytes(), 600).samples, DecodeOptions(beam_size=5)).text
+                  for f in sys.argv[2:]]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +64,15 @@ def test_set_a_word_error_rate_equals_the_bare_engine(set_a_through_nginx):
     rows, responses = set_a_through_nginx
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     served = [r.json()["text"] for r in responses]
-    # The bare engine: the same model, precision and beam on one core with one thread, in a child pinned
-    # and threaded as asrctl and the instance pin one (bench.bare). Not this process: CTranslate2 runs
-    # some of its work on OpenMP's own threads (one per core it may use) even with cpu_threads=1, and on
-    # some CPUs the int8 sums then decode a word differently (a Zen 5: "go forward", "Claflin" with two,
-    # "Go forward", "Klafflin" with one).
-    clips = [Clip(r["file"], clip_bytes(r), 0.0) for r in rows]
-    with BareEngine("set-a", clips, "0", 1, "ctranslate2", str(embedded_ct2_dir()), "int8", 5, "",
-                    MAX_AUDIO_SECONDS) as engine:
-        bare = [r.text for r in engine.transcribe(clips)[0]]
+    # The bare engine: the same model, precision and beam on one core with one thread, in a child started
+    # with OMP_NUM_THREADS=1 and pinned, as asrctl starts an instance and the instance pins itself. Not
+    # this process: numpy's OpenBLAS sized its thread pool (the mel features' sums) when numpy loaded,
+    # and on some CPUs the features' last bits then decide a word (a Zen 5: "go forward", "Claflin"
+    # with two threads, "Go forward", "Klafflin" with one).
+    bare = json.loads(subprocess.run(
+        [sys.executable, "-c", BARE_SET_A, str(embedded_ct2_dir()), *[str(shared_audio(r["file"])) for r in rows]],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True, check=True,
+        timeout=300).stdout)
     references = [r["reference"] for r in rows]
     assert wer(references, served) == pytest.approx(wer(references, bare))
     assert [normalize(t) for t in served] == [normalize(t) for t in bare]
