@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown ways: {', '.join(unknown)}")
     if BASELINE not in ways:
         ways.insert(0, BASELINE)
+    if len(args.lead_silence) > 1:
+        parser.error("one --lead-silence value: each recording is compared by its name")
     recordings = chosen_or_status(args, "chunk-priming")
     if isinstance(recordings, int):
         return recordings

@@ -15,9 +15,11 @@ Both pools come up with the real ``asrctl`` on free loopback ports (``--device c
 (issue #20): on every recording, (c)'s time at most 0.55 x (a)'s, and (c)'s WER at most 0.5
 percentage points above (a)'s. ``--seconds N`` decodes only the recordings' first utterances up to
 N seconds (needs ``manifest.jsonl`` with each utterance's times, as ``longform/`` has), for a quick
-check; ``--lead-silence MS`` puts that much silence before each recording, to see how far each mode's
-WER moves when its windows and cuts fall a little elsewhere; ``--rearranged N`` adds N recordings of the
-same utterances, chapters in other orders with other pauses, and the mean difference over all of them.
+check; ``--lead-silence MS[,MS...]`` decodes each recording once per value with that much silence
+before it: the same speech with every window and cut a little elsewhere, each mode's WER on a
+recording the mean over them, and how far (a) itself moves; ``--modes`` measures only some of the
+four; ``--rearranged N`` adds N recordings of the same utterances, chapters in other orders with other
+pauses, and the mean difference over all of them.
 Results: ``bench/results/long-accuracy-<timestamp>/`` (``summary.md``, ``results.json``).
 """
 from __future__ import annotations
@@ -74,15 +76,12 @@ class Recording:
     lead_silence_ms: int = 0
 
 
-def load_recordings(folder: Path, only: list[str] | None = None, seconds: float | None = None,
-                    lead_silence_ms: int = 0) -> list[Recording]:
+def load_recordings(folder: Path, only: list[str] | None = None, seconds: float | None = None) -> list[Recording]:
     """Every ``X.wav`` in ``folder`` with a reference ``X.txt`` (``only``: these names, without the suffix).
 
     With ``seconds``, each recording is cut after its last utterance that ends by then, in the pause
     that follows it, and the reference is those utterances' text: ``manifest.jsonl`` must give them
-    (a row per file with ``parts``: ``start_s``, ``end_s``, ``text``). With ``lead_silence_ms``, that
-    much silence goes before each recording: the same speech, every window and cut moved a little,
-    to see how far the WER moves with where the decoders' windows fall.
+    (a row per file with ``parts``: ``start_s``, ``end_s``, ``text``).
     """
     import soundfile
 
@@ -104,7 +103,7 @@ def load_recordings(folder: Path, only: list[str] | None = None, seconds: float 
         manifest = {row["file"]: row for row in map(json.loads, path.read_text().splitlines()) if row.get("parts")}
     out = []
     for path in pairs:
-        if seconds is None and not lead_silence_ms:
+        if seconds is None:
             data = path.read_bytes()
             out.append(Recording(path.stem, data, soundfile.info(io.BytesIO(data)).duration,
                                  path.with_suffix(".txt").read_text().strip()))
@@ -116,11 +115,29 @@ def load_recordings(folder: Path, only: list[str] | None = None, seconds: float 
                 raise NoRecordings(f"{path.name} has no utterance times (parts) in {folder / 'manifest.jsonl'}")
             cut, reference = first_utterances(manifest[path.name]["parts"], seconds)
             samples = samples[:round(cut * rate)]
-        samples = np.concatenate([np.zeros(round(lead_silence_ms * rate / 1000), samples.dtype), samples])
-        buffer = io.BytesIO()
-        soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
-        out.append(Recording(path.stem, buffer.getvalue(), len(samples) / rate, reference, lead_silence_ms))
+        out.append(Recording(path.stem, _wav(samples, rate), len(samples) / rate, reference))
     return out
+
+
+def shifted(recording: Recording, ms: int) -> Recording:
+    """The same recording ``ms`` milliseconds later: that much silence before the same samples, so
+    every window and cut falls a little elsewhere in the speech; the same name and reference."""
+    import soundfile
+
+    if not ms:
+        return recording
+    samples, rate = soundfile.read(io.BytesIO(recording.data), dtype="int16")
+    samples = np.concatenate([np.zeros(round(ms * rate / 1000), samples.dtype), samples])
+    return Recording(recording.name, _wav(samples, rate), len(samples) / rate, recording.reference,
+                     recording.lead_silence_ms + ms)
+
+
+def _wav(samples: np.ndarray, rate: int) -> bytes:
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
 
 
 def first_utterances(parts: list[dict], seconds: float) -> tuple[float, str]:
@@ -184,9 +201,7 @@ def rearranged(folder: Path, count: int, seed: int = 1, seconds: float | None = 
         if seconds is not None:
             cut, reference = first_utterances(parts, seconds)
             audio = audio[:round(cut * rate)]
-        buffer = io.BytesIO()
-        soundfile.write(buffer, audio, rate, format="WAV", subtype="PCM_16")
-        out.append(Recording(f"mix{k}", buffer.getvalue(), len(audio) / rate, reference))
+        out.append(Recording(f"mix{k}", _wav(audio, rate), len(audio) / rate, reference))
     return out
 
 
@@ -252,9 +267,11 @@ def _bare_child(conn, model_dir: str, compute_type: str, core: int) -> None:
 
 # The run -----------------------------------------------------------------------------------------
 
-def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> dict:
+def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print, modes: str = "".join(MODES)) -> dict:
     """Both pools and the bare engine up at once (idle, they cost nothing), then per round and
-    recording the four modes one after the other, so the machine's drift hits all of them."""
+    recording the ``modes`` one after the other, so the machine's drift hits all of them. A recording
+    may come several times, shifted (``shifted``): its rows carry the shift, and its summary is the
+    mean over them."""
     from app.config import load_settings
     from app.hardware.devices import parse_cores
     from app.engines.models import display_name, resolve_model
@@ -298,9 +315,9 @@ def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> d
         services = list(pools.values())
         for round_ in range(1, rounds + 1):
             for rec in recordings:
-                for mode in MODES:
+                for mode in modes:
                     row = {"recording": rec.name, "audio_seconds": round(rec.seconds, 1), "mode": mode,
-                           "round": round_}
+                           "round": round_, "lead_silence_ms": rec.lead_silence_ms}
                     load = OtherLoad(*services)
                     try:
                         if mode == "a":
@@ -323,7 +340,8 @@ def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> d
                     if measured.get("chunks"):
                         row["chunks"] = measured["chunks"]
                     rows.append(row)
-                    log(f"{rec.name} ({mode}) {MODES[mode]}: {row['seconds']} s, WER {100 * row['wer']:.2f} %, "
+                    later = f" +{rec.lead_silence_ms} ms" if rec.lead_silence_ms else ""
+                    log(f"{rec.name}{later} ({mode}) {MODES[mode]}: {row['seconds']} s, WER {100 * row['wer']:.2f} %, "
                         f"other load {row['other_load_cores']} cores")
     finally:
         if bare is not None:
@@ -339,9 +357,8 @@ def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> d
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_seconds": round(time.time() - started, 1),
         "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
-        "rounds": rounds,
-        "recordings": {r.name: {"audio_seconds": round(r.seconds, 1), "reference_words": len(r.reference.split())}
-                       | ({"lead_silence_ms": r.lead_silence_ms} if r.lead_silence_ms else {}) for r in recordings},
+        "rounds": rounds, "modes": modes,
+        "recordings": recorded(recordings),
         "rows": rows,
         "summary": summarize(rows),
     }
@@ -352,8 +369,20 @@ def run(recordings: list[Recording], out: Path, rounds: int = 1, log=print) -> d
     return result
 
 
+def recorded(recordings: list[Recording]) -> dict:
+    """Per recording name: its length and reference words, and its shifts where it was shifted."""
+    out: dict[str, dict] = {}
+    for r in recordings:
+        entry = out.setdefault(r.name, {"audio_seconds": round(r.seconds - r.lead_silence_ms / 1000, 1),
+                                        "reference_words": len(r.reference.split())})
+        if r.lead_silence_ms or "lead_silence_ms" in entry:
+            entry.setdefault("lead_silence_ms", [m.lead_silence_ms for m in recordings if m.name == r.name])
+    return out
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Per recording and mode: mean seconds and mean WER over the rounds; then the two targets."""
+    """Per recording and mode: mean seconds and mean WER over the rounds and shifts (each shift's
+    mean WER too, where there are several); then the two targets on those means."""
     out: dict[str, dict] = {}
     for name in dict.fromkeys(r["recording"] for r in rows):
         modes = {}
@@ -362,6 +391,11 @@ def summarize(rows: list[dict]) -> dict:
             if done:
                 modes[mode] = {"seconds": round(sum(r["seconds"] for r in done) / len(done), 2),
                                "wer": round(sum(r["wer"] for r in done) / len(done), 4), "rounds": len(done)}
+                shifts = sorted({r.get("lead_silence_ms", 0) for r in done})
+                if len(shifts) > 1:
+                    modes[mode]["wer_by_shift"] = {
+                        str(ms): round(float(np.mean([r["wer"] for r in done if r.get("lead_silence_ms", 0) == ms])), 4)
+                        for ms in shifts}
         entry: dict = {"modes": modes}
         if "a" in modes and "c" in modes:
             ratio = round(modes["c"]["seconds"] / modes["a"]["seconds"], 3)
@@ -389,9 +423,20 @@ def overall(summary: dict) -> dict | None:
     entries = [e for e in summary.values() if "c_minus_a_wer_pp" in e]
     if len(entries) < 2:
         return None
-    return {"recordings": len(entries),
-            "wer_gap_pp": spread([e["c_minus_a_wer_pp"]["measured"] for e in entries], MAX_WER_GAP_PP),
-            "time_ratio": spread([e["c_over_a_time"]["measured"] for e in entries], MAX_RATIO, 3)}
+    out = {"recordings": len(entries),
+           "wer_gap_pp": spread([e["c_minus_a_wer_pp"]["measured"] for e in entries], MAX_WER_GAP_PP),
+           "time_ratio": spread([e["c_over_a_time"]["measured"] for e in entries], MAX_RATIO, 3)}
+    shifted_ = [e for e in entries if all("wer_by_shift" in e["modes"].get(m, {}) for m in "ac")]
+    if len(shifted_) >= 2:
+        a = [e["modes"]["a"]["wer_by_shift"] for e in shifted_]
+        c = [e["modes"]["c"]["wer_by_shift"] for e in shifted_]
+        shifts = [ms for ms in a[0] if all(ms in x for x in a + c)]
+        # The target's own yardstick: (a) a few milliseconds later, held to the target against (a) unshifted.
+        out["a_against_itself_pp"] = {ms: spread([100 * (x[ms] - x[shifts[0]]) for x in a], MAX_WER_GAP_PP)
+                                      for ms in shifts[1:]}
+        out["wer_gap_pp_by_shift"] = {ms: spread([100 * (y[ms] - x[ms]) for x, y in zip(a, c)], MAX_WER_GAP_PP)
+                                      for ms in shifts}
+    return out
 
 
 def machine(compute_type: str, model: str, beam_size: int, code: str) -> dict:
@@ -432,10 +477,13 @@ def markdown(result: dict) -> str:
     lines = [machine_line(result), "",
              "| recording | mode | WER % | seconds | x (a)'s time | other load (cores) |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    measured = result.get("modes", "".join(MODES))
     for name, entry in result["summary"].items():
         audio = result["recordings"][name]["audio_seconds"]
         a = entry["modes"].get("a")
         for mode, label in MODES.items():
+            if mode not in measured:
+                continue
             m = entry["modes"].get(mode)
             loads = [r["other_load_cores"] for r in result["rows"]
                      if r["recording"] == name and r["mode"] == mode and "error" not in r]
@@ -454,6 +502,7 @@ def markdown(result: dict) -> str:
                          f"{gap['measured']:+.2f} ({'met' if gap['met'] else 'not met'}) |")
         else:
             lines.append(f"| {name} | - | - |")
+    lines += _by_shift(result)
     every = result.get("overall")
     if every:
         gap, ratio, n = every["wer_gap_pp"], every["time_ratio"], every["recordings"]
@@ -461,7 +510,35 @@ def markdown(result: dict) -> str:
                       f"({gap['min']:+.2f} to {gap['max']:+.2f}, standard error {gap['standard_error']:.2f}), "
                       f"within {MAX_WER_GAP_PP} on {gap['within']} of {n}; (c)'s time {ratio['mean']:.2f} x (a)'s "
                       f"({ratio['min']:.2f} to {ratio['max']:.2f}), within {MAX_RATIO} on {ratio['within']} of {n}."]
+        for ms, d in every.get("a_against_itself_pp", {}).items():
+            lines.append(f"- (a) {ms} ms later against (a) at {next(iter(every['wer_gap_pp_by_shift']))} ms: "
+                         f"{d['mean']:+.2f} points on average ({d['min']:+.2f} to {d['max']:+.2f}), "
+                         f"within {MAX_WER_GAP_PP} on {d['within']} of {d['recordings']}.")
+        for ms, d in every.get("wer_gap_pp_by_shift", {}).items():
+            lines.append(f"- (c) - (a), both at {ms} ms: {d['mean']:+.2f} points on average "
+                         f"({d['min']:+.2f} to {d['max']:+.2f}), within {MAX_WER_GAP_PP} on {d['within']} of "
+                         f"{d['recordings']}.")
     return "\n".join(lines) + "\n"
+
+
+def _by_shift(result: dict) -> list[str]:
+    """Where recordings were decoded at several shifts: each mode's WER at each, and the mean."""
+    entries = {name: e for name, e in result["summary"].items()
+               if any("wer_by_shift" in m for m in e["modes"].values())}
+    if not entries:
+        return []
+    shifts = list(dict.fromkeys(ms for e in entries.values() for m in e["modes"].values()
+                                for ms in m.get("wer_by_shift", {})))
+    lines = ["", "Each recording was decoded once per lead silence (the same speech that many milliseconds later); "
+                 "the WER and seconds above, and the targets, are the means over them. WER % at each:", "",
+             "| recording | mode | " + " | ".join(f"{ms} ms" for ms in shifts) + " | mean |",
+             "| --- | --- | " + "---: | " * len(shifts) + "---: |"]
+    for name, entry in entries.items():
+        for mode, m in entry["modes"].items():
+            by = m.get("wer_by_shift", {})
+            cells = " | ".join(f"{100 * by[ms]:.2f}" if ms in by else "-" for ms in shifts)
+            lines.append(f"| {name} | ({mode}) | {cells} | {100 * m['wer']:.2f} |")
+    return lines
 
 
 def _span(values: list[float]) -> str:
@@ -479,8 +556,9 @@ def choosing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, help="only each recording's utterances within its first N seconds "
                                                       "(needs manifest.jsonl with utterance times; the "
                                                       "rearranged ones too)")
-    parser.add_argument("--lead-silence", dest="lead_silence", type=int, default=0, metavar="MS",
-                        help="this many milliseconds of silence before each recording (default 0)")
+    parser.add_argument("--lead-silence", dest="lead_silence", type=_milliseconds, default=[0], metavar="MS[,MS...]",
+                        help="this many milliseconds of silence before each recording, decoded once per value "
+                             "(default 0)")
     parser.add_argument("--rearranged", type=int, default=0, metavar="N",
                         help="N more recordings of the same utterances, chapters in other orders with other "
                              "pauses (mix1..mixN; needs manifest.jsonl with utterance times)")
@@ -490,13 +568,23 @@ def choosing(parser: argparse.ArgumentParser) -> None:
 def chosen(folder: Path, args: argparse.Namespace) -> list[Recording]:
     """The recordings ``choosing``'s options name: the folder's and ``--rearranged``'s, ``--only`` of both."""
     only = args.only.split(",") if args.only else None
-    if args.rearranged and args.lead_silence:
-        raise NoRecordings("--rearranged makes its own pauses: not with --lead-silence")
     mixes = rearranged(folder, args.rearranged, args.seed, args.seconds) if args.rearranged > 0 else []
     mix_names = {m.name for m in mixes}
     originals = [n for n in only if n not in mix_names] if only else None
-    recordings = [] if originals == [] else load_recordings(folder, originals, args.seconds, args.lead_silence)
-    return recordings + [m for m in mixes if not only or m.name in only]
+    recordings = [] if originals == [] else load_recordings(folder, originals, args.seconds)
+    return [shifted(r, ms) for r in recordings + [m for m in mixes if not only or m.name in only]
+            for ms in args.lead_silence]
+
+
+def _milliseconds(text: str) -> list[int]:
+    """``--lead-silence``'s values: distinct whole milliseconds, 0 or more, in the order given."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not whole milliseconds: {text!r}") from None
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"distinct milliseconds, 0 or more: {text!r}")
+    return values
 
 
 def chosen_or_status(args: argparse.Namespace, command: str) -> list[Recording] | int:
@@ -518,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench long-accuracy", description=__doc__.split("\n")[0])
     choosing(parser)
     parser.add_argument("--rounds", type=int, default=1, help="passes over every recording and mode (default 1)")
+    parser.add_argument("--modes", default="".join(MODES), type=_modes,
+                        help=f"which of the four to measure, e.g. ac (default {''.join(MODES)})")
     parser.add_argument("--out", help="results folder (default: bench/results/long-accuracy-<timestamp>)")
     args = parser.parse_args(argv)
     recordings = chosen_or_status(args, "long-accuracy")
@@ -525,11 +615,18 @@ def main(argv: list[str] | None = None) -> int:
         return recordings
     out = Path(args.out or REPO / "bench" / "results" / time.strftime("long-accuracy-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    result = run(recordings, out, max(1, args.rounds), log=lambda line: print(line, flush=True))
+    result = run(recordings, out, max(1, args.rounds), log=lambda line: print(line, flush=True), modes=args.modes)
     print()
     print((out / "summary.md").read_text())
     print(f"results: {out} (summary.md, results.json), {result['duration_seconds']} s")
     return 1 if any("error" in r for r in result["rows"]) else 0
+
+
+def _modes(text: str) -> str:
+    """``--modes``: letters among MODES', kept in MODES' order (the order a round measures them)."""
+    if not text or set(text) - set(MODES):
+        raise argparse.ArgumentTypeError(f"letters of {''.join(MODES)}: {text!r}")
+    return "".join(m for m in MODES if m in text)
 
 
 if __name__ == "__main__":

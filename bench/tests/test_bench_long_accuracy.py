@@ -105,12 +105,34 @@ def test_lead_silence_goes_before_the_same_samples_and_reference(tmp_path):
     soundfile.write(str(tmp_path / "talk.wav"), speech, 16000, subtype="PCM_16")
     (tmp_path / "talk.txt").write_text("hello there\n")
     (plain,) = load_recordings(tmp_path)
-    (moved,) = load_recordings(tmp_path, lead_silence_ms=30)
+    moved = long_accuracy.shifted(plain, 30)
     samples, rate = soundfile.read(io.BytesIO(moved.data), dtype="int16")
     assert rate == 16000 and len(samples) == 16000 + 480
     assert not samples[:480].any() and np.array_equal(samples[480:], speech)
-    assert moved.reference == plain.reference == "hello there"
+    assert moved.reference == plain.reference == "hello there" and moved.name == plain.name == "talk"
     assert moved.seconds == pytest.approx(plain.seconds + 0.03) and moved.lead_silence_ms == 30
+    assert long_accuracy.shifted(plain, 0) is plain and plain.lead_silence_ms == 0
+
+
+def test_each_recording_rearranged_ones_too_comes_once_per_lead_silence(tmp_path):
+    made_up_chapters(tmp_path)
+    (tmp_path / "talk0.txt").write_text("the first file\n")
+    parser = argparse.ArgumentParser()
+    long_accuracy.choosing(parser)
+    got = long_accuracy.chosen(tmp_path, parser.parse_args(["--rearranged", "1", "--lead-silence", "0,20,50"]))
+    assert [(r.name, r.lead_silence_ms) for r in got] == [("talk0", 0), ("talk0", 20), ("talk0", 50),
+                                                          ("mix1", 0), ("mix1", 20), ("mix1", 50)]
+    for r in got:
+        base = next(b for b in got if b.name == r.name and b.lead_silence_ms == 0)
+        samples, _ = soundfile.read(io.BytesIO(r.data), dtype="int16")
+        plain, _ = soundfile.read(io.BytesIO(base.data), dtype="int16")
+        lead = 16 * r.lead_silence_ms
+        assert not samples[:lead].any() and np.array_equal(samples[lead:], plain) and r.reference == base.reference
+    assert long_accuracy.recorded(got)["mix1"]["lead_silence_ms"] == [0, 20, 50]
+    assert "lead_silence_ms" not in long_accuracy.recorded([b for b in got if b.lead_silence_ms == 0])["mix1"]
+    for bad in ("10,10", "-5", "x", ","):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--lead-silence", bad])
 
 
 def made_up_chapters(folder, chapters: int = 6, sentences: int = 4) -> dict[str, tuple[np.ndarray, str]]:
@@ -183,14 +205,11 @@ def test_rearranged_recordings_cut_at_seconds_are_their_first_utterances_up_to_a
         assert cut.reference == " ".join(words[:4 * n])                     # their text, four words each
 
 
-def test_rearranged_needs_utterance_times_and_makes_its_own_pauses(tmp_path, capsys):
+def test_rearranged_needs_utterance_times(tmp_path, capsys):
     soundfile.write(str(tmp_path / "talk.wav"), np.zeros(16000, np.int16), 16000)
     (tmp_path / "talk.txt").write_text("hello\n")
     assert long_accuracy.main(["--audio", str(tmp_path), "--rearranged", "2"]) == 2
     assert "--rearranged needs" in capsys.readouterr().err
-    made_up_chapters(tmp_path)
-    assert long_accuracy.main(["--audio", str(tmp_path), "--rearranged", "2", "--lead-silence", "30"]) == 2
-    assert "not with --lead-silence" in capsys.readouterr().err
 
 
 def test_the_summary_gives_the_mean_difference_over_the_recordings():
@@ -205,6 +224,46 @@ def test_the_summary_gives_the_mean_difference_over_the_recordings():
     assert every["time_ratio"] == {"recordings": 3, "mean": 0.517, "min": 0.45, "max": 0.6, "standard_error": 0.044,
                                    "within": 2}
     assert long_accuracy.overall({"x": entry(1.5, 0.5), "failed": {"modes": {}}}) is None   # one is no mean
+
+
+def test_shifts_are_averaged_per_recording_and_a_is_held_against_itself():
+    # Two recordings, each decoded at 0 and 20 ms: (a) and (c) WER by shift, as fractions.
+    wers = {("x", "a", 0): 0.100, ("x", "a", 20): 0.120, ("x", "c", 0): 0.110, ("x", "c", 20): 0.104,
+            ("y", "a", 0): 0.200, ("y", "a", 20): 0.196, ("y", "c", 0): 0.190, ("y", "c", 20): 0.230}
+    rows = [{"recording": n, "mode": m, "lead_silence_ms": ms, "wer": w, "seconds": 10.0 if m == "a" else 5.0 + ms / 20,
+             "other_load_cores": 0.0}
+            for (n, m, ms), w in wers.items()]
+    summary = long_accuracy.summarize(rows)
+    x = summary["x"]
+    assert x["modes"]["a"]["wer_by_shift"] == {"0": 0.1, "20": 0.12} and x["modes"]["a"]["wer"] == 0.11
+    assert x["modes"]["c"]["wer"] == 0.107 and x["modes"]["c"]["seconds"] == 5.5
+    assert x["c_minus_a_wer_pp"]["measured"] == -0.3 and x["c_over_a_time"]["measured"] == 0.55
+    assert summary["y"]["c_minus_a_wer_pp"]["measured"] == 1.2
+    every = long_accuracy.overall(summary)
+    assert list(every["a_against_itself_pp"]) == ["20"]
+    itself = every["a_against_itself_pp"]["20"]                     # (a) at 20 ms minus (a) at 0 ms
+    assert (itself["min"], itself["max"], itself["within"]) == (pytest.approx(-0.4), pytest.approx(2.0), 1)
+    by_shift = every["wer_gap_pp_by_shift"]
+    assert (by_shift["0"]["min"], by_shift["0"]["max"], by_shift["0"]["within"]) == (
+        pytest.approx(-1.0), pytest.approx(1.0), 1)
+    assert (by_shift["20"]["min"], by_shift["20"]["max"], by_shift["20"]["within"]) == (
+        pytest.approx(-1.6), pytest.approx(3.4), 1)
+    md = long_accuracy.markdown({"machine": {"cpu_model": "cpu", "cores": 2, "system": "Linux", "python": "3",
+                                             "libraries": {}, "model": "m", "compute_type": "int8", "beam_size": 5,
+                                             "code": "c"},
+                                 "loadavg_start": 0, "loadavg_end": 0, "rounds": 1, "started": "now", "modes": "ac",
+                                 "recordings": {"x": {"audio_seconds": 9.0}, "y": {"audio_seconds": 9.0}},
+                                 "rows": rows, "summary": summary, "overall": every})
+    assert "| x | (a) | 10.00 | 12.00 | 11.00 |" in md and "| y | (c) | 19.00 | 23.00 | 21.00 |" in md
+    assert "(b) service" not in md                                                   # not measured, not listed
+    assert "- (a) 20 ms later against (a) at 0 ms: +0.80 points on average (-0.40 to +2.00), within 0.5 on 1 of 2." in md
+
+
+def test_modes_are_letters_of_the_four_in_their_order():
+    assert long_accuracy._modes("ca") == "ac" and long_accuracy._modes("abcd") == "abcd"
+    for bad in ("", "ae", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            long_accuracy._modes(bad)
 
 
 def test_only_chooses_among_the_folder_s_recordings_and_the_rearranged_ones(tmp_path):
