@@ -238,6 +238,64 @@ def test_an_open_segment_repeating_the_words_before_the_join_counts_as_a_re_read
     assert not _repeats("Now leave and take your", " half a man with you.")
     assert not _repeats("he said, take", " take your half")   # one word again is not a re-read
     assert not _repeats("", " take your half")
+    # Numbers written the other way, and a re-read that starts after words of its own (read recipes).
+    assert _repeats("Lobster-alled newburg. One pound of lobster meat, one teaspoon full of butter,",
+                    " 1 pound of lobster meat, 1 teaspoon full of butter, yolks of 4 eggs")
+    assert _repeats("It was the recipe that was followed when it was prepared in the Domonico. Lobster Alen "
+                    "Newberg. One pound of lobster meat, one wine glass of",
+                    " the rest speed that was followed when it was prepared in the Domeonico.")
+    assert not _repeats("One pound of lobster meat,", " 2 pounds of butter")    # other numbers, other words
+    assert not _repeats("the recipe that was followed when it", " was prepared in the kitchen of the hotel")
+
+
+# A decode as an instance makes it: one pinned core, one thread, OMP_NUM_THREADS=1 from the start
+# (numpy's BLAS sizes its pool from it when it loads, and the features' last bits follow).
+SPAN_AS_AN_INSTANCE = """
+import json, sys
+import numpy as np
+from app.runtime.instance import pin_to_cores
+threads = pin_to_cores("0", 1)
+from app.engines import load_engine
+from app.engines.base import DecodeOptions
+from support import read_16k_mono
+samples = read_16k_mono(sys.argv[2])
+pieces = [np.zeros(8000, np.float32)]
+for start, end, pause in json.loads(sys.argv[3]):
+    pieces += [samples[start:end], np.zeros(pause, np.float32)]
+audio = np.concatenate(pieces)
+engine = load_engine("ctranslate2", sys.argv[1], "cpu", "int8", threads)
+print(json.dumps({"samples": len(audio), "text": engine.transcribe(audio, DecodeOptions(ends_in_pause=True)).text}))
+"""
+
+
+@pytest.mark.skipif(not (LONGFORM / "long1.wav").exists(), reason=f"no long-form recordings at {LONGFORM}")
+def test_a_span_whose_open_segment_re_reads_a_list_with_figures_is_not_written_twice():
+    """A 73.4 s span of long1.wav's recipe chapter, its eight sentences spaced as a rearranged recording
+    of the long-form benchmark spaced them (cut where the service cut it, in the pause after the last),
+    decoded as an instance decodes it. Primed on its open last segment, Whisper read "One pound of
+    lobster meat, one teaspoon full of butter, one half pint of cream" a second time as "1 pound of
+    lobster meat, 1 teaspoon ..." (measured on an AMD EPYC, Zen 5)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from app.engines.models import embedded_ct2_dir
+    from support import REPO
+
+    sentences = [(3859520, 3897360, 6139), (3903120, 3973200, 17399), (3983280, 4163760, 14322),
+                 (4182640, 4422720, 7766), (4433120, 4527120, 12290), (4537360, 4786240, 19026),
+                 (4796640, 4834240, 17580), (4839680, 4996240, 6486)]   # (start, end, pause after), samples
+    decoded = json.loads(subprocess.run(
+        [sys.executable, "-c", SPAN_AS_AN_INSTANCE, str(embedded_ct2_dir()), str(LONGFORM / "long1.wav"),
+         json.dumps(sentences)], env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")},
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=300).stdout)
+    assert decoded["samples"] == 1174528
+    text = " ".join(decoded["text"].lower().replace(",", " ").replace(".", " ").split())
+    for figure, word in (("1", "one"), ("4", "four")):
+        text = text.replace(f" {figure} ", f" {word} ")
+    assert text.count("pound of lobster meat") == 1, decoded["text"]
+    assert "yolks of four eggs" in text, decoded["text"]
 
 
 @pytest.mark.skipif(not (LONGFORM / "long2.wav").exists(), reason=f"no long-form recordings at {LONGFORM}")

@@ -363,17 +363,34 @@ def _continues(tokens: list[int], at: int, timestamp_begin: int) -> bool:
     return any(t < timestamp_begin for t in tail) and all(t >= tokens[at] for t in tail if t >= timestamp_begin)
 
 
-def _repeats(before: str, tail: str, words: int = 3, join: int = 2) -> bool:
-    """Whether ``tail`` opens with words the window already said (its first ``words`` of them, in a
-    row), or with the last ``join`` words before it: Whisper primed on the open segment re-reads the
-    sentence it was in, with timestamps that move on. Measured on set A: "And so my fellow Americans
-    ask not ..." twice in one chunk; on long2.wav: "now leave and take your" then "Take your half a
-    man". A false alarm costs only the second window faster-whisper would take anyway."""
-    said, head = re.findall(r"[\w']+", before.lower()), re.findall(r"[\w']+", tail.lower())
+def _repeats(before: str, tail: str, words: int = 3, join: int = 2, run: int = 5) -> bool:
+    """Whether ``tail`` re-reads what the window already said: it opens with words of it (its first
+    ``words`` of them, in a row) or with the last ``join`` words before it, or it says a run of ``run``
+    of its words anywhere. Whisper primed on the open segment re-reads the sentence it was in, with
+    timestamps that move on, sometimes with numbers written the other way ("one pound" again as "1
+    pound") or after a few words of its own, so numbers compare as figures. Measured on set A: "And so
+    my fellow Americans ask not ..." twice in one chunk; on long2.wav: "now leave and take your" then
+    "Take your half a man"; on read recipes: "One pound of lobster meat, one teaspoon ..." then "1
+    pound of lobster meat, 1 teaspoon ...", and "... the rest speed that was followed when it was
+    prepared" after "the recipe that was followed when it was prepared". A false alarm costs only the
+    second window faster-whisper would take anyway."""
+    said, head = _compared(before), _compared(tail)
     if len(said) >= join and head[:join] == said[-join:]:
         return True
-    head = head[:words]
-    return len(head) == words and any(said[k:k + words] == head for k in range(len(said)))
+    if len(head) >= words and any(said[k:k + words] == head[:words] for k in range(len(said))):
+        return True
+    runs = {tuple(said[k:k + run]) for k in range(len(said) - run + 1)}
+    return any(tuple(head[k:k + run]) in runs for k in range(len(head) - run + 1))
+
+
+_NUMBER_WORDS = {w: str(n) for n, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+
+
+def _compared(text: str) -> list[str]:
+    """``text``'s words as ``_repeats`` compares them: lower case, numbers up to twenty as figures."""
+    return [_NUMBER_WORDS.get(w, w) for w in re.findall(r"[\w']+", text.lower())]
 
 
 def _prompt(clip: _Clip) -> list[int]:
