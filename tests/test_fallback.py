@@ -248,6 +248,15 @@ def test_an_open_segment_repeating_the_words_before_the_join_counts_as_a_re_read
     assert not _repeats("the recipe that was followed when it", " was prepared in the kitchen of the hotel")
 
 
+def test_an_open_segment_with_more_words_than_its_audio_could_hold_counts_as_a_re_read():
+    from app.engines.ctranslate2_engine import _crowded
+
+    re_read = " the story is regarding Joseph, there is no founder at Frum in Manate, say."   # 14 words
+    assert _crowded(re_read, 1.4) and not _crowded(re_read, 3.0)    # 5 words a second and 2 to spare
+    assert not _crowded(" yolks of four eggs, one wine glass of sherry lobster fat.", 5.4)
+    assert _crowded(" and", -0.5) is False and _crowded(" and so on then", 0.0)
+
+
 # A decode as an instance makes it: one pinned core, one thread, OMP_NUM_THREADS=1 from the start
 # (numpy's BLAS sizes its pool from it when it loads, and the features' last bits follow).
 SPAN_AS_AN_INSTANCE = """
@@ -259,8 +268,9 @@ from app.engines import load_engine
 from app.engines.base import DecodeOptions
 from support import read_16k_mono
 samples = read_16k_mono(sys.argv[2])
-pieces = [np.zeros(8000, np.float32)]
-for start, end, pause in json.loads(sys.argv[3]):
+lead, sentences = json.loads(sys.argv[3])
+pieces = [np.zeros(lead, np.float32)]
+for start, end, pause in sentences:
     pieces += [samples[start:end], np.zeros(pause, np.float32)]
 audio = np.concatenate(pieces)
 engine = load_engine("ctranslate2", sys.argv[1], "cpu", "int8", threads)
@@ -275,6 +285,37 @@ def test_a_span_whose_open_segment_re_reads_a_list_with_figures_is_not_written_t
     decoded as an instance decodes it. Primed on its open last segment, Whisper read "One pound of
     lobster meat, one teaspoon full of butter, one half pint of cream" a second time as "1 pound of
     lobster meat, 1 teaspoon ..." (measured on an AMD EPYC, Zen 5)."""
+    sentences = [(3859520, 3897360, 6139), (3903120, 3973200, 17399), (3983280, 4163760, 14322),
+                 (4182640, 4422720, 7766), (4433120, 4527120, 12290), (4537360, 4786240, 19026),
+                 (4796640, 4834240, 17580), (4839680, 4996240, 6486)]   # (start, end, pause after), samples
+    decoded = span_as_an_instance(8000, sentences)
+    assert decoded["samples"] == 1174528
+    text = " ".join(decoded["text"].lower().replace(",", " ").replace(".", " ").split())
+    for figure, word in (("1", "one"), ("4", "four")):
+        text = text.replace(f" {figure} ", f" {word} ")
+    assert text.count("pound of lobster meat") == 1, decoded["text"]
+    assert "yolks of four eggs" in text, decoded["text"]
+
+
+@pytest.mark.skipif(not (LONGFORM / "long1.wav").exists(), reason=f"no long-form recordings at {LONGFORM}")
+def test_a_span_whose_open_segment_crams_earlier_words_into_its_last_second_takes_a_second_window():
+    """A 71.6 s span of long1.wav's chapter on the Hebrews in Egypt, spaced as a rearranged recording of
+    the long-form benchmark spaced it (10 ms later), cut where the service cut it, in a pause inside its
+    eighth sentence. Primed on its open last segment, Whisper wrote "the story is regarding Joseph, there
+    is no founder ..." (14 words) into the last 1.4 s, after "The stories regarding Joseph, they've
+    traditionally found ..." (measured on an AMD EPYC, Zen 5)."""
+    sentences = [(5147760, 5219600, 8701), (5228240, 5306400, 12504), (5316960, 5488880, 13292),
+                 (5504080, 5557840, 10200), (5565520, 5855600, 18384), (5872240, 5976320, 8235),
+                 (5984480, 6153360, 9952), (6154160, 6271100, 0)]
+    decoded = span_as_an_instance(8160, sentences)
+    assert decoded["samples"] == 1145088
+    text = decoded["text"].lower().replace("'s", "s").replace("story is", "stories")
+    assert text.count("regarding joseph") == 1, decoded["text"]
+
+
+def span_as_an_instance(lead: int, sentences: list[tuple[int, int, int]]) -> dict:
+    """``lead`` samples of silence, then each (start, end, pause after) of long1.wav, decoded by a child
+    as an instance decodes a chunk (``SPAN_AS_AN_INSTANCE``): {"samples", "text"}."""
     import json
     import os
     import subprocess
@@ -283,19 +324,10 @@ def test_a_span_whose_open_segment_re_reads_a_list_with_figures_is_not_written_t
     from app.engines.models import embedded_ct2_dir
     from support import REPO
 
-    sentences = [(3859520, 3897360, 6139), (3903120, 3973200, 17399), (3983280, 4163760, 14322),
-                 (4182640, 4422720, 7766), (4433120, 4527120, 12290), (4537360, 4786240, 19026),
-                 (4796640, 4834240, 17580), (4839680, 4996240, 6486)]   # (start, end, pause after), samples
-    decoded = json.loads(subprocess.run(
+    return json.loads(subprocess.run(
         [sys.executable, "-c", SPAN_AS_AN_INSTANCE, str(embedded_ct2_dir()), str(LONGFORM / "long1.wav"),
-         json.dumps(sentences)], env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")},
+         json.dumps([lead, sentences])], env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")},
         cwd=REPO, capture_output=True, text=True, check=True, timeout=300).stdout)
-    assert decoded["samples"] == 1174528
-    text = " ".join(decoded["text"].lower().replace(",", " ").replace(".", " ").split())
-    for figure, word in (("1", "one"), ("4", "four")):
-        text = text.replace(f" {figure} ", f" {word} ")
-    assert text.count("pound of lobster meat") == 1, decoded["text"]
-    assert "yolks of four eggs" in text, decoded["text"]
 
 
 @pytest.mark.skipif(not (LONGFORM / "long2.wav").exists(), reason=f"no long-form recordings at {LONGFORM}")

@@ -27,7 +27,9 @@ segment is decoded again on the same encoder output instead, primed with its sta
 more beam search, no second encoder call). The chunk takes a second window as before when that
 yields no text, when it starts the window over (timestamps before the one it was primed with: the
 window's words a second time, measured on long1.wav), when it opens with words the window already
-said or with the last words before it (the sentence re-read, measured on set A and long2.wav), when
+said or with the last words before it, or says five of its words in a row again, or holds more words
+than the audio left after its start could (the sentence re-read, measured on set A, long2.wav and
+the long-form benchmark's read recipes; numbers compare as figures), when
 it makes the window loop (the compression check), and when the window's result was sampled (a
 fallback: left as faster-whisper leaves it). An open segment that starts past the chunk's audio is
 dropped, where faster-whisper's loop ends (Whisper otherwise writes a word into the padding).
@@ -212,7 +214,10 @@ class CTranslate2Engine:
             again = self._generate(encoded, primed, beam_size, clips[0].tokenizer, initial_timestamp=False)
             for i, at in list(opened.items()):
                 whole, decode = tokens[i][:at + 1] + again[i].sequences_ids[0], clips[i].tokenizer.decode
+                c = clips[i]
+                left = (c.content_frames - c.seek - (whole[at] - begin) * _INPUT_STRIDE) * time_per_frame
                 if _continues(whole, at, begin) and not _repeats(decode(whole[:at]), decode(whole[at + 1:])) \
+                        and not _crowded(decode(whole[at + 1:]), left) \
                         and not fallback.compression_ratio(decode(whole).strip()) > fallback.COMPRESSION_RATIO_THRESHOLD:
                     tokens[i] = whole
                 else:
@@ -381,6 +386,18 @@ def _repeats(before: str, tail: str, words: int = 3, join: int = 2, run: int = 5
         return True
     runs = {tuple(said[k:k + run]) for k in range(len(said) - run + 1)}
     return any(tuple(head[k:k + run]) in runs for k in range(len(head) - run + 1))
+
+
+def _crowded(tail: str, seconds: float) -> bool:
+    """Whether ``tail`` holds more words than the ``seconds`` of audio it was primed on could: Whisper
+    re-reading earlier speech in other words writes them there all the same. Measured on read speech:
+    "the story is regarding Joseph, there is no founder ..." (14 words) in the last 1.4 s of a span,
+    after "The stories regarding Joseph, they've traditionally found ...". Read speech runs at 2-4
+    words a second; ``MAX_WORDS_PER_SECOND`` and two words to spare leave room for the fastest."""
+    return len(_compared(tail)) > 2 + MAX_WORDS_PER_SECOND * max(0.0, seconds)
+
+
+MAX_WORDS_PER_SECOND = 5.0
 
 
 _NUMBER_WORDS = {w: str(n) for n, w in enumerate(
