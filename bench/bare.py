@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,17 +82,23 @@ def child_environment(**variables: str) -> Iterator[None]:
     asrctl: numpy's OpenBLAS sizes its thread pool from it when numpy loads, which the child's module
     imports do before its own code runs, and the pool splits the sums of the mel filter bank. With two
     threads instead of one the features differ in their last bits, and on some CPUs (a Zen 5) Whisper
-    then decodes another word ("Claflin" against "Klafflin" in English set A)."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    then decodes another word ("Claflin" against "Klafflin" in English set A). One block at a time
+    in a process: two threads starting children at once would each restore the environment under the
+    other's child."""
+    with _ENVIRONMENT:
+        saved = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+_ENVIRONMENT = threading.Lock()
 
 
 def _serve(conn, datas, cores, threads, engine_name, model, compute_type, beam_size, model_cache, max_seconds,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 
 from bench.bare import child_environment
 
@@ -27,3 +28,33 @@ def test_a_spawned_child_has_the_variables_before_its_imports_and_the_parent_get
         process.join(30)
     assert seen == ["1", None]
     assert "OMP_NUM_THREADS" not in os.environ and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_two_threads_starting_children_take_turns_with_the_environment(monkeypatch):
+    # Without turns, the second thread's variables would replace the first's while its child starts,
+    # and the first thread's restore would then take them from under the second's.
+    import threading
+
+    monkeypatch.delenv("BENCH_BARE_TURNS", raising=False)
+    inside, second_inside, seen = threading.Event(), threading.Event(), {}
+
+    def first():
+        with child_environment(BENCH_BARE_TURNS="1"):
+            inside.set()
+            second_inside.wait(0.5)                  # it may not come in while the first is in
+            seen["first"] = os.environ.get("BENCH_BARE_TURNS")
+
+    def second():
+        inside.wait(5)
+        with child_environment(BENCH_BARE_TURNS="2"):
+            second_inside.set()
+            seen["second"] = os.environ.get("BENCH_BARE_TURNS")
+            time.sleep(0.3)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"first": "1", "second": "2"}
+    assert "BENCH_BARE_TURNS" not in os.environ
