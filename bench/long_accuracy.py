@@ -373,10 +373,12 @@ def recorded(recordings: list[Recording]) -> dict:
     """Per recording name: its length and reference words, and its shifts where it was shifted."""
     out: dict[str, dict] = {}
     for r in recordings:
-        entry = out.setdefault(r.name, {"audio_seconds": round(r.seconds - r.lead_silence_ms / 1000, 1),
-                                        "reference_words": len(r.reference.split())})
-        if r.lead_silence_ms or "lead_silence_ms" in entry:
-            entry.setdefault("lead_silence_ms", [m.lead_silence_ms for m in recordings if m.name == r.name])
+        out.setdefault(r.name, {"audio_seconds": round(r.seconds - r.lead_silence_ms / 1000, 1),
+                                "reference_words": len(r.reference.split()), "lead_silence_ms": []})
+        out[r.name]["lead_silence_ms"].append(r.lead_silence_ms)
+    for entry in out.values():
+        if entry["lead_silence_ms"] == [0]:
+            del entry["lead_silence_ms"]
     return out
 
 
@@ -432,6 +434,7 @@ def overall(summary: dict) -> dict | None:
         c = [e["modes"]["c"]["wer_by_shift"] for e in shifted_]
         shifts = [ms for ms in a[0] if all(ms in x for x in a + c)]
         # The target's own yardstick: (a) a few milliseconds later, held to the target against (a) unshifted.
+        out["base_shift_ms"] = shifts[0]
         out["a_against_itself_pp"] = {ms: spread([100 * (x[ms] - x[shifts[0]]) for x in a], MAX_WER_GAP_PP)
                                       for ms in shifts[1:]}
         out["wer_gap_pp_by_shift"] = {ms: spread([100 * (y[ms] - x[ms]) for x, y in zip(a, c)], MAX_WER_GAP_PP)
@@ -511,7 +514,7 @@ def markdown(result: dict) -> str:
                       f"within {MAX_WER_GAP_PP} on {gap['within']} of {n}; (c)'s time {ratio['mean']:.2f} x (a)'s "
                       f"({ratio['min']:.2f} to {ratio['max']:.2f}), within {MAX_RATIO} on {ratio['within']} of {n}."]
         for ms, d in every.get("a_against_itself_pp", {}).items():
-            lines.append(f"- (a) {ms} ms later against (a) at {next(iter(every['wer_gap_pp_by_shift']))} ms: "
+            lines.append(f"- (a) {ms} ms later against (a) at {every['base_shift_ms']} ms: "
                          f"{d['mean']:+.2f} points on average ({d['min']:+.2f} to {d['max']:+.2f}), "
                          f"within {MAX_WER_GAP_PP} on {d['within']} of {d['recordings']}.")
         for ms, d in every.get("wer_gap_pp_by_shift", {}).items():

@@ -139,6 +139,17 @@ def wer(references: list[str], hypotheses: list[str]) -> float:
     return jiwer.wer([normalize(r) for r in references], [normalize(h) for h in hypotheses])
 
 
+def as_an_instance(script: str, *args: str, timeout: float = 300):
+    """What ``script`` prints as JSON, run with ``args`` in a child that decodes as an instance does:
+    OMP_NUM_THREADS=1 from its start (numpy's BLAS sizes its pool from it when it loads, and on some
+    CPUs the mel features' last bits then decide a word), pinned to core 0 with one thread before the
+    script runs (``threads`` holds that count). The tests' helpers import as ``support``."""
+    prelude = "from app.runtime.instance import pin_to_cores\nthreads = pin_to_cores('0', 1)\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    return json.loads(subprocess.run([sys.executable, "-c", prelude + script, *args], env=env, cwd=REPO,
+                                     capture_output=True, text=True, check=True, timeout=timeout).stdout)
+
+
 def read_16k_mono(path: Path) -> np.ndarray:
     samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     mono = samples.mean(axis=1)

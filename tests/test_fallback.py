@@ -19,7 +19,7 @@ from app.engines import fallback
 from app.engines.base import SAMPLE_RATE, DecodeOptions
 from app.engines.fallback import Attempt
 from app.selfcheck.speech import SPEECH
-from support import SPOKEN, espeak, read_16k_mono
+from support import SPOKEN, as_an_instance, espeak, read_16k_mono
 
 LOOP_TOKEN = 262    # " the" in the embedded tokenizer's byte-level BPE
 LOOP_MARGIN = 9.0   # its logit over every other token's 0: above the timestamps' total, below sampling's reach
@@ -257,13 +257,9 @@ def test_an_open_segment_with_more_words_than_its_audio_could_hold_counts_as_a_r
     assert _crowded(" and", -0.5) is False and _crowded(" and so on then", 0.0)
 
 
-# A decode as an instance makes it: one pinned core, one thread, OMP_NUM_THREADS=1 from the start
-# (numpy's BLAS sizes its pool from it when it loads, and the features' last bits follow).
-SPAN_AS_AN_INSTANCE = """
+SPAN = """
 import json, sys
 import numpy as np
-from app.runtime.instance import pin_to_cores
-threads = pin_to_cores("0", 1)
 from app.engines import load_engine
 from app.engines.base import DecodeOptions
 from support import read_16k_mono
@@ -314,20 +310,13 @@ def test_a_span_whose_open_segment_crams_earlier_words_into_its_last_second_take
 
 
 def span_as_an_instance(lead: int, sentences: list[tuple[int, int, int]]) -> dict:
-    """``lead`` samples of silence, then each (start, end, pause after) of long1.wav, decoded by a child
-    as an instance decodes a chunk (``SPAN_AS_AN_INSTANCE``): {"samples", "text"}."""
+    """``lead`` samples of silence, then each (start, end, pause after) of long1.wav, decoded as a chunk
+    by a child started as an instance is (``as_an_instance``): {"samples", "text"}."""
     import json
-    import os
-    import subprocess
-    import sys
 
     from app.engines.models import embedded_ct2_dir
-    from support import REPO
 
-    return json.loads(subprocess.run(
-        [sys.executable, "-c", SPAN_AS_AN_INSTANCE, str(embedded_ct2_dir()), str(LONGFORM / "long1.wav"),
-         json.dumps([lead, sentences])], env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")},
-        cwd=REPO, capture_output=True, text=True, check=True, timeout=300).stdout)
+    return as_an_instance(SPAN, str(embedded_ct2_dir()), str(LONGFORM / "long1.wav"), json.dumps([lead, sentences]))
 
 
 @pytest.mark.skipif(not (LONGFORM / "long2.wav").exists(), reason=f"no long-form recordings at {LONGFORM}")

@@ -2,9 +2,7 @@
 ports with the embedded model; clients talk to nginx only."""
 import collections
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import requests
 
 from app.engines.models import embedded_ct2_dir
 from support import (
-    BIN, JFK_REFERENCE, REPO, bring_up, clip_bytes, encode, english_set_a, normalize,
+    BIN, JFK_REFERENCE, as_an_instance, bring_up, clip_bytes, encode, english_set_a, normalize,
     SPOKEN, espeak, shared_audio, spoken_wav, wav_bytes, wer,
 )
 
@@ -21,8 +19,6 @@ MAX_AUDIO_SECONDS = 60  # small, so the too-long and too-large cases are cheap t
 BARE_SET_A = """
 import json, sys
 from pathlib import Path
-from app.runtime.instance import pin_to_cores
-threads = pin_to_cores("0", 1)
 from app.audio.decode import decode_audio
 from app.engines import load_engine
 from app.engines.base import DecodeOptions
@@ -65,14 +61,10 @@ def test_set_a_word_error_rate_equals_the_bare_engine(set_a_through_nginx):
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     served = [r.json()["text"] for r in responses]
     # The bare engine: the same model, precision and beam on one core with one thread, in a child started
-    # with OMP_NUM_THREADS=1 and pinned, as asrctl starts an instance and the instance pins itself. Not
-    # this process: numpy's OpenBLAS sized its thread pool (the mel features' sums) when numpy loaded,
-    # and on some CPUs the features' last bits then decide a word (a Zen 5: "go forward", "Claflin"
-    # with two threads, "Go forward", "Klafflin" with one).
-    bare = json.loads(subprocess.run(
-        [sys.executable, "-c", BARE_SET_A, str(embedded_ct2_dir()), *[str(shared_audio(r["file"])) for r in rows]],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True, check=True,
-        timeout=300).stdout)
+    # as asrctl starts an instance (``as_an_instance``). Not this process: numpy's OpenBLAS sized its
+    # thread pool when numpy loaded, and on some CPUs the features' last bits then decide a word (a
+    # Zen 5: "go forward", "Claflin" with two threads, "Go forward", "Klafflin" with one).
+    bare = as_an_instance(BARE_SET_A, str(embedded_ct2_dir()), *[str(shared_audio(r["file"])) for r in rows])
     references = [r["reference"] for r in rows]
     assert wer(references, served) == pytest.approx(wer(references, bare))
     assert [normalize(t) for t in served] == [normalize(t) for t in bare]

@@ -57,6 +57,7 @@ _TIME_PRECISION = 0.02            # seconds per timestamp token
 _INPUT_STRIDE = 2                 # mel frames per encoder position (= per timestamp token)
 _MAX_INITIAL_TIMESTAMP = 1.0      # the first timestamp may not be later than this
 PROMPT_RESET_TEMPERATURE = 0.5    # a window decoded hotter than this primes none after it
+MAX_WORDS_PER_SECOND = 5.0        # more in a re-decoded open segment is a re-read (``_crowded``)
 
 
 def resolved_compute_type(device: str, compute_type: str) -> str:
@@ -395,9 +396,6 @@ def _crowded(tail: str, seconds: float) -> bool:
     after "The stories regarding Joseph, they've traditionally found ...". Read speech runs at 2-4
     words a second; ``MAX_WORDS_PER_SECOND`` and two words to spare leave room for the fastest."""
     return len(_compared(tail)) > 2 + MAX_WORDS_PER_SECOND * max(0.0, seconds)
-
-
-MAX_WORDS_PER_SECOND = 5.0
 
 
 _NUMBER_WORDS = {w: str(n) for n, w in enumerate(
