@@ -128,8 +128,10 @@ def test_jfk_words_sit_where_they_are_spoken(service):
 def test_initial_prompt_conditions_the_transcript(service):
     plain = asr_json(service, jfk())["text"]
     prompted = asr_json(service, jfk(), initial_prompt=PLAIN_PROMPT)["text"]
-    assert "," in plain and plain.startswith("And")
-    assert "," not in prompted and prompted.startswith("and")  # the prompt's style, not its words
+    # The prompt's style, not its words: lower case and no punctuation. (Whether the plain text has a
+    # comma after "so" differs between CPUs' int8 kernels; its capital and full stop do not.)
+    assert plain.startswith("And") and plain.endswith(".")
+    assert prompted.startswith("and") and not any(mark in prompted for mark in ",.?!")
     assert normalize(prompted) == normalize(plain) == normalize(JFK_REFERENCE)
     longest = asr_json(service, jfk(), initial_prompt="Kennedy. " * 220)  # past the kept 223 tokens
     assert longest["segments"]
