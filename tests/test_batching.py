@@ -308,7 +308,7 @@ def test_ctranslate2_batched_equals_one_by_one(set_a):
     # So did the conditioning: the long clips' second windows primed with their first windows' words
     # (<|startofprev|>, that text), the last clip's with none. Whether that changes a word is up to the
     # CPU's int8 kernels (on set A's last five clips it does with oneDNN's, not with MKL's).
-    tokenizer = Tokenizer(engine._model.hf_tokenizer, False, task="transcribe", language="en")
+    tokenizer = Tokenizer(engine._model.hf_tokenizer, engine.multilingual, task="transcribe", language="en")
     primed = [tokenizer.decode([t for t in p[1:p.index(tokenizer.sot)] if t < tokenizer.eot]).strip()
               for prompts in calls for p in prompts if p[0] == tokenizer.sot_prev]
     for conditioned in batched[-3:-1]:
